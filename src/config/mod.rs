@@ -1,0 +1,338 @@
+//! Configuration: defaults, then a YAML file, then `SITEFLOW_*` environment variables.
+//!
+//! Every field has a default and a doc comment; `deploy/siteflow.example.yaml` is the commented
+//! reference (a test keeps it equal to the defaults). Unknown keys are rejected with the file
+//! and key named. Relative paths in a file are relative to that file's directory.
+//!
+//! Environment: `SITEFLOW_` + the key path joined with `__`, e.g. `SITEFLOW_HTTP__LISTEN=127.0.0.1:9900`
+//! or `SITEFLOW_WINDOW__SIZE_SECS=60`.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format as _, Serialized, Yaml};
+use figment::value::magic::RelativePathBuf;
+use serde::{Deserialize, Serialize};
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub inventory: InventoryConfig,
+    pub pipeline: PipelineConfig,
+    pub window: WindowConfig,
+    pub decode: DecodeConfig,
+    pub sampling: SamplingConfig,
+    pub source: SourceConfig,
+    pub simulator: SimulatorConfig,
+    pub http: HttpConfig,
+    pub log: LogConfig,
+}
+
+/// Where the sites come from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct InventoryConfig {
+    /// CSV file of sites (columns as in `pipelines/hagiang/sites.csv`). Unset: the built-in
+    /// Hà Giang inventory of 242 sites.
+    pub sites_csv: Option<RelativePathBuf>,
+}
+
+/// The SQL that aggregates each window.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineConfig {
+    /// SQL over table `flows`, grouped by `window_start`, `site`, `direction`. Unset: the built-in
+    /// `pipelines/hagiang/flows.sql`.
+    pub flows_sql: Option<RelativePathBuf>,
+    /// SQL over table `probes`, grouped by `window_start`, `site`. Unset: the built-in
+    /// `pipelines/hagiang/probes.sql`.
+    pub probes_sql: Option<RelativePathBuf>,
+}
+
+/// Event-time windows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WindowConfig {
+    /// Length of each tumbling window, in seconds.
+    pub size_secs: u64,
+    /// How long after the newest event time a window stays open for out-of-order records, in
+    /// milliseconds. Records arriving later are counted in `siteflow_records_late_total`.
+    pub allowed_lateness_ms: u64,
+    /// A partition that delivered nothing for this long stops holding the watermark back, in seconds.
+    pub idle_partition_timeout_secs: u64,
+}
+
+impl Default for WindowConfig {
+    fn default() -> Self {
+        Self { size_secs: 10, allowed_lateness_ms: 5_000, idle_partition_timeout_secs: 30 }
+    }
+}
+
+/// Limits that separate real records from garbage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DecodeConfig {
+    /// Messages larger than this are rejected as `oversize`, in bytes.
+    pub max_message_bytes: usize,
+    /// A record claiming more bytes than this (before sampling correction) is rejected as
+    /// `absurd_counter`.
+    pub max_bytes_per_record: u64,
+    /// Event times further than this in the future are rejected as `bad_timestamp`, in seconds.
+    pub max_future_secs: u64,
+}
+
+impl Default for DecodeConfig {
+    fn default() -> Self {
+        Self { max_message_bytes: 1 << 20, max_bytes_per_record: 1 << 40, max_future_secs: 86_400 }
+    }
+}
+
+/// Sampling correction: bytes and packets are multiplied by the exporter's sampling rate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SamplingConfig {
+    /// Rate applied to records that carry none (counted in
+    /// `siteflow_flows_missing_sampling_rate_total`).
+    pub default_rate: u32,
+    /// Per-exporter rates that replace what the records say, e.g. `{"172.16.2.21": 1000}`.
+    pub overrides: BTreeMap<IpAddr, u32>,
+}
+
+impl Default for SamplingConfig {
+    fn default() -> Self {
+        Self { default_rate: 1, overrides: BTreeMap::new() }
+    }
+}
+
+/// Which source feeds the pipeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceKind {
+    /// The built-in simulator of the inventory's sites (see `simulator`).
+    #[default]
+    Simulator,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct SourceConfig {
+    /// `simulator` (Kafka arrives with a later release).
+    pub kind: SourceKind,
+}
+
+/// How the simulator paces its records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Pace {
+    /// Event times follow the wall clock; records are spread over each second.
+    #[default]
+    Realtime,
+    /// As fast as possible over simulated time (tests, benchmarks); needs `duration_secs`.
+    Fast,
+}
+
+/// The built-in simulator: goflow2 JSON flows and probe results for every site of the inventory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SimulatorConfig {
+    /// Seed of the random generator: the same seed gives the same records.
+    pub seed: u64,
+    /// Flow records per second of event time, over all sites.
+    pub records_per_sec: u64,
+    /// `realtime` or `fast`.
+    pub pace: Pace,
+    /// Event time of the first record, Unix seconds. Unset: now (realtime) or now minus
+    /// `duration_secs` (fast).
+    pub start_unix_secs: Option<u64>,
+    /// Stop after this much event time, in seconds. Unset: run until stopped.
+    pub duration_secs: Option<u64>,
+    /// Messages per batch handed to the decoder.
+    pub batch_records: usize,
+    /// Share of flow records delayed by up to `max_out_of_order_ms` (still within lateness).
+    pub out_of_order_ratio: f64,
+    /// Largest delay of an out-of-order record, in milliseconds; must be below the lateness.
+    pub max_out_of_order_ms: u64,
+    /// Share of flow records delayed beyond the lateness (counted as late, never summed).
+    pub too_late_ratio: f64,
+    /// Share of flow records between addresses of no site (counted as unmatched).
+    pub unmatched_ratio: f64,
+    /// Seconds between two probe results of a site.
+    pub probe_interval_secs: u64,
+    /// Fault scenario (YAML, see `pipelines/hagiang/scenarios/`). Unset: all sites healthy.
+    pub scenario: Option<RelativePathBuf>,
+}
+
+impl Default for SimulatorConfig {
+    fn default() -> Self {
+        Self {
+            seed: 42,
+            records_per_sec: 3_000,
+            pace: Pace::Realtime,
+            start_unix_secs: None,
+            duration_secs: None,
+            batch_records: 1_000,
+            out_of_order_ratio: 0.02,
+            max_out_of_order_ms: 3_000,
+            too_late_ratio: 0.001,
+            unmatched_ratio: 0.005,
+            probe_interval_secs: 5,
+            scenario: None,
+        }
+    }
+}
+
+/// The HTTP server: `/metrics`, `/healthz`, `/readyz`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address to listen on. Loopback by default; set `0.0.0.0:9898` to be scraped from elsewhere.
+    pub listen: SocketAddr,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self { listen: SocketAddr::from(([127, 0, 0, 1], 9898)) }
+    }
+}
+
+/// Logging.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `error`, `warn`, `info`, `debug`, `trace`, or a tracing filter such as `siteflow=debug`.
+    /// `RUST_LOG`, when set, wins.
+    pub level: String,
+    /// `text` or `json`.
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { level: "info".into(), format: LogFormat::Text }
+    }
+}
+
+/// A configuration that cannot be used, with the file or variable and the key named.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0}")]
+    Load(String),
+    #[error("{file}: {field}: {message}")]
+    Invalid { file: String, field: &'static str, message: String },
+    #[error("{0}: no such file")]
+    Missing(PathBuf),
+}
+
+fn describe_figment_error(e: figment::Error) -> String {
+    e.into_iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; ")
+}
+
+impl Config {
+    /// Defaults, then `file` (if any), then `SITEFLOW_*` variables from the environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            if !path.is_file() {
+                return Err(ConfigError::Missing(path.to_path_buf()));
+            }
+            // Parse once by hand first: YAML syntax errors then name the line and column.
+            let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Load(format!("{}: {e}", path.display())))?;
+            if let Err(e) = serde_yaml::from_str::<serde_yaml::Value>(&text) {
+                return Err(ConfigError::Load(format!("{}: invalid YAML: {e}", path.display())));
+            }
+            figment = figment.merge(Yaml::file_exact(path));
+        }
+        figment = figment.merge(Env::prefixed("SITEFLOW_").split("__"));
+        let config: Config = figment.extract().map_err(|e| ConfigError::Load(describe_figment_error(e)))?;
+        config.validate(&file.map_or_else(|| "configuration".to_string(), |p| p.display().to_string()))?;
+        Ok(config)
+    }
+
+    /// Checks values that parse but make no sense together.
+    pub fn validate(&self, file: &str) -> Result<(), ConfigError> {
+        let invalid = |field: &'static str, message: String| Err(ConfigError::Invalid { file: file.to_string(), field, message });
+        if self.window.size_secs == 0 {
+            return invalid("window.size_secs", "must be at least 1".into());
+        }
+        if self.window.idle_partition_timeout_secs == 0 {
+            return invalid("window.idle_partition_timeout_secs", "must be at least 1".into());
+        }
+        if self.sampling.default_rate == 0 {
+            return invalid("sampling.default_rate", "must be at least 1".into());
+        }
+        if let Some((addr, _)) = self.sampling.overrides.iter().find(|(_, r)| **r == 0) {
+            return invalid("sampling.overrides", format!("rate for {addr} must be at least 1"));
+        }
+        if self.decode.max_message_bytes == 0 {
+            return invalid("decode.max_message_bytes", "must be at least 1".into());
+        }
+        let sim = &self.simulator;
+        if sim.records_per_sec == 0 {
+            return invalid("simulator.records_per_sec", "must be at least 1".into());
+        }
+        if sim.batch_records == 0 {
+            return invalid("simulator.batch_records", "must be at least 1".into());
+        }
+        if sim.probe_interval_secs == 0 {
+            return invalid("simulator.probe_interval_secs", "must be at least 1".into());
+        }
+        for (field, v) in [
+            ("simulator.out_of_order_ratio", sim.out_of_order_ratio),
+            ("simulator.too_late_ratio", sim.too_late_ratio),
+            ("simulator.unmatched_ratio", sim.unmatched_ratio),
+        ] {
+            if !(0.0..=1.0).contains(&v) {
+                return invalid(field, format!("must be between 0 and 1 (got {v})"));
+            }
+        }
+        if sim.out_of_order_ratio > 0.0 && sim.max_out_of_order_ms >= self.window.allowed_lateness_ms {
+            return invalid(
+                "simulator.max_out_of_order_ms",
+                format!("must be below window.allowed_lateness_ms ({}), or out-of-order records would be late", self.window.allowed_lateness_ms),
+            );
+        }
+        if sim.pace == Pace::Fast && sim.duration_secs.is_none() {
+            return invalid("simulator.duration_secs", "must be set when simulator.pace is fast".into());
+        }
+        Ok(())
+    }
+
+    pub fn window_size(&self) -> Duration {
+        Duration::from_secs(self.window.size_secs)
+    }
+}
+
+/// Resolves a configured path (relative to the file that set it).
+pub fn resolve(path: &RelativePathBuf) -> PathBuf {
+    path.relative()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate("defaults").unwrap();
+    }
+
+    #[test]
+    fn lateness_must_cover_out_of_order() {
+        let mut c = Config::default();
+        c.simulator.max_out_of_order_ms = 6_000;
+        let e = c.validate("x.yaml").unwrap_err().to_string();
+        assert!(e.starts_with("x.yaml: simulator.max_out_of_order_ms: must be below"), "{e}");
+    }
+}

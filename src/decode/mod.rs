@@ -1,0 +1,415 @@
+//! Decoders: message bytes → Arrow record batches. Nothing after this stage sees a wire format.
+//!
+//! Each decoder appends to a columnar builder ([`FlowColumns`] or [`ProbeColumns`]) and reports
+//! every record it could not use with a [`RejectReason`]; a bad record never fails the batch.
+//! Every JSON format also accepts newline-delimited batches: one message, many records.
+
+pub mod goflow2_json;
+pub mod probe_json;
+
+use std::sync::Arc;
+
+use datafusion::arrow::array::{ArrayRef, FixedSizeBinaryArray, PrimitiveArray, RecordBatch, StringArray};
+use datafusion::arrow::buffer::Buffer;
+use datafusion::arrow::datatypes::{
+    ArrowPrimitiveType, DataType, Field, Float64Type, Int64Type, Schema, SchemaRef, TimeUnit, TimestampNanosecondType,
+    UInt8Type, UInt16Type, UInt32Type, UInt64Type,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::inventory::Addr;
+use crate::source::Messages;
+
+/// The wire formats siteflow reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Format {
+    /// goflow2 `-format=json`: one flow per line.
+    Goflow2Json,
+    /// siteflow's own probe record (see `schemas/siteflow-probe.schema.json`).
+    SiteflowProbeJson,
+}
+
+impl Format {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Format::Goflow2Json => "goflow2_json",
+            Format::SiteflowProbeJson => "siteflow_probe_json",
+        }
+    }
+
+    /// Whether records of this format are flows (or probe results).
+    pub fn carries_flows(self) -> bool {
+        matches!(self, Format::Goflow2Json)
+    }
+}
+
+/// Why a record was not used. Each becomes a `reason` label of `siteflow_records_rejected_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RejectReason {
+    /// Not valid JSON (or not UTF-8).
+    NotJson,
+    /// Valid JSON, but a field is missing or has the wrong type.
+    WrongSchema,
+    /// No usable timestamp, or one before 2000 or too far in the future.
+    BadTimestamp,
+    /// An address that does not parse.
+    BadAddress,
+    /// A negative counter.
+    NegativeCounter,
+    /// A counter too large to be real (see `decode.max_bytes_per_record`).
+    AbsurdCounter,
+    /// A probe value out of range (negative RTT, loss above 100 %).
+    AbsurdValue,
+    /// A message larger than `decode.max_message_bytes`.
+    Oversize,
+}
+
+impl RejectReason {
+    pub const ALL: [RejectReason; 8] = [
+        RejectReason::NotJson,
+        RejectReason::WrongSchema,
+        RejectReason::BadTimestamp,
+        RejectReason::BadAddress,
+        RejectReason::NegativeCounter,
+        RejectReason::AbsurdCounter,
+        RejectReason::AbsurdValue,
+        RejectReason::Oversize,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectReason::NotJson => "not_json",
+            RejectReason::WrongSchema => "wrong_schema",
+            RejectReason::BadTimestamp => "bad_timestamp",
+            RejectReason::BadAddress => "bad_address",
+            RejectReason::NegativeCounter => "negative_counter",
+            RejectReason::AbsurdCounter => "absurd_counter",
+            RejectReason::AbsurdValue => "absurd_value",
+            RejectReason::Oversize => "oversize",
+        }
+    }
+
+    /// Classifies a serde_json error: syntax errors are not JSON, data errors are the wrong schema.
+    pub fn of_json_error(e: &serde_json::Error) -> Self {
+        match e.classify() {
+            serde_json::error::Category::Data => RejectReason::WrongSchema,
+            _ => RejectReason::NotJson,
+        }
+    }
+}
+
+/// Limits that separate real records from garbage.
+#[derive(Debug, Clone, Copy)]
+pub struct DecodeLimits {
+    pub max_message_bytes: usize,
+    /// Largest believable byte count of one record before sampling correction.
+    pub max_bytes_per_record: u64,
+    /// Event times before this are rejected (nanoseconds since the epoch).
+    pub min_time_ns: i64,
+    /// Event times after this are rejected (nanoseconds since the epoch).
+    pub max_time_ns: i64,
+}
+
+impl DecodeLimits {
+    /// 2000-01-01T00:00:00Z: nothing older is a live record.
+    pub const MIN_TIME_NS: i64 = 946_684_800_000_000_000;
+
+    pub fn check_time(&self, t: i64) -> Result<i64, RejectReason> {
+        if t < self.min_time_ns || t > self.max_time_ns { Err(RejectReason::BadTimestamp) } else { Ok(t) }
+    }
+}
+
+/// Per-batch decode outcome: how many records were decoded and why others were rejected.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct DecodeStats {
+    pub records: u64,
+    pub decoded: u64,
+    pub rejected: Vec<(RejectReason, u64)>,
+    /// Flow records that carried no sampling rate (0); they are scaled by the configured default.
+    pub missing_sampling_rate: u64,
+}
+
+impl DecodeStats {
+    pub fn reject(&mut self, reason: RejectReason) {
+        self.records += 1;
+        match self.rejected.iter_mut().find(|(r, _)| *r == reason) {
+            Some((_, n)) => *n += 1,
+            None => self.rejected.push((reason, 1)),
+        }
+    }
+
+    pub fn accept(&mut self) {
+        self.records += 1;
+        self.decoded += 1;
+    }
+
+    pub fn rejected_total(&self) -> u64 {
+        self.rejected.iter().map(|(_, n)| n).sum()
+    }
+}
+
+/// Calls `f` on each record of each message: messages may carry newline-separated records.
+/// Oversize messages are rejected whole, blank lines skipped.
+pub fn for_each_record(msgs: &Messages, limits: &DecodeLimits, stats: &mut DecodeStats, mut f: impl FnMut(&[u8], &mut DecodeStats)) {
+    for msg in msgs.iter() {
+        if msg.len() > limits.max_message_bytes {
+            stats.reject(RejectReason::Oversize);
+            continue;
+        }
+        for line in msg.split(|&b| b == b'\n') {
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            f(line, stats);
+        }
+    }
+}
+
+fn ts_ns() -> DataType {
+    DataType::Timestamp(TimeUnit::Nanosecond, None)
+}
+
+/// Schema of decoded flows: the raw record, not yet corrected for sampling nor tied to a site.
+pub fn flow_schema() -> SchemaRef {
+    static SCHEMA: std::sync::OnceLock<SchemaRef> = std::sync::OnceLock::new();
+    SCHEMA
+        .get_or_init(|| {
+            Arc::new(Schema::new(vec![
+                Field::new("event_time", ts_ns(), false),
+                Field::new("exporter", DataType::FixedSizeBinary(16), false),
+                Field::new("src_addr", DataType::FixedSizeBinary(16), false),
+                Field::new("dst_addr", DataType::FixedSizeBinary(16), false),
+                Field::new("src_port", DataType::UInt16, false),
+                Field::new("dst_port", DataType::UInt16, false),
+                Field::new("proto", DataType::UInt8, false),
+                Field::new("in_if", DataType::UInt32, false),
+                Field::new("out_if", DataType::UInt32, false),
+                Field::new("bytes", DataType::UInt64, false),
+                Field::new("packets", DataType::UInt64, false),
+                Field::new("flows", DataType::UInt64, false),
+                Field::new("sampling_rate", DataType::UInt32, false),
+            ]))
+        })
+        .clone()
+}
+
+/// One decoded flow record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FlowRecord {
+    pub event_time_ns: i64,
+    pub exporter: Addr,
+    pub src_addr: Addr,
+    pub dst_addr: Addr,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub proto: u8,
+    pub in_if: u32,
+    pub out_if: u32,
+    pub bytes: u64,
+    pub packets: u64,
+    pub flows: u64,
+    /// 0 when the exporter sent none.
+    pub sampling_rate: u32,
+}
+
+/// Column builders for [`flow_schema`].
+#[derive(Debug, Default)]
+pub struct FlowColumns {
+    event_time: Vec<i64>,
+    exporter: Vec<u8>,
+    src_addr: Vec<u8>,
+    dst_addr: Vec<u8>,
+    src_port: Vec<u16>,
+    dst_port: Vec<u16>,
+    proto: Vec<u8>,
+    in_if: Vec<u32>,
+    out_if: Vec<u32>,
+    bytes: Vec<u64>,
+    packets: Vec<u64>,
+    flows: Vec<u64>,
+    sampling_rate: Vec<u32>,
+}
+
+fn primitive<T: ArrowPrimitiveType>(v: Vec<T::Native>) -> ArrayRef {
+    Arc::new(PrimitiveArray::<T>::new(v.into(), None))
+}
+
+fn addresses(v: Vec<u8>) -> ArrayRef {
+    Arc::new(FixedSizeBinaryArray::try_new(16, Buffer::from_vec(v), None).expect("16 bytes per address"))
+}
+
+impl FlowColumns {
+    pub fn with_capacity(n: usize) -> Self {
+        Self {
+            event_time: Vec::with_capacity(n),
+            exporter: Vec::with_capacity(n * 16),
+            src_addr: Vec::with_capacity(n * 16),
+            dst_addr: Vec::with_capacity(n * 16),
+            src_port: Vec::with_capacity(n),
+            dst_port: Vec::with_capacity(n),
+            proto: Vec::with_capacity(n),
+            in_if: Vec::with_capacity(n),
+            out_if: Vec::with_capacity(n),
+            bytes: Vec::with_capacity(n),
+            packets: Vec::with_capacity(n),
+            flows: Vec::with_capacity(n),
+            sampling_rate: Vec::with_capacity(n),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.event_time.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.event_time.is_empty()
+    }
+
+    pub fn push(&mut self, r: &FlowRecord) {
+        self.event_time.push(r.event_time_ns);
+        self.exporter.extend_from_slice(&r.exporter.to_be_bytes());
+        self.src_addr.extend_from_slice(&r.src_addr.to_be_bytes());
+        self.dst_addr.extend_from_slice(&r.dst_addr.to_be_bytes());
+        self.src_port.push(r.src_port);
+        self.dst_port.push(r.dst_port);
+        self.proto.push(r.proto);
+        self.in_if.push(r.in_if);
+        self.out_if.push(r.out_if);
+        self.bytes.push(r.bytes);
+        self.packets.push(r.packets);
+        self.flows.push(r.flows);
+        self.sampling_rate.push(r.sampling_rate);
+    }
+
+    pub fn finish(self) -> RecordBatch {
+        let columns = vec![
+            primitive::<TimestampNanosecondType>(self.event_time),
+            addresses(self.exporter),
+            addresses(self.src_addr),
+            addresses(self.dst_addr),
+            primitive::<UInt16Type>(self.src_port),
+            primitive::<UInt16Type>(self.dst_port),
+            primitive::<UInt8Type>(self.proto),
+            primitive::<UInt32Type>(self.in_if),
+            primitive::<UInt32Type>(self.out_if),
+            primitive::<UInt64Type>(self.bytes),
+            primitive::<UInt64Type>(self.packets),
+            primitive::<UInt64Type>(self.flows),
+            primitive::<UInt32Type>(self.sampling_rate),
+        ];
+        RecordBatch::try_new(flow_schema(), columns).expect("columns match flow_schema")
+    }
+}
+
+/// Schema of decoded probe results: site by id, times in seconds, loss as a ratio (0–1).
+pub fn probe_schema() -> SchemaRef {
+    static SCHEMA: std::sync::OnceLock<SchemaRef> = std::sync::OnceLock::new();
+    SCHEMA
+        .get_or_init(|| {
+            Arc::new(Schema::new(vec![
+                Field::new("event_time", ts_ns(), false),
+                Field::new("site_id", DataType::Utf8, false),
+                Field::new("target", DataType::Utf8, false),
+                Field::new("rtt_seconds", DataType::Float64, false),
+                Field::new("jitter_seconds", DataType::Float64, false),
+                Field::new("loss_ratio", DataType::Float64, false),
+                Field::new("sent", DataType::Int64, false),
+            ]))
+        })
+        .clone()
+}
+
+/// Column builders for [`probe_schema`].
+#[derive(Debug, Default)]
+pub struct ProbeColumns {
+    event_time: Vec<i64>,
+    site_id: Vec<String>,
+    target: Vec<String>,
+    rtt: Vec<f64>,
+    jitter: Vec<f64>,
+    loss: Vec<f64>,
+    sent: Vec<i64>,
+}
+
+/// One decoded probe result.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProbeRecord<'a> {
+    pub event_time_ns: i64,
+    pub site_id: &'a str,
+    pub target: &'a str,
+    pub rtt_seconds: f64,
+    pub jitter_seconds: f64,
+    pub loss_ratio: f64,
+    pub sent: i64,
+}
+
+impl ProbeColumns {
+    pub fn len(&self) -> usize {
+        self.event_time.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.event_time.is_empty()
+    }
+
+    pub fn push(&mut self, r: &ProbeRecord<'_>) {
+        self.event_time.push(r.event_time_ns);
+        self.site_id.push(r.site_id.to_string());
+        self.target.push(r.target.to_string());
+        self.rtt.push(r.rtt_seconds);
+        self.jitter.push(r.jitter_seconds);
+        self.loss.push(r.loss_ratio);
+        self.sent.push(r.sent);
+    }
+
+    pub fn finish(self) -> RecordBatch {
+        let columns: Vec<ArrayRef> = vec![
+            primitive::<TimestampNanosecondType>(self.event_time),
+            Arc::new(StringArray::from(self.site_id)),
+            Arc::new(StringArray::from(self.target)),
+            primitive::<Float64Type>(self.rtt),
+            primitive::<Float64Type>(self.jitter),
+            primitive::<Float64Type>(self.loss),
+            primitive::<Int64Type>(self.sent),
+        ];
+        RecordBatch::try_new(probe_schema(), columns).expect("columns match probe_schema")
+    }
+}
+
+/// A decoded batch: flows or probe results.
+#[derive(Debug, Clone)]
+pub enum Decoded {
+    Flows(RecordBatch),
+    Probes(RecordBatch),
+}
+
+/// Decodes a batch of messages of one format.
+pub fn decode(format: Format, msgs: &Messages, limits: &DecodeLimits) -> (Decoded, DecodeStats) {
+    let mut stats = DecodeStats::default();
+    let decoded = match format {
+        Format::Goflow2Json => {
+            let mut cols = FlowColumns::with_capacity(msgs.len());
+            for_each_record(msgs, limits, &mut stats, |rec, stats| match goflow2_json::decode_record(rec, limits) {
+                Ok(r) => {
+                    if r.sampling_rate == 0 {
+                        stats.missing_sampling_rate += 1;
+                    }
+                    cols.push(&r);
+                    stats.accept();
+                }
+                Err(reason) => stats.reject(reason),
+            });
+            Decoded::Flows(cols.finish())
+        }
+        Format::SiteflowProbeJson => {
+            let mut cols = ProbeColumns::default();
+            for_each_record(msgs, limits, &mut stats, |rec, stats| match probe_json::decode_record(rec, limits, |r| cols.push(r)) {
+                Ok(()) => stats.accept(),
+                Err(reason) => stats.reject(reason),
+            });
+            Decoded::Probes(cols.finish())
+        }
+    };
+    (decoded, stats)
+}

@@ -1,0 +1,308 @@
+//! Enrichment: ties each decoded record to a site and direction, and corrects flows for sampling.
+//!
+//! Site labels are dictionary columns whose keys are the site index: `site`, `district` and
+//! `level` share one key array, so tagging a record costs two bytes, not three strings.
+//!
+//! Which site and direction a flow belongs to:
+//! 1. the exporter is a site's interface on a shared router → that site; into the site when the
+//!    flow left the router through that interface;
+//! 2. the exporter is a site's own router → that site; into the site when the destination is in
+//!    the site's prefixes, out of it when the source is;
+//! 3. the exporter is unknown → the site of the destination (into), else of the source (out).
+//!
+//! Anything else (transit through a site's router, addresses of no site) is counted as unmatched.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use datafusion::arrow::array::{
+    Array, ArrayRef, AsArray, DictionaryArray, PrimitiveArray, RecordBatch, StringArray, UInt32Array,
+};
+use datafusion::arrow::compute::take;
+use datafusion::arrow::datatypes::{
+    DataType, Field, Schema, SchemaRef, UInt8Type, UInt16Type, UInt32Type, UInt64Type,
+};
+
+use crate::decode::{flow_schema, probe_schema};
+use crate::inventory::{Addr, ExporterMatch, Inventory, SiteIdx};
+
+/// Direction of traffic relative to the site.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Direction {
+    /// Towards the site (download).
+    In = 0,
+    /// Away from the site (upload).
+    Out = 1,
+}
+
+impl Direction {
+    pub const ALL: [Direction; 2] = [Direction::In, Direction::Out];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::In => "in",
+            Direction::Out => "out",
+        }
+    }
+}
+
+fn dict_type(key: DataType) -> DataType {
+    DataType::Dictionary(Box::new(key), Box::new(DataType::Utf8))
+}
+
+fn site_label_fields() -> Vec<Field> {
+    vec![
+        Field::new("site", dict_type(DataType::UInt16), false),
+        Field::new("district", dict_type(DataType::UInt16), false),
+        Field::new("level", dict_type(DataType::UInt16), false),
+    ]
+}
+
+/// Schema of enriched flows: site labels, direction, then the decoded columns with `bytes` and
+/// `packets` corrected for sampling and `sampling_rate` the rate applied.
+pub fn enriched_flow_schema() -> SchemaRef {
+    static SCHEMA: std::sync::OnceLock<SchemaRef> = std::sync::OnceLock::new();
+    SCHEMA
+        .get_or_init(|| {
+            let mut fields = site_label_fields();
+            fields.push(Field::new("direction", dict_type(DataType::UInt8), false));
+            fields.extend(flow_schema().fields().iter().map(|f| f.as_ref().clone()));
+            Arc::new(Schema::new(fields))
+        })
+        .clone()
+}
+
+/// Schema of enriched probe results: site labels, then the decoded columns without `site_id`.
+pub fn enriched_probe_schema() -> SchemaRef {
+    static SCHEMA: std::sync::OnceLock<SchemaRef> = std::sync::OnceLock::new();
+    SCHEMA
+        .get_or_init(|| {
+            let mut fields = site_label_fields();
+            fields.extend(probe_schema().fields().iter().filter(|f| f.name() != "site_id").map(|f| f.as_ref().clone()));
+            Arc::new(Schema::new(fields))
+        })
+        .clone()
+}
+
+/// Counts from one enriched batch.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct EnrichStats {
+    /// Records that belong to no site.
+    pub unmatched: u64,
+}
+
+/// Sampling correction settings.
+#[derive(Debug, Clone, Default)]
+pub struct Sampling {
+    /// Rate applied to records that carry none (0).
+    pub default_rate: u32,
+    /// Per-exporter rates that replace whatever the records carry.
+    pub overrides: HashMap<Addr, u32>,
+}
+
+/// Ties records to sites. Built once; cheap to call per batch.
+#[derive(Debug, Clone)]
+pub struct Enricher {
+    inventory: Arc<Inventory>,
+    sampling: Sampling,
+    site_values: ArrayRef,
+    district_values: ArrayRef,
+    level_values: ArrayRef,
+    direction_values: ArrayRef,
+}
+
+fn addr_at(col: &[u8], i: usize) -> Addr {
+    let bytes: [u8; 16] = col[i * 16..i * 16 + 16].try_into().expect("16-byte address");
+    u128::from_be_bytes(bytes)
+}
+
+impl Enricher {
+    pub fn new(inventory: Arc<Inventory>, sampling: Sampling) -> Self {
+        let strings = |f: fn(&crate::inventory::Site) -> &str| -> ArrayRef {
+            Arc::new(StringArray::from_iter_values(inventory.sites().iter().map(f)))
+        };
+        Self {
+            site_values: strings(|s| &s.id),
+            district_values: strings(|s| &s.district),
+            level_values: strings(|s| &s.level),
+            direction_values: Arc::new(StringArray::from_iter_values(Direction::ALL.iter().map(|d| d.as_str()))),
+            inventory,
+            sampling,
+        }
+    }
+
+    pub fn inventory(&self) -> &Arc<Inventory> {
+        &self.inventory
+    }
+
+    /// The site and direction of one flow, if it belongs to a site.
+    #[inline]
+    pub fn classify(&self, exporter: Addr, src: Addr, dst: Addr, in_if: u32, out_if: u32) -> Option<(SiteIdx, Direction)> {
+        let inv = &self.inventory;
+        match inv.site_of_exporter(exporter, in_if, out_if) {
+            Some(ExporterMatch::Interface { site, into_site }) => {
+                Some((site, if into_site { Direction::In } else { Direction::Out }))
+            }
+            Some(ExporterMatch::Site(site)) => {
+                if inv.site_of_addr(dst) == Some(site) {
+                    Some((site, Direction::In))
+                } else if inv.site_of_addr(src) == Some(site) {
+                    Some((site, Direction::Out))
+                } else {
+                    None
+                }
+            }
+            None => match inv.site_of_addr(dst) {
+                Some(site) => Some((site, Direction::In)),
+                None => inv.site_of_addr(src).map(|site| (site, Direction::Out)),
+            },
+        }
+    }
+
+    fn site_columns(&self, keys: Vec<SiteIdx>) -> [ArrayRef; 3] {
+        let keys = PrimitiveArray::<UInt16Type>::new(keys.into(), None);
+        let dict = |values: &ArrayRef| -> ArrayRef {
+            Arc::new(DictionaryArray::<UInt16Type>::try_new(keys.clone(), values.clone()).expect("keys index the sites"))
+        };
+        [dict(&self.site_values), dict(&self.district_values), dict(&self.level_values)]
+    }
+
+    /// Enriches decoded flows (schema [`flow_schema`]) into [`enriched_flow_schema`].
+    pub fn enrich_flows(&self, batch: &RecordBatch) -> (RecordBatch, EnrichStats) {
+        let col = |name: &str| batch.column_by_name(name).expect("flow_schema column");
+        let fixed = |name: &str| col(name).as_fixed_size_binary().values().clone();
+        let (exporter, src, dst) = (fixed("exporter"), fixed("src_addr"), fixed("dst_addr"));
+        let in_if = col("in_if").as_primitive::<UInt32Type>().values();
+        let out_if = col("out_if").as_primitive::<UInt32Type>().values();
+        let bytes = col("bytes").as_primitive::<UInt64Type>().values();
+        let packets = col("packets").as_primitive::<UInt64Type>().values();
+        let rates = col("sampling_rate").as_primitive::<UInt32Type>().values();
+
+        let n = batch.num_rows();
+        let mut keep: Vec<u32> = Vec::with_capacity(n);
+        let mut site_keys: Vec<SiteIdx> = Vec::with_capacity(n);
+        let mut dir_keys: Vec<u8> = Vec::with_capacity(n);
+        let mut scaled_bytes: Vec<u64> = Vec::with_capacity(n);
+        let mut scaled_packets: Vec<u64> = Vec::with_capacity(n);
+        let mut applied_rates: Vec<u32> = Vec::with_capacity(n);
+        let has_overrides = !self.sampling.overrides.is_empty();
+        for i in 0..n {
+            let exp = addr_at(&exporter, i);
+            let Some((site, dir)) = self.classify(exp, addr_at(&src, i), addr_at(&dst, i), in_if[i], out_if[i]) else {
+                continue;
+            };
+            let override_rate = if has_overrides { self.sampling.overrides.get(&exp).copied() } else { None };
+            let rate = match (override_rate, rates[i]) {
+                (Some(r), _) => r,
+                (None, 0) => self.sampling.default_rate,
+                (None, r) => r,
+            };
+            keep.push(i as u32);
+            site_keys.push(site);
+            dir_keys.push(dir as u8);
+            scaled_bytes.push(bytes[i].saturating_mul(u64::from(rate)));
+            scaled_packets.push(packets[i].saturating_mul(u64::from(rate)));
+            applied_rates.push(rate);
+        }
+        let stats = EnrichStats { unmatched: (n - keep.len()) as u64 };
+
+        let all_kept = keep.len() == n;
+        let keep = UInt32Array::from(keep);
+        let pick = |name: &str| -> ArrayRef {
+            let c = col(name);
+            if all_kept { c.clone() } else { take(c.as_ref(), &keep, None).expect("indices in range") }
+        };
+        let [site, district, level] = self.site_columns(site_keys);
+        let direction = Arc::new(
+            DictionaryArray::<UInt8Type>::try_new(PrimitiveArray::new(dir_keys.into(), None), self.direction_values.clone())
+                .expect("direction keys are 0 or 1"),
+        );
+        let mut columns: Vec<ArrayRef> = vec![site, district, level, direction];
+        for field in flow_schema().fields() {
+            let name = field.name().as_str();
+            columns.push(match name {
+                "bytes" => Arc::new(PrimitiveArray::<UInt64Type>::new(std::mem::take(&mut scaled_bytes).into(), None)),
+                "packets" => Arc::new(PrimitiveArray::<UInt64Type>::new(std::mem::take(&mut scaled_packets).into(), None)),
+                "sampling_rate" => Arc::new(PrimitiveArray::<UInt32Type>::new(std::mem::take(&mut applied_rates).into(), None)),
+                _ => pick(name),
+            });
+        }
+        let out = RecordBatch::try_new(enriched_flow_schema(), columns).expect("columns match enriched_flow_schema");
+        (out, stats)
+    }
+
+    /// Enriches decoded probe results (schema [`probe_schema`]) into [`enriched_probe_schema`].
+    /// Results for a site id not in the inventory are unmatched.
+    pub fn enrich_probes(&self, batch: &RecordBatch) -> (RecordBatch, EnrichStats) {
+        let ids = batch.column_by_name("site_id").expect("probe_schema column").as_string::<i32>();
+        let mut keep = Vec::with_capacity(ids.len());
+        let mut site_keys = Vec::with_capacity(ids.len());
+        for (i, id) in ids.iter().enumerate() {
+            if let Some(site) = id.and_then(|id| self.inventory.by_id(id)) {
+                keep.push(i as u32);
+                site_keys.push(site);
+            }
+        }
+        let stats = EnrichStats { unmatched: (ids.len() - keep.len()) as u64 };
+        let keep = UInt32Array::from(keep);
+        let mut columns: Vec<ArrayRef> = self.site_columns(site_keys).into();
+        for (field, column) in probe_schema().fields().iter().zip(batch.columns()) {
+            if field.name() != "site_id" {
+                columns.push(take(column.as_ref(), &keep, None).expect("indices in range"));
+            }
+        }
+        let out = RecordBatch::try_new(enriched_probe_schema(), columns).expect("columns match enriched_probe_schema");
+        (out, stats)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decode::{FlowColumns, FlowRecord};
+    use crate::inventory::addr_from_ip;
+    use datafusion::arrow::array::AsArray;
+
+    fn a(s: &str) -> Addr {
+        addr_from_ip(s.parse().unwrap())
+    }
+
+    fn enricher() -> Enricher {
+        Enricher::new(Arc::new(Inventory::embedded()), Sampling { default_rate: 1, overrides: HashMap::new() })
+    }
+
+    #[test]
+    fn direction_from_the_side_of_the_flow() {
+        let e = enricher();
+        let inv = e.inventory().clone();
+        let ta_lung = inv.by_id("dong-van.ta-lung").unwrap();
+        let ubnd = inv.by_id("tinh.vp-ubnd").unwrap();
+        // Exported by the site's own router.
+        assert_eq!(e.classify(a("172.16.2.21"), a("203.0.113.1"), a("10.2.21.9"), 0, 0), Some((ta_lung, Direction::In)));
+        assert_eq!(e.classify(a("172.16.2.21"), a("10.2.21.9"), a("10.100.2.7"), 0, 0), Some((ta_lung, Direction::Out)));
+        // Unknown exporter: destination site first, then source site.
+        assert_eq!(e.classify(a("192.0.2.1"), a("10.2.21.9"), a("10.100.2.7"), 0, 0), Some((ubnd, Direction::In)));
+        assert_eq!(e.classify(a("192.0.2.1"), a("10.2.21.9"), a("203.0.113.1"), 0, 0), Some((ta_lung, Direction::Out)));
+        // Neither side is a site; transit through a site's router.
+        assert_eq!(e.classify(a("192.0.2.1"), a("198.51.100.1"), a("203.0.113.1"), 0, 0), None);
+        assert_eq!(e.classify(a("172.16.2.21"), a("198.51.100.1"), a("10.100.2.7"), 0, 0), None);
+    }
+
+    #[test]
+    fn flows_are_scaled_and_unmatched_counted() {
+        let e = enricher();
+        let mut cols = FlowColumns::default();
+        let base = FlowRecord { event_time_ns: 1, exporter: a("172.16.2.21"), src_addr: a("203.0.113.1"), dst_addr: a("10.2.21.9"), bytes: 10, packets: 2, flows: 1, sampling_rate: 100, ..Default::default() };
+        cols.push(&base);
+        cols.push(&FlowRecord { dst_addr: a("198.51.100.1"), ..base });
+        cols.push(&FlowRecord { sampling_rate: 0, ..base });
+        let (out, stats) = e.enrich_flows(&cols.finish());
+        assert_eq!(stats.unmatched, 1);
+        assert_eq!(out.num_rows(), 2);
+        let bytes: Vec<u64> = out.column_by_name("bytes").unwrap().as_primitive::<UInt64Type>().values().to_vec();
+        assert_eq!(bytes, vec![1000, 10]);
+        let site = out.column_by_name("site").unwrap().as_dictionary::<UInt16Type>();
+        let names = site.values().as_string::<i32>();
+        assert_eq!(names.value(site.keys().value(0) as usize), "dong-van.ta-lung");
+    }
+}

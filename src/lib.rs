@@ -1,0 +1,18 @@
+//! siteflow: per-site bandwidth and link quality for a provincial network, from flow and probe
+//! telemetry, over event-time windows aggregated by DataFusion, exported to Prometheus.
+//!
+//! The stages, in the order data flows through them:
+//! [`source`] (bytes) → [`decode`] (Arrow batches) → [`enrich`] (site, direction, sampling) →
+//! [`window`] (event-time windows, DataFusion partial/final aggregates) → [`sink`] (Prometheus).
+//! [`pipeline`] wires them together; [`http`] serves the results.
+
+pub mod config;
+pub mod decode;
+pub mod enrich;
+pub mod http;
+pub mod inventory;
+pub mod metrics;
+pub mod pipeline;
+pub mod sink;
+pub mod source;
+pub mod window;

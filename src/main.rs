@@ -1,0 +1,259 @@
+//! The `siteflow` command: CLI → config → run. The only place that prints errors for people.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use figment::value::magic::RelativePathBuf;
+use tokio::sync::watch;
+
+use siteflow::config::{Config, LogFormat, Pace};
+use siteflow::http::{AppState, router};
+use siteflow::metrics::PipelineMetrics;
+use siteflow::pipeline::{Pipeline, Resources, plan_windows};
+use siteflow::sink::prometheus::SiteMetrics;
+use siteflow::source::simulator::{Scenario, Simulator};
+use siteflow::window::WindowSpec;
+
+const EXAMPLES: &str = "\
+Examples:
+  # The whole pipeline on the built-in simulator of the 242 Hà Giang sites:
+  siteflow demo
+  curl -s localhost:9898/metrics | grep siteflow_site_throughput_bytes_per_second
+
+  # The same with faults injected (congestion, an outage, high RTT, jitter, loss):
+  siteflow demo --scenario pipelines/hagiang/scenarios/district-congestion.yaml
+
+  # Validate a configuration, its inventory and its pipeline SQL, then run it:
+  siteflow check --config deploy/siteflow.example.yaml
+  siteflow run --config deploy/siteflow.example.yaml --listen 0.0.0.0:9898
+
+Every configuration key can be set from the environment: SITEFLOW_ + the key path joined
+with __, e.g. SITEFLOW_WINDOW__SIZE_SECS=60 or SITEFLOW_HTTP__LISTEN=127.0.0.1:9900.
+The commented reference of every key is deploy/siteflow.example.yaml.";
+
+/// Per-site bandwidth and link quality from flow and probe telemetry, for Prometheus.
+#[derive(Parser)]
+#[command(name = "siteflow", version, about, after_help = EXAMPLES)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the pipeline on the built-in simulator: no Kafka, no configuration needed.
+    #[command(after_help = "Example:\n  siteflow demo --listen 127.0.0.1:9900 --rate 20000\n\nThen open http://127.0.0.1:9900/metrics; the first windows close after window.size_secs + allowed lateness (15 s by default).")]
+    Demo(DemoArgs),
+    /// Run the pipeline as configured.
+    #[command(after_help = "Example:\n  siteflow run --config deploy/siteflow.example.yaml")]
+    Run(RunArgs),
+    /// Validate a configuration, its inventory, scenario and pipeline SQL; exit non-zero on problems.
+    #[command(after_help = "Example:\n  siteflow check --config deploy/siteflow.example.yaml --explain")]
+    Check(CheckArgs),
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Optional configuration file; the demo forces the simulator source.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Address for /metrics, /healthz and /readyz [default: 127.0.0.1:9898].
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+    /// Fault scenario to inject (YAML; see pipelines/hagiang/scenarios/).
+    #[arg(long, value_name = "FILE")]
+    scenario: Option<PathBuf>,
+    /// Flow records per second from the simulator [default: 3000].
+    #[arg(long, value_name = "N")]
+    rate: Option<u64>,
+    /// Simulator seed: the same seed gives the same traffic [default: 42].
+    #[arg(long, value_name = "N")]
+    seed: Option<u64>,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Configuration file (YAML).
+    #[arg(long, value_name = "FILE")]
+    config: PathBuf,
+    /// Address for /metrics, /healthz and /readyz (overrides http.listen).
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+}
+
+#[derive(Args)]
+struct CheckArgs {
+    /// Configuration file (YAML).
+    #[arg(long, value_name = "FILE")]
+    config: PathBuf,
+    /// Also print the partial and final plans DataFusion will run for each pipeline SQL.
+    #[arg(long)]
+    explain: bool,
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn window_spec(config: &Config) -> WindowSpec {
+    WindowSpec {
+        size: config.window_size(),
+        allowed_lateness: std::time::Duration::from_millis(config.window.allowed_lateness_ms),
+        idle_partition_timeout: std::time::Duration::from_secs(config.window.idle_partition_timeout_secs),
+    }
+}
+
+fn load_scenario(config: &Config, res: &Resources) -> anyhow::Result<Scenario> {
+    match &config.simulator.scenario {
+        Some(p) => Scenario::load(&p.relative(), &res.inventory).map_err(anyhow::Error::msg),
+        None => Ok(Scenario::default()),
+    }
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let res = Resources::load(&config)?;
+    let scenario = load_scenario(&config, &res)?;
+    let metrics = Arc::new(PipelineMetrics::new(&Pipeline::FORMATS, &Pipeline::TABLES));
+    let sites = SiteMetrics::new(res.inventory.clone(), config.window.size_secs as f64);
+    let latency = metrics.clone();
+    let pipeline = Pipeline::build(&config, &res, metrics.clone(), vec![Box::new(sites.clone())]).await?;
+    let ready = pipeline.ready.clone();
+    let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let state = AppState { metrics, sites, ready, stopping: stopping.clone() };
+
+    let listener = tokio::net::TcpListener::bind(config.http.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (http.listen / --listen)", config.http.listen))?;
+    tracing::info!(
+        listen = %config.http.listen,
+        sites = res.inventory.len(),
+        window_secs = config.window.size_secs,
+        flows_sql = %res.flows_sql.origin,
+        scenario = %scenario.description,
+        "siteflow started: metrics at http://{}/metrics",
+        config.http.listen
+    );
+
+    let source = Simulator::new(config.simulator.clone(), window_spec(&config), res.inventory.clone(), scenario);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (server_stop_tx, mut server_stop_rx) = watch::channel(false);
+    let server = tokio::spawn(async move {
+        axum::serve(listener, router(state))
+            .with_graceful_shutdown(async move {
+                let _ = server_stop_rx.wait_for(|s| *s).await;
+            })
+            .await
+    });
+    let mut pipeline_task = tokio::spawn(siteflow::pipeline::run(source, pipeline, stop_rx));
+
+    // The pipeline ends on a signal, or by itself when a finite simulation is done.
+    let summary = tokio::select! {
+        _ = wait_for_signal() => {
+            stopping.store(true, Ordering::Release);
+            let _ = stop_tx.send(true);
+            (&mut pipeline_task).await
+        }
+        done = &mut pipeline_task => done,
+    };
+    let summary = summary.context("pipeline task panicked")??;
+    let _ = server_stop_tx.send(true);
+    server.await.context("server task panicked")?.context("HTTP server failed")?;
+    if let Some((p50, p99)) = latency.close_latency_quantiles() {
+        tracing::info!(windows = summary.windows_closed, p50_seconds = p50, p99_seconds = p99, "window close-to-visible latency");
+    }
+    Ok(())
+}
+
+async fn check(args: &CheckArgs) -> anyhow::Result<()> {
+    let config = Config::load(Some(&args.config))?;
+    let res = Resources::load(&config)?;
+    let scenario = load_scenario(&config, &res)?;
+    let (windows, flows, probes) = plan_windows(window_spec(&config), &res).await?;
+    println!("{}: ok", args.config.display());
+    println!("  inventory: {} sites", res.inventory.len());
+    println!("  flows SQL: {} → columns {}", res.flows_sql.origin, column_list(&windows, flows));
+    println!("  probes SQL: {} → columns {}", res.probes_sql.origin, column_list(&windows, probes));
+    println!("  windows: {} s, allowed lateness {} ms", config.window.size_secs, config.window.allowed_lateness_ms);
+    println!("  source: {:?}; scenario: {} fault(s)", config.source.kind, scenario.faults.len());
+    println!("  http: {}", config.http.listen);
+    if args.explain {
+        println!("\nflows:\n{}\nprobes:\n{}", windows.describe(flows), windows.describe(probes));
+    }
+    Ok(())
+}
+
+fn column_list(windows: &siteflow::window::WindowOperator, table: usize) -> String {
+    windows.output_schema(table).fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>().join(", ")
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Check(args) => check(&args).await,
+            Command::Run(args) => {
+                let mut config = Config::load(Some(&args.config))?;
+                if let Some(listen) = args.listen {
+                    config.http.listen = listen;
+                }
+                init_logging(&config);
+                serve(config).await
+            }
+            Command::Demo(args) => {
+                let mut config = Config::load(args.config.as_deref())?;
+                config.source.kind = siteflow::config::SourceKind::Simulator;
+                if let Some(listen) = args.listen {
+                    config.http.listen = listen;
+                }
+                if let Some(path) = args.scenario {
+                    config.simulator.scenario = Some(RelativePathBuf::from(path));
+                }
+                if let Some(rate) = args.rate {
+                    config.simulator.records_per_sec = rate;
+                }
+                if let Some(seed) = args.seed {
+                    config.simulator.seed = seed;
+                }
+                if config.simulator.pace == Pace::Fast && config.simulator.duration_secs.is_none() {
+                    config.simulator.pace = Pace::Realtime;
+                }
+                config.validate("command line")?;
+                init_logging(&config);
+                serve(config).await
+            }
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("siteflow: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

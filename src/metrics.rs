@@ -1,0 +1,129 @@
+//! The pipeline's own health metrics, in one explicit registry shared with the sinks.
+
+use std::sync::Mutex;
+
+use prometheus::{
+    Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+};
+
+use crate::decode::{DecodeStats, Format, RejectReason};
+
+/// Counters and gauges about records and windows, not about sites.
+pub struct PipelineMetrics {
+    pub registry: Registry,
+    pub records_received: IntCounterVec,
+    pub message_bytes_received: IntCounterVec,
+    pub records_decoded: IntCounterVec,
+    pub records_rejected: IntCounterVec,
+    pub records_unmatched: IntCounterVec,
+    pub records_late: IntCounterVec,
+    pub flows_missing_sampling_rate: IntCounter,
+    pub watermark_timestamp: Gauge,
+    pub watermark_lag: Gauge,
+    pub windows_closed: IntCounterVec,
+    pub windows_open: IntGauge,
+    pub window_close_latency: Histogram,
+    /// The same latency at full resolution, for exact p50/p99 in logs and benchmarks (µs).
+    pub window_close_latency_exact: Mutex<hdrhistogram::Histogram<u64>>,
+}
+
+fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    registry.register(Box::new(c.clone())).expect("registered once");
+    c
+}
+
+impl PipelineMetrics {
+    /// Creates the metrics in a new registry, with every known label combination at zero.
+    pub fn new(formats: &[Format], tables: &[&str]) -> Self {
+        let registry = Registry::new();
+        let r = &registry;
+        let records_received = counter_vec(r, "siteflow_records_received_total", "Records read from the sources, before decoding.", &["format"]);
+        let message_bytes_received = counter_vec(r, "siteflow_message_bytes_received_total", "Bytes of messages read from the sources.", &["format"]);
+        let records_decoded = counter_vec(r, "siteflow_records_decoded_total", "Records decoded successfully.", &["format"]);
+        let records_rejected = counter_vec(r, "siteflow_records_rejected_total", "Records skipped because they could not be decoded, by reason.", &["format", "reason"]);
+        let records_unmatched = counter_vec(r, "siteflow_records_unmatched_total", "Decoded records that belong to no site of the inventory (counted, not aggregated).", &["table"]);
+        let records_late = counter_vec(r, "siteflow_records_late_total", "Records that arrived after their window had closed (counted, not aggregated).", &["table"]);
+        let windows_closed = counter_vec(r, "siteflow_windows_closed_total", "Windows closed and published to the sinks.", &["table"]);
+        let flows_missing_sampling_rate = IntCounter::new(
+            "siteflow_flows_missing_sampling_rate_total",
+            "Flow records that carried no sampling rate; scaled by sampling.default_rate.",
+        )
+        .expect("valid metric");
+        let watermark_timestamp = Gauge::new("siteflow_watermark_timestamp_seconds", "Event-time watermark of the pipeline (Unix seconds).").expect("valid metric");
+        let watermark_lag = Gauge::new("siteflow_watermark_lag_seconds", "How far the watermark trails the wall clock.").expect("valid metric");
+        let windows_open = IntGauge::new("siteflow_windows_open", "Windows holding state, waiting for the watermark.").expect("valid metric");
+        let window_close_latency = Histogram::with_opts(
+            HistogramOpts::new(
+                "siteflow_window_close_latency_seconds",
+                "From the arrival of the batch that moved the watermark past a window's end to the window's results being visible.",
+            )
+            .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
+        )
+        .expect("valid metric");
+        for m in [&watermark_timestamp, &watermark_lag] {
+            r.register(Box::new(m.clone())).expect("registered once");
+        }
+        r.register(Box::new(flows_missing_sampling_rate.clone())).expect("registered once");
+        r.register(Box::new(windows_open.clone())).expect("registered once");
+        r.register(Box::new(window_close_latency.clone())).expect("registered once");
+        #[cfg(target_os = "linux")]
+        r.register(Box::new(prometheus::process_collector::ProcessCollector::for_self())).expect("registered once");
+
+        for f in formats {
+            let f = f.as_str();
+            records_received.with_label_values(&[f]);
+            message_bytes_received.with_label_values(&[f]);
+            records_decoded.with_label_values(&[f]);
+            for reason in RejectReason::ALL {
+                records_rejected.with_label_values(&[f, reason.as_str()]);
+            }
+        }
+        for t in tables {
+            records_unmatched.with_label_values(&[t]);
+            records_late.with_label_values(&[t]);
+            windows_closed.with_label_values(&[t]);
+        }
+        Self {
+            registry,
+            records_received,
+            message_bytes_received,
+            records_decoded,
+            records_rejected,
+            records_unmatched,
+            records_late,
+            flows_missing_sampling_rate,
+            watermark_timestamp,
+            watermark_lag,
+            windows_closed,
+            windows_open,
+            window_close_latency,
+            window_close_latency_exact: Mutex::new(hdrhistogram::Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid bounds")),
+        }
+    }
+
+    /// Records the outcome of decoding one batch.
+    pub fn record_decode(&self, format: Format, message_bytes: usize, stats: &DecodeStats) {
+        let f = format.as_str();
+        self.records_received.with_label_values(&[f]).inc_by(stats.records);
+        self.message_bytes_received.with_label_values(&[f]).inc_by(message_bytes as u64);
+        self.records_decoded.with_label_values(&[f]).inc_by(stats.decoded);
+        for (reason, n) in &stats.rejected {
+            self.records_rejected.with_label_values(&[f, reason.as_str()]).inc_by(*n);
+        }
+        self.flows_missing_sampling_rate.inc_by(stats.missing_sampling_rate);
+    }
+
+    /// Records a window close latency.
+    pub fn record_close_latency(&self, latency: std::time::Duration) {
+        self.window_close_latency.observe(latency.as_secs_f64());
+        let micros = (latency.as_micros() as u64).clamp(1, 600_000_000);
+        self.window_close_latency_exact.lock().expect("latency lock").saturating_record(micros);
+    }
+
+    /// p50 and p99 of the window close latency so far, in seconds.
+    pub fn close_latency_quantiles(&self) -> Option<(f64, f64)> {
+        let h = self.window_close_latency_exact.lock().expect("latency lock");
+        (h.len() > 0).then(|| (h.value_at_quantile(0.5) as f64 / 1e6, h.value_at_quantile(0.99) as f64 / 1e6))
+    }
+}

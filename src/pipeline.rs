@@ -1,0 +1,268 @@
+//! Wires the stages together: source → decode → enrich → window → sinks.
+//!
+//! One task runs the whole chain batch by batch, so there is no channel hop per record and
+//! back-pressure is implicit: the source is polled only when the previous batch is done.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::watch;
+use tokio::time::MissedTickBehavior;
+
+use crate::config::{Config, resolve};
+use crate::decode::{DecodeLimits, Decoded, Format, decode};
+use crate::enrich::{Enricher, Sampling, enriched_flow_schema, enriched_probe_schema};
+use crate::inventory::{Inventory, InventoryError, addr_from_ip};
+use crate::metrics::PipelineMetrics;
+use crate::sink::WindowSink;
+use crate::source::{Source, SourceBatch};
+use crate::window::{ClosedWindow, TableId, WindowOperator, WindowSpec};
+
+/// The built-in flows aggregation.
+pub const EMBEDDED_FLOWS_SQL: &str = include_str!("../pipelines/hagiang/flows.sql");
+/// The built-in probes aggregation.
+pub const EMBEDDED_PROBES_SQL: &str = include_str!("../pipelines/hagiang/probes.sql");
+
+/// Columns each table's SQL must output, for the sinks to label rows.
+const REQUIRED_OUTPUT: [(&str, &[&str]); 2] = [("flows", &["site", "direction"]), ("probes", &["site"])];
+
+/// A pipeline that cannot be built, naming the file at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Inventory(#[from] InventoryError),
+    #[error("{file}: {message}")]
+    Sql { file: String, message: String },
+    #[error("{0}")]
+    Other(String),
+}
+
+/// A SQL text and where it came from.
+#[derive(Debug, Clone)]
+pub struct SqlSource {
+    pub origin: String,
+    pub text: String,
+}
+
+impl SqlSource {
+    fn load(path: Option<&Path>, embedded: &str, embedded_name: &str) -> Result<Self, BuildError> {
+        match path {
+            None => Ok(Self { origin: format!("<embedded>/{embedded_name}"), text: embedded.to_string() }),
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|e| BuildError::Sql { file: p.display().to_string(), message: format!("cannot read: {e}") })?;
+                Ok(Self { origin: p.display().to_string(), text })
+            }
+        }
+    }
+}
+
+/// The inventory and pipeline SQL a configuration points to.
+pub struct Resources {
+    pub inventory: Arc<Inventory>,
+    pub flows_sql: SqlSource,
+    pub probes_sql: SqlSource,
+}
+
+impl Resources {
+    pub fn load(config: &Config) -> Result<Self, BuildError> {
+        let inventory = match &config.inventory.sites_csv {
+            Some(p) => Inventory::load(&resolve(p))?,
+            None => Inventory::embedded(),
+        };
+        let flows_sql = SqlSource::load(config.pipeline.flows_sql.as_ref().map(resolve).as_deref(), EMBEDDED_FLOWS_SQL, "pipelines/hagiang/flows.sql")?;
+        let probes_sql = SqlSource::load(config.pipeline.probes_sql.as_ref().map(resolve).as_deref(), EMBEDDED_PROBES_SQL, "pipelines/hagiang/probes.sql")?;
+        Ok(Self { inventory: Arc::new(inventory), flows_sql, probes_sql })
+    }
+}
+
+/// Builds the window operator with both tables planned from their SQL.
+pub async fn plan_windows(spec: WindowSpec, res: &Resources) -> Result<(WindowOperator, TableId, TableId), BuildError> {
+    let mut windows = WindowOperator::new(spec);
+    let mut ids = Vec::new();
+    for ((table, required), (sql, schema)) in REQUIRED_OUTPUT.iter().zip([(&res.flows_sql, enriched_flow_schema()), (&res.probes_sql, enriched_probe_schema())]) {
+        let err = |message: String| BuildError::Sql { file: sql.origin.clone(), message };
+        let id = windows.add_table(table, &schema, &sql.text).await.map_err(|e| err(e.to_string()))?;
+        let out = windows.output_schema(id);
+        for col in *required {
+            if out.index_of(col).is_err() {
+                return Err(err(format!("the query over `{table}` must output a `{col}` column (it outputs: {})", out.fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>().join(", "))));
+            }
+        }
+        ids.push(id);
+    }
+    Ok((windows, ids[0], ids[1]))
+}
+
+fn unix_now_ns() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64)
+}
+
+/// Totals of one run, for logs and tests.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RunSummary {
+    pub batches: u64,
+    pub records: u64,
+    pub windows_closed: u64,
+    pub windows_flushed_at_end: u64,
+}
+
+/// The processing chain with its state.
+pub struct Pipeline {
+    limits: DecodeLimits,
+    max_future_ns: i64,
+    enricher: Enricher,
+    windows: WindowOperator,
+    flows: TableId,
+    probes: TableId,
+    metrics: Arc<PipelineMetrics>,
+    sinks: Vec<Box<dyn WindowSink>>,
+    /// Set once the first window has been published (for `/readyz`).
+    pub ready: Arc<AtomicBool>,
+    summary: RunSummary,
+}
+
+impl Pipeline {
+    /// Builds the pipeline for `config` over the loaded resources.
+    pub async fn build(config: &Config, res: &Resources, metrics: Arc<PipelineMetrics>, sinks: Vec<Box<dyn WindowSink>>) -> Result<Self, BuildError> {
+        let spec = WindowSpec {
+            size: config.window_size(),
+            allowed_lateness: Duration::from_millis(config.window.allowed_lateness_ms),
+            idle_partition_timeout: Duration::from_secs(config.window.idle_partition_timeout_secs),
+        };
+        let (windows, flows, probes) = plan_windows(spec, res).await?;
+        let sampling = Sampling {
+            default_rate: config.sampling.default_rate,
+            overrides: config.sampling.overrides.iter().map(|(ip, r)| (addr_from_ip(*ip), *r)).collect(),
+        };
+        Ok(Self {
+            limits: DecodeLimits {
+                max_message_bytes: config.decode.max_message_bytes,
+                max_bytes_per_record: config.decode.max_bytes_per_record,
+                min_time_ns: DecodeLimits::MIN_TIME_NS,
+                max_time_ns: i64::MAX,
+            },
+            max_future_ns: (config.decode.max_future_secs as i64).saturating_mul(1_000_000_000),
+            enricher: Enricher::new(res.inventory.clone(), sampling),
+            windows,
+            flows,
+            probes,
+            metrics,
+            sinks,
+            ready: Arc::new(AtomicBool::new(false)),
+            summary: RunSummary::default(),
+        })
+    }
+
+    /// Formats every source of this pipeline can deliver.
+    pub const FORMATS: [Format; 2] = [Format::Goflow2Json, Format::SiteflowProbeJson];
+    pub const TABLES: [&'static str; 2] = ["flows", "probes"];
+
+    pub fn windows(&self) -> &WindowOperator {
+        &self.windows
+    }
+
+    /// Runs one source batch through decode, enrich and window, then publishes closed windows.
+    pub async fn process(&mut self, batch: SourceBatch) -> anyhow::Result<()> {
+        self.limits.max_time_ns = unix_now_ns().saturating_add(self.max_future_ns);
+        let (decoded, stats) = decode(batch.format, &batch.messages, &self.limits);
+        self.metrics.record_decode(batch.format, batch.messages.total_bytes(), &stats);
+        self.summary.batches += 1;
+        self.summary.records += stats.records;
+        let (table, enriched, enrich_stats) = match decoded {
+            Decoded::Flows(b) => {
+                let (e, s) = self.enricher.enrich_flows(&b);
+                (self.flows, e, s)
+            }
+            Decoded::Probes(b) => {
+                let (e, s) = self.enricher.enrich_probes(&b);
+                (self.probes, e, s)
+            }
+        };
+        let name = Self::TABLES[table];
+        self.metrics.records_unmatched.with_label_values(&[name]).inc_by(enrich_stats.unmatched);
+        if enriched.num_rows() > 0 {
+            let outcome = self.windows.process(table, batch.partition, &enriched, batch.received).await?;
+            self.metrics.records_late.with_label_values(&[name]).inc_by(outcome.late);
+        }
+        let closed = self.windows.close_ready(batch.received).await?;
+        self.publish(closed, false);
+        Ok(())
+    }
+
+    /// Periodic work without new data: idle partitions release the watermark; gauges refresh.
+    pub async fn tick(&mut self) -> anyhow::Result<()> {
+        let now = Instant::now();
+        self.windows.advance_idle(now);
+        let closed = self.windows.close_ready(now).await?;
+        self.publish(closed, false);
+        Ok(())
+    }
+
+    /// Closes every open window (at shutdown) and returns the run's totals.
+    pub async fn finish(&mut self) -> anyhow::Result<RunSummary> {
+        let closed = self.windows.flush(Instant::now()).await?;
+        self.publish(closed, true);
+        Ok(self.summary)
+    }
+
+    fn publish(&mut self, closed: Vec<ClosedWindow>, flushing: bool) {
+        for w in &closed {
+            for sink in &mut self.sinks {
+                sink.on_window(w);
+            }
+            self.metrics.windows_closed.with_label_values(&[&w.table]).inc();
+            if !flushing {
+                self.metrics.record_close_latency(w.closed_by.elapsed());
+            }
+            if w.table.as_ref() == "flows" {
+                self.summary.windows_closed += 1;
+                self.summary.windows_flushed_at_end += u64::from(flushing);
+            }
+        }
+        if !closed.is_empty() {
+            self.ready.store(true, Ordering::Release);
+        }
+        self.metrics.windows_open.set(self.windows.open_window_count() as i64);
+        if let Some(wm) = self.windows.watermark_ns() {
+            self.metrics.watermark_timestamp.set(wm as f64 / 1e9);
+            self.metrics.watermark_lag.set((unix_now_ns() - wm) as f64 / 1e9);
+        }
+    }
+}
+
+/// Runs `source` through `pipeline` until the source ends or `shutdown` turns true, then
+/// flushes the open windows.
+pub async fn run<S: Source>(mut source: S, mut pipeline: Pipeline, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<RunSummary> {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            biased;
+            changed = shutdown.changed() => {
+                if changed.is_err() || *shutdown.borrow() {
+                    tracing::info!("shutdown requested: flushing open windows");
+                    break;
+                }
+            }
+            _ = tick.tick() => pipeline.tick().await?,
+            batch = source.next_batch() => match batch {
+                Some(batch) => pipeline.process(batch).await?,
+                None => {
+                    tracing::info!("source finished: flushing open windows");
+                    break;
+                }
+            },
+        }
+    }
+    let summary = pipeline.finish().await?;
+    tracing::info!(
+        batches = summary.batches,
+        records = summary.records,
+        windows = summary.windows_closed,
+        flushed = summary.windows_flushed_at_end,
+        "pipeline stopped"
+    );
+    Ok(summary)
+}

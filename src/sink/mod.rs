@@ -1,0 +1,24 @@
+//! Sinks: where closed windows go. Sinks see closed windows only, so every reader sees whole windows.
+
+pub mod prometheus;
+
+use std::sync::{Arc, Mutex};
+
+use crate::window::ClosedWindow;
+
+/// Receives each closed window once, oldest first.
+pub trait WindowSink: Send {
+    fn on_window(&mut self, window: &ClosedWindow);
+}
+
+/// Keeps every closed window in memory: for tests and embedding.
+#[derive(Clone, Default)]
+pub struct CollectSink {
+    pub windows: Arc<Mutex<Vec<ClosedWindow>>>,
+}
+
+impl WindowSink for CollectSink {
+    fn on_window(&mut self, window: &ClosedWindow) {
+        self.windows.lock().expect("collect lock").push(window.clone());
+    }
+}

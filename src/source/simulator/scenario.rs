@@ -1,0 +1,175 @@
+//! Fault scenarios for the simulator: which sites misbehave, how, and when.
+//!
+//! ```yaml
+//! description: Congestion in Mèo Vạc, one commune down
+//! faults:
+//!   - kind: congestion        # links run at `utilisation` of capacity (default 0.97)
+//!     district: Mèo Vạc       # select by district, level and/or site ids
+//!     level: commune
+//!     start_secs: 60          # seconds after the simulation starts (default 0)
+//!     duration_secs: 600      # default: until the end
+//!   - kind: outage            # silence: no flows, no probe results
+//!     sites: [dong-van.ta-lung]
+//!   - {kind: high_rtt, sites: [yen-minh.lao-va-chai], rtt_ms: 450}
+//!   - {kind: jitter, sites: [bac-me.yen-cuong], jitter_ms: 80}
+//!   - {kind: loss, sites: [bac-me.minh-ngoc], loss_pct: 8}
+//! ```
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::inventory::{Inventory, SiteIdx};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FaultKind {
+    Congestion,
+    Outage,
+    HighRtt,
+    Jitter,
+    Loss,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FaultSpec {
+    kind: FaultKind,
+    #[serde(default)]
+    sites: Vec<String>,
+    district: Option<String>,
+    level: Option<String>,
+    #[serde(default)]
+    start_secs: u64,
+    duration_secs: Option<u64>,
+    utilisation: Option<f64>,
+    rtt_ms: Option<f64>,
+    jitter_ms: Option<f64>,
+    loss_pct: Option<f64>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ScenarioFile {
+    #[serde(default)]
+    description: String,
+    faults: Vec<FaultSpec>,
+}
+
+/// What a fault does to a site.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Effect {
+    /// Traffic at this share of capacity.
+    Congestion { utilisation: f64 },
+    Outage,
+    HighRtt { rtt_ms: f64 },
+    Jitter { jitter_ms: f64 },
+    Loss { loss_pct: f64 },
+}
+
+/// One fault, resolved against the inventory.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fault {
+    pub effect: Effect,
+    pub sites: Vec<SiteIdx>,
+    /// Offsets from the start of the simulation, in nanoseconds.
+    pub start_offset_ns: i64,
+    pub end_offset_ns: i64,
+}
+
+/// A resolved scenario.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Scenario {
+    pub description: String,
+    pub faults: Vec<Fault>,
+}
+
+impl Scenario {
+    /// Loads and resolves a scenario file; errors name the file, the fault and the problem.
+    pub fn load(path: &Path, inventory: &Inventory) -> Result<Self, String> {
+        let file = path.display();
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{file}: cannot read: {e}"))?;
+        Self::parse(&text, &file.to_string(), inventory)
+    }
+
+    pub fn parse(text: &str, file: &str, inventory: &Inventory) -> Result<Self, String> {
+        let raw: ScenarioFile = serde_yaml::from_str(text).map_err(|e| format!("{file}: {e}"))?;
+        let mut faults = Vec::new();
+        for (i, f) in raw.faults.into_iter().enumerate() {
+            let at = |m: String| format!("{file}: faults[{i}] ({:?}): {m}", f.kind);
+            let mut sites = Vec::new();
+            for id in &f.sites {
+                sites.push(inventory.by_id(id).ok_or_else(|| at(format!("unknown site {id:?}")))?);
+            }
+            if f.district.is_some() || f.level.is_some() {
+                let matched: Vec<SiteIdx> = (0..inventory.len() as SiteIdx)
+                    .filter(|&s| {
+                        let site = inventory.site(s);
+                        f.district.as_ref().is_none_or(|d| &site.district == d) && f.level.as_ref().is_none_or(|l| &site.level == l)
+                    })
+                    .collect();
+                if matched.is_empty() {
+                    return Err(at(format!("no site has district {:?} and level {:?}", f.district, f.level)));
+                }
+                sites.extend(matched);
+            }
+            if sites.is_empty() {
+                return Err(at("select sites with `sites`, `district` or `level`".into()));
+            }
+            sites.sort_unstable();
+            sites.dedup();
+            let need = |v: Option<f64>, name: &str, max: f64| -> Result<f64, String> {
+                let v = v.ok_or_else(|| at(format!("needs `{name}`")))?;
+                if !(0.0..=max).contains(&v) {
+                    return Err(at(format!("`{name}` must be between 0 and {max} (got {v})")));
+                }
+                Ok(v)
+            };
+            let effect = match f.kind {
+                FaultKind::Congestion => Effect::Congestion { utilisation: need(f.utilisation.or(Some(0.97)), "utilisation", 1.0)? },
+                FaultKind::Outage => Effect::Outage,
+                FaultKind::HighRtt => Effect::HighRtt { rtt_ms: need(f.rtt_ms, "rtt_ms", 60_000.0)? },
+                FaultKind::Jitter => Effect::Jitter { jitter_ms: need(f.jitter_ms, "jitter_ms", 60_000.0)? },
+                FaultKind::Loss => Effect::Loss { loss_pct: need(f.loss_pct, "loss_pct", 100.0)? },
+            };
+            let start = f.start_secs as i64 * 1_000_000_000;
+            let end = f.duration_secs.map_or(i64::MAX, |d| start + d as i64 * 1_000_000_000);
+            faults.push(Fault { effect, sites, start_offset_ns: start, end_offset_ns: end });
+        }
+        Ok(Scenario { description: raw.description, faults })
+    }
+
+    /// Faults active for `site` at `offset_ns` after the start.
+    pub fn active(&self, site: SiteIdx, offset_ns: i64) -> impl Iterator<Item = &Effect> {
+        self.faults
+            .iter()
+            .filter(move |f| offset_ns >= f.start_offset_ns && offset_ns < f.end_offset_ns && f.sites.binary_search(&site).is_ok())
+            .map(|f| &f.effect)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selects_by_district_and_level() {
+        let inv = Inventory::embedded();
+        let s = Scenario::parse("faults:\n  - {kind: congestion, district: Mèo Vạc, level: commune}\n", "s.yaml", &inv).unwrap();
+        let f = &s.faults[0];
+        assert!(!f.sites.is_empty());
+        assert!(f.sites.iter().all(|&i| inv.site(i).district == "Mèo Vạc" && inv.site(i).level == "commune"));
+        assert_eq!(f.effect, Effect::Congestion { utilisation: 0.97 });
+    }
+
+    #[test]
+    fn errors_name_the_fault() {
+        let inv = Inventory::embedded();
+        let e = Scenario::parse("faults:\n  - {kind: outage, sites: [nowhere]}\n", "s.yaml", &inv).unwrap_err();
+        assert!(e.contains("s.yaml: faults[0] (Outage): unknown site \"nowhere\""), "{e}");
+        let e = Scenario::parse("faults:\n  - {kind: loss, sites: [tinh.vp-ubnd]}\n", "s.yaml", &inv).unwrap_err();
+        assert!(e.contains("needs `loss_pct`"), "{e}");
+        let e = Scenario::parse("faults:\n  - {kind: loss, sites: [tinh.vp-ubnd], loss: 3}\n", "s.yaml", &inv).unwrap_err();
+        assert!(e.contains("unknown field `loss`"), "{e}");
+    }
+}
