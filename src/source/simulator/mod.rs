@@ -263,7 +263,8 @@ impl Simulator {
             Ipv4Addr::new(203, 0, 113, self.rng.u8(1..255))
         };
         let (exporter, src, dst) = if stray {
-            (STRAY_EXPORTER, Ipv4Addr::new(198, 51, 100, self.rng.u8(1..255)), remote)
+            // Between two addresses of no site (never the MCU, which is a site's address).
+            (STRAY_EXPORTER, Ipv4Addr::new(198, 51, 100, self.rng.u8(1..255)), Ipv4Addr::new(203, 0, 113, self.rng.u8(1..255)))
         } else {
             let exporter = match site.exporter {
                 Some(std::net::IpAddr::V4(e)) => e,
@@ -318,11 +319,14 @@ impl Simulator {
             }
             let mut n = self.cfg.batch_records as u64;
             if self.cfg.pace == Pace::Realtime {
+                // Hand out batches about every 100 ms: one small batch per record would make
+                // the per-batch work (a DataFusion run) dominate.
+                let min_batch = (self.cfg.records_per_sec / 10).clamp(1, n);
                 let due = self.due_by_wall_clock();
-                if due <= self.generated {
-                    // Wait until the next record is due, at most 100 ms.
-                    let wait = Duration::from_secs_f64(1.0 / self.cfg.records_per_sec as f64).min(Duration::from_millis(100));
-                    tokio::time::sleep(wait.max(Duration::from_millis(5))).await;
+                if due < self.generated + min_batch {
+                    let missing = (self.generated + min_batch - due) as f64;
+                    let wait = Duration::from_secs_f64(missing / self.cfg.records_per_sec as f64);
+                    tokio::time::sleep(wait.clamp(Duration::from_millis(1), Duration::from_millis(100))).await;
                     continue;
                 }
                 n = n.min(due - self.generated);

@@ -1,0 +1,81 @@
+//! `siteflow check` accepts the shipped configuration and rejects broken ones with a message
+//! that names the file and the problem.
+
+use crate::support::{repo, run_siteflow, write};
+
+fn check(config: &std::path::Path, env: &[(&str, &str)]) -> (bool, String, String) {
+    let out = run_siteflow(&["check", "--config", config.to_str().unwrap()], env);
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+fn assert_rejected(config: &std::path::Path, env: &[(&str, &str)], needles: &[&str]) {
+    let (ok, _, err) = check(config, env);
+    assert!(!ok, "expected a failure for {}", config.display());
+    for n in needles {
+        assert!(err.contains(n), "stderr should mention {n:?}:\n{err}");
+    }
+}
+
+#[test]
+fn the_shipped_configuration_passes() {
+    let (ok, out, err) = check(&repo().join("deploy/siteflow.example.yaml"), &[]);
+    assert!(ok, "{err}");
+    assert!(out.contains("inventory: 242 sites"), "{out}");
+}
+
+#[test]
+fn broken_yaml_names_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = write(dir.path(), "broken.yaml", "window:\n  size_secs: 10\n   lateness: [oops\n");
+    assert_rejected(&f, &[], &["broken.yaml", "invalid YAML", "line 3"]);
+}
+
+#[test]
+fn unknown_key_names_file_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = write(dir.path(), "typo.yaml", "window:\n  size_sec: 10\n");
+    assert_rejected(&f, &[], &["typo.yaml", "size_sec"]);
+}
+
+#[test]
+fn bad_prefix_in_the_inventory_names_file_line_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let csv = std::fs::read_to_string(repo().join("pipelines/hagiang/sites.csv")).unwrap();
+    let csv = csv.replace("10.2.21.0/24", "10.2.21.0/33");
+    let line = csv.lines().position(|l| l.contains("10.2.21.0/33")).unwrap() + 1;
+    write(dir.path(), "sites.csv", &csv);
+    let f = write(dir.path(), "c.yaml", "inventory:\n  sites_csv: sites.csv\n");
+    assert_rejected(&f, &[], &["sites.csv", &format!("line {line}"), "field prefix", "10.2.21.0/33"]);
+}
+
+#[test]
+fn invalid_pipeline_sql_names_the_file_and_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "bad.sql", "SELECT window_start, site, direction, sum(bytez) AS bytes FROM flows GROUP BY window_start, site, direction");
+    let f = write(dir.path(), "c.yaml", "pipeline:\n  flows_sql: bad.sql\n");
+    assert_rejected(&f, &[], &["bad.sql", "bytez"]);
+
+    write(dir.path(), "nowindow.sql", "SELECT site, direction, sum(bytes) AS bytes FROM flows GROUP BY site, direction");
+    let f = write(dir.path(), "c2.yaml", "pipeline:\n  flows_sql: nowindow.sql\n");
+    assert_rejected(&f, &[], &["nowindow.sql", "GROUP BY window_start"]);
+
+    write(dir.path(), "ddl.sql", "CREATE TABLE x AS SELECT 1");
+    let f = write(dir.path(), "c3.yaml", "pipeline:\n  flows_sql: ddl.sql\n");
+    assert_rejected(&f, &[], &["ddl.sql"]);
+}
+
+#[test]
+fn environment_overrides_every_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = write(dir.path(), "c.yaml", "window:\n  size_secs: 10\n");
+    let (ok, out, err) = check(&f, &[("SITEFLOW_HTTP__LISTEN", "127.0.0.1:9900"), ("SITEFLOW_WINDOW__SIZE_SECS", "60")]);
+    assert!(ok, "{err}");
+    assert!(out.contains("http: 127.0.0.1:9900") && out.contains("windows: 60 s"), "{out}");
+    assert_rejected(&f, &[("SITEFLOW_WINDOW__SIZE_SECS", "0")], &["window.size_secs", "at least 1"]);
+    assert_rejected(&f, &[("SITEFLOW_WINDOW__SIZE_SECZ", "5")], &["size_secz"]);
+}
+
+#[test]
+fn missing_file_is_named() {
+    assert_rejected(std::path::Path::new("/nonexistent/siteflow.yaml"), &[], &["/nonexistent/siteflow.yaml", "no such file"]);
+}

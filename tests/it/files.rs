@@ -1,0 +1,36 @@
+//! Every file under pipelines/ and deploy/ that siteflow reads loads, and the reference
+//! configuration documents exactly the defaults.
+
+use siteflow::config::Config;
+use siteflow::inventory::Inventory;
+use siteflow::source::simulator::Scenario;
+
+use crate::support::repo;
+
+#[test]
+fn the_reference_configuration_is_the_defaults() {
+    let mut loaded = Config::load(Some(&repo().join("deploy/siteflow.example.yaml"))).unwrap();
+    assert!(loaded.inventory.sites_csv.take().is_some());
+    assert!(loaded.pipeline.flows_sql.take().is_some());
+    assert!(loaded.pipeline.probes_sql.take().is_some());
+    assert_eq!(loaded, Config::default(), "deploy/siteflow.example.yaml drifted from the defaults");
+}
+
+#[test]
+fn the_shipped_inventory_equals_the_built_in_one() {
+    let shipped = Inventory::load(&repo().join("pipelines/hagiang/sites.csv")).unwrap();
+    assert_eq!(shipped.sites(), Inventory::embedded().sites());
+    assert_eq!(shipped.len(), 242);
+}
+
+#[test]
+fn every_scenario_loads() {
+    let inventory = Inventory::embedded();
+    let mut n = 0;
+    for entry in std::fs::read_dir(repo().join("pipelines/hagiang/scenarios")).unwrap() {
+        let path = entry.unwrap().path();
+        Scenario::load(&path, &inventory).unwrap_or_else(|e| panic!("{e}"));
+        n += 1;
+    }
+    assert!(n >= 2);
+}

@@ -1,0 +1,8 @@
+//! Integration tests: one binary, one module per concern, shared helpers in `support`.
+
+mod check_cli;
+mod demo_binary;
+mod files;
+mod pipeline_sql;
+mod support;
+mod window_totals;

@@ -1,0 +1,122 @@
+//! Helpers shared by the integration tests.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Arc;
+use std::time::Duration;
+
+use siteflow::config::{Config, Pace, SimulatorConfig};
+use siteflow::metrics::PipelineMetrics;
+use siteflow::pipeline::{Pipeline, Resources, RunSummary, run};
+use siteflow::sink::CollectSink;
+use siteflow::sink::prometheus::SiteMetrics;
+use siteflow::source::simulator::{GroundTruth, Scenario, Simulator};
+use siteflow::window::{ClosedWindow, WindowSpec};
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn siteflow() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_siteflow"))
+}
+
+/// Runs `siteflow` with args and extra environment; returns its output.
+pub fn run_siteflow(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = siteflow();
+    cmd.args(args).current_dir(repo());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run siteflow")
+}
+
+pub fn free_addr() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+/// A plain HTTP/1.1 GET; returns (status, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    // Chunked bodies: keep only the payload lines (chunk sizes are hex-only lines).
+    let body = if text.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(&body) } else { body };
+    Ok((status, body))
+}
+
+fn dechunk(body: &str) -> String {
+    let mut out = String::new();
+    let mut rest = body;
+    while let Some((size, tail)) = rest.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { break };
+        if n == 0 || tail.len() < n {
+            break;
+        }
+        out.push_str(&tail[..n]);
+        rest = tail[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// A fast, finite simulation starting at a fixed time (deterministic).
+pub fn fast_config(duration_secs: u64, records_per_sec: u64) -> Config {
+    let mut c = Config::default();
+    c.simulator = SimulatorConfig {
+        pace: Pace::Fast,
+        start_unix_secs: Some(1_764_000_000),
+        duration_secs: Some(duration_secs),
+        records_per_sec,
+        ..SimulatorConfig::default()
+    };
+    c
+}
+
+pub fn window_spec(c: &Config) -> WindowSpec {
+    WindowSpec {
+        size: c.window_size(),
+        allowed_lateness: Duration::from_millis(c.window.allowed_lateness_ms),
+        idle_partition_timeout: Duration::from_secs(c.window.idle_partition_timeout_secs),
+    }
+}
+
+/// Everything a simulated run produced.
+pub struct SimRun {
+    pub windows: Vec<ClosedWindow>,
+    pub truth: GroundTruth,
+    pub metrics: Arc<PipelineMetrics>,
+    pub sites: SiteMetrics,
+    pub summary: RunSummary,
+}
+
+/// Runs the real pipeline over the simulator to the end, collecting every closed window.
+pub async fn simulate(config: &Config, scenario: Scenario) -> SimRun {
+    config.validate("test").unwrap();
+    let res = Resources::load(config).unwrap();
+    let metrics = Arc::new(PipelineMetrics::new(&Pipeline::FORMATS, &Pipeline::TABLES));
+    let collect = CollectSink::default();
+    let sites = SiteMetrics::new(res.inventory.clone(), config.window.size_secs as f64);
+    let pipeline = Pipeline::build(config, &res, metrics.clone(), vec![Box::new(collect.clone()), Box::new(sites.clone())])
+        .await
+        .unwrap();
+    let mut sim = Simulator::new(config.simulator.clone(), window_spec(config), res.inventory.clone(), scenario);
+    let truth = sim.track_truth();
+    let (_stop, stop_rx) = tokio::sync::watch::channel(false);
+    let summary = run(sim, pipeline, stop_rx).await.unwrap();
+    let windows = std::mem::take(&mut *collect.windows.lock().unwrap());
+    let truth = truth.lock().unwrap().clone();
+    SimRun { windows, truth, metrics, sites, summary }
+}
+
+pub fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
