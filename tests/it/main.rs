@@ -3,6 +3,7 @@
 mod check_cli;
 mod demo_binary;
 mod files;
+mod golden;
 mod pipeline_sql;
 mod support;
 mod window_totals;
