@@ -76,10 +76,11 @@ fn stages(c: &mut Criterion) {
         let metrics = Arc::new(PipelineMetrics::new(&Pipeline::FORMATS, &Pipeline::TABLES));
         let sites = SiteMetrics::new(res.inventory.clone(), 10.0);
         let pipeline = rt.block_on(Pipeline::build(&config, &res, metrics.clone(), vec![Box::new(sites.clone())])).unwrap();
+        let readiness = pipeline.readiness.clone();
         let sim = Simulator::new(config.simulator.clone(), spec(), res.inventory.clone(), Scenario::default());
         let (_tx, rx) = tokio::sync::watch::channel(false);
         rt.block_on(siteflow::pipeline::run(sim, pipeline, rx)).unwrap();
-        let state = AppState { metrics, sites, ready: Default::default(), stopping: Default::default() };
+        let state = AppState { metrics, sites, ready: Default::default(), stopping: Default::default(), readiness };
         b.iter(|| render(&state).len())
     });
     g.finish();

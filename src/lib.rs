@@ -13,6 +13,7 @@ pub mod http;
 pub mod inventory;
 pub mod metrics;
 pub mod pipeline;
+pub mod readiness;
 pub mod sink;
 pub mod source;
 pub mod window;

@@ -146,7 +146,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let pipeline = Pipeline::build(&config, &res, metrics.clone(), vec![Box::new(sites.clone())]).await?;
     let ready = pipeline.ready.clone();
     let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let state = AppState { metrics, sites, ready, stopping: stopping.clone() };
+    let state = AppState { metrics, sites, ready, stopping: stopping.clone(), readiness: pipeline.readiness.clone() };
 
     let listener = tokio::net::TcpListener::bind(config.http.listen)
         .await
@@ -202,6 +202,7 @@ async fn check(args: &CheckArgs) -> anyhow::Result<()> {
     println!("  probes SQL: {} → columns {}", res.probes_sql.origin, column_list(&windows, probes));
     println!("  windows: {} s, allowed lateness {} ms", config.window.size_secs, config.window.allowed_lateness_ms);
     println!("  source: {:?}; scenario: {} fault(s)", config.source.kind, scenario.faults.len());
+    println!("  readiness: period {} s, hold {} s; {} meeting(s)", res.policy.period_secs, res.policy.hold_secs, res.meetings.len());
     println!("  http: {}", config.http.listen);
     if args.explain {
         println!("\nflows:\n{}\nprobes:\n{}", windows.describe(flows), windows.describe(probes));

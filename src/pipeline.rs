@@ -16,6 +16,8 @@ use crate::decode::{DecodeLimits, Decoded, Format, decode};
 use crate::enrich::{Enricher, Sampling, enriched_flow_schema, enriched_probe_schema};
 use crate::inventory::{Inventory, InventoryError, addr_from_ip};
 use crate::metrics::PipelineMetrics;
+use crate::readiness::meetings::load_schedule;
+use crate::readiness::{Meeting, Policy, ReadinessEngine, SharedReadiness};
 use crate::sink::WindowSink;
 use crate::source::{Source, SourceBatch};
 use crate::window::{ClosedWindow, TableId, WindowOperator, WindowSpec};
@@ -58,11 +60,13 @@ impl SqlSource {
     }
 }
 
-/// The inventory and pipeline SQL a configuration points to.
+/// The inventory, pipeline SQL, policy and meetings a configuration points to.
 pub struct Resources {
     pub inventory: Arc<Inventory>,
     pub flows_sql: SqlSource,
     pub probes_sql: SqlSource,
+    pub policy: Policy,
+    pub meetings: Vec<Meeting>,
 }
 
 impl Resources {
@@ -73,7 +77,16 @@ impl Resources {
         };
         let flows_sql = SqlSource::load(config.pipeline.flows_sql.as_ref().map(resolve).as_deref(), EMBEDDED_FLOWS_SQL, "pipelines/hagiang/flows.sql")?;
         let probes_sql = SqlSource::load(config.pipeline.probes_sql.as_ref().map(resolve).as_deref(), EMBEDDED_PROBES_SQL, "pipelines/hagiang/probes.sql")?;
-        Ok(Self { inventory: Arc::new(inventory), flows_sql, probes_sql })
+        let policy = match &config.readiness.policy {
+            Some(p) => Policy::load(&resolve(p)).map_err(BuildError::Other)?,
+            None => Policy::embedded(),
+        };
+        policy.check_sites(&inventory).map_err(|e| BuildError::Other(format!("readiness policy: {e}")))?;
+        let meetings = match &config.readiness.meetings {
+            Some(p) => load_schedule(&resolve(p), &inventory, &policy).map_err(BuildError::Other)?,
+            None => Vec::new(),
+        };
+        Ok(Self { inventory: Arc::new(inventory), flows_sql, probes_sql, policy, meetings })
     }
 }
 
@@ -118,6 +131,8 @@ pub struct Pipeline {
     probes: TableId,
     metrics: Arc<PipelineMetrics>,
     sinks: Vec<Box<dyn WindowSink>>,
+    /// Site verdicts and meetings, shared with the HTTP API and /metrics.
+    pub readiness: Arc<SharedReadiness>,
     /// Set once the first window has been published (for `/readyz`).
     pub ready: Arc<AtomicBool>,
     summary: RunSummary,
@@ -145,6 +160,7 @@ impl Pipeline {
             },
             max_future_ns: (config.decode.max_future_secs as i64).saturating_mul(1_000_000_000),
             enricher: Enricher::new(res.inventory.clone(), sampling),
+            readiness: SharedReadiness::new(ReadinessEngine::new(res.inventory.clone(), res.policy.clone(), spec.size_ns()), res.meetings.clone()),
             windows,
             flows,
             probes,
@@ -185,6 +201,11 @@ impl Pipeline {
         if enriched.num_rows() > 0 {
             let outcome = self.windows.process(table, batch.partition, &enriched, batch.received).await?;
             self.metrics.records_late.with_label_values(&[name]).inc_by(outcome.late);
+            if table == self.probes
+                && let Some(on_time) = &outcome.on_time
+            {
+                self.readiness.engine.write().expect("readiness lock").observe_probes(on_time);
+            }
         }
         let closed = self.windows.close_ready(batch.received).await?;
         self.publish(closed, false);
@@ -211,6 +232,16 @@ impl Pipeline {
         for w in &closed {
             for sink in &mut self.sinks {
                 sink.on_window(w);
+            }
+            {
+                let mut engine = self.readiness.engine.write().expect("readiness lock");
+                if w.table.as_ref() == "flows" {
+                    engine.observe_flow_window(&w.rows, w.end_ns);
+                }
+                // Tables close in order for each window: after the last one, judge the sites.
+                if w.table.as_ref() == Self::TABLES[Self::TABLES.len() - 1] {
+                    engine.evaluate(w.start_ns, w.end_ns);
+                }
             }
             self.metrics.windows_closed.with_label_values(&[&w.table]).inc();
             if !flushing {

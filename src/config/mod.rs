@@ -28,6 +28,7 @@ pub struct Config {
     pub sampling: SamplingConfig,
     pub source: SourceConfig,
     pub simulator: SimulatorConfig,
+    pub readiness: ReadinessConfig,
     pub http: HttpConfig,
     pub log: LogConfig,
 }
@@ -185,7 +186,19 @@ impl Default for SimulatorConfig {
     }
 }
 
-/// The HTTP server: `/metrics`, `/healthz`, `/readyz`.
+/// Video-conference readiness.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReadinessConfig {
+    /// Policy file (thresholds, period, hold time, profiles). Unset: the built-in
+    /// `pipelines/hagiang/policy.yaml` (DESIGN.md's table).
+    pub policy: Option<RelativePathBuf>,
+    /// Meeting schedule (YAML, `meetings: [...]`). Unset: none; meetings can also be posted to
+    /// `/api/meetings`.
+    pub meetings: Option<RelativePathBuf>,
+}
+
+/// The HTTP server: `/metrics`, `/healthz`, `/readyz`, `/api/...`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {

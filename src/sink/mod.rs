@@ -1,6 +1,7 @@
 //! Sinks: where closed windows go. Sinks see closed windows only, so every reader sees whole windows.
 
 pub mod prometheus;
+pub mod readiness;
 
 use std::sync::{Arc, Mutex};
 

@@ -58,14 +58,14 @@ pub struct SiteMetrics {
     state: Arc<RwLock<State>>,
 }
 
-fn label(name: &str, value: &str) -> LabelPair {
+pub(crate) fn label(name: &str, value: &str) -> LabelPair {
     let mut l = LabelPair::default();
     l.set_name(name.to_string());
     l.set_value(value.to_string());
     l
 }
 
-fn family(name: String, help: &str, kind: MetricType, metrics: Vec<Metric>) -> MetricFamily {
+pub(crate) fn family(name: String, help: &str, kind: MetricType, metrics: Vec<Metric>) -> MetricFamily {
     let mut f = MetricFamily::default();
     f.set_name(name);
     f.set_help(help.to_string());
@@ -74,7 +74,7 @@ fn family(name: String, help: &str, kind: MetricType, metrics: Vec<Metric>) -> M
     f
 }
 
-fn gauge_metric(labels: Vec<LabelPair>, value: f64) -> Metric {
+pub(crate) fn gauge_metric(labels: Vec<LabelPair>, value: f64) -> Metric {
     let mut g = Gauge::default();
     g.set_value(value);
     let mut m = Metric::from_label(labels);
@@ -82,7 +82,7 @@ fn gauge_metric(labels: Vec<LabelPair>, value: f64) -> Metric {
     m
 }
 
-fn counter_metric(labels: Vec<LabelPair>, value: f64) -> Metric {
+pub(crate) fn counter_metric(labels: Vec<LabelPair>, value: f64) -> Metric {
     let mut c = Counter::default();
     c.set_value(value);
     let mut m = Metric::from_label(labels);

@@ -66,10 +66,12 @@ struct WindowedTable {
 }
 
 /// What one micro-batch did.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq)]
 pub struct BatchOutcome {
     pub accepted: u64,
     pub late: u64,
+    /// The on-time records with their `window_start`, as the aggregation saw them.
+    pub on_time: Option<RecordBatch>,
 }
 
 /// The window stage: watermarks plus one [`SplitAggregate`] per table.
@@ -130,9 +132,10 @@ impl WindowOperator {
             .ok_or_else(|| DataFusionError::Internal("batch without event_time".into()))?
             .as_primitive::<TimestampNanosecondType>();
         let assignment = self.watermarks.assign(partition, times.values(), now);
-        let outcome = BatchOutcome {
+        let mut outcome = BatchOutcome {
             accepted: (batch.num_rows() - assignment.late_count) as u64,
             late: assignment.late_count as u64,
+            on_time: None,
         };
         if outcome.accepted == 0 {
             return Ok(outcome);
@@ -147,6 +150,7 @@ impl WindowOperator {
             input = filter_record_batch(&input, &on_time)?;
         }
         let window_col = t.aggregate.state_window_column();
+        outcome.on_time = Some(input.clone());
         for state in t.aggregate.partial(input).await? {
             for (start, rows) in split_by_window(&state, window_col)? {
                 t.open.entry(start).or_default().push(rows);

@@ -5,5 +5,6 @@ mod demo_binary;
 mod files;
 mod golden;
 mod pipeline_sql;
+mod readiness;
 mod support;
 mod window_totals;

@@ -94,6 +94,7 @@ pub struct SimRun {
     pub metrics: Arc<PipelineMetrics>,
     pub sites: SiteMetrics,
     pub summary: RunSummary,
+    pub readiness: Arc<siteflow::readiness::SharedReadiness>,
 }
 
 /// Runs the real pipeline over the simulator to the end, collecting every closed window.
@@ -106,13 +107,14 @@ pub async fn simulate(config: &Config, scenario: Scenario) -> SimRun {
     let pipeline = Pipeline::build(config, &res, metrics.clone(), vec![Box::new(collect.clone()), Box::new(sites.clone())])
         .await
         .unwrap();
+    let readiness = pipeline.readiness.clone();
     let mut sim = Simulator::new(config.simulator.clone(), window_spec(config), res.inventory.clone(), scenario);
     let truth = sim.track_truth();
     let (_stop, stop_rx) = tokio::sync::watch::channel(false);
     let summary = run(sim, pipeline, stop_rx).await.unwrap();
     let windows = std::mem::take(&mut *collect.windows.lock().unwrap());
     let truth = truth.lock().unwrap().clone();
-    SimRun { windows, truth, metrics, sites, summary }
+    SimRun { windows, truth, metrics, sites, summary, readiness }
 }
 
 pub fn write(dir: &Path, name: &str, text: &str) -> PathBuf {

@@ -1,0 +1,291 @@
+//! Meetings: who joins, when, with what bandwidth need; and how ready each participant is.
+//!
+//! ```yaml
+//! meetings:
+//!   - id: giao-ban-thang-12
+//!     title: Giao ban trực tuyến 4 cấp tháng 12
+//!     start: 2026-12-01T14:00:00+07:00
+//!     duration_mins: 120
+//!     profile: hd720               # a profile of the policy
+//!     participants:
+//!       - sites: [tinh.vp-ubnd]
+//!       - level: district          # every district office
+//!       - district: Mèo Vạc        # all communes of Mèo Vạc
+//!         level: commune
+//! ```
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use chrono::{DateTime, FixedOffset};
+use serde::{Deserialize, Serialize};
+
+use super::hysteresis::{Level, target_level};
+use super::policy::{Metric, Policy};
+use super::{Reason, SiteReadiness, Verdict};
+use crate::inventory::{Inventory, SiteIdx};
+
+/// Which sites join: explicit ids, and/or every site of a district and/or level.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Selector {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sites: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub district: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub level: Option<String>,
+}
+
+/// A meeting as written in the schedule or posted to `/api/meetings`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeetingSpec {
+    pub id: String,
+    pub title: String,
+    /// RFC 3339 with offset, e.g. `2026-12-01T14:00:00+07:00`.
+    pub start: DateTime<FixedOffset>,
+    pub duration_mins: u64,
+    /// Bandwidth profile (a key of the policy's `profiles`); default: the policy's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<String>,
+    pub participants: Vec<Selector>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ScheduleFile {
+    #[serde(default)]
+    meetings: Vec<MeetingSpec>,
+}
+
+/// A meeting resolved against the inventory and policy.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Meeting {
+    #[serde(flatten)]
+    pub spec: MeetingSpec,
+    pub need_bytes_per_second: f64,
+    #[serde(skip)]
+    pub participants: Vec<SiteIdx>,
+}
+
+/// Where a meeting stands at a given time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    Upcoming,
+    /// Within the lead time before the start: participants are watched.
+    Lead,
+    InProgress,
+    Ended,
+}
+
+impl Meeting {
+    /// Resolves participants and need; errors name the meeting and the problem.
+    pub fn resolve(spec: MeetingSpec, inventory: &Inventory, policy: &Policy) -> Result<Self, String> {
+        let at = |m: String| format!("meeting {:?}: {m}", spec.id);
+        if spec.id.is_empty() || !spec.id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+            return Err(at("id must be non-empty letters, digits, '-', '_' or '.'".into()));
+        }
+        if spec.duration_mins == 0 {
+            return Err(at("duration_mins must be at least 1".into()));
+        }
+        let profile = spec.profile.clone().unwrap_or_else(|| policy.default_profile.clone());
+        let need = policy.need_of(&profile).ok_or_else(|| at(format!("unknown profile {profile:?} (profiles: {})", policy.profiles.keys().cloned().collect::<Vec<_>>().join(", "))))?;
+        let mut set = BTreeSet::new();
+        for (i, sel) in spec.participants.iter().enumerate() {
+            let before = set.len();
+            for id in &sel.sites {
+                set.insert(inventory.by_id(id).ok_or_else(|| at(format!("participants[{i}]: unknown site {id:?}")))?);
+            }
+            if sel.district.is_some() || sel.level.is_some() {
+                for s in 0..inventory.len() as SiteIdx {
+                    let site = inventory.site(s);
+                    if sel.district.as_ref().is_none_or(|d| &site.district == d) && sel.level.as_ref().is_none_or(|l| &site.level == l) {
+                        set.insert(s);
+                    }
+                }
+            }
+            if set.len() == before && sel.sites.is_empty() {
+                return Err(at(format!("participants[{i}]: selects no site (district {:?}, level {:?})", sel.district, sel.level)));
+            }
+        }
+        if set.is_empty() {
+            return Err(at("no participants".into()));
+        }
+        Ok(Meeting { spec, need_bytes_per_second: need, participants: set.into_iter().collect() })
+    }
+
+    pub fn start_ns(&self) -> i64 {
+        self.spec.start.timestamp_nanos_opt().unwrap_or(i64::MAX)
+    }
+
+    pub fn end_ns(&self) -> i64 {
+        self.start_ns().saturating_add(self.spec.duration_mins as i64 * 60_000_000_000)
+    }
+
+    pub fn phase(&self, now_ns: i64, lead_secs: u64) -> Phase {
+        if now_ns >= self.end_ns() {
+            Phase::Ended
+        } else if now_ns >= self.start_ns() {
+            Phase::InProgress
+        } else if now_ns >= self.start_ns() - lead_secs as i64 * 1_000_000_000 {
+            Phase::Lead
+        } else {
+            Phase::Upcoming
+        }
+    }
+}
+
+/// Loads a schedule file of meetings.
+pub fn load_schedule(path: &Path, inventory: &Inventory, policy: &Policy) -> Result<Vec<Meeting>, String> {
+    let file = path.display();
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{file}: cannot read: {e}"))?;
+    let raw: ScheduleFile = serde_yaml::from_str(&text).map_err(|e| format!("{file}: {e}"))?;
+    let mut out: Vec<Meeting> = Vec::new();
+    for spec in raw.meetings {
+        if out.iter().any(|m| m.spec.id == spec.id) {
+            return Err(format!("{file}: meeting {:?}: duplicate id", spec.id));
+        }
+        out.push(Meeting::resolve(spec, inventory, policy).map_err(|e| format!("{file}: {e}"))?);
+    }
+    Ok(out)
+}
+
+/// One participant's readiness for a meeting.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ParticipantReadiness {
+    pub site: String,
+    pub name: String,
+    pub district: String,
+    pub level: String,
+    /// Readiness against this meeting's need (site verdict with the meeting's spare capacity row).
+    pub status: Verdict,
+    pub at_risk: bool,
+    pub spare_min_bytes_per_second: Option<[f64; 2]>,
+    pub reasons: Vec<Reason>,
+}
+
+/// A meeting's readiness report (`GET /api/meetings/{id}/readiness`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MeetingReport {
+    pub meeting: Meeting,
+    pub phase: Phase,
+    pub evaluated_at: Option<String>,
+    pub counts: std::collections::BTreeMap<&'static str, usize>,
+    pub at_risk: usize,
+    pub participants: Vec<ParticipantReadiness>,
+}
+
+/// A participant's status: the site's rows, with spare capacity judged against `need`.
+pub fn participant(site: &SiteReadiness, need: f64, policy: &Policy) -> ParticipantReadiness {
+    let mut reasons: Vec<Reason> = site.reasons.iter().filter(|r| r.metric != Metric::SpareCapacity).cloned().collect();
+    let spare = site.traffic.as_ref().map(|t| t.spare_min_bytes_per_second);
+    let status = if site.verdict == Verdict::Unknown {
+        Verdict::Unknown
+    } else {
+        let mut worst = site.rows_without_spare.iter().map(|(_, l)| *l).max().unwrap_or(Level::Ready);
+        if let Some([sin, sout]) = spare {
+            let t = policy.thresholds_for(&site.site, &site.level).spare_capacity_need_ratio;
+            let ratio = sin.min(sout) / need;
+            let level = target_level(Metric::SpareCapacity, ratio, &t, policy.hysteresis_ratio, None);
+            if level > Level::Ready {
+                let threshold = if level == Level::NotReady { t.not_ready } else { t.degraded };
+                reasons.push(Reason { metric: Metric::SpareCapacity, level, value: ratio, threshold });
+            }
+            worst = worst.max(level);
+        }
+        match worst {
+            Level::Ready => Verdict::Ready,
+            Level::Degraded => Verdict::Degraded,
+            Level::NotReady => Verdict::NotReady,
+        }
+    };
+    ParticipantReadiness {
+        site: site.site.clone(),
+        name: site.name.clone(),
+        district: site.district.clone(),
+        level: site.level.clone(),
+        status,
+        at_risk: matches!(status, Verdict::NotReady | Verdict::Unknown),
+        spare_min_bytes_per_second: spare,
+        reasons,
+    }
+}
+
+/// Builds the report of one meeting from the latest site verdicts.
+pub fn report(meeting: &Meeting, sites: &[SiteReadiness], policy: &Policy, evaluated_at_ns: Option<i64>) -> MeetingReport {
+    let participants: Vec<ParticipantReadiness> =
+        meeting.participants.iter().map(|&s| participant(&sites[usize::from(s)], meeting.need_bytes_per_second, policy)).collect();
+    let counts = Verdict::ALL.iter().map(|v| (v.as_str(), participants.iter().filter(|p| p.status == *v).count())).collect();
+    let now = evaluated_at_ns.unwrap_or(i64::MIN);
+    MeetingReport {
+        phase: meeting.phase(now, policy.meeting_lead_secs),
+        evaluated_at: evaluated_at_ns.map(|n| DateTime::from_timestamp_nanos(n).to_rfc3339()),
+        at_risk: participants.iter().filter(|p| p.at_risk).count(),
+        counts,
+        participants,
+        meeting: meeting.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(participants: Vec<Selector>) -> MeetingSpec {
+        MeetingSpec {
+            id: "m1".into(),
+            title: "Giao ban".into(),
+            start: DateTime::parse_from_rfc3339("2026-12-01T14:00:00+07:00").unwrap(),
+            duration_mins: 60,
+            profile: None,
+            participants,
+        }
+    }
+
+    fn sel(sites: &[&str], district: Option<&str>, level: Option<&str>) -> Selector {
+        Selector { sites: sites.iter().map(|s| s.to_string()).collect(), district: district.map(Into::into), level: level.map(Into::into) }
+    }
+
+    #[test]
+    fn participants_by_site_district_and_level() {
+        let inv = Inventory::embedded();
+        let policy = Policy::default();
+        let m = Meeting::resolve(spec(vec![sel(&["tinh.vp-ubnd"], None, None), sel(&[], Some("Mèo Vạc"), Some("commune"))]), &inv, &policy).unwrap();
+        let communes = inv.sites().iter().filter(|s| s.district == "Mèo Vạc" && s.level == "commune").count();
+        assert_eq!(m.participants.len(), 1 + communes);
+        assert!(m.participants.iter().all(|&s| inv.site(s).id == "tinh.vp-ubnd" || inv.site(s).district == "Mèo Vạc"));
+        assert_eq!(m.need_bytes_per_second, 300_000.0);
+        let all_districts = Meeting::resolve(spec(vec![sel(&[], None, Some("district"))]), &inv, &policy).unwrap();
+        assert_eq!(all_districts.participants.len(), 22, "11 Party committees + 11 People's Committees");
+        // Overlapping selectors count a site once.
+        let twice = Meeting::resolve(spec(vec![sel(&["meo-vac.xin-cai"], None, None), sel(&[], Some("Mèo Vạc"), None)]), &inv, &policy).unwrap();
+        assert_eq!(twice.participants.len(), inv.sites().iter().filter(|s| s.district == "Mèo Vạc").count());
+    }
+
+    #[test]
+    fn bad_meetings_are_explained() {
+        let inv = Inventory::embedded();
+        let policy = Policy::default();
+        let e = Meeting::resolve(spec(vec![sel(&["nowhere"], None, None)]), &inv, &policy).unwrap_err();
+        assert!(e.contains("unknown site \"nowhere\""), "{e}");
+        let e = Meeting::resolve(spec(vec![sel(&[], Some("Atlantis"), None)]), &inv, &policy).unwrap_err();
+        assert!(e.contains("selects no site"), "{e}");
+        let mut s = spec(vec![sel(&["tinh.vp-ubnd"], None, None)]);
+        s.profile = Some("8k".into());
+        assert!(Meeting::resolve(s, &inv, &policy).unwrap_err().contains("unknown profile"));
+    }
+
+    #[test]
+    fn phases_follow_the_clock() {
+        let inv = Inventory::embedded();
+        let m = Meeting::resolve(spec(vec![sel(&["tinh.vp-ubnd"], None, None)]), &inv, &Policy::default()).unwrap();
+        let start = m.start_ns();
+        let min = 60_000_000_000;
+        assert_eq!(m.phase(start - 31 * min, 1800), Phase::Upcoming);
+        assert_eq!(m.phase(start - 29 * min, 1800), Phase::Lead);
+        assert_eq!(m.phase(start + min, 1800), Phase::InProgress);
+        assert_eq!(m.phase(start + 60 * min, 1800), Phase::Ended);
+    }
+}

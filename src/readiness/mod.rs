@@ -1,0 +1,404 @@
+//! Video-conference readiness: per site, at every closed window, each policy row (RTT, jitter,
+//! loss, MOS, utilisation, spare capacity, freshness) is evaluated over the rolling period and
+//! the verdict is the worst row. Probe percentiles come from hdrhistogram over the period's
+//! samples; traffic from the closed flow windows.
+
+pub mod emodel;
+pub mod hysteresis;
+pub mod meetings;
+pub mod policy;
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use datafusion::arrow::array::{Array, AsArray, RecordBatch};
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::{DataType, Float64Type, TimestampNanosecondType};
+use serde::Serialize;
+
+pub use hysteresis::{HeldLevel, Level};
+pub use meetings::{Meeting, MeetingSpec};
+pub use policy::{Metric, Policy};
+
+use crate::inventory::{Inventory, SiteIdx};
+
+/// A site's verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    Ready,
+    Degraded,
+    NotReady,
+    Unknown,
+}
+
+impl Verdict {
+    pub const ALL: [Verdict; 4] = [Verdict::Ready, Verdict::Degraded, Verdict::NotReady, Verdict::Unknown];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Ready => "ready",
+            Verdict::Degraded => "degraded",
+            Verdict::NotReady => "not_ready",
+            Verdict::Unknown => "unknown",
+        }
+    }
+
+    fn of(level: Level) -> Self {
+        match level {
+            Level::Ready => Verdict::Ready,
+            Level::Degraded => Verdict::Degraded,
+            Level::NotReady => Verdict::NotReady,
+        }
+    }
+}
+
+/// Why a row is not ready: which metric, its value, the threshold it crossed.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Reason {
+    pub metric: Metric,
+    pub level: Level,
+    pub value: f64,
+    pub threshold: f64,
+}
+
+/// Probe statistics over the rolling period.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ProbeStats {
+    pub samples: usize,
+    pub rtt_p50_seconds: f64,
+    pub rtt_p95_seconds: f64,
+    pub rtt_p99_seconds: f64,
+    pub jitter_p95_seconds: f64,
+    pub loss_max_ratio: f64,
+    pub mos_p5: f64,
+}
+
+/// Traffic statistics over the rolling period, per direction (`[in, out]`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct TrafficStats {
+    pub windows: usize,
+    pub utilisation_mean_ratio: [f64; 2],
+    pub spare_min_bytes_per_second: [f64; 2],
+}
+
+/// The latest evaluation of one site.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SiteReadiness {
+    pub site: String,
+    pub name: String,
+    pub district: String,
+    pub level: String,
+    pub verdict: Verdict,
+    pub reasons: Vec<Reason>,
+    pub probes: Option<ProbeStats>,
+    pub traffic: Option<TrafficStats>,
+    /// Event time of the site's newest record (ns since the epoch), if any.
+    #[serde(skip)]
+    pub newest_event_ns: Option<i64>,
+    /// Rows that do not depend on a meeting's need (everything but spare capacity).
+    #[serde(skip)]
+    pub rows_without_spare: Vec<(Metric, Level)>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct ProbeSample {
+    t_ns: i64,
+    rtt_s: f64,
+    jitter_s: f64,
+    loss: f64,
+}
+
+/// Cumulative histogram bucket counts for Prometheus (one per bound, plus +Inf via count).
+#[derive(Debug, Clone, Default)]
+pub struct Buckets {
+    pub counts: Vec<u64>,
+    pub count: u64,
+    pub sum: f64,
+}
+
+impl Buckets {
+    fn observe(&mut self, bounds: &[f64], v: f64) {
+        if self.counts.len() != bounds.len() {
+            self.counts = vec![0; bounds.len()];
+        }
+        for (c, b) in self.counts.iter_mut().zip(bounds) {
+            if v <= *b {
+                *c += 1;
+            }
+        }
+        self.count += 1;
+        self.sum += v;
+    }
+}
+
+/// RTT histogram bounds: the policy's thresholds (DESIGN.md).
+pub const RTT_BUCKETS: [f64; 5] = [0.05, 0.1, 0.15, 0.3, 0.4];
+/// Jitter histogram bounds.
+pub const JITTER_BUCKETS: [f64; 3] = [0.015, 0.03, 0.05];
+
+#[derive(Debug, Default)]
+struct SiteState {
+    samples: VecDeque<ProbeSample>,
+    /// (window start, bytes in, bytes out) of closed windows in the period.
+    traffic: VecDeque<(i64, f64, f64)>,
+    /// Bytes of the window being closed, filled from its flow rows.
+    pending_bytes: [f64; 2],
+    last_flow_window_end: Option<i64>,
+    last_probe_ns: Option<i64>,
+    rows: Vec<(Metric, HeldLevel)>,
+    rtt_buckets: Buckets,
+    jitter_buckets: Buckets,
+}
+
+/// The readiness engine: feed it probe samples and closed flow windows, then evaluate.
+#[derive(Debug)]
+pub struct ReadinessEngine {
+    inventory: Arc<Inventory>,
+    policy: Policy,
+    window_ns: i64,
+    sites: Vec<SiteState>,
+    latest: Vec<SiteReadiness>,
+    evaluated_at_ns: Option<i64>,
+}
+
+fn percentile(h: &hdrhistogram::Histogram<u64>, q: f64, scale: f64) -> f64 {
+    h.value_at_quantile(q) as f64 / scale
+}
+
+impl ReadinessEngine {
+    pub fn new(inventory: Arc<Inventory>, policy: Policy, window_ns: i64) -> Self {
+        let n = inventory.len();
+        let latest = inventory
+            .sites()
+            .iter()
+            .map(|s| SiteReadiness {
+                site: s.id.clone(),
+                name: s.name.clone(),
+                district: s.district.clone(),
+                level: s.level.clone(),
+                verdict: Verdict::Unknown,
+                reasons: Vec::new(),
+                probes: None,
+                traffic: None,
+                newest_event_ns: None,
+                rows_without_spare: Vec::new(),
+            })
+            .collect();
+        Self { inventory, policy, window_ns, sites: (0..n).map(|_| SiteState::default()).collect(), latest, evaluated_at_ns: None }
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    pub fn inventory(&self) -> &Arc<Inventory> {
+        &self.inventory
+    }
+
+    /// The latest verdict of every site, in inventory order.
+    pub fn latest(&self) -> &[SiteReadiness] {
+        &self.latest
+    }
+
+    /// Event time of the latest evaluation.
+    pub fn evaluated_at_ns(&self) -> Option<i64> {
+        self.evaluated_at_ns
+    }
+
+    pub fn rtt_buckets(&self, site: SiteIdx) -> &Buckets {
+        &self.sites[usize::from(site)].rtt_buckets
+    }
+
+    pub fn jitter_buckets(&self, site: SiteIdx) -> &Buckets {
+        &self.sites[usize::from(site)].jitter_buckets
+    }
+
+    /// Takes the on-time probe results of a micro-batch (the `probes` table with `window_start`).
+    pub fn observe_probes(&mut self, batch: &RecordBatch) {
+        let (Some(site), Some(t), Some(rtt), Some(jitter), Some(loss)) = (
+            batch.column_by_name("site"),
+            batch.column_by_name("event_time"),
+            batch.column_by_name("rtt_seconds"),
+            batch.column_by_name("jitter_seconds"),
+            batch.column_by_name("loss_ratio"),
+        ) else {
+            return;
+        };
+        let Some(keys) = site.as_dictionary_opt::<datafusion::arrow::datatypes::UInt16Type>() else { return };
+        let t = t.as_primitive::<TimestampNanosecondType>();
+        let (rtt, jitter, loss) = (rtt.as_primitive::<Float64Type>(), jitter.as_primitive::<Float64Type>(), loss.as_primitive::<Float64Type>());
+        for i in 0..batch.num_rows() {
+            let s = &mut self.sites[usize::from(keys.keys().value(i))];
+            let sample = ProbeSample { t_ns: t.value(i), rtt_s: rtt.value(i), jitter_s: jitter.value(i), loss: loss.value(i) };
+            s.rtt_buckets.observe(&RTT_BUCKETS, sample.rtt_s);
+            s.jitter_buckets.observe(&JITTER_BUCKETS, sample.jitter_s);
+            s.last_probe_ns = Some(s.last_probe_ns.map_or(sample.t_ns, |p| p.max(sample.t_ns)));
+            s.samples.push_back(sample);
+        }
+    }
+
+    /// Takes a closed window of the `flows` table (needs `site`, `direction`, `bytes`).
+    pub fn observe_flow_window(&mut self, rows: &RecordBatch, end_ns: i64) {
+        let (Some(site), Some(dir), Some(bytes)) = (rows.column_by_name("site"), rows.column_by_name("direction"), rows.column_by_name("bytes")) else {
+            return;
+        };
+        let (Ok(site), Ok(dir), Ok(bytes)) = (cast(site, &DataType::Utf8), cast(dir, &DataType::Utf8), cast(bytes, &DataType::Float64)) else { return };
+        let (site, dir, bytes) = (site.as_string::<i32>(), dir.as_string::<i32>(), bytes.as_primitive::<Float64Type>());
+        for i in 0..rows.num_rows() {
+            if site.is_null(i) || dir.is_null(i) || bytes.is_null(i) {
+                continue;
+            }
+            let Some(idx) = self.inventory.by_id(site.value(i)) else { continue };
+            let d = if dir.value(i) == "in" { 0 } else { 1 };
+            let s = &mut self.sites[usize::from(idx)];
+            s.pending_bytes[d] += bytes.value(i);
+            s.last_flow_window_end = Some(end_ns);
+        }
+    }
+
+    /// Evaluates every site for the window `[start, end)` that just closed.
+    pub fn evaluate(&mut self, start_ns: i64, end_ns: i64) {
+        let period_ns = self.policy.period_secs as i64 * 1_000_000_000;
+        let hold_ns = self.policy.hold_secs as i64 * 1_000_000_000;
+        let stale_ns = i64::from(self.policy.freshness_windows) * self.window_ns;
+        let need = self.policy.default_need();
+        let window_secs = self.window_ns as f64 / 1e9;
+        for (i, state) in self.sites.iter_mut().enumerate() {
+            let site = self.inventory.site(i as SiteIdx);
+            let capacity = site.capacity_bytes_per_sec();
+            let pending = std::mem::take(&mut state.pending_bytes);
+            state.traffic.push_back((start_ns, pending[0], pending[1]));
+            while state.traffic.front().is_some_and(|(s, _, _)| *s < end_ns - period_ns) {
+                state.traffic.pop_front();
+            }
+            while state.samples.front().is_some_and(|p| p.t_ns < end_ns - period_ns) {
+                state.samples.pop_front();
+            }
+            let newest = state.last_probe_ns.max(state.last_flow_window_end);
+            let probe_fresh = state.last_probe_ns.is_some_and(|t| end_ns - t < stale_ns);
+            let flow_fresh = state.last_flow_window_end.is_some_and(|t| end_ns - t < stale_ns);
+
+            let probes = (!state.samples.is_empty()).then(|| probe_stats(&state.samples));
+            let traffic = flow_fresh.then(|| traffic_stats(&state.traffic, capacity, window_secs));
+            let thresholds = self.policy.thresholds_for(&site.id, &site.level);
+            let values: Vec<(Metric, Option<f64>)> = vec![
+                (Metric::Rtt, probes.as_ref().map(|p| p.rtt_p95_seconds)),
+                (Metric::Jitter, probes.as_ref().map(|p| p.jitter_p95_seconds)),
+                (Metric::Loss, probes.as_ref().map(|p| p.loss_max_ratio)),
+                (Metric::Mos, probes.as_ref().map(|p| p.mos_p5)),
+                (Metric::Utilisation, traffic.as_ref().map(|t| t.utilisation_mean_ratio[0].max(t.utilisation_mean_ratio[1]))),
+                (Metric::SpareCapacity, traffic.as_ref().map(|t| t.spare_min_bytes_per_second[0].min(t.spare_min_bytes_per_second[1]) / need)),
+            ];
+            if state.rows.is_empty() {
+                state.rows = values.iter().map(|(m, _)| (*m, HeldLevel::default())).collect();
+            }
+            let mut reasons = Vec::new();
+            let mut worst = Level::Ready;
+            let mut rows_without_spare = Vec::new();
+            for ((metric, value), (_, held)) in values.iter().zip(state.rows.iter_mut()) {
+                let t = thresholds.get(*metric).expect("every row but freshness has thresholds");
+                let target = value.map(|v| hysteresis::target_level(*metric, v, t, self.policy.hysteresis_ratio, held.current()));
+                let Some(level) = held.update(target, end_ns, hold_ns) else { continue };
+                let value = value.expect("a level comes from a value");
+                if level > Level::Ready {
+                    let threshold = if level == Level::NotReady { t.not_ready } else { t.degraded };
+                    reasons.push(Reason { metric: *metric, level, value, threshold });
+                }
+                if *metric != Metric::SpareCapacity {
+                    rows_without_spare.push((*metric, level));
+                }
+                worst = worst.max(level);
+            }
+            let verdict = if !(probe_fresh && flow_fresh) || probes.is_none() || traffic.is_none() {
+                let age = newest.map_or(f64::INFINITY, |n| (end_ns - n) as f64 / 1e9);
+                reasons.push(Reason { metric: Metric::Freshness, level: Level::NotReady, value: age, threshold: stale_ns as f64 / 1e9 });
+                Verdict::Unknown
+            } else {
+                Verdict::of(worst)
+            };
+            self.latest[i] = SiteReadiness {
+                site: site.id.clone(),
+                name: site.name.clone(),
+                district: site.district.clone(),
+                level: site.level.clone(),
+                verdict,
+                reasons,
+                probes,
+                traffic,
+                newest_event_ns: newest,
+                rows_without_spare,
+            };
+        }
+        self.evaluated_at_ns = Some(end_ns);
+    }
+
+    /// Sites per verdict, for a district (or all when `None`).
+    pub fn counts(&self, district: Option<&str>) -> [(Verdict, usize); 4] {
+        Verdict::ALL.map(|v| (v, self.latest.iter().filter(|s| s.verdict == v && district.is_none_or(|d| s.district == d)).count()))
+    }
+}
+
+fn probe_stats(samples: &VecDeque<ProbeSample>) -> ProbeStats {
+    // Microseconds for times, thousandths for MOS: three significant figures are plenty.
+    let mut rtt = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 120_000_000, 3).expect("bounds");
+    let mut jitter = rtt.clone();
+    let mut mos = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 10_000, 3).expect("bounds");
+    let mut loss_max: f64 = 0.0;
+    for s in samples {
+        rtt.saturating_record((s.rtt_s * 1e6).round().max(1.0) as u64);
+        jitter.saturating_record((s.jitter_s * 1e6).round().max(1.0) as u64);
+        mos.saturating_record((emodel::mos(s.rtt_s * 1e3, s.jitter_s * 1e3, s.loss * 100.0) * 1e3).round() as u64);
+        loss_max = loss_max.max(s.loss);
+    }
+    ProbeStats {
+        samples: samples.len(),
+        rtt_p50_seconds: percentile(&rtt, 0.5, 1e6),
+        rtt_p95_seconds: percentile(&rtt, 0.95, 1e6),
+        rtt_p99_seconds: percentile(&rtt, 0.99, 1e6),
+        jitter_p95_seconds: percentile(&jitter, 0.95, 1e6),
+        loss_max_ratio: loss_max,
+        mos_p5: percentile(&mos, 0.05, 1e3),
+    }
+}
+
+fn traffic_stats(windows: &VecDeque<(i64, f64, f64)>, capacity: f64, window_secs: f64) -> TrafficStats {
+    let n = windows.len().max(1) as f64;
+    let rate = |bytes: f64| bytes / window_secs;
+    let mean = |d: usize| windows.iter().map(|w| rate(if d == 0 { w.1 } else { w.2 })).sum::<f64>() / n / capacity;
+    let spare = |d: usize| windows.iter().map(|w| capacity - rate(if d == 0 { w.1 } else { w.2 })).fold(f64::INFINITY, f64::min);
+    TrafficStats { windows: windows.len(), utilisation_mean_ratio: [mean(0), mean(1)], spare_min_bytes_per_second: [spare(0), spare(1)] }
+}
+
+/// The engine and the meeting schedule, shared between the pipeline and the HTTP API.
+#[derive(Debug)]
+pub struct SharedReadiness {
+    pub engine: std::sync::RwLock<ReadinessEngine>,
+    pub meetings: std::sync::RwLock<Vec<Meeting>>,
+}
+
+impl SharedReadiness {
+    pub fn new(engine: ReadinessEngine, meetings: Vec<Meeting>) -> Arc<Self> {
+        Arc::new(Self { engine: std::sync::RwLock::new(engine), meetings: std::sync::RwLock::new(meetings) })
+    }
+
+    /// Adds a meeting; its id must be new.
+    pub fn add_meeting(&self, spec: MeetingSpec) -> Result<Meeting, String> {
+        let engine = self.engine.read().expect("readiness lock");
+        let meeting = Meeting::resolve(spec, engine.inventory(), engine.policy())?;
+        let mut meetings = self.meetings.write().expect("meetings lock");
+        if meetings.iter().any(|m| m.spec.id == meeting.spec.id) {
+            return Err(format!("meeting {:?}: an id already in the schedule", meeting.spec.id));
+        }
+        meetings.push(meeting.clone());
+        Ok(meeting)
+    }
+
+    /// The readiness report of one meeting.
+    pub fn meeting_report(&self, id: &str) -> Option<meetings::MeetingReport> {
+        let engine = self.engine.read().expect("readiness lock");
+        let meetings = self.meetings.read().expect("meetings lock");
+        let m = meetings.iter().find(|m| m.spec.id == id)?;
+        Some(meetings::report(m, engine.latest(), engine.policy(), engine.evaluated_at_ns()))
+    }
+}

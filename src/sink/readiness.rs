@@ -1,0 +1,155 @@
+//! Readiness metrics: verdicts as state sets, reasons, utilisation and spare capacity, probe
+//! quality (histograms on the policy thresholds and rolling quantiles), roll-ups per district
+//! and province, and meeting counts. Rendered at scrape time from the engine's latest verdicts.
+//! Names and labels: docs/metrics.md.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use prometheus::proto::{Bucket, Histogram, LabelPair, Metric, MetricFamily, MetricType};
+
+use super::prometheus::{family, gauge_metric, label};
+use crate::enrich::Direction;
+use crate::inventory::SiteIdx;
+use crate::readiness::meetings::{Phase, report};
+use crate::readiness::{Buckets, JITTER_BUCKETS, RTT_BUCKETS, SharedReadiness, Verdict};
+
+fn site_labels(s: &crate::readiness::SiteReadiness) -> Vec<LabelPair> {
+    vec![label("site", &s.site), label("district", &s.district), label("level", &s.level)]
+}
+
+fn with(mut labels: Vec<LabelPair>, name: &str, value: &str) -> Vec<LabelPair> {
+    labels.push(label(name, value));
+    labels
+}
+
+fn histogram_metric(labels: Vec<LabelPair>, bounds: &[f64], b: &Buckets) -> Metric {
+    let mut h = Histogram::default();
+    h.set_sample_count(b.count);
+    h.set_sample_sum(b.sum);
+    h.set_bucket(
+        bounds
+            .iter()
+            .enumerate()
+            .map(|(i, bound)| {
+                let mut bucket = Bucket::default();
+                bucket.set_upper_bound(*bound);
+                bucket.set_cumulative_count(b.counts.get(i).copied().unwrap_or(0));
+                bucket
+            })
+            .collect(),
+    );
+    let mut m = Metric::from_label(labels);
+    m.set_histogram(h);
+    m
+}
+
+/// Renders the readiness metric families.
+pub fn collect(shared: &Arc<SharedReadiness>) -> Vec<MetricFamily> {
+    let engine = shared.engine.read().expect("readiness lock");
+    let latest = engine.latest();
+    let mut out = Vec::new();
+    let gauge = |name: &str, help: &str, metrics: Vec<Metric>| family(name.into(), help, MetricType::GAUGE, metrics);
+
+    let mut states = Vec::new();
+    let mut reasons = Vec::new();
+    let mut utilisation = Vec::new();
+    let mut spare = Vec::new();
+    let mut rtt_q = Vec::new();
+    let mut jitter_p95 = Vec::new();
+    let mut loss_max = Vec::new();
+    let mut mos_p5 = Vec::new();
+    let mut age = Vec::new();
+    let mut rtt_hist = Vec::new();
+    let mut jitter_hist = Vec::new();
+    let now_ns = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64);
+    for (i, s) in latest.iter().enumerate() {
+        let labels = site_labels(s);
+        for v in Verdict::ALL {
+            states.push(gauge_metric(with(labels.clone(), "state", v.as_str()), f64::from(u8::from(s.verdict == v))));
+        }
+        for r in &s.reasons {
+            let severity = match r.level {
+                crate::readiness::Level::NotReady => 2.0,
+                _ => 1.0,
+            };
+            reasons.push(gauge_metric(with(labels.clone(), "metric", r.metric.as_str()), severity));
+        }
+        if let Some(t) = &s.traffic {
+            for d in Direction::ALL {
+                let l = with(labels.clone(), "direction", d.as_str());
+                utilisation.push(gauge_metric(l.clone(), t.utilisation_mean_ratio[d as usize]));
+                spare.push(gauge_metric(l, t.spare_min_bytes_per_second[d as usize]));
+            }
+        }
+        if let Some(p) = &s.probes {
+            for (q, v) in [("0.5", p.rtt_p50_seconds), ("0.95", p.rtt_p95_seconds), ("0.99", p.rtt_p99_seconds)] {
+                rtt_q.push(gauge_metric(with(labels.clone(), "quantile", q), v));
+            }
+            jitter_p95.push(gauge_metric(labels.clone(), p.jitter_p95_seconds));
+            loss_max.push(gauge_metric(labels.clone(), p.loss_max_ratio));
+            mos_p5.push(gauge_metric(labels.clone(), p.mos_p5));
+        }
+        if let Some(newest) = s.newest_event_ns {
+            age.push(gauge_metric(labels.clone(), ((now_ns - newest) as f64 / 1e9).max(0.0)));
+        }
+        let idx = i as SiteIdx;
+        rtt_hist.push(histogram_metric(labels.clone(), &RTT_BUCKETS, engine.rtt_buckets(idx)));
+        jitter_hist.push(histogram_metric(labels, &JITTER_BUCKETS, engine.jitter_buckets(idx)));
+    }
+    if engine.evaluated_at_ns().is_none() {
+        return out;
+    }
+    out.push(gauge("siteflow_site_readiness", "Readiness of the site for a video conference: 1 for the current state.", states));
+    out.push(gauge("siteflow_site_readiness_reason", "Policy rows that are not ready: 1 = degraded, 2 = not ready (or stale telemetry).", reasons));
+    out.push(gauge("siteflow_site_utilisation_ratio", "Mean throughput / capacity over the rolling period.", utilisation));
+    out.push(gauge("siteflow_site_spare_capacity_bytes_per_second", "Minimum of capacity minus throughput over the rolling period.", spare));
+    out.push(gauge("siteflow_site_rtt_quantile_seconds", "Quantiles of probe RTT means over the rolling period.", rtt_q));
+    out.push(gauge("siteflow_site_jitter_p95_seconds", "95th percentile of probe jitter over the rolling period.", jitter_p95));
+    out.push(gauge("siteflow_site_loss_max_ratio", "Worst probe-round loss over the rolling period.", loss_max));
+    out.push(gauge("siteflow_site_mos_p5", "5th percentile of the E-model MOS over the rolling period.", mos_p5));
+    out.push(gauge("siteflow_site_telemetry_age_seconds", "Wall clock minus the event time of the site's newest record.", age));
+    out.push(family("siteflow_site_rtt_seconds".into(), "Probe RTT means (buckets on the policy thresholds).", MetricType::HISTOGRAM, rtt_hist));
+    out.push(family("siteflow_site_jitter_seconds".into(), "Probe jitter (buckets on the policy thresholds).", MetricType::HISTOGRAM, jitter_hist));
+
+    let mut districts: Vec<&str> = latest.iter().map(|s| s.district.as_str()).collect();
+    districts.sort_unstable();
+    districts.dedup();
+    let mut by_district = Vec::new();
+    for d in districts {
+        for (v, n) in engine.counts(Some(d)) {
+            by_district.push(gauge_metric(vec![label("district", d), label("state", v.as_str())], n as f64));
+        }
+    }
+    out.push(gauge("siteflow_district_sites", "Sites of the district in each readiness state.", by_district));
+    let province = engine.counts(None).iter().map(|(v, n)| gauge_metric(vec![label("state", v.as_str())], *n as f64)).collect();
+    out.push(gauge("siteflow_province_sites", "Sites of the province in each readiness state.", province));
+
+    let meetings = shared.meetings.read().expect("meetings lock");
+    let (mut watched, mut counts, mut at_risk, mut participant_risk) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for m in meetings.iter() {
+        let r = report(m, latest, engine.policy(), engine.evaluated_at_ns());
+        let id = &m.spec.id;
+        let is_watched = matches!(r.phase, Phase::Lead | Phase::InProgress);
+        watched.push(gauge_metric(vec![label("meeting", id)], f64::from(u8::from(is_watched))));
+        for (state, n) in &r.counts {
+            counts.push(gauge_metric(vec![label("meeting", id), label("state", state)], *n as f64));
+        }
+        at_risk.push(gauge_metric(vec![label("meeting", id)], r.at_risk as f64));
+        if is_watched {
+            for p in r.participants.iter().filter(|p| p.at_risk) {
+                participant_risk.push(gauge_metric(
+                    vec![label("meeting", id), label("site", &p.site), label("district", &p.district), label("level", &p.level)],
+                    1.0,
+                ));
+            }
+        }
+    }
+    if !meetings.is_empty() {
+        out.push(gauge("siteflow_meeting_watched", "1 from the lead time before a meeting until its end.", watched));
+        out.push(gauge("siteflow_meeting_participants", "Participants in each state against the meeting's bandwidth need.", counts));
+        out.push(gauge("siteflow_meeting_participants_at_risk", "Participants not ready or without fresh telemetry.", at_risk));
+        out.push(gauge("siteflow_meeting_participant_at_risk", "1 per participant at risk while the meeting is watched.", participant_risk));
+    }
+    out
+}
