@@ -264,11 +264,16 @@ impl ReadinessEngine {
         let stale_ns = i64::from(self.policy.freshness_windows) * self.window_ns;
         let need = self.policy.default_need();
         let window_secs = self.window_ns as f64 / 1e9;
+        let first_window = self.evaluated_at_ns.is_none();
         for (i, state) in self.sites.iter_mut().enumerate() {
             let site = self.inventory.site(i as SiteIdx);
             let capacity = site.capacity_bytes_per_sec();
             let pending = std::mem::take(&mut state.pending_bytes);
-            state.traffic.push_back((start_ns, pending[0], pending[1]));
+            // The first window of a run began before siteflow did: its traffic is partial and
+            // would drag the period's mean down, so it only counts for freshness.
+            if !first_window {
+                state.traffic.push_back((start_ns, pending[0], pending[1]));
+            }
             while state.traffic.front().is_some_and(|(s, _, _)| *s < end_ns - period_ns) {
                 state.traffic.pop_front();
             }
@@ -280,7 +285,7 @@ impl ReadinessEngine {
             let flow_fresh = state.last_flow_window_end.is_some_and(|t| end_ns - t < stale_ns);
 
             let probes = (!state.samples.is_empty()).then(|| probe_stats(&state.samples));
-            let traffic = flow_fresh.then(|| traffic_stats(&state.traffic, capacity, window_secs));
+            let traffic = (flow_fresh && !state.traffic.is_empty()).then(|| traffic_stats(&state.traffic, capacity, window_secs));
             let thresholds = self.policy.thresholds_for(&site.id, &site.level);
             let values: Vec<(Metric, Option<f64>)> = vec![
                 (Metric::Rtt, probes.as_ref().map(|p| p.rtt_p95_seconds)),

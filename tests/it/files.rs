@@ -3,6 +3,8 @@
 
 use siteflow::config::Config;
 use siteflow::inventory::Inventory;
+use siteflow::readiness::Policy;
+use siteflow::readiness::meetings::load_schedule;
 use siteflow::source::simulator::Scenario;
 
 use crate::support::repo;
@@ -34,4 +36,14 @@ fn every_scenario_loads() {
         n += 1;
     }
     assert!(n >= 2);
+}
+
+#[test]
+fn the_policy_and_meeting_schedule_load() {
+    let inventory = Inventory::embedded();
+    let policy = Policy::load(&repo().join("pipelines/hagiang/policy.yaml")).unwrap();
+    assert_eq!(policy, Policy::default(), "policy.yaml spells out the built-in defaults");
+    let meetings = load_schedule(&repo().join("pipelines/hagiang/meetings.yaml"), &inventory, &policy).unwrap();
+    assert_eq!(meetings.len(), 2);
+    assert_eq!(meetings[0].participants.len(), 3 + 22 + 193);
 }

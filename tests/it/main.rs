@@ -5,6 +5,7 @@ mod demo_binary;
 mod files;
 mod golden;
 mod pipeline_sql;
+mod prometheus_e2e;
 mod readiness;
 mod support;
 mod window_totals;

@@ -1,0 +1,151 @@
+//! End to end with a real Prometheus server: it scrapes `siteflow demo` running the fault
+//! scenario, evaluates the shipped rules, and through its HTTP API we check that exactly the
+//! affected sites get the expected verdicts and alerts, that no healthy site does, and that
+//! every query of every shipped Grafana dashboard returns data.
+
+use std::collections::BTreeSet;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use siteflow::inventory::Inventory;
+
+use crate::support::{KillOnDrop, free_addr, http_get, http_request, repo, siteflow, url_encode};
+
+fn query(prom: std::net::SocketAddr, q: &str) -> Vec<Value> {
+    let (status, body) = http_get(prom, &format!("/api/v1/query?query={}", url_encode(q))).unwrap();
+    assert_eq!(status, 200, "{q}: {body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    v["data"]["result"].as_array().cloned().unwrap_or_default()
+}
+
+fn label_set(results: &[Value], label: &str) -> BTreeSet<String> {
+    results.iter().filter_map(|r| r["metric"][label].as_str().map(String::from)).collect()
+}
+
+/// Active alerts as (alertname, state, site) triples.
+fn alerts(prom: std::net::SocketAddr) -> Vec<(String, String, String)> {
+    let (_, body) = http_get(prom, "/api/v1/alerts").unwrap();
+    let v: Value = serde_json::from_str(&body).unwrap();
+    v["data"]["alerts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            let l = &a["labels"];
+            (l["alertname"].as_str().unwrap_or("").into(), a["state"].as_str().unwrap_or("").into(), l["site"].as_str().unwrap_or("").into())
+        })
+        .collect()
+}
+
+fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+#[test]
+fn prometheus_sees_exactly_the_faulty_sites_and_every_dashboard_query_has_data() {
+    let inventory = Inventory::embedded();
+    let work = tempfile::tempdir().unwrap();
+    let site_addr = free_addr();
+    let _siteflow = KillOnDrop(
+        siteflow()
+            .args(["demo", "--listen", &site_addr.to_string(), "--scenario", "pipelines/hagiang/scenarios/district-congestion.yaml"])
+            .current_dir(repo())
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(work.path().join("siteflow.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+
+    // A meeting starting in 10 minutes (inside the 30 min lead time) with all of Mèo Vạc and
+    // the province's People's Committee office, posted through the API.
+    let start = chrono::Utc::now() + chrono::Duration::minutes(10);
+    let meeting = serde_json::json!({
+        "id": "giao-ban-e2e", "title": "Giao ban 4 cấp", "start": start.to_rfc3339(), "duration_mins": 60,
+        "participants": [{"sites": ["tinh.vp-ubnd"]}, {"district": "Mèo Vạc"}]
+    });
+    let posted = wait_until("siteflow to accept the meeting", Duration::from_secs(30), || {
+        http_request(site_addr, "POST", "/api/meetings", Some(&meeting.to_string())).ok()
+    });
+    assert_eq!(posted.0, 201, "{}", posted.1);
+    let bad = http_request(site_addr, "POST", "/api/meetings", Some(r#"{"id":"x","title":"x","start":"2026-01-01T00:00:00Z","duration_mins":5,"participants":[{"sites":["nowhere"]}]}"#)).unwrap();
+    assert_eq!(bad.0, 400, "{}", bad.1);
+    assert!(bad.1.contains("unknown site"), "{}", bad.1);
+
+    // Prometheus with the shipped rules, scraping fast.
+    let prom_addr = free_addr();
+    let rules = repo().join("deploy/prometheus/rules");
+    let config = format!(
+        "global:\n  scrape_interval: 2s\n  evaluation_interval: 2s\nrule_files:\n  - {}/*.yml\nscrape_configs:\n  - job_name: siteflow\n    static_configs:\n      - targets: ['{site_addr}']\n",
+        rules.display()
+    );
+    std::fs::write(work.path().join("prometheus.yml"), config).unwrap();
+    let _prometheus = KillOnDrop(
+        Command::new("prometheus")
+            .arg(format!("--config.file={}", work.path().join("prometheus.yml").display()))
+            .arg(format!("--storage.tsdb.path={}", work.path().join("data").display()))
+            .arg(format!("--web.listen-address={prom_addr}"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(work.path().join("prometheus.log")).unwrap())
+            .spawn()
+            .expect("the prometheus server (scripts/test.sh installs it)"),
+    );
+
+    let meo_vac_communes: BTreeSet<String> =
+        inventory.sites().iter().filter(|s| s.district == "Mèo Vạc" && s.level == "commune").map(|s| s.id.clone()).collect();
+    let mut not_ready = meo_vac_communes.clone();
+    not_ready.extend(["yen-minh.thang-mo", "yen-minh.sung-thai", "yen-minh.huu-vinh"].map(String::from));
+    let unknown: BTreeSet<String> = ["dong-van.ta-lung".to_string()].into();
+
+    wait_until("Prometheus to start", Duration::from_secs(60), || http_get(prom_addr, "/-/ready").ok().filter(|(s, _)| *s == 200));
+
+    // Verdicts, as Prometheus stores them: the first windows (15 s) plus the hold time (30 s)
+    // plus scrapes. The first window of a run is partial, so a congested link may look merely
+    // degraded until a full window has held for the hold time.
+    let expected_ready = 242 - not_ready.len() - unknown.len();
+    wait_until("exactly the expected verdicts in Prometheus", Duration::from_secs(120), || {
+        let ready = query(prom_addr, "siteflow_site_readiness{state=\"ready\"} == 1");
+        let nr = label_set(&query(prom_addr, "siteflow_site_readiness{state=\"not_ready\"} == 1"), "site");
+        let unk = label_set(&query(prom_addr, "siteflow_site_readiness{state=\"unknown\"} == 1"), "site");
+        (ready.len() == expected_ready && nr == not_ready && unk == unknown).then_some(())
+    });
+    assert!(query(prom_addr, "siteflow_site_readiness{state=\"degraded\"} == 1").is_empty());
+    let reasons = query(prom_addr, "siteflow_site_readiness_reason{site=\"yen-minh.thang-mo\"}");
+    assert!(label_set(&reasons, "metric").contains("rtt"), "{reasons:?}");
+
+    // Alerts: SiteNotReady and MeetingParticipantAtRisk fire (for: 1m) for exactly the affected
+    // sites; no alert of any kind names a healthy site.
+    let at_risk: BTreeSet<String> = meo_vac_communes.clone();
+    let firing = wait_until("SiteNotReady and MeetingParticipantAtRisk to fire", Duration::from_secs(150), || {
+        let a = alerts(prom_addr);
+        let of = |name: &str| a.iter().filter(|(n, s, _)| n == name && s == "firing").map(|(_, _, site)| site.clone()).collect::<BTreeSet<_>>();
+        (of("SiteNotReady") == not_ready && of("MeetingParticipantAtRisk") == at_risk).then_some(a)
+    });
+    let affected: BTreeSet<String> = not_ready.union(&unknown).cloned().collect();
+    for (name, state, site) in &firing {
+        assert!(site.is_empty() || affected.contains(site), "{name} ({state}) names healthy site {site}");
+    }
+    let saturated: BTreeSet<String> = firing.iter().filter(|(n, _, _)| n == "LinkSaturated").map(|(_, _, s)| s.clone()).collect();
+    assert_eq!(saturated, meo_vac_communes, "LinkSaturated is pending (for: 5m) for the congested communes only");
+
+    // Every query of every dashboard returns data (template variables set to "all").
+    let listed = Command::new("python3").arg(repo().join("deploy/grafana/check_dashboards.py")).arg("--list-queries").output().unwrap();
+    assert!(listed.status.success(), "{}", String::from_utf8_lossy(&listed.stderr));
+    let mut n = 0;
+    for line in String::from_utf8(listed.stdout).unwrap().lines() {
+        let q: Value = serde_json::from_str(line).unwrap();
+        let expr = q["expr"].as_str().unwrap().replace("$district", ".*").replace("$site", ".*").replace("$meeting", ".*");
+        let results = query(prom_addr, &expr);
+        assert!(!results.is_empty(), "dashboard {} panel {:?}: no data for {expr}", q["dashboard"], q["panel"]);
+        n += 1;
+    }
+    assert!(n >= 40, "{n} dashboard queries");
+}
