@@ -407,3 +407,83 @@ impl SharedReadiness {
         Some(meetings::report(m, engine.latest(), engine.policy(), engine.evaluated_at_ns()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::arrow::array::{ArrayRef, DictionaryArray, Float64Array, StringArray, TimestampNanosecondArray, UInt16Array, UInt64Array};
+    use datafusion::arrow::datatypes::{Field, Schema};
+
+    const S: i64 = 1_000_000_000;
+    const CSV: &str = "site_id,name,level,kind,parent_id,district,admin_code,link_mbps,prefix,exporter\n\
+        a,A,commune,commune,,D,1,20,10.0.1.0/24,\n\
+        b,B,commune,commune,,D,2,20,10.0.2.0/24,\n";
+
+    fn probes(site: u16, t: i64, rtt: f64) -> RecordBatch {
+        let dict = |v: &[&str]| -> ArrayRef {
+            Arc::new(DictionaryArray::try_new(UInt16Array::from(vec![site]), Arc::new(StringArray::from(v.to_vec()))).unwrap())
+        };
+        let schema = Schema::new(vec![
+            Field::new("site", DataType::Dictionary(Box::new(DataType::UInt16), Box::new(DataType::Utf8)), false),
+            Field::new("event_time", DataType::Timestamp(datafusion::arrow::datatypes::TimeUnit::Nanosecond, None), false),
+            Field::new("rtt_seconds", DataType::Float64, false),
+            Field::new("jitter_seconds", DataType::Float64, false),
+            Field::new("loss_ratio", DataType::Float64, false),
+        ]);
+        RecordBatch::try_new(
+            Arc::new(schema),
+            vec![
+                dict(&["a", "b"]),
+                Arc::new(TimestampNanosecondArray::from(vec![t])),
+                Arc::new(Float64Array::from(vec![rtt])),
+                Arc::new(Float64Array::from(vec![0.002])),
+                Arc::new(Float64Array::from(vec![0.0])),
+            ],
+        )
+        .unwrap()
+    }
+
+    fn flows(site: &str, bytes: u64) -> RecordBatch {
+        let schema = Schema::new(vec![
+            Field::new("site", DataType::Utf8, false),
+            Field::new("direction", DataType::Utf8, false),
+            Field::new("bytes", DataType::UInt64, false),
+        ]);
+        RecordBatch::try_new(
+            Arc::new(schema),
+            vec![Arc::new(StringArray::from(vec![site, site])), Arc::new(StringArray::from(vec!["in", "out"])), Arc::new(UInt64Array::from(vec![bytes, bytes]))],
+        )
+        .unwrap()
+    }
+
+    /// Silence is `unknown`, bad quality with fresh telemetry is `not_ready`, and a site that
+    /// falls silent turns `unknown` once its telemetry is older than the freshness limit.
+    #[test]
+    fn unknown_is_no_telemetry_not_bad_telemetry() {
+        let inv = Arc::new(Inventory::from_csv_str(CSV, "t.csv").unwrap());
+        let mut e = ReadinessEngine::new(inv, Policy::default(), 10 * S);
+        let mut t = 1_764_000_000 * S;
+        for w in 0..6 {
+            e.observe_probes(&probes(0, t + 5 * S, 0.45));
+            if w < 2 {
+                e.observe_probes(&probes(1, t + 5 * S, 0.02));
+                e.observe_flow_window(&flows("b", 1_000), t + 10 * S);
+            }
+            e.observe_flow_window(&flows("a", 1_000), t + 10 * S);
+            e.evaluate(t, t + 10 * S);
+            t += 10 * S;
+            if w == 1 {
+                assert_eq!(e.latest()[1].verdict, Verdict::Ready, "b is healthy while it reports");
+            }
+        }
+        let a = &e.latest()[0];
+        assert_eq!(a.verdict, Verdict::NotReady);
+        assert_eq!(a.reasons[0].metric, Metric::Rtt);
+        assert!((a.reasons[0].value - 0.45).abs() < 0.45e-3, "p95 within hdrhistogram's 3 significant digits: {}", a.reasons[0].value);
+        assert_eq!(a.reasons[0].threshold, 0.3);
+        let b = &e.latest()[1];
+        assert_eq!(b.verdict, Verdict::Unknown, "{:?}", b.reasons);
+        assert_eq!(b.reasons.last().unwrap().metric, Metric::Freshness);
+        assert_eq!(e.counts(None), [(Verdict::Ready, 0), (Verdict::Degraded, 0), (Verdict::NotReady, 1), (Verdict::Unknown, 1)]);
+    }
+}

@@ -136,6 +136,21 @@ fn prometheus_sees_exactly_the_faulty_sites_and_every_dashboard_query_has_data()
     let saturated: BTreeSet<String> = firing.iter().filter(|(n, _, _)| n == "LinkSaturated").map(|(_, _, s)| s.clone()).collect();
     assert_eq!(saturated, meo_vac_communes, "LinkSaturated is pending (for: 5m) for the congested communes only");
 
+    // The JSON API agrees with Prometheus.
+    let (status, body) = http_get(site_addr, &format!("/api/readiness?district={}&state=not_ready", url_encode("Mèo Vạc"))).unwrap();
+    assert_eq!(status, 200, "{body}");
+    let api: Value = serde_json::from_str(&body).unwrap();
+    let api_sites: BTreeSet<String> = api["sites"].as_array().unwrap().iter().map(|s| s["site"].as_str().unwrap().to_string()).collect();
+    assert_eq!(api_sites, meo_vac_communes);
+    assert!(api["sites"][0]["reasons"].as_array().unwrap().iter().any(|r| r["metric"] == "utilisation" && r["threshold"].as_f64() == Some(0.9)));
+    assert_eq!(http_get(site_addr, "/api/readiness?state=sleepy").unwrap().0, 400);
+    let (status, body) = http_get(site_addr, "/api/meetings/giao-ban-e2e/readiness").unwrap();
+    assert_eq!(status, 200, "{body}");
+    let report: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(report["phase"], "lead");
+    assert_eq!(report["at_risk"].as_u64(), Some(at_risk.len() as u64));
+    assert_eq!(http_get(site_addr, "/api/meetings/nope/readiness").unwrap().0, 404);
+
     // Every query of every dashboard returns data (template variables set to "all").
     let listed = Command::new("python3").arg(repo().join("deploy/grafana/check_dashboards.py")).arg("--list-queries").output().unwrap();
     assert!(listed.status.success(), "{}", String::from_utf8_lossy(&listed.stderr));
