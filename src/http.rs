@@ -44,9 +44,17 @@ pub fn render(state: &AppState) -> String {
     let mut families = state.metrics.registry.gather();
     families.extend(state.sites.collect());
     families.extend(crate::sink::readiness::collect(&state.readiness));
+    // The text format has no way to say "a family with no series yet" (e.g. no reasons while
+    // every site is ready): leave such families out.
+    families.retain(|f| !f.get_metric().is_empty());
     let mut buf = Vec::new();
-    TextEncoder::new().encode(&families, &mut buf).expect("text encoding never fails");
-    String::from_utf8(buf).expect("text format is UTF-8")
+    match TextEncoder::new().encode(&families, &mut buf) {
+        Ok(()) => String::from_utf8(buf).expect("text format is UTF-8"),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot encode metrics");
+            format!("# siteflow: cannot encode metrics: {e}\n")
+        }
+    }
 }
 
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
@@ -130,5 +138,29 @@ async fn meeting_readiness(State(state): State<AppState>, Path(id): Path<String>
     match state.readiness.meeting_report(&id) {
         Some(r) => Json(r).into_response(),
         None => error(StatusCode::NOT_FOUND, format!("no meeting {id:?}")),
+    }
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inventory::Inventory;
+    use crate::readiness::{Policy, ReadinessEngine};
+
+    /// Before the first window closes, several families have no series: the scrape must still
+    /// succeed (the text encoder refuses empty families).
+    #[test]
+    fn renders_before_any_window_closes() {
+        let inventory = Arc::new(Inventory::embedded());
+        let state = AppState {
+            metrics: Arc::new(PipelineMetrics::new(&crate::pipeline::Pipeline::FORMATS, &crate::pipeline::Pipeline::TABLES)),
+            sites: SiteMetrics::new(inventory.clone(), 10.0),
+            ready: Default::default(),
+            stopping: Default::default(),
+            readiness: SharedReadiness::new(ReadinessEngine::new(inventory, Policy::default(), 10_000_000_000), Vec::new()),
+        };
+        let text = render(&state);
+        assert!(text.contains("siteflow_records_received_total{format=\"goflow2_json\"} 0"), "{text}");
+        assert!(text.contains("siteflow_site_link_capacity_bytes_per_second{"));
+        assert!(!text.contains("cannot encode"));
     }
 }
