@@ -81,7 +81,7 @@ fn stages(c: &mut Criterion) {
         let (_tx, rx) = tokio::sync::watch::channel(false);
         rt.block_on(siteflow::pipeline::run(sim, pipeline, rx)).unwrap();
         let state = AppState { metrics, sites, ready: Default::default(), stopping: Default::default(), readiness };
-        b.iter(|| render(&state).len())
+        b.iter(|| render(&state).unwrap().len())
     });
     g.finish();
 }

@@ -10,7 +10,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
-use prometheus::{Encoder, TextEncoder};
+use prometheus::TextEncoder;
 
 use crate::metrics::PipelineMetrics;
 use crate::readiness::SharedReadiness;
@@ -40,25 +40,27 @@ pub fn router(state: AppState) -> Router {
 }
 
 /// Renders the pipeline's own metrics and the per-site snapshot in one response.
-pub fn render(state: &AppState) -> String {
+pub fn render(state: &AppState) -> Result<String, prometheus::Error> {
     let mut families = state.metrics.registry.gather();
     families.extend(state.sites.collect());
     families.extend(crate::sink::readiness::collect(&state.readiness));
     // The text format has no way to say "a family with no series yet" (e.g. no reasons while
     // every site is ready): leave such families out.
     families.retain(|f| !f.get_metric().is_empty());
-    let mut buf = Vec::new();
-    match TextEncoder::new().encode(&families, &mut buf) {
-        Ok(()) => String::from_utf8(buf).expect("text format is UTF-8"),
-        Err(e) => {
-            tracing::error!(error = %e, "cannot encode metrics");
-            format!("# siteflow: cannot encode metrics: {e}\n")
-        }
-    }
+    let mut buf = String::new();
+    TextEncoder::new().encode_utf8(&families, &mut buf)?;
+    Ok(buf)
 }
 
-async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], render(&state))
+async fn metrics(State(state): State<AppState>) -> axum::response::Response {
+    match render(&state) {
+        Ok(text) => ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], text).into_response(),
+        Err(e) => {
+            // A 500 makes Prometheus mark the scrape failed (up == 0) instead of silently empty.
+            tracing::error!(error = %e, "cannot encode metrics");
+            (StatusCode::INTERNAL_SERVER_ERROR, format!("cannot encode metrics: {e}\n")).into_response()
+        }
+    }
 }
 
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
@@ -158,9 +160,8 @@ mod tests {
             stopping: Default::default(),
             readiness: SharedReadiness::new(ReadinessEngine::new(inventory, Policy::default(), 10_000_000_000), Vec::new()),
         };
-        let text = render(&state);
+        let text = render(&state).unwrap();
         assert!(text.contains("siteflow_records_received_total{format=\"goflow2_json\"} 0"), "{text}");
         assert!(text.contains("siteflow_site_link_capacity_bytes_per_second{"));
-        assert!(!text.contains("cannot encode"));
     }
 }

@@ -27,8 +27,11 @@ pub const EMBEDDED_FLOWS_SQL: &str = include_str!("../pipelines/hagiang/flows.sq
 /// The built-in probes aggregation.
 pub const EMBEDDED_PROBES_SQL: &str = include_str!("../pipelines/hagiang/probes.sql");
 
-/// Columns each table's SQL must output, for the sinks to label rows.
-const REQUIRED_OUTPUT: [(&str, &[&str]); 2] = [("flows", &["site", "direction"]), ("probes", &["site"])];
+/// Columns each table's SQL must output (sinks label rows with them; readiness needs `bytes`),
+/// and the GROUP BY keys it may use: one row per site (and direction) per window.
+const REQUIRED_OUTPUT: [(&str, &[&str]); 2] = [("flows", &["site", "direction", "bytes"]), ("probes", &["site"])];
+const ALLOWED_KEYS: [(&str, &[&str]); 2] =
+    [("flows", &["window_start", "site", "district", "level", "direction"]), ("probes", &["window_start", "site", "district", "level"])];
 
 /// A pipeline that cannot be built, naming the file at fault.
 #[derive(Debug, thiserror::Error)]
@@ -103,6 +106,13 @@ pub async fn plan_windows(spec: WindowSpec, res: &Resources) -> Result<(WindowOp
                 return Err(err(format!("the query over `{table}` must output a `{col}` column (it outputs: {})", out.fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>().join(", "))));
             }
         }
+        let allowed = ALLOWED_KEYS.iter().find(|(t, _)| t == table).map(|(_, k)| *k).unwrap_or(&[]);
+        if let Some(extra) = windows.group_keys(id).iter().find(|k| !allowed.contains(&k.as_str())) {
+            return Err(err(format!(
+                "the query over `{table}` groups by `{extra}`: only {} are allowed, one row per site per window",
+                allowed.join(", ")
+            )));
+        }
         ids.push(id);
     }
     Ok((windows, ids[0], ids[1]))
@@ -146,6 +156,12 @@ impl Pipeline {
             allowed_lateness: Duration::from_millis(config.window.allowed_lateness_ms),
             idle_partition_timeout: Duration::from_secs(config.window.idle_partition_timeout_secs),
         };
+        if res.policy.period_secs < config.window.size_secs {
+            return Err(BuildError::Other(format!(
+                "readiness policy: period_secs ({}) must be at least window.size_secs ({})",
+                res.policy.period_secs, config.window.size_secs
+            )));
+        }
         let (windows, flows, probes) = plan_windows(spec, res).await?;
         let sampling = Sampling {
             default_rate: config.sampling.default_rate,
@@ -172,7 +188,7 @@ impl Pipeline {
     }
 
     /// Formats every source of this pipeline can deliver.
-    pub const FORMATS: [Format; 2] = [Format::Goflow2Json, Format::SiteflowProbeJson];
+    pub const FORMATS: [Format; 3] = [Format::Goflow2Json, Format::PmacctJson, Format::SiteflowProbeJson];
     pub const TABLES: [&'static str; 2] = ["flows", "probes"];
 
     pub fn windows(&self) -> &WindowOperator {
@@ -215,6 +231,7 @@ impl Pipeline {
     /// Periodic work without new data: idle partitions release the watermark; gauges refresh.
     pub async fn tick(&mut self) -> anyhow::Result<()> {
         let now = Instant::now();
+        self.readiness.engine.write().expect("readiness lock").expire_if_stalled(now);
         self.windows.advance_idle(now);
         let closed = self.windows.close_ready(now).await?;
         self.publish(closed, false);

@@ -86,21 +86,22 @@ impl<'de> Deserialize<'de> for Proto {
     }
 }
 
-/// IANA numbers of the protocol names goflow2 prints; unknown names map to 0.
+/// IANA numbers of common protocol names (any case, as goflow2 and pmacct print them);
+/// a number in text is taken as is; unknown names map to 0.
 pub fn protocol_number(name: &str) -> u8 {
-    match name {
-        "ICMP" => 1,
-        "IGMP" => 2,
-        "TCP" => 6,
-        "UDP" => 17,
-        "GRE" => 47,
-        "ESP" => 50,
-        "AH" => 51,
-        "ICMPv6" => 58,
-        "OSPF" => 89,
-        "PIM" => 103,
-        "SCTP" => 132,
-        _ => name.parse().unwrap_or(0),
+    match name.to_ascii_lowercase().as_str() {
+        "icmp" => 1,
+        "igmp" => 2,
+        "tcp" => 6,
+        "udp" => 17,
+        "gre" => 47,
+        "esp" => 50,
+        "ah" => 51,
+        "icmpv6" | "ipv6-icmp" => 58,
+        "ospf" => 89,
+        "pim" => 103,
+        "sctp" => 132,
+        other => other.parse().unwrap_or(0),
     }
 }
 

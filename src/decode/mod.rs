@@ -5,6 +5,7 @@
 //! Every JSON format also accepts newline-delimited batches: one message, many records.
 
 pub mod goflow2_json;
+pub mod pmacct_json;
 pub mod probe_json;
 
 use std::sync::Arc;
@@ -26,6 +27,8 @@ use crate::source::Messages;
 pub enum Format {
     /// goflow2 `-format=json`: one flow per line.
     Goflow2Json,
+    /// pmacct nfacctd/sfacctd Kafka plugin, `kafka_output: json` (also `kafka_multi_values`).
+    PmacctJson,
     /// siteflow's own probe record (see `schemas/siteflow-probe.schema.json`).
     SiteflowProbeJson,
 }
@@ -34,13 +37,14 @@ impl Format {
     pub fn as_str(self) -> &'static str {
         match self {
             Format::Goflow2Json => "goflow2_json",
+            Format::PmacctJson => "pmacct_json",
             Format::SiteflowProbeJson => "siteflow_probe_json",
         }
     }
 
     /// Whether records of this format are flows (or probe results).
     pub fn carries_flows(self) -> bool {
-        matches!(self, Format::Goflow2Json)
+        matches!(self, Format::Goflow2Json | Format::PmacctJson)
     }
 }
 
@@ -384,24 +388,33 @@ pub enum Decoded {
     Probes(RecordBatch),
 }
 
+/// Decodes flow records with `decode_record` into flow columns.
+fn decode_flows(
+    msgs: &Messages,
+    limits: &DecodeLimits,
+    stats: &mut DecodeStats,
+    decode_record: fn(&[u8], &DecodeLimits) -> Result<FlowRecord, RejectReason>,
+) -> RecordBatch {
+    let mut cols = FlowColumns::with_capacity(msgs.len());
+    for_each_record(msgs, limits, stats, |rec, stats| match decode_record(rec, limits) {
+        Ok(r) => {
+            if r.sampling_rate == 0 {
+                stats.missing_sampling_rate += 1;
+            }
+            cols.push(&r);
+            stats.accept();
+        }
+        Err(reason) => stats.reject(reason),
+    });
+    cols.finish()
+}
+
 /// Decodes a batch of messages of one format.
 pub fn decode(format: Format, msgs: &Messages, limits: &DecodeLimits) -> (Decoded, DecodeStats) {
     let mut stats = DecodeStats::default();
     let decoded = match format {
-        Format::Goflow2Json => {
-            let mut cols = FlowColumns::with_capacity(msgs.len());
-            for_each_record(msgs, limits, &mut stats, |rec, stats| match goflow2_json::decode_record(rec, limits) {
-                Ok(r) => {
-                    if r.sampling_rate == 0 {
-                        stats.missing_sampling_rate += 1;
-                    }
-                    cols.push(&r);
-                    stats.accept();
-                }
-                Err(reason) => stats.reject(reason),
-            });
-            Decoded::Flows(cols.finish())
-        }
+        Format::Goflow2Json => Decoded::Flows(decode_flows(msgs, limits, &mut stats, goflow2_json::decode_record)),
+        Format::PmacctJson => Decoded::Flows(decode_flows(msgs, limits, &mut stats, pmacct_json::decode_record)),
         Format::SiteflowProbeJson => {
             let mut cols = ProbeColumns::default();
             for_each_record(msgs, limits, &mut stats, |rec, stats| match probe_json::decode_record(rec, limits, |r| cols.push(r)) {

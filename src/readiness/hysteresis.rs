@@ -71,10 +71,16 @@ impl HeldLevel {
             (_, None) => *self = Self::default(),
             (None, Some(t)) => *self = Self { current: Some(t), pending: None },
             (Some(c), Some(t)) if c == t => self.pending = None,
-            (Some(_), Some(t)) => match self.pending {
-                Some((p, since)) if p == t => {
+            (Some(c), Some(t)) => match self.pending {
+                // Still on the same side of the current level (worse, or better): the clock
+                // keeps running, aimed at the target closest to the current level, so a signal
+                // alternating between degraded and not ready still leaves `ready` after the hold.
+                Some((p, since)) if (p > c) == (t > c) => {
+                    let aim = if t > c { p.min(t) } else { p.max(t) };
                     if now_ns - since >= hold_ns {
-                        *self = Self { current: Some(t), pending: None };
+                        *self = Self { current: Some(aim), pending: None };
+                    } else {
+                        self.pending = Some((aim, since));
                     }
                 }
                 _ => self.pending = Some((t, now_ns)),
@@ -130,6 +136,17 @@ mod tests {
         // 0.26 clears not-ready, but is above 0.09 (the degraded clear value): degraded after hold.
         step(&mut h, 0.26, 100);
         assert_eq!(step(&mut h, 0.26, 130), Some(Level::Degraded));
+    }
+
+    #[test]
+    fn a_target_alternating_between_bad_levels_still_leaves_ready() {
+        let mut h = HeldLevel::default();
+        step(&mut h, 0.05, 0);
+        // 0.2 (degraded) and 0.4 (not ready) in turn, every 10 s.
+        for (i, t) in (10..=40).step_by(10).enumerate() {
+            step(&mut h, if i % 2 == 0 { 0.2 } else { 0.4 }, t);
+        }
+        assert_eq!(h.current(), Some(Level::Degraded), "bad for 30 s: at least degraded");
     }
 
     #[test]

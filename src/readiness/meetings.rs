@@ -25,6 +25,9 @@ use super::policy::{Metric, Policy};
 use super::{Reason, SiteReadiness, Verdict};
 use crate::inventory::{Inventory, SiteIdx};
 
+/// Longest meeting accepted: a week.
+const MAX_DURATION_MINS: u64 = 7 * 24 * 60;
+
 /// Which sites join: explicit ids, and/or every site of a district and/or level.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -44,12 +47,29 @@ pub struct MeetingSpec {
     pub id: String,
     pub title: String,
     /// RFC 3339 with offset, e.g. `2026-12-01T14:00:00+07:00`.
+    #[serde(with = "rfc3339")]
     pub start: DateTime<FixedOffset>,
     pub duration_mins: u64,
     /// Bandwidth profile (a key of the policy's `profiles`); default: the policy's default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub profile: Option<String>,
     pub participants: Vec<Selector>,
+}
+
+/// RFC 3339 timestamps with their offset, as written.
+mod rfc3339 {
+    use chrono::{DateTime, FixedOffset};
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(t: &DateTime<FixedOffset>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&t.to_rfc3339())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<FixedOffset>, D::Error> {
+        let text = String::deserialize(d)?;
+        DateTime::parse_from_rfc3339(&text)
+            .map_err(|e| serde::de::Error::custom(format!("start {text:?} is not an RFC 3339 time such as 2026-12-01T14:00:00+07:00 ({e})")))
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -87,27 +107,33 @@ impl Meeting {
         if spec.id.is_empty() || !spec.id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
             return Err(at("id must be non-empty letters, digits, '-', '_' or '.'".into()));
         }
-        if spec.duration_mins == 0 {
-            return Err(at("duration_mins must be at least 1".into()));
+        if !(1..=MAX_DURATION_MINS).contains(&spec.duration_mins) {
+            return Err(at(format!("duration_mins must be between 1 and {MAX_DURATION_MINS} (a week)")));
+        }
+        let year = chrono::Datelike::year(&spec.start);
+        if !(2000..=2100).contains(&year) {
+            return Err(at(format!("start {} is not between the years 2000 and 2100", spec.start.to_rfc3339())));
         }
         let profile = spec.profile.clone().unwrap_or_else(|| policy.default_profile.clone());
         let need = policy.need_of(&profile).ok_or_else(|| at(format!("unknown profile {profile:?} (profiles: {})", policy.profiles.keys().cloned().collect::<Vec<_>>().join(", "))))?;
         let mut set = BTreeSet::new();
         for (i, sel) in spec.participants.iter().enumerate() {
-            let before = set.len();
             for id in &sel.sites {
                 set.insert(inventory.by_id(id).ok_or_else(|| at(format!("participants[{i}]: unknown site {id:?}")))?);
             }
             if sel.district.is_some() || sel.level.is_some() {
-                for s in 0..inventory.len() as SiteIdx {
-                    let site = inventory.site(s);
-                    if sel.district.as_ref().is_none_or(|d| &site.district == d) && sel.level.as_ref().is_none_or(|l| &site.level == l) {
-                        set.insert(s);
-                    }
+                let matched: Vec<SiteIdx> = (0..inventory.len() as SiteIdx)
+                    .filter(|&s| {
+                        let site = inventory.site(s);
+                        sel.district.as_ref().is_none_or(|d| &site.district == d) && sel.level.as_ref().is_none_or(|l| &site.level == l)
+                    })
+                    .collect();
+                if matched.is_empty() {
+                    return Err(at(format!("participants[{i}]: no site has district {:?} and level {:?}", sel.district, sel.level)));
                 }
-            }
-            if set.len() == before && sel.sites.is_empty() {
-                return Err(at(format!("participants[{i}]: selects no site (district {:?}, level {:?})", sel.district, sel.level)));
+                set.extend(matched);
+            } else if sel.sites.is_empty() {
+                return Err(at(format!("participants[{i}]: select sites with `sites`, `district` or `level`")));
             }
         }
         if set.is_empty() {
@@ -121,7 +147,7 @@ impl Meeting {
     }
 
     pub fn end_ns(&self) -> i64 {
-        self.start_ns().saturating_add(self.spec.duration_mins as i64 * 60_000_000_000)
+        self.start_ns().saturating_add((self.spec.duration_mins as i64).saturating_mul(60_000_000_000))
     }
 
     pub fn phase(&self, now_ns: i64, lead_secs: u64) -> Phase {
@@ -129,7 +155,7 @@ impl Meeting {
             Phase::Ended
         } else if now_ns >= self.start_ns() {
             Phase::InProgress
-        } else if now_ns >= self.start_ns() - lead_secs as i64 * 1_000_000_000 {
+        } else if now_ns >= self.start_ns().saturating_sub((lead_secs as i64).saturating_mul(1_000_000_000)) {
             Phase::Lead
         } else {
             Phase::Upcoming
@@ -271,7 +297,18 @@ mod tests {
         let e = Meeting::resolve(spec(vec![sel(&["nowhere"], None, None)]), &inv, &policy).unwrap_err();
         assert!(e.contains("unknown site \"nowhere\""), "{e}");
         let e = Meeting::resolve(spec(vec![sel(&[], Some("Atlantis"), None)]), &inv, &policy).unwrap_err();
-        assert!(e.contains("selects no site"), "{e}");
+        assert!(e.contains("no site has district"), "{e}");
+        // A misspelt district next to explicit sites is still an error.
+        let e = Meeting::resolve(spec(vec![sel(&["tinh.vp-ubnd"], Some("Meo Vac"), None)]), &inv, &policy).unwrap_err();
+        assert!(e.contains("no site has district"), "{e}");
+        // A selector that only repeats sites already selected is fine.
+        Meeting::resolve(spec(vec![sel(&[], None, Some("district")), sel(&[], Some("Mèo Vạc"), Some("district"))]), &inv, &policy).unwrap();
+        let mut long = spec(vec![sel(&["tinh.vp-ubnd"], None, None)]);
+        long.duration_mins = u64::MAX;
+        assert!(Meeting::resolve(long, &inv, &policy).unwrap_err().contains("duration_mins"));
+        let mut ancient = spec(vec![sel(&["tinh.vp-ubnd"], None, None)]);
+        ancient.start = DateTime::parse_from_rfc3339("1700-01-01T00:00:00Z").unwrap();
+        assert!(Meeting::resolve(ancient, &inv, &policy).unwrap_err().contains("between the years"));
         let mut s = spec(vec![sel(&["tinh.vp-ubnd"], None, None)]);
         s.profile = Some("8k".into());
         assert!(Meeting::resolve(s, &inv, &policy).unwrap_err().contains("unknown profile"));

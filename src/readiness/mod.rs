@@ -160,9 +160,28 @@ pub struct ReadinessEngine {
     sites: Vec<SiteState>,
     latest: Vec<SiteReadiness>,
     evaluated_at_ns: Option<i64>,
+    /// Wall-clock time of the latest evaluation, to notice a stalled pipeline.
+    evaluated_wall: Option<std::time::Instant>,
+    scratch: Scratch,
 }
 
-fn percentile(h: &hdrhistogram::Histogram<u64>, q: f64, scale: f64) -> f64 {
+/// Histograms reused for every site's percentiles (reset, never reallocated). Two significant
+/// figures: quantiles within 1 %, far finer than the policy's bands.
+#[derive(Debug)]
+struct Scratch {
+    rtt_us: hdrhistogram::Histogram<u32>,
+    jitter_us: hdrhistogram::Histogram<u32>,
+    mos_milli: hdrhistogram::Histogram<u32>,
+}
+
+impl Default for Scratch {
+    fn default() -> Self {
+        let us = || hdrhistogram::Histogram::new_with_bounds(1, 120_000_000, 2).expect("valid bounds");
+        Self { rtt_us: us(), jitter_us: us(), mos_milli: hdrhistogram::Histogram::new_with_bounds(1, 10_000, 2).expect("valid bounds") }
+    }
+}
+
+fn percentile(h: &hdrhistogram::Histogram<u32>, q: f64, scale: f64) -> f64 {
     h.value_at_quantile(q) as f64 / scale
 }
 
@@ -185,7 +204,16 @@ impl ReadinessEngine {
                 rows_without_spare: Vec::new(),
             })
             .collect();
-        Self { inventory, policy, window_ns, sites: (0..n).map(|_| SiteState::default()).collect(), latest, evaluated_at_ns: None }
+        Self {
+            inventory,
+            policy,
+            window_ns,
+            sites: (0..n).map(|_| SiteState::default()).collect(),
+            latest,
+            evaluated_at_ns: None,
+            evaluated_wall: None,
+            scratch: Scratch::default(),
+        }
     }
 
     pub fn policy(&self) -> &Policy {
@@ -281,11 +309,15 @@ impl ReadinessEngine {
                 state.samples.pop_front();
             }
             let newest = state.last_probe_ns.max(state.last_flow_window_end);
-            let probe_fresh = state.last_probe_ns.is_some_and(|t| end_ns - t < stale_ns);
-            let flow_fresh = state.last_flow_window_end.is_some_and(|t| end_ns - t < stale_ns);
+            let age = |t: Option<i64>| t.map_or(f64::INFINITY, |t| (end_ns - t) as f64 / 1e9);
+            let (probe_age, flow_age) = (age(state.last_probe_ns), age(state.last_flow_window_end));
+            let stale_secs = stale_ns as f64 / 1e9;
 
-            let probes = (!state.samples.is_empty()).then(|| probe_stats(&state.samples));
-            let traffic = (flow_fresh && !state.traffic.is_empty()).then(|| traffic_stats(&state.traffic, capacity, window_secs));
+            // Only samples of the period that ends with this window: later ones (already
+            // received for windows still open) wait for their own evaluation.
+            let period: Vec<ProbeSample> = state.samples.iter().filter(|p| p.t_ns < end_ns).copied().collect();
+            let probes = (!period.is_empty()).then(|| probe_stats(&period, &mut self.scratch));
+            let traffic = (flow_age < stale_secs && !state.traffic.is_empty()).then(|| traffic_stats(&state.traffic, capacity, window_secs));
             let thresholds = self.policy.thresholds_for(&site.id, &site.level);
             let values: Vec<(Metric, Option<f64>)> = vec![
                 (Metric::Rtt, probes.as_ref().map(|p| p.rtt_p95_seconds)),
@@ -315,9 +347,10 @@ impl ReadinessEngine {
                 }
                 worst = worst.max(level);
             }
-            let verdict = if !(probe_fresh && flow_fresh) || probes.is_none() || traffic.is_none() {
-                let age = newest.map_or(f64::INFINITY, |n| (end_ns - n) as f64 / 1e9);
-                reasons.push(Reason { metric: Metric::Freshness, level: Level::NotReady, value: age, threshold: stale_ns as f64 / 1e9 });
+            // Both kinds of telemetry must be fresh: quality without traffic, or traffic without
+            // quality, cannot say a link is ready. The reason carries the staler one's age.
+            let verdict = if probe_age >= stale_secs || flow_age >= stale_secs || probes.is_none() || traffic.is_none() {
+                reasons.push(Reason { metric: Metric::Freshness, level: Level::NotReady, value: probe_age.max(flow_age), threshold: stale_secs });
                 Verdict::Unknown
             } else {
                 Verdict::of(worst)
@@ -336,6 +369,24 @@ impl ReadinessEngine {
             };
         }
         self.evaluated_at_ns = Some(end_ns);
+        self.evaluated_wall = Some(std::time::Instant::now());
+    }
+
+    /// When no window has closed for longer than the freshness limit (the source stalled or
+    /// went silent), every verdict becomes `unknown`: the last one can no longer be trusted.
+    pub fn expire_if_stalled(&mut self, now: std::time::Instant) {
+        let Some(last) = self.evaluated_wall else { return };
+        let limit = std::time::Duration::from_nanos((i64::from(self.policy.freshness_windows) * self.window_ns) as u64);
+        let silent = now.saturating_duration_since(last);
+        if silent < limit {
+            return;
+        }
+        for s in &mut self.latest {
+            s.verdict = Verdict::Unknown;
+            s.reasons.retain(|r| r.metric != Metric::Freshness);
+            s.reasons.push(Reason { metric: Metric::Freshness, level: Level::NotReady, value: silent.as_secs_f64(), threshold: limit.as_secs_f64() });
+            s.rows_without_spare.clear();
+        }
     }
 
     /// Sites per verdict, for a district (or all when `None`).
@@ -344,26 +395,25 @@ impl ReadinessEngine {
     }
 }
 
-fn probe_stats(samples: &VecDeque<ProbeSample>) -> ProbeStats {
-    // Microseconds for times, thousandths for MOS: three significant figures are plenty.
-    let mut rtt = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 120_000_000, 3).expect("bounds");
-    let mut jitter = rtt.clone();
-    let mut mos = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 10_000, 3).expect("bounds");
+fn probe_stats(samples: &[ProbeSample], h: &mut Scratch) -> ProbeStats {
+    h.rtt_us.reset();
+    h.jitter_us.reset();
+    h.mos_milli.reset();
     let mut loss_max: f64 = 0.0;
     for s in samples {
-        rtt.saturating_record((s.rtt_s * 1e6).round().max(1.0) as u64);
-        jitter.saturating_record((s.jitter_s * 1e6).round().max(1.0) as u64);
-        mos.saturating_record((emodel::mos(s.rtt_s * 1e3, s.jitter_s * 1e3, s.loss * 100.0) * 1e3).round() as u64);
+        h.rtt_us.saturating_record((s.rtt_s * 1e6).round().max(1.0) as u64);
+        h.jitter_us.saturating_record((s.jitter_s * 1e6).round().max(1.0) as u64);
+        h.mos_milli.saturating_record((emodel::mos(s.rtt_s * 1e3, s.jitter_s * 1e3, s.loss * 100.0) * 1e3).round() as u64);
         loss_max = loss_max.max(s.loss);
     }
     ProbeStats {
         samples: samples.len(),
-        rtt_p50_seconds: percentile(&rtt, 0.5, 1e6),
-        rtt_p95_seconds: percentile(&rtt, 0.95, 1e6),
-        rtt_p99_seconds: percentile(&rtt, 0.99, 1e6),
-        jitter_p95_seconds: percentile(&jitter, 0.95, 1e6),
+        rtt_p50_seconds: percentile(&h.rtt_us, 0.5, 1e6),
+        rtt_p95_seconds: percentile(&h.rtt_us, 0.95, 1e6),
+        rtt_p99_seconds: percentile(&h.rtt_us, 0.99, 1e6),
+        jitter_p95_seconds: percentile(&h.jitter_us, 0.95, 1e6),
         loss_max_ratio: loss_max,
-        mos_p5: percentile(&mos, 0.05, 1e3),
+        mos_p5: percentile(&h.mos_milli, 0.05, 1e3),
     }
 }
 
@@ -479,7 +529,7 @@ mod tests {
         let a = &e.latest()[0];
         assert_eq!(a.verdict, Verdict::NotReady);
         assert_eq!(a.reasons[0].metric, Metric::Rtt);
-        assert!((a.reasons[0].value - 0.45).abs() < 0.45e-3, "p95 within hdrhistogram's 3 significant digits: {}", a.reasons[0].value);
+        assert!((a.reasons[0].value - 0.45).abs() < 0.45e-2, "p95 within hdrhistogram's 2 significant digits: {}", a.reasons[0].value);
         assert_eq!(a.reasons[0].threshold, 0.3);
         let b = &e.latest()[1];
         assert_eq!(b.verdict, Verdict::Unknown, "{:?}", b.reasons);

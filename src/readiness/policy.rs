@@ -191,8 +191,18 @@ impl Policy {
     }
 
     fn validate(&self) -> Result<(), String> {
-        if self.period_secs == 0 {
-            return Err("period_secs: must be at least 1".into());
+        const DAY: u64 = 86_400;
+        if !(1..=DAY).contains(&self.period_secs) {
+            return Err(format!("period_secs: must be between 1 and {DAY}"));
+        }
+        if self.hold_secs > DAY {
+            return Err(format!("hold_secs: must be at most {DAY}"));
+        }
+        if self.meeting_lead_secs > 7 * DAY {
+            return Err(format!("meeting_lead_secs: must be at most {}", 7 * DAY));
+        }
+        if !(1..=1000).contains(&self.freshness_windows) {
+            return Err("freshness_windows: must be between 1 and 1000".into());
         }
         if !(0.0..1.0).contains(&self.hysteresis_ratio) {
             return Err(format!("hysteresis_ratio: must be in [0, 1) (got {})", self.hysteresis_ratio));

@@ -8,8 +8,9 @@
 //!   `siteflow_site_window_<c>` (its value in the last closed window);
 //! - probes: each column `c` is the gauge `siteflow_site_probe_<c>` (last closed window).
 //!
-//! Series exist for every site of the inventory (zero when a site sent nothing in the window),
-//! labelled `site`, `district`, `level` and, for flows, `direction`.
+//! Traffic series exist for every site of the inventory (zero when a site sent nothing in the
+//! window); probe series only for sites with probe results in the last window (no result is no
+//! value, not zero). Labels: `site`, `district`, `level` and, for flows, `direction`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};

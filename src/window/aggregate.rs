@@ -69,6 +69,7 @@ pub struct SplitAggregate {
     final_plan: Arc<dyn ExecutionPlan>,
     task: Arc<TaskContext>,
     state_window_column: usize,
+    group_keys: Vec<String>,
 }
 
 fn session() -> SessionContext {
@@ -196,7 +197,13 @@ impl SplitAggregate {
         if final_plan.schema().index_of(WINDOW_START).is_err() {
             return Err(PlanError::Shape(format!("the query must select {WINDOW_START}")));
         }
-        Ok(Self { input, states, partial, final_plan, task: ctx.task_ctx(), state_window_column })
+        let group_keys = keys.iter().map(|k| k.to_string()).collect();
+        Ok(Self { input, states, partial, final_plan, task: ctx.task_ctx(), state_window_column, group_keys })
+    }
+
+    /// Names of the GROUP BY keys.
+    pub fn group_keys(&self) -> &[String] {
+        &self.group_keys
     }
 
     /// Schema of the rows a closed window produces.

@@ -121,6 +121,11 @@ impl WindowOperator {
         self.tables[table].aggregate.output_schema()
     }
 
+    /// GROUP BY keys of a table's aggregation.
+    pub fn group_keys(&self, table: TableId) -> &[String] {
+        self.tables[table].aggregate.group_keys()
+    }
+
     pub fn describe(&self, table: TableId) -> String {
         self.tables[table].aggregate.describe()
     }

@@ -37,14 +37,21 @@ fn demo_serves_all_242_sites_within_a_minute_and_stops_cleanly() {
 
     let mut last = String::new();
     let mut complete = false;
+    let mut listening = false;
     while started.elapsed() < Duration::from_secs(60) {
-        if let Ok((200, body)) = http_get(addr, "/metrics") {
-            if sites_with_throughput(&body).len() == 242 {
-                complete = true;
+        match http_get(addr, "/metrics") {
+            Ok((200, body)) => {
+                listening = true;
+                if sites_with_throughput(&body).len() == 242 {
+                    complete = true;
+                    last = body;
+                    break;
+                }
                 last = body;
-                break;
             }
-            last = body;
+            // Once the server answers, every scrape must succeed, before and after windows close.
+            other if listening => panic!("a scrape failed: {other:?}\n{}", std::fs::read_to_string(log.path()).unwrap()),
+            _ => {}
         }
         std::thread::sleep(Duration::from_millis(500));
     }

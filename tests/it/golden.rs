@@ -46,3 +46,8 @@ fn goflow2_json() {
 fn siteflow_probe_json() {
     check_golden(Format::SiteflowProbeJson, "siteflow_probe_json");
 }
+
+#[test]
+fn pmacct_json() {
+    check_golden(Format::PmacctJson, "pmacct_json");
+}

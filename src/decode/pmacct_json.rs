@@ -1,0 +1,220 @@
+//! pmacct JSON (nfacctd/sfacctd Kafka plugin, `kafka_output: json`). Schema:
+//! `schemas/pmacct-flow.schema.json`.
+//!
+//! Which keys appear depends on the plugin's `aggregate:` list. Timestamps are strings like
+//! `"1677577599.000000"` with `timestamps_since_epoch: true`, integers with `timestamps_secs`,
+//! or `"2023-02-28 09:46:39"` (UTC assumed: set `timestamps_utc: true`) otherwise. With
+//! `kafka_multi_values: N` one message carries N newline-separated records.
+
+use std::borrow::Cow;
+use std::net::IpAddr;
+
+use serde::Deserialize;
+use serde::de::{self, Deserializer, Visitor};
+
+use super::goflow2_json::protocol_number;
+use super::{DecodeLimits, FlowRecord, RejectReason};
+use crate::inventory::{Addr, addr_from_ip};
+
+#[derive(Deserialize)]
+struct PmacctFlow<'a> {
+    #[serde(borrow, alias = "peer_src_ip")]
+    peer_ip_src: Option<Cow<'a, str>>,
+    #[serde(default)]
+    iface_in: u32,
+    #[serde(default)]
+    iface_out: u32,
+    #[serde(borrow, alias = "src_host")]
+    ip_src: Cow<'a, str>,
+    #[serde(borrow, alias = "dst_host")]
+    ip_dst: Cow<'a, str>,
+    #[serde(default)]
+    port_src: u16,
+    #[serde(default)]
+    port_dst: u16,
+    #[serde(default)]
+    ip_proto: Proto,
+    #[serde(default)]
+    timestamp_start: Stamp,
+    #[serde(default)]
+    timestamp_end: Stamp,
+    #[serde(default)]
+    timestamp_arrival: Stamp,
+    #[serde(default)]
+    stamp_updated: Stamp,
+    #[serde(default)]
+    stamp_inserted: Stamp,
+    packets: i64,
+    bytes: i64,
+    #[serde(default = "one")]
+    flows: i64,
+    #[serde(default)]
+    sampling_rate: i64,
+}
+
+fn one() -> i64 {
+    1
+}
+
+/// A pmacct timestamp, in nanoseconds since the epoch (0 when absent or empty).
+#[derive(Default, Clone, Copy)]
+struct Stamp(i64);
+
+fn parse_stamp(s: &str) -> Option<i64> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Some(0);
+    }
+    if let Some((secs, frac)) = s.split_once('.')
+        && secs.bytes().all(|b| b.is_ascii_digit())
+        && frac.bytes().all(|b| b.is_ascii_digit())
+    {
+        let secs: i64 = secs.parse().ok()?;
+        let mut frac = frac.to_string();
+        frac.truncate(9);
+        while frac.len() < 9 {
+            frac.push('0');
+        }
+        return secs.checked_mul(1_000_000_000)?.checked_add(frac.parse::<i64>().ok()?);
+    }
+    if s.bytes().all(|b| b.is_ascii_digit()) {
+        return s.parse::<i64>().ok()?.checked_mul(1_000_000_000);
+    }
+    let naive = chrono::NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S%.f").ok()?;
+    naive.and_utc().timestamp_nanos_opt()
+}
+
+impl<'de> Deserialize<'de> for Stamp {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Stamp;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a pmacct timestamp")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Stamp, E> {
+                parse_stamp(v).map(Stamp).ok_or_else(|| E::custom(format!("bad timestamp {v:?}")))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Stamp, E> {
+                i64::try_from(v).ok().and_then(|s| s.checked_mul(1_000_000_000)).map(Stamp).ok_or_else(|| E::custom("timestamp out of range"))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Stamp, E> {
+                v.checked_mul(1_000_000_000).map(Stamp).ok_or_else(|| E::custom("timestamp out of range"))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Stamp, E> {
+                if v.is_finite() && v >= 0.0 && v < 9.2e9 { Ok(Stamp((v * 1e9) as i64)) } else { Err(E::custom("timestamp out of range")) }
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// pmacct prints protocols by lowercase name ("tcp") or number.
+#[derive(Default)]
+struct Proto(u8);
+
+impl<'de> Deserialize<'de> for Proto {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Proto;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a protocol name or number")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Proto, E> {
+                u8::try_from(v).map(Proto).map_err(|_| E::custom("protocol number above 255"))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Proto, E> {
+                Ok(Proto(protocol_number(v)))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+fn parse_addr(s: &str) -> Result<Addr, RejectReason> {
+    s.parse::<IpAddr>().map(addr_from_ip).map_err(|_| RejectReason::BadAddress)
+}
+
+fn counter(v: i64, max: u64) -> Result<u64, RejectReason> {
+    if v < 0 {
+        Err(RejectReason::NegativeCounter)
+    } else if v as u64 > max {
+        Err(RejectReason::AbsurdCounter)
+    } else {
+        Ok(v as u64)
+    }
+}
+
+/// Decodes one pmacct JSON record.
+pub fn decode_record(rec: &[u8], limits: &DecodeLimits) -> Result<FlowRecord, RejectReason> {
+    let f: PmacctFlow = serde_json::from_slice(rec).map_err(|e| {
+        // A timestamp string that does not parse is a bad timestamp, not a schema problem.
+        if e.to_string().contains("bad timestamp") { RejectReason::BadTimestamp } else { RejectReason::of_json_error(&e) }
+    })?;
+    let event_time_ns = [f.timestamp_end, f.timestamp_start, f.timestamp_arrival, f.stamp_updated, f.stamp_inserted]
+        .into_iter()
+        .map(|s| s.0)
+        .find(|&t| t != 0)
+        .ok_or(RejectReason::BadTimestamp)?;
+    let exporter = match f.peer_ip_src.as_deref() {
+        Some(s) if !s.is_empty() => parse_addr(s)?,
+        // Without peer_src_ip in `aggregate:`, the site comes from the addresses alone.
+        _ => 0,
+    };
+    Ok(FlowRecord {
+        event_time_ns: limits.check_time(event_time_ns)?,
+        exporter,
+        src_addr: parse_addr(&f.ip_src)?,
+        dst_addr: parse_addr(&f.ip_dst)?,
+        src_port: f.port_src,
+        dst_port: f.port_dst,
+        proto: f.ip_proto.0,
+        in_if: f.iface_in,
+        out_if: f.iface_out,
+        bytes: counter(f.bytes, limits.max_bytes_per_record)?,
+        packets: counter(f.packets, limits.max_bytes_per_record)?,
+        flows: counter(f.flows, limits.max_bytes_per_record)?,
+        sampling_rate: counter(f.sampling_rate, u64::from(u32::MAX))? as u32,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decode::goflow2_json::tests::limits;
+
+    const GOOD: &str = r#"{"event_type":"purge","peer_ip_src":"172.16.2.21","iface_in":2,"iface_out":1,"ip_src":"203.0.113.9","ip_dst":"10.2.21.5","port_src":443,"port_dst":51000,"ip_proto":"tcp","timestamp_start":"1764000000.000000","timestamp_end":"1764000000.400000","timestamp_arrival":"1764000001.000000","packets":3,"bytes":1500,"flows":1,"writer_id":"default_kafka/1234"}"#;
+
+    #[test]
+    fn decodes_a_pmacct_record() {
+        let r = decode_record(GOOD.as_bytes(), &limits()).unwrap();
+        assert_eq!(r.event_time_ns, 1_764_000_000_400_000_000);
+        assert_eq!((r.bytes, r.packets, r.flows, r.proto, r.src_port, r.sampling_rate), (1500, 3, 1, 6, 443, 0));
+        assert_eq!(r.exporter, addr_from_ip("172.16.2.21".parse().unwrap()));
+    }
+
+    #[test]
+    fn timestamp_forms() {
+        assert_eq!(parse_stamp("1764000000.5"), Some(1_764_000_000_500_000_000));
+        assert_eq!(parse_stamp("1764000000"), Some(1_764_000_000_000_000_000));
+        assert_eq!(parse_stamp("2025-11-24 16:00:00"), Some(1_764_000_000_000_000_000));
+        assert_eq!(parse_stamp("2025-11-24 16:00:00.250"), Some(1_764_000_000_250_000_000));
+        assert_eq!(parse_stamp("yesterday"), None);
+        let ints = GOOD.replace("\"1764000000.400000\"", "1764000000");
+        assert_eq!(decode_record(ints.as_bytes(), &limits()).unwrap().event_time_ns, 1_764_000_000_000_000_000);
+    }
+
+    #[test]
+    fn bad_records_have_reasons() {
+        let l = limits();
+        let bad = |s: String| decode_record(s.as_bytes(), &l).unwrap_err();
+        assert_eq!(bad(GOOD.replace("\"1764000000.400000\"", "\"soon\"")), RejectReason::BadTimestamp);
+        assert_eq!(bad(GOOD.replace("\"bytes\":1500", "\"bytes\":-5")), RejectReason::NegativeCounter);
+        assert_eq!(bad(GOOD.replace("203.0.113.9", "203.0.113")), RejectReason::BadAddress);
+        assert_eq!(bad(GOOD.replace("\"packets\":3,", "")), RejectReason::WrongSchema);
+        assert_eq!(bad(GOOD[..40].to_string()), RejectReason::NotJson);
+        let no_time = GOOD.replace("\"1764000000.000000\"", "\"\"").replace("\"1764000000.400000\"", "\"\"").replace("\"1764000001.000000\"", "\"\"");
+        assert_eq!(bad(no_time), RejectReason::BadTimestamp);
+    }
+}
