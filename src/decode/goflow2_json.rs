@@ -4,13 +4,11 @@
 //! allocation; fields siteflow does not use are skipped by the parser.
 
 use std::borrow::Cow;
-use std::net::IpAddr;
 
 use serde::Deserialize;
 use serde::de::{self, Deserializer, Visitor};
 
-use super::{DecodeLimits, FlowRecord, RejectReason};
-use crate::inventory::{Addr, addr_from_ip};
+use super::{DecodeLimits, FlowRecord, Proto, RejectReason, parse_addr};
 
 #[derive(Deserialize)]
 struct Goflow2Flow<'a> {
@@ -63,51 +61,6 @@ impl<'de> Deserialize<'de> for Counter {
     }
 }
 
-/// goflow2 writes the protocol by name ("TCP") or, for unnamed ones, by number.
-#[derive(Default)]
-struct Proto(u8);
-
-impl<'de> Deserialize<'de> for Proto {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl Visitor<'_> for V {
-            type Value = Proto;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a protocol name or number")
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Proto, E> {
-                u8::try_from(v).map(Proto).map_err(|_| E::custom("protocol number above 255"))
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Proto, E> {
-                Ok(Proto(protocol_number(v)))
-            }
-        }
-        d.deserialize_any(V)
-    }
-}
-
-/// IANA numbers of common protocol names (any case, as goflow2 and pmacct print them);
-/// a number in text is taken as is; unknown names map to 0.
-pub fn protocol_number(name: &str) -> u8 {
-    match name.to_ascii_lowercase().as_str() {
-        "icmp" => 1,
-        "igmp" => 2,
-        "tcp" => 6,
-        "udp" => 17,
-        "gre" => 47,
-        "esp" => 50,
-        "ah" => 51,
-        "icmpv6" | "ipv6-icmp" => 58,
-        "ospf" => 89,
-        "pim" => 103,
-        "sctp" => 132,
-        other => other.parse().unwrap_or(0),
-    }
-}
-
-fn parse_addr(s: &str) -> Result<Addr, RejectReason> {
-    s.parse::<IpAddr>().map(addr_from_ip).map_err(|_| RejectReason::BadAddress)
-}
 
 fn counter(c: Counter, max: u64) -> Result<u64, RejectReason> {
     if c.0 < 0 {
@@ -146,6 +99,7 @@ pub fn decode_record(rec: &[u8], limits: &DecodeLimits) -> Result<FlowRecord, Re
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::inventory::addr_from_ip;
 
     pub(crate) fn limits() -> DecodeLimits {
         DecodeLimits {

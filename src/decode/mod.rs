@@ -48,6 +48,53 @@ impl Format {
     }
 }
 
+/// A protocol field: a name in any case ("TCP", "udp", "ipv6-icmp") or a number.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Proto(pub u8);
+
+impl<'de> Deserialize<'de> for Proto {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Proto;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a protocol name or number")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Proto, E> {
+                u8::try_from(v).map(Proto).map_err(|_| E::custom("protocol number above 255"))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Proto, E> {
+                Ok(Proto(protocol_number(v)))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// IANA numbers of common protocol names (any case, as goflow2 and pmacct print them);
+/// a number in text is taken as is; unknown names map to 0.
+pub fn protocol_number(name: &str) -> u8 {
+    match name.to_ascii_lowercase().as_str() {
+        "icmp" => 1,
+        "igmp" => 2,
+        "tcp" => 6,
+        "udp" => 17,
+        "gre" => 47,
+        "esp" => 50,
+        "ah" => 51,
+        "icmpv6" | "ipv6-icmp" => 58,
+        "ospf" => 89,
+        "pim" => 103,
+        "sctp" => 132,
+        other => other.parse().unwrap_or(0),
+    }
+}
+
+/// Parses an IPv4 or IPv6 address into its 128-bit form.
+pub(crate) fn parse_addr(s: &str) -> Result<Addr, RejectReason> {
+    s.parse::<std::net::IpAddr>().map(crate::inventory::addr_from_ip).map_err(|_| RejectReason::BadAddress)
+}
+
 /// Why a record was not used. Each becomes a `reason` label of `siteflow_records_rejected_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum RejectReason {

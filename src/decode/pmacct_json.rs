@@ -7,14 +7,11 @@
 //! `kafka_multi_values: N` one message carries N newline-separated records.
 
 use std::borrow::Cow;
-use std::net::IpAddr;
 
 use serde::Deserialize;
 use serde::de::{self, Deserializer, Visitor};
 
-use super::goflow2_json::protocol_number;
-use super::{DecodeLimits, FlowRecord, RejectReason};
-use crate::inventory::{Addr, addr_from_ip};
+use super::{DecodeLimits, FlowRecord, Proto, RejectReason, parse_addr};
 
 #[derive(Deserialize)]
 struct PmacctFlow<'a> {
@@ -109,32 +106,6 @@ impl<'de> Deserialize<'de> for Stamp {
     }
 }
 
-/// pmacct prints protocols by lowercase name ("tcp") or number.
-#[derive(Default)]
-struct Proto(u8);
-
-impl<'de> Deserialize<'de> for Proto {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl Visitor<'_> for V {
-            type Value = Proto;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a protocol name or number")
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Proto, E> {
-                u8::try_from(v).map(Proto).map_err(|_| E::custom("protocol number above 255"))
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Proto, E> {
-                Ok(Proto(protocol_number(v)))
-            }
-        }
-        d.deserialize_any(V)
-    }
-}
-
-fn parse_addr(s: &str) -> Result<Addr, RejectReason> {
-    s.parse::<IpAddr>().map(addr_from_ip).map_err(|_| RejectReason::BadAddress)
-}
 
 fn counter(v: i64, max: u64) -> Result<u64, RejectReason> {
     if v < 0 {
@@ -182,6 +153,7 @@ pub fn decode_record(rec: &[u8], limits: &DecodeLimits) -> Result<FlowRecord, Re
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::inventory::addr_from_ip;
     use crate::decode::goflow2_json::tests::limits;
 
     const GOOD: &str = r#"{"event_type":"purge","peer_ip_src":"172.16.2.21","iface_in":2,"iface_out":1,"ip_src":"203.0.113.9","ip_dst":"10.2.21.5","port_src":443,"port_dst":51000,"ip_proto":"tcp","timestamp_start":"1764000000.000000","timestamp_end":"1764000000.400000","timestamp_arrival":"1764000001.000000","packets":3,"bytes":1500,"flows":1,"writer_id":"default_kafka/1234"}"#;

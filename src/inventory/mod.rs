@@ -198,6 +198,16 @@ impl Inventory {
         self.by_id.get(id).copied()
     }
 
+    /// Sites of a district and/or a level (`None` matches any), in inventory order.
+    pub fn select(&self, district: Option<&str>, level: Option<&str>) -> Vec<SiteIdx> {
+        (0..self.sites.len() as SiteIdx)
+            .filter(|&s| {
+                let site = self.site(s);
+                district.is_none_or(|d| site.district == d) && level.is_none_or(|l| site.level == l)
+            })
+            .collect()
+    }
+
     /// The site whose prefix is the longest match for `addr`.
     #[inline]
     pub fn site_of_addr(&self, addr: Addr) -> Option<SiteIdx> {

@@ -122,12 +122,7 @@ impl Meeting {
                 set.insert(inventory.by_id(id).ok_or_else(|| at(format!("participants[{i}]: unknown site {id:?}")))?);
             }
             if sel.district.is_some() || sel.level.is_some() {
-                let matched: Vec<SiteIdx> = (0..inventory.len() as SiteIdx)
-                    .filter(|&s| {
-                        let site = inventory.site(s);
-                        sel.district.as_ref().is_none_or(|d| &site.district == d) && sel.level.as_ref().is_none_or(|l| &site.level == l)
-                    })
-                    .collect();
+                let matched = inventory.select(sel.district.as_deref(), sel.level.as_deref());
                 if matched.is_empty() {
                     return Err(at(format!("participants[{i}]: no site has district {:?} and level {:?}", sel.district, sel.level)));
                 }

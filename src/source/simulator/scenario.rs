@@ -11,8 +11,8 @@
 //!   - kind: outage            # silence: no flows, no probe results
 //!     sites: [dong-van.ta-lung]
 //!   - {kind: high_rtt, sites: [yen-minh.lao-va-chai], rtt_ms: 450}
-//!   - {kind: jitter, sites: [bac-me.yen-cuong], jitter_ms: 80}
-//!   - {kind: loss, sites: [bac-me.minh-ngoc], loss_pct: 8}
+//!   - {kind: jitter, sites: [yen-minh.sung-thai], jitter_ms: 80}
+//!   - {kind: loss, sites: [yen-minh.huu-vinh], loss_pct: 8}
 //! ```
 
 use std::path::Path;
@@ -102,12 +102,7 @@ impl Scenario {
                 sites.push(inventory.by_id(id).ok_or_else(|| at(format!("unknown site {id:?}")))?);
             }
             if f.district.is_some() || f.level.is_some() {
-                let matched: Vec<SiteIdx> = (0..inventory.len() as SiteIdx)
-                    .filter(|&s| {
-                        let site = inventory.site(s);
-                        f.district.as_ref().is_none_or(|d| &site.district == d) && f.level.as_ref().is_none_or(|l| &site.level == l)
-                    })
-                    .collect();
+                let matched = inventory.select(f.district.as_deref(), f.level.as_deref());
                 if matched.is_empty() {
                     return Err(at(format!("no site has district {:?} and level {:?}", f.district, f.level)));
                 }
