@@ -24,7 +24,12 @@ fn spec() -> WindowSpec {
 }
 
 fn limits() -> DecodeLimits {
-    DecodeLimits { max_message_bytes: 1 << 20, max_bytes_per_record: 1 << 40, min_time_ns: DecodeLimits::MIN_TIME_NS, max_time_ns: i64::MAX }
+    DecodeLimits {
+        max_message_bytes: 1 << 20,
+        max_bytes_per_record: 1 << 40,
+        min_time_ns: DecodeLimits::MIN_TIME_NS,
+        max_time_ns: i64::MAX,
+    }
 }
 
 /// One batch of goflow2 JSON flow records from the simulator.
@@ -52,7 +57,8 @@ fn flow_batch(rt: &tokio::runtime::Runtime) -> Messages {
 fn stages(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let msgs = flow_batch(&rt);
-    let enricher = Enricher::new(Arc::new(siteflow::inventory::Inventory::embedded()), Sampling { default_rate: 1, overrides: Default::default() });
+    let enricher =
+        Enricher::new(Arc::new(siteflow::inventory::Inventory::embedded()), Sampling { default_rate: 1, overrides: Default::default() });
     let Decoded::Flows(decoded) = decode(Format::Goflow2Json, &msgs, &limits()).0 else { unreachable!() };
     let (enriched, _) = enricher.enrich_flows(&decoded);
 
@@ -71,7 +77,8 @@ fn stages(c: &mut Criterion) {
     let mut g = c.benchmark_group("prometheus");
     g.bench_function("render_242_sites", |b| {
         let mut config = Config::default();
-        config.simulator = SimulatorConfig { pace: Pace::Fast, start_unix_secs: Some(1_764_000_000), duration_secs: Some(30), ..Default::default() };
+        config.simulator =
+            SimulatorConfig { pace: Pace::Fast, start_unix_secs: Some(1_764_000_000), duration_secs: Some(30), ..Default::default() };
         let res = Resources::load(&config).unwrap();
         let metrics = Arc::new(PipelineMetrics::new(&Pipeline::FORMATS, &Pipeline::TABLES));
         let sites = SiteMetrics::new(res.inventory.clone(), 10.0);

@@ -15,13 +15,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use datafusion::arrow::array::{
-    Array, ArrayRef, AsArray, DictionaryArray, PrimitiveArray, RecordBatch, StringArray, UInt32Array,
-};
+use datafusion::arrow::array::{Array, ArrayRef, AsArray, DictionaryArray, PrimitiveArray, RecordBatch, StringArray, UInt32Array};
 use datafusion::arrow::compute::take;
-use datafusion::arrow::datatypes::{
-    DataType, Field, Schema, SchemaRef, UInt8Type, UInt16Type, UInt32Type, UInt64Type,
-};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, UInt8Type, UInt16Type, UInt32Type, UInt64Type};
 
 use crate::decode::{flow_schema, probe_schema};
 use crate::inventory::{Addr, ExporterMatch, Inventory, SiteIdx};
@@ -140,9 +136,7 @@ impl Enricher {
     pub fn classify(&self, exporter: Addr, src: Addr, dst: Addr, in_if: u32, out_if: u32) -> Option<(SiteIdx, Direction)> {
         let inv = &self.inventory;
         match inv.site_of_exporter(exporter, in_if, out_if) {
-            Some(ExporterMatch::Interface { site, into_site }) => {
-                Some((site, if into_site { Direction::In } else { Direction::Out }))
-            }
+            Some(ExporterMatch::Interface { site, into_site }) => Some((site, if into_site { Direction::In } else { Direction::Out })),
             Some(ExporterMatch::Site(site)) => {
                 if inv.site_of_addr(dst) == Some(site) {
                     Some((site, Direction::In))
@@ -292,7 +286,17 @@ mod tests {
     fn flows_are_scaled_and_unmatched_counted() {
         let e = enricher();
         let mut cols = FlowColumns::default();
-        let base = FlowRecord { event_time_ns: 1, exporter: a("172.16.2.21"), src_addr: a("203.0.113.1"), dst_addr: a("10.2.21.9"), bytes: 10, packets: 2, flows: 1, sampling_rate: 100, ..Default::default() };
+        let base = FlowRecord {
+            event_time_ns: 1,
+            exporter: a("172.16.2.21"),
+            src_addr: a("203.0.113.1"),
+            dst_addr: a("10.2.21.9"),
+            bytes: 10,
+            packets: 2,
+            flows: 1,
+            sampling_rate: 100,
+            ..Default::default()
+        };
         cols.push(&base);
         cols.push(&FlowRecord { dst_addr: a("198.51.100.1"), ..base });
         cols.push(&FlowRecord { sampling_rate: 0, ..base });

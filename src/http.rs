@@ -4,8 +4,8 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use axum::Router;
 use axum::Json;
+use axum::Router;
 use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
@@ -88,7 +88,10 @@ fn error(status: StatusCode, message: String) -> axum::response::Response {
     (status, Json(serde_json::json!({ "error": message }))).into_response()
 }
 
-async fn readiness(State(state): State<AppState>, filter: Result<Query<ReadinessFilter>, axum::extract::rejection::QueryRejection>) -> axum::response::Response {
+async fn readiness(
+    State(state): State<AppState>,
+    filter: Result<Query<ReadinessFilter>, axum::extract::rejection::QueryRejection>,
+) -> axum::response::Response {
     let Query(f) = match filter {
         Ok(f) => f,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("{e}; filters: site, district, level, state")),
@@ -125,7 +128,10 @@ async fn list_meetings(State(state): State<AppState>) -> axum::response::Respons
     Json(serde_json::json!({ "meetings": list })).into_response()
 }
 
-async fn add_meeting(State(state): State<AppState>, body: Result<Json<crate::readiness::MeetingSpec>, axum::extract::rejection::JsonRejection>) -> axum::response::Response {
+async fn add_meeting(
+    State(state): State<AppState>,
+    body: Result<Json<crate::readiness::MeetingSpec>, axum::extract::rejection::JsonRejection>,
+) -> axum::response::Response {
     let Json(spec) = match body {
         Ok(b) => b,
         Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),

@@ -47,7 +47,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the pipeline on the built-in simulator: no Kafka, no configuration needed.
-    #[command(after_help = "Example:\n  siteflow demo --listen 127.0.0.1:9900 --rate 20000\n\nThen open http://127.0.0.1:9900/metrics; the first windows close after window.size_secs + allowed lateness (15 s by default).")]
+    #[command(
+        after_help = "Example:\n  siteflow demo --listen 127.0.0.1:9900 --rate 20000\n\nThen open http://127.0.0.1:9900/metrics; the first windows close after window.size_secs + allowed lateness (15 s by default)."
+    )]
     Demo(DemoArgs),
     /// Run the pipeline as configured.
     #[command(after_help = "Example:\n  siteflow run --config deploy/siteflow.example.yaml")]
@@ -97,8 +99,8 @@ struct CheckArgs {
 }
 
 fn init_logging(config: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
     use std::io::IsTerminal;
     let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr);

@@ -2,9 +2,7 @@
 
 use std::sync::Mutex;
 
-use prometheus::{
-    Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-};
+use prometheus::{Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 use crate::decode::{DecodeStats, Format, RejectReason};
 
@@ -38,21 +36,42 @@ impl PipelineMetrics {
     pub fn new(formats: &[Format], tables: &[&str]) -> Self {
         let registry = Registry::new();
         let r = &registry;
-        let records_received = counter_vec(r, "siteflow_records_received_total", "Records read from the sources, before decoding.", &["format"]);
-        let message_bytes_received = counter_vec(r, "siteflow_message_bytes_received_total", "Bytes of messages read from the sources.", &["format"]);
+        let records_received =
+            counter_vec(r, "siteflow_records_received_total", "Records read from the sources, before decoding.", &["format"]);
+        let message_bytes_received =
+            counter_vec(r, "siteflow_message_bytes_received_total", "Bytes of messages read from the sources.", &["format"]);
         let records_decoded = counter_vec(r, "siteflow_records_decoded_total", "Records decoded successfully.", &["format"]);
-        let records_rejected = counter_vec(r, "siteflow_records_rejected_total", "Records skipped because they could not be decoded, by reason.", &["format", "reason"]);
-        let records_unmatched = counter_vec(r, "siteflow_records_unmatched_total", "Decoded records that belong to no site of the inventory (counted, not aggregated).", &["table"]);
-        let records_late = counter_vec(r, "siteflow_records_late_total", "Records that arrived after their window had closed (counted, not aggregated).", &["table"]);
+        let records_rejected = counter_vec(
+            r,
+            "siteflow_records_rejected_total",
+            "Records skipped because they could not be decoded, by reason.",
+            &["format", "reason"],
+        );
+        let records_unmatched = counter_vec(
+            r,
+            "siteflow_records_unmatched_total",
+            "Decoded records that belong to no site of the inventory (counted, not aggregated).",
+            &["table"],
+        );
+        let records_late = counter_vec(
+            r,
+            "siteflow_records_late_total",
+            "Records that arrived after their window had closed (counted, not aggregated).",
+            &["table"],
+        );
         let windows_closed = counter_vec(r, "siteflow_windows_closed_total", "Windows closed and published to the sinks.", &["table"]);
         let flows_missing_sampling_rate = IntCounter::new(
             "siteflow_flows_missing_sampling_rate_total",
             "Flow records that carried no sampling rate; scaled by sampling.default_rate.",
         )
         .expect("valid metric");
-        let watermark_timestamp = Gauge::new("siteflow_watermark_timestamp_seconds", "Event-time watermark of the pipeline (Unix seconds).").expect("valid metric");
-        let watermark_lag = Gauge::new("siteflow_watermark_lag_seconds", "How far the watermark trails the wall clock.").expect("valid metric");
-        let windows_open = IntGauge::new("siteflow_windows_open", "Windows holding state, waiting for the watermark.").expect("valid metric");
+        let watermark_timestamp =
+            Gauge::new("siteflow_watermark_timestamp_seconds", "Event-time watermark of the pipeline (Unix seconds).")
+                .expect("valid metric");
+        let watermark_lag =
+            Gauge::new("siteflow_watermark_lag_seconds", "How far the watermark trails the wall clock.").expect("valid metric");
+        let windows_open =
+            IntGauge::new("siteflow_windows_open", "Windows holding state, waiting for the watermark.").expect("valid metric");
         let window_close_latency = Histogram::with_opts(
             HistogramOpts::new(
                 "siteflow_window_close_latency_seconds",

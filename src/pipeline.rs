@@ -56,7 +56,8 @@ impl SqlSource {
         match path {
             None => Ok(Self { origin: format!("<embedded>/{embedded_name}"), text: embedded.to_string() }),
             Some(p) => {
-                let text = std::fs::read_to_string(p).map_err(|e| BuildError::Sql { file: p.display().to_string(), message: format!("cannot read: {e}") })?;
+                let text = std::fs::read_to_string(p)
+                    .map_err(|e| BuildError::Sql { file: p.display().to_string(), message: format!("cannot read: {e}") })?;
                 Ok(Self { origin: p.display().to_string(), text })
             }
         }
@@ -78,8 +79,13 @@ impl Resources {
             Some(p) => Inventory::load(&resolve(p))?,
             None => Inventory::embedded(),
         };
-        let flows_sql = SqlSource::load(config.pipeline.flows_sql.as_ref().map(resolve).as_deref(), EMBEDDED_FLOWS_SQL, "pipelines/hagiang/flows.sql")?;
-        let probes_sql = SqlSource::load(config.pipeline.probes_sql.as_ref().map(resolve).as_deref(), EMBEDDED_PROBES_SQL, "pipelines/hagiang/probes.sql")?;
+        let flows_sql =
+            SqlSource::load(config.pipeline.flows_sql.as_ref().map(resolve).as_deref(), EMBEDDED_FLOWS_SQL, "pipelines/hagiang/flows.sql")?;
+        let probes_sql = SqlSource::load(
+            config.pipeline.probes_sql.as_ref().map(resolve).as_deref(),
+            EMBEDDED_PROBES_SQL,
+            "pipelines/hagiang/probes.sql",
+        )?;
         let policy = match &config.readiness.policy {
             Some(p) => Policy::load(&resolve(p)).map_err(BuildError::Other)?,
             None => Policy::embedded(),
@@ -97,13 +103,18 @@ impl Resources {
 pub async fn plan_windows(spec: WindowSpec, res: &Resources) -> Result<(WindowOperator, TableId, TableId), BuildError> {
     let mut windows = WindowOperator::new(spec);
     let mut ids = Vec::new();
-    for ((table, required), (sql, schema)) in REQUIRED_OUTPUT.iter().zip([(&res.flows_sql, enriched_flow_schema()), (&res.probes_sql, enriched_probe_schema())]) {
+    for ((table, required), (sql, schema)) in
+        REQUIRED_OUTPUT.iter().zip([(&res.flows_sql, enriched_flow_schema()), (&res.probes_sql, enriched_probe_schema())])
+    {
         let err = |message: String| BuildError::Sql { file: sql.origin.clone(), message };
         let id = windows.add_table(table, &schema, &sql.text).await.map_err(|e| err(e.to_string()))?;
         let out = windows.output_schema(id);
         for col in *required {
             if out.index_of(col).is_err() {
-                return Err(err(format!("the query over `{table}` must output a `{col}` column (it outputs: {})", out.fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>().join(", "))));
+                return Err(err(format!(
+                    "the query over `{table}` must output a `{col}` column (it outputs: {})",
+                    out.fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>().join(", ")
+                )));
             }
         }
         let allowed = ALLOWED_KEYS.iter().find(|(t, _)| t == table).map(|(_, k)| *k).unwrap_or(&[]);
@@ -150,7 +161,12 @@ pub struct Pipeline {
 
 impl Pipeline {
     /// Builds the pipeline for `config` over the loaded resources.
-    pub async fn build(config: &Config, res: &Resources, metrics: Arc<PipelineMetrics>, sinks: Vec<Box<dyn WindowSink>>) -> Result<Self, BuildError> {
+    pub async fn build(
+        config: &Config,
+        res: &Resources,
+        metrics: Arc<PipelineMetrics>,
+        sinks: Vec<Box<dyn WindowSink>>,
+    ) -> Result<Self, BuildError> {
         let spec = WindowSpec {
             size: config.window_size(),
             allowed_lateness: Duration::from_millis(config.window.allowed_lateness_ms),
@@ -176,7 +192,10 @@ impl Pipeline {
             },
             max_future_ns: (config.decode.max_future_secs as i64).saturating_mul(1_000_000_000),
             enricher: Enricher::new(res.inventory.clone(), sampling),
-            readiness: SharedReadiness::new(ReadinessEngine::new(res.inventory.clone(), res.policy.clone(), spec.size_ns()), res.meetings.clone()),
+            readiness: SharedReadiness::new(
+                ReadinessEngine::new(res.inventory.clone(), res.policy.clone(), spec.size_ns()),
+                res.meetings.clone(),
+            ),
             windows,
             flows,
             probes,

@@ -313,7 +313,10 @@ impl Config {
         if sim.out_of_order_ratio > 0.0 && sim.max_out_of_order_ms >= self.window.allowed_lateness_ms {
             return invalid(
                 "simulator.max_out_of_order_ms",
-                format!("must be below window.allowed_lateness_ms ({}), or out-of-order records would be late", self.window.allowed_lateness_ms),
+                format!(
+                    "must be below window.allowed_lateness_ms ({}), or out-of-order records would be late",
+                    self.window.allowed_lateness_ms
+                ),
             );
         }
         if sim.pace == Pace::Fast && sim.duration_secs.is_none() {

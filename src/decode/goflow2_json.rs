@@ -61,7 +61,6 @@ impl<'de> Deserialize<'de> for Counter {
     }
 }
 
-
 fn counter(c: Counter, max: u64) -> Result<u64, RejectReason> {
     if c.0 < 0 {
         Err(RejectReason::NegativeCounter)
@@ -137,7 +136,8 @@ pub(crate) mod tests {
 
     #[test]
     fn numeric_protocol_and_receive_time_fallback() {
-        let s = GOOD.replace("\"proto\":\"TCP\"", "\"proto\":47").replace("\"time_flow_end_ns\":1764000000400000000", "\"time_flow_end_ns\":0");
+        let s =
+            GOOD.replace("\"proto\":\"TCP\"", "\"proto\":47").replace("\"time_flow_end_ns\":1764000000400000000", "\"time_flow_end_ns\":0");
         let r = decode_record(s.as_bytes(), &limits()).unwrap();
         assert_eq!(r.proto, 47);
         assert_eq!(r.event_time_ns, 1_764_000_000_500_000_000);

@@ -13,8 +13,8 @@ use std::sync::Arc;
 use datafusion::arrow::array::{ArrayRef, FixedSizeBinaryArray, PrimitiveArray, RecordBatch, StringArray};
 use datafusion::arrow::buffer::Buffer;
 use datafusion::arrow::datatypes::{
-    ArrowPrimitiveType, DataType, Field, Float64Type, Int64Type, Schema, SchemaRef, TimeUnit, TimestampNanosecondType,
-    UInt8Type, UInt16Type, UInt32Type, UInt64Type,
+    ArrowPrimitiveType, DataType, Field, Float64Type, Int64Type, Schema, SchemaRef, TimeUnit, TimestampNanosecondType, UInt8Type,
+    UInt16Type, UInt32Type, UInt64Type,
 };
 use serde::{Deserialize, Serialize};
 

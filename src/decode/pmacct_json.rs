@@ -93,7 +93,11 @@ impl<'de> Deserialize<'de> for Stamp {
                 parse_stamp(v).map(Stamp).ok_or_else(|| E::custom(format!("bad timestamp {v:?}")))
             }
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<Stamp, E> {
-                i64::try_from(v).ok().and_then(|s| s.checked_mul(1_000_000_000)).map(Stamp).ok_or_else(|| E::custom("timestamp out of range"))
+                i64::try_from(v)
+                    .ok()
+                    .and_then(|s| s.checked_mul(1_000_000_000))
+                    .map(Stamp)
+                    .ok_or_else(|| E::custom("timestamp out of range"))
             }
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<Stamp, E> {
                 v.checked_mul(1_000_000_000).map(Stamp).ok_or_else(|| E::custom("timestamp out of range"))
@@ -105,7 +109,6 @@ impl<'de> Deserialize<'de> for Stamp {
         d.deserialize_any(V)
     }
 }
-
 
 fn counter(v: i64, max: u64) -> Result<u64, RejectReason> {
     if v < 0 {
@@ -153,8 +156,8 @@ pub fn decode_record(rec: &[u8], limits: &DecodeLimits) -> Result<FlowRecord, Re
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::inventory::addr_from_ip;
     use crate::decode::goflow2_json::tests::limits;
+    use crate::inventory::addr_from_ip;
 
     const GOOD: &str = r#"{"event_type":"purge","peer_ip_src":"172.16.2.21","iface_in":2,"iface_out":1,"ip_src":"203.0.113.9","ip_dst":"10.2.21.5","port_src":443,"port_dst":51000,"ip_proto":"tcp","timestamp_start":"1764000000.000000","timestamp_end":"1764000000.400000","timestamp_arrival":"1764000001.000000","packets":3,"bytes":1500,"flows":1,"writer_id":"default_kafka/1234"}"#;
 
@@ -186,7 +189,8 @@ mod tests {
         assert_eq!(bad(GOOD.replace("203.0.113.9", "203.0.113")), RejectReason::BadAddress);
         assert_eq!(bad(GOOD.replace("\"packets\":3,", "")), RejectReason::WrongSchema);
         assert_eq!(bad(GOOD[..40].to_string()), RejectReason::NotJson);
-        let no_time = GOOD.replace("\"1764000000.000000\"", "\"\"").replace("\"1764000000.400000\"", "\"\"").replace("\"1764000001.000000\"", "\"\"");
+        let no_time =
+            GOOD.replace("\"1764000000.000000\"", "\"\"").replace("\"1764000000.400000\"", "\"\"").replace("\"1764000001.000000\"", "\"\"");
         assert_eq!(bad(no_time), RejectReason::BadTimestamp);
     }
 }

@@ -57,12 +57,14 @@ mod tests {
     use super::*;
     use crate::decode::goflow2_json::tests::limits;
 
-    const GOOD: &str = r#"{"site":"dong-van.ta-lung","time_ms":1764000000000,"target":"mcu","rtt_ms":35.5,"jitter_ms":2.5,"loss_pct":1.0,"sent":10}"#;
+    const GOOD: &str =
+        r#"{"site":"dong-van.ta-lung","time_ms":1764000000000,"target":"mcu","rtt_ms":35.5,"jitter_ms":2.5,"loss_pct":1.0,"sent":10}"#;
 
     #[test]
     fn decodes_in_base_units() {
         let mut got = None;
-        decode_record(GOOD.as_bytes(), &limits(), |r| got = Some((r.site_id.to_string(), r.rtt_seconds, r.jitter_seconds, r.loss_ratio))).unwrap();
+        decode_record(GOOD.as_bytes(), &limits(), |r| got = Some((r.site_id.to_string(), r.rtt_seconds, r.jitter_seconds, r.loss_ratio)))
+            .unwrap();
         assert_eq!(got, Some(("dong-van.ta-lung".to_string(), 0.0355, 0.0025, 0.01)));
     }
 

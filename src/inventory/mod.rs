@@ -128,10 +128,8 @@ impl Inventory {
             exporter_interfaces: HashMap::new(),
             by_id: HashMap::new(),
         };
-        let headers = reader
-            .headers()
-            .map_err(|e| InventoryError::File { file: file.to_string(), message: format!("bad header: {e}") })?
-            .clone();
+        let headers =
+            reader.headers().map_err(|e| InventoryError::File { file: file.to_string(), message: format!("bad header: {e}") })?.clone();
         for result in reader.records() {
             let row_error = |line: u64, message: String| InventoryError::Row { file: file.to_string(), line, message };
             let record = result.map_err(|e| {
@@ -153,9 +151,10 @@ impl Inventory {
             let idx = SiteIdx::try_from(idx).map_err(|_| row_error(line, format!("more than {} sites", SiteIdx::MAX)))?;
             let site = parse_site(row).map_err(|m| row_error(line, m))?;
             for net in &site.prefixes {
-                inventory.prefixes.insert(*net, idx).map_err(|d| {
-                    row_error(line, format!("field prefix: {} is already assigned to another site", d.0))
-                })?;
+                inventory
+                    .prefixes
+                    .insert(*net, idx)
+                    .map_err(|d| row_error(line, format!("field prefix: {} is already assigned to another site", d.0)))?;
             }
             if let Some(exporter) = site.exporter {
                 let key = addr_from_ip(exporter);
@@ -294,7 +293,8 @@ mod tests {
 
     #[test]
     fn bad_prefix_names_line_and_field() {
-        let csv = format!("{HEADER}a,A,commune,commune,,D,1,20,10.1.1.0/24,172.16.0.1\nb,B,commune,commune,,D,2,20,10.1.300.0/24,172.16.0.2\n");
+        let csv =
+            format!("{HEADER}a,A,commune,commune,,D,1,20,10.1.1.0/24,172.16.0.1\nb,B,commune,commune,,D,2,20,10.1.300.0/24,172.16.0.2\n");
         let err = Inventory::from_csv_str(&csv, "sites.csv").unwrap_err().to_string();
         assert!(err.contains("sites.csv: line 3: field prefix: \"10.1.300.0/24\""), "{err}");
     }

@@ -67,8 +67,9 @@ mod rfc3339 {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<FixedOffset>, D::Error> {
         let text = String::deserialize(d)?;
-        DateTime::parse_from_rfc3339(&text)
-            .map_err(|e| serde::de::Error::custom(format!("start {text:?} is not an RFC 3339 time such as 2026-12-01T14:00:00+07:00 ({e})")))
+        DateTime::parse_from_rfc3339(&text).map_err(|e| {
+            serde::de::Error::custom(format!("start {text:?} is not an RFC 3339 time such as 2026-12-01T14:00:00+07:00 ({e})"))
+        })
     }
 }
 
@@ -115,7 +116,9 @@ impl Meeting {
             return Err(at(format!("start {} is not between the years 2000 and 2100", spec.start.to_rfc3339())));
         }
         let profile = spec.profile.clone().unwrap_or_else(|| policy.default_profile.clone());
-        let need = policy.need_of(&profile).ok_or_else(|| at(format!("unknown profile {profile:?} (profiles: {})", policy.profiles.keys().cloned().collect::<Vec<_>>().join(", "))))?;
+        let need = policy.need_of(&profile).ok_or_else(|| {
+            at(format!("unknown profile {profile:?} (profiles: {})", policy.profiles.keys().cloned().collect::<Vec<_>>().join(", ")))
+        })?;
         let mut set = BTreeSet::new();
         for (i, sel) in spec.participants.iter().enumerate() {
             for id in &sel.sites {
@@ -273,7 +276,8 @@ mod tests {
     fn participants_by_site_district_and_level() {
         let inv = Inventory::embedded();
         let policy = Policy::default();
-        let m = Meeting::resolve(spec(vec![sel(&["tinh.vp-ubnd"], None, None), sel(&[], Some("Mèo Vạc"), Some("commune"))]), &inv, &policy).unwrap();
+        let m = Meeting::resolve(spec(vec![sel(&["tinh.vp-ubnd"], None, None), sel(&[], Some("Mèo Vạc"), Some("commune"))]), &inv, &policy)
+            .unwrap();
         let communes = inv.sites().iter().filter(|s| s.district == "Mèo Vạc" && s.level == "commune").count();
         assert_eq!(m.participants.len(), 1 + communes);
         assert!(m.participants.iter().all(|&s| inv.site(s).id == "tinh.vp-ubnd" || inv.site(s).district == "Mèo Vạc"));
@@ -281,7 +285,8 @@ mod tests {
         let all_districts = Meeting::resolve(spec(vec![sel(&[], None, Some("district"))]), &inv, &policy).unwrap();
         assert_eq!(all_districts.participants.len(), 22, "11 Party committees + 11 People's Committees");
         // Overlapping selectors count a site once.
-        let twice = Meeting::resolve(spec(vec![sel(&["meo-vac.xin-cai"], None, None), sel(&[], Some("Mèo Vạc"), None)]), &inv, &policy).unwrap();
+        let twice =
+            Meeting::resolve(spec(vec![sel(&["meo-vac.xin-cai"], None, None), sel(&[], Some("Mèo Vạc"), None)]), &inv, &policy).unwrap();
         assert_eq!(twice.participants.len(), inv.sites().iter().filter(|s| s.district == "Mèo Vạc").count());
     }
 

@@ -255,7 +255,8 @@ impl ReadinessEngine {
         };
         let Some(keys) = site.as_dictionary_opt::<datafusion::arrow::datatypes::UInt16Type>() else { return };
         let t = t.as_primitive::<TimestampNanosecondType>();
-        let (rtt, jitter, loss) = (rtt.as_primitive::<Float64Type>(), jitter.as_primitive::<Float64Type>(), loss.as_primitive::<Float64Type>());
+        let (rtt, jitter, loss) =
+            (rtt.as_primitive::<Float64Type>(), jitter.as_primitive::<Float64Type>(), loss.as_primitive::<Float64Type>());
         for i in 0..batch.num_rows() {
             let s = &mut self.sites[usize::from(keys.keys().value(i))];
             let sample = ProbeSample { t_ns: t.value(i), rtt_s: rtt.value(i), jitter_s: jitter.value(i), loss: loss.value(i) };
@@ -268,10 +269,15 @@ impl ReadinessEngine {
 
     /// Takes a closed window of the `flows` table (needs `site`, `direction`, `bytes`).
     pub fn observe_flow_window(&mut self, rows: &RecordBatch, end_ns: i64) {
-        let (Some(site), Some(dir), Some(bytes)) = (rows.column_by_name("site"), rows.column_by_name("direction"), rows.column_by_name("bytes")) else {
+        let (Some(site), Some(dir), Some(bytes)) =
+            (rows.column_by_name("site"), rows.column_by_name("direction"), rows.column_by_name("bytes"))
+        else {
             return;
         };
-        let (Ok(site), Ok(dir), Ok(bytes)) = (cast(site, &DataType::Utf8), cast(dir, &DataType::Utf8), cast(bytes, &DataType::Float64)) else { return };
+        let (Ok(site), Ok(dir), Ok(bytes)) = (cast(site, &DataType::Utf8), cast(dir, &DataType::Utf8), cast(bytes, &DataType::Float64))
+        else {
+            return;
+        };
         let (site, dir, bytes) = (site.as_string::<i32>(), dir.as_string::<i32>(), bytes.as_primitive::<Float64Type>());
         for i in 0..rows.num_rows() {
             if site.is_null(i) || dir.is_null(i) || bytes.is_null(i) {
@@ -317,7 +323,8 @@ impl ReadinessEngine {
             // received for windows still open) wait for their own evaluation.
             let period: Vec<ProbeSample> = state.samples.iter().filter(|p| p.t_ns < end_ns).copied().collect();
             let probes = (!period.is_empty()).then(|| probe_stats(&period, &mut self.scratch));
-            let traffic = (flow_age < stale_secs && !state.traffic.is_empty()).then(|| traffic_stats(&state.traffic, capacity, window_secs));
+            let traffic =
+                (flow_age < stale_secs && !state.traffic.is_empty()).then(|| traffic_stats(&state.traffic, capacity, window_secs));
             let thresholds = self.policy.thresholds_for(&site.id, &site.level);
             let values: Vec<(Metric, Option<f64>)> = vec![
                 (Metric::Rtt, probes.as_ref().map(|p| p.rtt_p95_seconds)),
@@ -325,7 +332,10 @@ impl ReadinessEngine {
                 (Metric::Loss, probes.as_ref().map(|p| p.loss_max_ratio)),
                 (Metric::Mos, probes.as_ref().map(|p| p.mos_p5)),
                 (Metric::Utilisation, traffic.as_ref().map(|t| t.utilisation_mean_ratio[0].max(t.utilisation_mean_ratio[1]))),
-                (Metric::SpareCapacity, traffic.as_ref().map(|t| t.spare_min_bytes_per_second[0].min(t.spare_min_bytes_per_second[1]) / need)),
+                (
+                    Metric::SpareCapacity,
+                    traffic.as_ref().map(|t| t.spare_min_bytes_per_second[0].min(t.spare_min_bytes_per_second[1]) / need),
+                ),
             ];
             if state.rows.is_empty() {
                 state.rows = values.iter().map(|(m, _)| (*m, HeldLevel::default())).collect();
@@ -350,7 +360,12 @@ impl ReadinessEngine {
             // Both kinds of telemetry must be fresh: quality without traffic, or traffic without
             // quality, cannot say a link is ready. The reason carries the staler one's age.
             let verdict = if probe_age >= stale_secs || flow_age >= stale_secs || probes.is_none() || traffic.is_none() {
-                reasons.push(Reason { metric: Metric::Freshness, level: Level::NotReady, value: probe_age.max(flow_age), threshold: stale_secs });
+                reasons.push(Reason {
+                    metric: Metric::Freshness,
+                    level: Level::NotReady,
+                    value: probe_age.max(flow_age),
+                    threshold: stale_secs,
+                });
                 Verdict::Unknown
             } else {
                 Verdict::of(worst)
@@ -384,7 +399,12 @@ impl ReadinessEngine {
         for s in &mut self.latest {
             s.verdict = Verdict::Unknown;
             s.reasons.retain(|r| r.metric != Metric::Freshness);
-            s.reasons.push(Reason { metric: Metric::Freshness, level: Level::NotReady, value: silent.as_secs_f64(), threshold: limit.as_secs_f64() });
+            s.reasons.push(Reason {
+                metric: Metric::Freshness,
+                level: Level::NotReady,
+                value: silent.as_secs_f64(),
+                threshold: limit.as_secs_f64(),
+            });
             s.rows_without_spare.clear();
         }
     }
@@ -461,7 +481,9 @@ impl SharedReadiness {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use datafusion::arrow::array::{ArrayRef, DictionaryArray, Float64Array, StringArray, TimestampNanosecondArray, UInt16Array, UInt64Array};
+    use datafusion::arrow::array::{
+        ArrayRef, DictionaryArray, Float64Array, StringArray, TimestampNanosecondArray, UInt16Array, UInt64Array,
+    };
     use datafusion::arrow::datatypes::{Field, Schema};
 
     const S: i64 = 1_000_000_000;
@@ -501,7 +523,11 @@ mod tests {
         ]);
         RecordBatch::try_new(
             Arc::new(schema),
-            vec![Arc::new(StringArray::from(vec![site, site])), Arc::new(StringArray::from(vec!["in", "out"])), Arc::new(UInt64Array::from(vec![bytes, bytes]))],
+            vec![
+                Arc::new(StringArray::from(vec![site, site])),
+                Arc::new(StringArray::from(vec!["in", "out"])),
+                Arc::new(UInt64Array::from(vec![bytes, bytes])),
+            ],
         )
         .unwrap()
     }

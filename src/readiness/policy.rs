@@ -36,7 +36,8 @@ pub enum Metric {
 }
 
 impl Metric {
-    pub const ALL: [Metric; 7] = [Metric::Rtt, Metric::Jitter, Metric::Loss, Metric::Mos, Metric::Utilisation, Metric::SpareCapacity, Metric::Freshness];
+    pub const ALL: [Metric; 7] =
+        [Metric::Rtt, Metric::Jitter, Metric::Loss, Metric::Mos, Metric::Utilisation, Metric::SpareCapacity, Metric::Freshness];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -229,7 +230,12 @@ impl Policy {
                 let Some(th) = t.get(m) else { continue };
                 let ordered = if m.higher_is_worse() { th.degraded <= th.not_ready } else { th.degraded >= th.not_ready };
                 if !ordered {
-                    return Err(format!("{name}: {} thresholds out of order (degraded {}, not_ready {})", m.as_str(), th.degraded, th.not_ready));
+                    return Err(format!(
+                        "{name}: {} thresholds out of order (degraded {}, not_ready {})",
+                        m.as_str(),
+                        th.degraded,
+                        th.not_ready
+                    ));
                 }
             }
         }

@@ -208,7 +208,12 @@ impl SiteMetrics {
             .enumerate()
             .map(|(i, s)| gauge_metric(self.labels[i].clone(), s.capacity_bytes_per_sec()))
             .collect();
-        out.push(family("siteflow_site_link_capacity_bytes_per_second".into(), "Link capacity of the site, each way, from the inventory.", MetricType::GAUGE, capacity));
+        out.push(family(
+            "siteflow_site_link_capacity_bytes_per_second".into(),
+            "Link capacity of the site, each way, from the inventory.",
+            MetricType::GAUGE,
+            capacity,
+        ));
 
         let mut last_end = Vec::new();
         for (name, t) in [("flows", &state.flows), ("probes", &state.probes)] {
@@ -216,7 +221,12 @@ impl SiteMetrics {
                 last_end.push(gauge_metric(vec![label("table", name)], end as f64 / 1e9));
             }
         }
-        out.push(family("siteflow_last_closed_window_end_timestamp_seconds".into(), "End of the newest closed window (Unix seconds).", MetricType::GAUGE, last_end));
+        out.push(family(
+            "siteflow_last_closed_window_end_timestamp_seconds".into(),
+            "End of the newest closed window (Unix seconds).",
+            MetricType::GAUGE,
+            last_end,
+        ));
 
         let flows = &state.flows;
         if flows.windows > 0 {
@@ -224,8 +234,14 @@ impl SiteMetrics {
             let value_of = |key: &Key, col: usize| flows.last.get(key).map_or(0.0, |v| v[col]);
             for (i, col) in flows.columns.iter().enumerate() {
                 let rate_name = match col.as_str() {
-                    "bytes" => Some(("siteflow_site_throughput_bytes_per_second", "Bytes per second in the last closed window, corrected for sampling.")),
-                    "packets" => Some(("siteflow_site_throughput_packets_per_second", "Packets per second in the last closed window, corrected for sampling.")),
+                    "bytes" => Some((
+                        "siteflow_site_throughput_bytes_per_second",
+                        "Bytes per second in the last closed window, corrected for sampling.",
+                    )),
+                    "packets" => Some((
+                        "siteflow_site_throughput_packets_per_second",
+                        "Packets per second in the last closed window, corrected for sampling.",
+                    )),
                     _ => None,
                 };
                 if let Some((name, help)) = rate_name {
@@ -233,10 +249,8 @@ impl SiteMetrics {
                     out.push(family(name.into(), help, MetricType::GAUGE, metrics));
                 }
                 if let Some(idx) = COUNTER_COLUMNS.iter().position(|c| c == col) {
-                    let metrics = keys
-                        .iter()
-                        .map(|k| counter_metric(self.labels_for(*k), flows.totals.get(k).map_or(0.0, |t| t[idx])))
-                        .collect();
+                    let metrics =
+                        keys.iter().map(|k| counter_metric(self.labels_for(*k), flows.totals.get(k).map_or(0.0, |t| t[idx]))).collect();
                     let help = format!("Sum of column {col} of the flows pipeline SQL over all closed windows.");
                     out.push(family(format!("siteflow_site_{col}_total"), &help, MetricType::COUNTER, metrics));
                 } else {

@@ -101,16 +101,34 @@ pub fn collect(shared: &Arc<SharedReadiness>) -> Vec<MetricFamily> {
         return out;
     }
     out.push(gauge("siteflow_site_readiness", "Readiness of the site for a video conference: 1 for the current state.", states));
-    out.push(gauge("siteflow_site_readiness_reason", "Policy rows that are not ready: 1 = degraded, 2 = not ready (or stale telemetry).", reasons));
+    out.push(gauge(
+        "siteflow_site_readiness_reason",
+        "Policy rows that are not ready: 1 = degraded, 2 = not ready (or stale telemetry).",
+        reasons,
+    ));
     out.push(gauge("siteflow_site_utilisation_ratio", "Mean throughput / capacity over the rolling period.", utilisation));
-    out.push(gauge("siteflow_site_spare_capacity_bytes_per_second", "Minimum of capacity minus throughput over the rolling period.", spare));
+    out.push(gauge(
+        "siteflow_site_spare_capacity_bytes_per_second",
+        "Minimum of capacity minus throughput over the rolling period.",
+        spare,
+    ));
     out.push(gauge("siteflow_site_rtt_quantile_seconds", "Quantiles of probe RTT means over the rolling period.", rtt_q));
     out.push(gauge("siteflow_site_jitter_p95_seconds", "95th percentile of probe jitter over the rolling period.", jitter_p95));
     out.push(gauge("siteflow_site_loss_max_ratio", "Worst probe-round loss over the rolling period.", loss_max));
     out.push(gauge("siteflow_site_mos_p5", "5th percentile of the E-model MOS over the rolling period.", mos_p5));
     out.push(gauge("siteflow_site_telemetry_age_seconds", "Wall clock minus the event time of the site's newest record.", age));
-    out.push(family("siteflow_site_rtt_seconds".into(), "Probe RTT means (buckets on the policy thresholds).", MetricType::HISTOGRAM, rtt_hist));
-    out.push(family("siteflow_site_jitter_seconds".into(), "Probe jitter (buckets on the policy thresholds).", MetricType::HISTOGRAM, jitter_hist));
+    out.push(family(
+        "siteflow_site_rtt_seconds".into(),
+        "Probe RTT means (buckets on the policy thresholds).",
+        MetricType::HISTOGRAM,
+        rtt_hist,
+    ));
+    out.push(family(
+        "siteflow_site_jitter_seconds".into(),
+        "Probe jitter (buckets on the policy thresholds).",
+        MetricType::HISTOGRAM,
+        jitter_hist,
+    ));
 
     let mut districts: Vec<&str> = latest.iter().map(|s| s.district.as_str()).collect();
     districts.sort_unstable();
@@ -149,7 +167,11 @@ pub fn collect(shared: &Arc<SharedReadiness>) -> Vec<MetricFamily> {
         out.push(gauge("siteflow_meeting_watched", "1 from the lead time before a meeting until its end.", watched));
         out.push(gauge("siteflow_meeting_participants", "Participants in each state against the meeting's bandwidth need.", counts));
         out.push(gauge("siteflow_meeting_participants_at_risk", "Participants not ready or without fresh telemetry.", at_risk));
-        out.push(gauge("siteflow_meeting_participant_at_risk", "1 per participant at risk while the meeting is watched.", participant_risk));
+        out.push(gauge(
+            "siteflow_meeting_participant_at_risk",
+            "1 per participant at risk while the meeting is watched.",
+            participant_risk,
+        ));
     }
     out
 }

@@ -131,17 +131,20 @@ impl WindowOperator {
     }
 
     /// Feeds an enriched batch of `table` (it must have an `event_time` column).
-    pub async fn process(&mut self, table: TableId, partition: PartitionId, batch: &RecordBatch, now: Instant) -> Result<BatchOutcome, DataFusionError> {
+    pub async fn process(
+        &mut self,
+        table: TableId,
+        partition: PartitionId,
+        batch: &RecordBatch,
+        now: Instant,
+    ) -> Result<BatchOutcome, DataFusionError> {
         let times = batch
             .column_by_name("event_time")
             .ok_or_else(|| DataFusionError::Internal("batch without event_time".into()))?
             .as_primitive::<TimestampNanosecondType>();
         let assignment = self.watermarks.assign(partition, times.values(), now);
-        let mut outcome = BatchOutcome {
-            accepted: (batch.num_rows() - assignment.late_count) as u64,
-            late: assignment.late_count as u64,
-            on_time: None,
-        };
+        let mut outcome =
+            BatchOutcome { accepted: (batch.num_rows() - assignment.late_count) as u64, late: assignment.late_count as u64, on_time: None };
         if outcome.accepted == 0 {
             return Ok(outcome);
         }

@@ -72,11 +72,8 @@ impl Watermarks {
         let others = self.others_min(partition, now);
         let clock = self.partitions.entry(partition).or_insert(PartitionClock { max_event_ns: i64::MIN, last_active: now });
         clock.last_active = now;
-        let mut out = Assignment {
-            window_starts: Vec::with_capacity(times_ns.len()),
-            late: Vec::with_capacity(times_ns.len()),
-            late_count: 0,
-        };
+        let mut out =
+            Assignment { window_starts: Vec::with_capacity(times_ns.len()), late: Vec::with_capacity(times_ns.len()), late_count: 0 };
         let mut watermark = self.watermark.unwrap_or(i64::MIN);
         for &t in times_ns {
             let start = window_start(t, self.size_ns);

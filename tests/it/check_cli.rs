@@ -51,7 +51,11 @@ fn bad_prefix_in_the_inventory_names_file_line_and_field() {
 #[test]
 fn invalid_pipeline_sql_names_the_file_and_the_problem() {
     let dir = tempfile::tempdir().unwrap();
-    write(dir.path(), "bad.sql", "SELECT window_start, site, direction, sum(bytez) AS bytes FROM flows GROUP BY window_start, site, direction");
+    write(
+        dir.path(),
+        "bad.sql",
+        "SELECT window_start, site, direction, sum(bytez) AS bytes FROM flows GROUP BY window_start, site, direction",
+    );
     let f = write(dir.path(), "c.yaml", "pipeline:\n  flows_sql: bad.sql\n");
     assert_rejected(&f, &[], &["bad.sql", "bytez"]);
 

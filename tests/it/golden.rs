@@ -14,7 +14,12 @@ fn check_golden(format: Format, name: &str) {
     // The whole file is one newline-delimited message, as collectors batch them.
     let mut msgs = Messages::default();
     msgs.push(&input);
-    let limits = DecodeLimits { max_message_bytes: 1 << 20, max_bytes_per_record: 1 << 40, min_time_ns: DecodeLimits::MIN_TIME_NS, max_time_ns: i64::MAX };
+    let limits = DecodeLimits {
+        max_message_bytes: 1 << 20,
+        max_bytes_per_record: 1 << 40,
+        min_time_ns: DecodeLimits::MIN_TIME_NS,
+        max_time_ns: i64::MAX,
+    };
     let (decoded, stats) = decode(format, &msgs, &limits);
     let batch = match decoded {
         Decoded::Flows(b) | Decoded::Probes(b) => b,

@@ -33,7 +33,11 @@ fn alerts(prom: std::net::SocketAddr) -> Vec<(String, String, String)> {
         .iter()
         .map(|a| {
             let l = &a["labels"];
-            (l["alertname"].as_str().unwrap_or("").into(), a["state"].as_str().unwrap_or("").into(), l["site"].as_str().unwrap_or("").into())
+            (
+                l["alertname"].as_str().unwrap_or("").into(),
+                a["state"].as_str().unwrap_or("").into(),
+                l["site"].as_str().unwrap_or("").into(),
+            )
         })
         .collect()
 }
@@ -76,7 +80,13 @@ fn prometheus_sees_exactly_the_faulty_sites_and_every_dashboard_query_has_data()
         http_request(site_addr, "POST", "/api/meetings", Some(&meeting.to_string())).ok()
     });
     assert_eq!(posted.0, 201, "{}", posted.1);
-    let bad = http_request(site_addr, "POST", "/api/meetings", Some(r#"{"id":"x","title":"x","start":"2026-01-01T00:00:00Z","duration_mins":5,"participants":[{"sites":["nowhere"]}]}"#)).unwrap();
+    let bad = http_request(
+        site_addr,
+        "POST",
+        "/api/meetings",
+        Some(r#"{"id":"x","title":"x","start":"2026-01-01T00:00:00Z","duration_mins":5,"participants":[{"sites":["nowhere"]}]}"#),
+    )
+    .unwrap();
     assert_eq!(bad.0, 400, "{}", bad.1);
     assert!(bad.1.contains("unknown site"), "{}", bad.1);
 
@@ -126,7 +136,8 @@ fn prometheus_sees_exactly_the_faulty_sites_and_every_dashboard_query_has_data()
     let at_risk: BTreeSet<String> = meo_vac_communes.clone();
     let firing = wait_until("SiteNotReady and MeetingParticipantAtRisk to fire", Duration::from_secs(150), || {
         let a = alerts(prom_addr);
-        let of = |name: &str| a.iter().filter(|(n, s, _)| n == name && s == "firing").map(|(_, _, site)| site.clone()).collect::<BTreeSet<_>>();
+        let of =
+            |name: &str| a.iter().filter(|(n, s, _)| n == name && s == "firing").map(|(_, _, site)| site.clone()).collect::<BTreeSet<_>>();
         (of("SiteNotReady") == not_ready && of("MeetingParticipantAtRisk") == at_risk).then_some(a)
     });
     let affected: BTreeSet<String> = not_ready.union(&unknown).cloned().collect();

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use siteflow::inventory::Inventory;
-use siteflow::readiness::{Metric, MeetingSpec, Verdict};
+use siteflow::readiness::{MeetingSpec, Metric, Verdict};
 use siteflow::source::simulator::Scenario;
 
 use crate::support::{fast_config, repo, simulate};

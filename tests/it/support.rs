@@ -116,9 +116,7 @@ pub async fn simulate(config: &Config, scenario: Scenario) -> SimRun {
     let metrics = Arc::new(PipelineMetrics::new(&Pipeline::FORMATS, &Pipeline::TABLES));
     let collect = CollectSink::default();
     let sites = SiteMetrics::new(res.inventory.clone(), config.window.size_secs as f64);
-    let pipeline = Pipeline::build(config, &res, metrics.clone(), vec![Box::new(collect.clone()), Box::new(sites.clone())])
-        .await
-        .unwrap();
+    let pipeline = Pipeline::build(config, &res, metrics.clone(), vec![Box::new(collect.clone()), Box::new(sites.clone())]).await.unwrap();
     let readiness = pipeline.readiness.clone();
     let mut sim = Simulator::new(config.simulator.clone(), window_spec(config), res.inventory.clone(), scenario);
     let truth = sim.track_truth();

@@ -90,8 +90,8 @@ fn now_ns() -> i64 {
 pub fn daily_utilisation(t_ns: i64) -> f64 {
     // Hours 0..24: quiet nights, busy office hours with a lunch dip.
     const SHAPE: [f64; 25] = [
-        0.05, 0.04, 0.04, 0.04, 0.04, 0.05, 0.10, 0.25, 0.50, 0.60, 0.62, 0.55, 0.35, 0.40, 0.60, 0.62, 0.58, 0.40,
-        0.25, 0.20, 0.15, 0.10, 0.08, 0.06, 0.05,
+        0.05, 0.04, 0.04, 0.04, 0.04, 0.05, 0.10, 0.25, 0.50, 0.60, 0.62, 0.55, 0.35, 0.40, 0.60, 0.62, 0.58, 0.40, 0.25, 0.20, 0.15, 0.10,
+        0.08, 0.06, 0.05,
     ];
     let secs_of_day = (t_ns / NS + 7 * 3600).rem_euclid(86_400) as f64;
     let h = secs_of_day / 3600.0;
@@ -363,11 +363,22 @@ mod tests {
     use super::*;
 
     fn spec() -> WindowSpec {
-        WindowSpec { size: Duration::from_secs(10), allowed_lateness: Duration::from_secs(5), idle_partition_timeout: Duration::from_secs(30) }
+        WindowSpec {
+            size: Duration::from_secs(10),
+            allowed_lateness: Duration::from_secs(5),
+            idle_partition_timeout: Duration::from_secs(30),
+        }
     }
 
     fn fast(seed: u64) -> SimulatorConfig {
-        SimulatorConfig { seed, pace: Pace::Fast, start_unix_secs: Some(1_764_000_000), duration_secs: Some(20), records_per_sec: 500, ..Default::default() }
+        SimulatorConfig {
+            seed,
+            pace: Pace::Fast,
+            start_unix_secs: Some(1_764_000_000),
+            duration_secs: Some(20),
+            records_per_sec: 500,
+            ..Default::default()
+        }
     }
 
     async fn all_bytes(mut sim: Simulator) -> Vec<u8> {

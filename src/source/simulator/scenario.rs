@@ -60,11 +60,19 @@ struct ScenarioFile {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Effect {
     /// Traffic at this share of capacity.
-    Congestion { utilisation: f64 },
+    Congestion {
+        utilisation: f64,
+    },
     Outage,
-    HighRtt { rtt_ms: f64 },
-    Jitter { jitter_ms: f64 },
-    Loss { loss_pct: f64 },
+    HighRtt {
+        rtt_ms: f64,
+    },
+    Jitter {
+        jitter_ms: f64,
+    },
+    Loss {
+        loss_pct: f64,
+    },
 }
 
 /// One fault, resolved against the inventory.
