@@ -76,9 +76,15 @@ fn stages(c: &mut Criterion) {
 
     let mut g = c.benchmark_group("prometheus");
     g.bench_function("render_242_sites", |b| {
-        let mut config = Config::default();
-        config.simulator =
-            SimulatorConfig { pace: Pace::Fast, start_unix_secs: Some(1_764_000_000), duration_secs: Some(30), ..Default::default() };
+        let config = Config {
+            simulator: SimulatorConfig {
+                pace: Pace::Fast,
+                start_unix_secs: Some(1_764_000_000),
+                duration_secs: Some(30),
+                ..Default::default()
+            },
+            ..Config::default()
+        };
         let res = Resources::load(&config).unwrap();
         let metrics = Arc::new(PipelineMetrics::new(&Pipeline::FORMATS, &Pipeline::TABLES));
         let sites = SiteMetrics::new(res.inventory.clone(), 10.0);

@@ -143,6 +143,6 @@ impl PipelineMetrics {
     /// p50 and p99 of the window close latency so far, in seconds.
     pub fn close_latency_quantiles(&self) -> Option<(f64, f64)> {
         let h = self.window_close_latency_exact.lock().expect("latency lock");
-        (h.len() > 0).then(|| (h.value_at_quantile(0.5) as f64 / 1e6, h.value_at_quantile(0.99) as f64 / 1e6))
+        (!h.is_empty()).then(|| (h.value_at_quantile(0.5) as f64 / 1e6, h.value_at_quantile(0.99) as f64 / 1e6))
     }
 }

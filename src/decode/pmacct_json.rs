@@ -103,7 +103,11 @@ impl<'de> Deserialize<'de> for Stamp {
                 v.checked_mul(1_000_000_000).map(Stamp).ok_or_else(|| E::custom("timestamp out of range"))
             }
             fn visit_f64<E: de::Error>(self, v: f64) -> Result<Stamp, E> {
-                if v.is_finite() && v >= 0.0 && v < 9.2e9 { Ok(Stamp((v * 1e9) as i64)) } else { Err(E::custom("timestamp out of range")) }
+                if v.is_finite() && (0.0..9.2e9).contains(&v) {
+                    Ok(Stamp((v * 1e9) as i64))
+                } else {
+                    Err(E::custom("timestamp out of range"))
+                }
             }
         }
         d.deserialize_any(V)

@@ -211,7 +211,7 @@ impl Policy {
         if !self.profiles.contains_key(&self.default_profile) {
             return Err(format!("default_profile: {:?} is not one of profiles", self.default_profile));
         }
-        if let Some((name, need)) = self.profiles.iter().find(|(_, n)| !(**n > 0.0)) {
+        if let Some((name, need)) = self.profiles.iter().find(|(_, n)| n.is_nan() || **n <= 0.0) {
             return Err(format!("profiles.{name}: need must be positive (got {need})"));
         }
         for level in self.levels.keys() {

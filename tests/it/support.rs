@@ -80,15 +80,16 @@ fn dechunk(body: &str) -> String {
 
 /// A fast, finite simulation starting at a fixed time (deterministic).
 pub fn fast_config(duration_secs: u64, records_per_sec: u64) -> Config {
-    let mut c = Config::default();
-    c.simulator = SimulatorConfig {
-        pace: Pace::Fast,
-        start_unix_secs: Some(1_764_000_000),
-        duration_secs: Some(duration_secs),
-        records_per_sec,
-        ..SimulatorConfig::default()
-    };
-    c
+    Config {
+        simulator: SimulatorConfig {
+            pace: Pace::Fast,
+            start_unix_secs: Some(1_764_000_000),
+            duration_secs: Some(duration_secs),
+            records_per_sec,
+            ..SimulatorConfig::default()
+        },
+        ..Config::default()
+    }
 }
 
 pub fn window_spec(c: &Config) -> WindowSpec {
