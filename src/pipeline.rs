@@ -207,7 +207,8 @@ impl Pipeline {
     }
 
     /// Formats every source of this pipeline can deliver.
-    pub const FORMATS: [Format; 3] = [Format::Goflow2Json, Format::PmacctJson, Format::SiteflowProbeJson];
+    pub const FORMATS: [Format; 5] =
+        [Format::Goflow2Json, Format::Goflow2Protobuf, Format::Goflow2ProtobufPlain, Format::PmacctJson, Format::SiteflowProbeJson];
     pub const TABLES: [&'static str; 2] = ["flows", "probes"];
 
     pub fn windows(&self) -> &WindowOperator {

@@ -5,6 +5,7 @@
 //! Every JSON format also accepts newline-delimited batches: one message, many records.
 
 pub mod goflow2_json;
+pub mod goflow2_pb;
 pub mod pmacct_json;
 pub mod probe_json;
 
@@ -27,6 +28,10 @@ use crate::source::Messages;
 pub enum Format {
     /// goflow2 `-format=json`: one flow per line.
     Goflow2Json,
+    /// goflow2 `-format=bin`: varint-length-delimited `FlowMessage`s (goflow2's Kafka default).
+    Goflow2Protobuf,
+    /// goflow2 `-format=bin` without the length prefix: one `FlowMessage` per message.
+    Goflow2ProtobufPlain,
     /// pmacct nfacctd/sfacctd Kafka plugin, `kafka_output: json` (also `kafka_multi_values`).
     PmacctJson,
     /// siteflow's own probe record (see `schemas/siteflow-probe.schema.json`).
@@ -37,6 +42,8 @@ impl Format {
     pub fn as_str(self) -> &'static str {
         match self {
             Format::Goflow2Json => "goflow2_json",
+            Format::Goflow2Protobuf => "goflow2_protobuf",
+            Format::Goflow2ProtobufPlain => "goflow2_protobuf_plain",
             Format::PmacctJson => "pmacct_json",
             Format::SiteflowProbeJson => "siteflow_probe_json",
         }
@@ -44,7 +51,7 @@ impl Format {
 
     /// Whether records of this format are flows (or probe results).
     pub fn carries_flows(self) -> bool {
-        matches!(self, Format::Goflow2Json | Format::PmacctJson)
+        !matches!(self, Format::SiteflowProbeJson)
     }
 }
 
@@ -100,6 +107,8 @@ pub(crate) fn parse_addr(s: &str) -> Result<Addr, RejectReason> {
 pub enum RejectReason {
     /// Not valid JSON (or not UTF-8).
     NotJson,
+    /// Not a valid protobuf message (or a broken length prefix).
+    NotProtobuf,
     /// Valid JSON, but a field is missing or has the wrong type.
     WrongSchema,
     /// No usable timestamp, or one before 2000 or too far in the future.
@@ -117,8 +126,9 @@ pub enum RejectReason {
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 8] = [
+    pub const ALL: [RejectReason; 9] = [
         RejectReason::NotJson,
+        RejectReason::NotProtobuf,
         RejectReason::WrongSchema,
         RejectReason::BadTimestamp,
         RejectReason::BadAddress,
@@ -131,6 +141,7 @@ impl RejectReason {
     pub fn as_str(self) -> &'static str {
         match self {
             RejectReason::NotJson => "not_json",
+            RejectReason::NotProtobuf => "not_protobuf",
             RejectReason::WrongSchema => "wrong_schema",
             RejectReason::BadTimestamp => "bad_timestamp",
             RejectReason::BadAddress => "bad_address",
@@ -435,15 +446,9 @@ pub enum Decoded {
     Probes(RecordBatch),
 }
 
-/// Decodes flow records with `decode_record` into flow columns.
-fn decode_flows(
-    msgs: &Messages,
-    limits: &DecodeLimits,
-    stats: &mut DecodeStats,
-    decode_record: fn(&[u8], &DecodeLimits) -> Result<FlowRecord, RejectReason>,
-) -> RecordBatch {
-    let mut cols = FlowColumns::with_capacity(msgs.len());
-    for_each_record(msgs, limits, stats, |rec, stats| match decode_record(rec, limits) {
+/// Appends one decoded flow (or counts its rejection).
+fn push_flow(cols: &mut FlowColumns, stats: &mut DecodeStats, result: Result<FlowRecord, RejectReason>) {
+    match result {
         Ok(r) => {
             if r.sampling_rate == 0 {
                 stats.missing_sampling_rate += 1;
@@ -452,7 +457,36 @@ fn decode_flows(
             stats.accept();
         }
         Err(reason) => stats.reject(reason),
-    });
+    }
+}
+
+/// Decodes newline-delimited JSON flow records with `decode_record` into flow columns.
+fn decode_json_flows(
+    msgs: &Messages,
+    limits: &DecodeLimits,
+    stats: &mut DecodeStats,
+    decode_record: fn(&[u8], &DecodeLimits) -> Result<FlowRecord, RejectReason>,
+) -> RecordBatch {
+    let mut cols = FlowColumns::with_capacity(msgs.len());
+    for_each_record(msgs, limits, stats, |rec, stats| push_flow(&mut cols, stats, decode_record(rec, limits)));
+    cols.finish()
+}
+
+/// Decodes binary flow messages (no newline framing) with `decode_message`.
+fn decode_binary_flows(
+    msgs: &Messages,
+    limits: &DecodeLimits,
+    stats: &mut DecodeStats,
+    decode_message: impl Fn(&[u8], &mut dyn FnMut(Result<FlowRecord, RejectReason>)),
+) -> RecordBatch {
+    let mut cols = FlowColumns::with_capacity(msgs.len());
+    for msg in msgs.iter() {
+        if msg.len() > limits.max_message_bytes {
+            stats.reject(RejectReason::Oversize);
+            continue;
+        }
+        decode_message(msg, &mut |r| push_flow(&mut cols, stats, r));
+    }
     cols.finish()
 }
 
@@ -460,8 +494,14 @@ fn decode_flows(
 pub fn decode(format: Format, msgs: &Messages, limits: &DecodeLimits) -> (Decoded, DecodeStats) {
     let mut stats = DecodeStats::default();
     let decoded = match format {
-        Format::Goflow2Json => Decoded::Flows(decode_flows(msgs, limits, &mut stats, goflow2_json::decode_record)),
-        Format::PmacctJson => Decoded::Flows(decode_flows(msgs, limits, &mut stats, pmacct_json::decode_record)),
+        Format::Goflow2Json => Decoded::Flows(decode_json_flows(msgs, limits, &mut stats, goflow2_json::decode_record)),
+        Format::PmacctJson => Decoded::Flows(decode_json_flows(msgs, limits, &mut stats, pmacct_json::decode_record)),
+        Format::Goflow2Protobuf => {
+            Decoded::Flows(decode_binary_flows(msgs, limits, &mut stats, |m, emit| goflow2_pb::decode_delimited(m, limits, emit)))
+        }
+        Format::Goflow2ProtobufPlain => {
+            Decoded::Flows(decode_binary_flows(msgs, limits, &mut stats, |m, emit| emit(goflow2_pb::decode_plain(m, limits))))
+        }
         Format::SiteflowProbeJson => {
             let mut cols = ProbeColumns::default();
             for_each_record(msgs, limits, &mut stats, |rec, stats| match probe_json::decode_record(rec, limits, |r| cols.push(r)) {
@@ -472,4 +512,61 @@ pub fn decode(format: Format, msgs: &Messages, limits: &DecodeLimits) -> (Decode
         }
     };
     (decoded, stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const FORMATS: [Format; 5] =
+        [Format::Goflow2Json, Format::Goflow2Protobuf, Format::Goflow2ProtobufPlain, Format::PmacctJson, Format::SiteflowProbeJson];
+
+    fn limits() -> DecodeLimits {
+        DecodeLimits {
+            max_message_bytes: 4096,
+            max_bytes_per_record: 1 << 40,
+            min_time_ns: DecodeLimits::MIN_TIME_NS,
+            max_time_ns: i64::MAX,
+        }
+    }
+
+    proptest! {
+        /// Any bytes, in any format: no panic, and every record is either decoded or rejected
+        /// with a reason.
+        #[test]
+        fn arbitrary_bytes_never_panic(messages in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..600), 0..20)) {
+            let mut msgs = Messages::default();
+            for m in &messages {
+                msgs.push(m);
+            }
+            for format in FORMATS {
+                let (decoded, stats) = decode(format, &msgs, &limits());
+                let rows = match decoded { Decoded::Flows(b) | Decoded::Probes(b) => b.num_rows() as u64 };
+                prop_assert_eq!(rows, stats.decoded);
+                prop_assert_eq!(stats.decoded + stats.rejected_total(), stats.records);
+            }
+        }
+
+        /// Valid records with bytes flipped or cut: still no panic, still accounted for.
+        #[test]
+        fn damaged_records_are_accounted_for(cut in 0usize..500, flip in 0usize..500, bit in 0u8..8) {
+            use prost::Message;
+            let json = br#"{"type":"NETFLOW_V9","time_received_ns":1764000000500000000,"sampling_rate":100,"sampler_address":"172.16.2.21","time_flow_end_ns":1764000000400000000,"bytes":1500,"packets":3,"src_addr":"10.2.21.5","dst_addr":"203.0.113.9","proto":"TCP","src_port":1,"dst_port":2}"#.to_vec();
+            let mut pb = Vec::new();
+            goflow2_pb::tests::sample().encode_length_delimited(&mut pb).unwrap();
+            for (format, mut bytes) in [(Format::Goflow2Json, json), (Format::Goflow2Protobuf, pb)] {
+                if !bytes.is_empty() {
+                    let i = flip % bytes.len();
+                    bytes[i] ^= 1 << bit;
+                    bytes.truncate(cut.max(1).min(bytes.len()));
+                }
+                let mut msgs = Messages::default();
+                msgs.push(&bytes);
+                let (_, stats) = decode(format, &msgs, &limits());
+                prop_assert_eq!(stats.decoded + stats.rejected_total(), stats.records);
+                prop_assert!(stats.records >= 1);
+            }
+        }
+    }
 }
