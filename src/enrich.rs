@@ -226,13 +226,20 @@ impl Enricher {
     }
 
     /// Enriches decoded probe results (schema [`probe_schema`]) into [`enriched_probe_schema`].
-    /// Results for a site id not in the inventory are unmatched.
+    /// The site is the record's site id, else the site whose prefix holds the target address;
+    /// results with neither are unmatched.
     pub fn enrich_probes(&self, batch: &RecordBatch) -> (RecordBatch, EnrichStats) {
         let ids = batch.column_by_name("site_id").expect("probe_schema column").as_string::<i32>();
         let mut keep = Vec::with_capacity(ids.len());
         let mut site_keys = Vec::with_capacity(ids.len());
+        let targets = batch.column_by_name("target").expect("probe_schema column").as_string::<i32>();
         for (i, id) in ids.iter().enumerate() {
-            if let Some(site) = id.and_then(|id| self.inventory.by_id(id)) {
+            // By site id; failing that, by the probed address (e.g. Telegraf's `url` tag).
+            let site = id.and_then(|id| self.inventory.by_id(id)).or_else(|| {
+                let target = targets.value(i).parse::<std::net::IpAddr>().ok()?;
+                self.inventory.site_of_addr(crate::inventory::addr_from_ip(target))
+            });
+            if let Some(site) = site {
                 keep.push(i as u32);
                 site_keys.push(site);
             }
@@ -308,5 +315,30 @@ mod tests {
         let site = out.column_by_name("site").unwrap().as_dictionary::<UInt16Type>();
         let names = site.values().as_string::<i32>();
         assert_eq!(names.value(site.keys().value(0) as usize), "dong-van.ta-lung");
+    }
+
+    #[test]
+    fn probes_match_by_site_id_or_by_target_address() {
+        use crate::decode::{ProbeColumns, ProbeRecord};
+        let e = enricher();
+        let mut cols = ProbeColumns::default();
+        let base = ProbeRecord {
+            event_time_ns: 1,
+            site_id: "tinh.vp-ubnd",
+            target: "mcu",
+            rtt_seconds: 0.01,
+            jitter_seconds: 0.0,
+            loss_ratio: 0.0,
+            sent: 1,
+        };
+        cols.push(&base);
+        cols.push(&ProbeRecord { site_id: "", target: "10.2.21.1", ..base.clone() });
+        cols.push(&ProbeRecord { site_id: "nowhere", target: "198.51.100.1", ..base.clone() });
+        let (out, stats) = e.enrich_probes(&cols.finish());
+        assert_eq!(stats.unmatched, 1);
+        let site = out.column_by_name("site").unwrap().as_dictionary::<UInt16Type>();
+        let names = site.values().as_string::<i32>();
+        let got: Vec<&str> = site.keys().values().iter().map(|k| names.value(*k as usize)).collect();
+        assert_eq!(got, vec!["tinh.vp-ubnd", "dong-van.ta-lung"]);
     }
 }

@@ -8,6 +8,7 @@ pub mod goflow2_json;
 pub mod goflow2_pb;
 pub mod pmacct_json;
 pub mod probe_json;
+pub mod telegraf_json;
 
 use std::sync::Arc;
 
@@ -36,6 +37,8 @@ pub enum Format {
     PmacctJson,
     /// siteflow's own probe record (see `schemas/siteflow-probe.schema.json`).
     SiteflowProbeJson,
+    /// Telegraf `data_format = "json"` (single or `{"metrics":[…]}`): `ping` → probe results.
+    TelegrafJson,
 }
 
 impl Format {
@@ -46,12 +49,8 @@ impl Format {
             Format::Goflow2ProtobufPlain => "goflow2_protobuf_plain",
             Format::PmacctJson => "pmacct_json",
             Format::SiteflowProbeJson => "siteflow_probe_json",
+            Format::TelegrafJson => "telegraf_json",
         }
-    }
-
-    /// Whether records of this format are flows (or probe results).
-    pub fn carries_flows(self) -> bool {
-        !matches!(self, Format::SiteflowProbeJson)
     }
 }
 
@@ -123,10 +122,12 @@ pub enum RejectReason {
     AbsurdValue,
     /// A message larger than `decode.max_message_bytes`.
     Oversize,
+    /// A well-formed record of a kind siteflow does not use (e.g. a Telegraf `cpu` metric).
+    UnsupportedMeasurement,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 9] = [
+    pub const ALL: [RejectReason; 10] = [
         RejectReason::NotJson,
         RejectReason::NotProtobuf,
         RejectReason::WrongSchema,
@@ -136,6 +137,7 @@ impl RejectReason {
         RejectReason::AbsurdCounter,
         RejectReason::AbsurdValue,
         RejectReason::Oversize,
+        RejectReason::UnsupportedMeasurement,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -149,6 +151,7 @@ impl RejectReason {
             RejectReason::AbsurdCounter => "absurd_counter",
             RejectReason::AbsurdValue => "absurd_value",
             RejectReason::Oversize => "oversize",
+            RejectReason::UnsupportedMeasurement => "unsupported_measurement",
         }
     }
 
@@ -510,6 +513,18 @@ pub fn decode(format: Format, msgs: &Messages, limits: &DecodeLimits) -> (Decode
             });
             Decoded::Probes(cols.finish())
         }
+        Format::TelegrafJson => {
+            let mut cols = ProbeColumns::default();
+            for_each_record(msgs, limits, &mut stats, |rec, stats| {
+                for outcome in telegraf_json::decode_document(rec, limits, |r| cols.push(r)) {
+                    match outcome {
+                        Ok(()) => stats.accept(),
+                        Err(reason) => stats.reject(reason),
+                    }
+                }
+            });
+            Decoded::Probes(cols.finish())
+        }
     };
     (decoded, stats)
 }
@@ -519,8 +534,14 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    const FORMATS: [Format; 5] =
-        [Format::Goflow2Json, Format::Goflow2Protobuf, Format::Goflow2ProtobufPlain, Format::PmacctJson, Format::SiteflowProbeJson];
+    const FORMATS: [Format; 6] = [
+        Format::Goflow2Json,
+        Format::Goflow2Protobuf,
+        Format::Goflow2ProtobufPlain,
+        Format::PmacctJson,
+        Format::SiteflowProbeJson,
+        Format::TelegrafJson,
+    ];
 
     fn limits() -> DecodeLimits {
         DecodeLimits {

@@ -56,3 +56,8 @@ fn siteflow_probe_json() {
 fn pmacct_json() {
     check_golden(Format::PmacctJson, "pmacct_json");
 }
+
+#[test]
+fn telegraf_json() {
+    check_golden(Format::TelegrafJson, "telegraf_json");
+}
