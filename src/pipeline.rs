@@ -207,14 +207,7 @@ impl Pipeline {
     }
 
     /// Formats every source of this pipeline can deliver.
-    pub const FORMATS: [Format; 6] = [
-        Format::Goflow2Json,
-        Format::Goflow2Protobuf,
-        Format::Goflow2ProtobufPlain,
-        Format::PmacctJson,
-        Format::SiteflowProbeJson,
-        Format::TelegrafJson,
-    ];
+    pub const FORMATS: [Format; 6] = Format::ALL;
     pub const TABLES: [&'static str; 2] = ["flows", "probes"];
 
     pub fn windows(&self) -> &WindowOperator {

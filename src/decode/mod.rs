@@ -42,6 +42,16 @@ pub enum Format {
 }
 
 impl Format {
+    /// Every format siteflow decodes.
+    pub const ALL: [Format; 6] = [
+        Format::Goflow2Json,
+        Format::Goflow2Protobuf,
+        Format::Goflow2ProtobufPlain,
+        Format::PmacctJson,
+        Format::SiteflowProbeJson,
+        Format::TelegrafJson,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Format::Goflow2Json => "goflow2_json",
@@ -534,15 +544,6 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    const FORMATS: [Format; 6] = [
-        Format::Goflow2Json,
-        Format::Goflow2Protobuf,
-        Format::Goflow2ProtobufPlain,
-        Format::PmacctJson,
-        Format::SiteflowProbeJson,
-        Format::TelegrafJson,
-    ];
-
     fn limits() -> DecodeLimits {
         DecodeLimits {
             max_message_bytes: 4096,
@@ -561,7 +562,7 @@ mod tests {
             for m in &messages {
                 msgs.push(m);
             }
-            for format in FORMATS {
+            for format in Format::ALL {
                 let (decoded, stats) = decode(format, &msgs, &limits());
                 let rows = match decoded { Decoded::Flows(b) | Decoded::Probes(b) => b.num_rows() as u64 };
                 prop_assert_eq!(rows, stats.decoded);
