@@ -14,16 +14,53 @@ if ! command -v cargo >/dev/null; then
   exit 1
 fi
 
-# Prometheus server and promtool (Debian package): the rules' unit tests and the end-to-end
-# test that scrapes siteflow use the real ones.
+# Debian packages: Prometheus and promtool (rules' unit tests, the end-to-end scrape), pmacct
+# and softflowd (the real exporter → collector → broker chain), kcat (reading topics by hand and
+# the consume baseline), and what the bundled librdkafka builds with.
 need_apt=()
 command -v promtool >/dev/null || need_apt+=(prometheus)
 command -v python3 >/dev/null || need_apt+=(python3)
+command -v nfacctd >/dev/null || need_apt+=(pmacct)
+command -v softflowd >/dev/null || need_apt+=(softflowd)
+command -v kcat >/dev/null || need_apt+=(kcat)
+command -v pkg-config >/dev/null || need_apt+=(pkg-config)
+[ -e /usr/include/openssl/ssl.h ] || need_apt+=(libssl-dev)
+[ -e /usr/include/zlib.h ] || need_apt+=(zlib1g-dev)
 if ((${#need_apt[@]})); then
   echo "== installing ${need_apt[*]}"
   sudo_cmd=""; [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
   $sudo_cmd apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
+fi
+
+# Tansu, a Kafka-protocol broker (Apache Kafka cannot be installed here): built once per machine.
+export PATH="$HOME/.cargo/bin:$PATH"
+if ! command -v tansu >/dev/null; then
+  echo "== installing the Tansu broker (cargo install, about 10-20 minutes once per machine)"
+  CARGO_TARGET_DIR="$HOME/.cache/siteflow/tansu-build" \
+    cargo install tansu --locked --version 0.6.0 --features dynostore,libsql
+fi
+
+# Debian's librdkafka (2.0) cannot talk to Tansu; pmacct and kcat use the newer one that the
+# confluent-kafka wheel carries (tests put it on LD_LIBRARY_PATH through SITEFLOW_LIBRDKAFKA_DIR).
+export SITEFLOW_LIBRDKAFKA_DIR="$HOME/.cache/siteflow/librdkafka"
+if [ ! -e "$SITEFLOW_LIBRDKAFKA_DIR/librdkafka.so.1" ]; then
+  echo "== fetching a current librdkafka.so.1 (confluent-kafka wheel, PyPI)"
+  wheels="$HOME/.cache/siteflow/wheels"
+  mkdir -p "$wheels" "$SITEFLOW_LIBRDKAFKA_DIR"
+  python3 -m pip download --quiet --no-deps --only-binary=:all: -d "$wheels" "confluent-kafka==2.16.1"
+  python3 - "$wheels" "$SITEFLOW_LIBRDKAFKA_DIR" <<'PY'
+import glob, os, shutil, sys, zipfile
+wheel = sorted(glob.glob(os.path.join(sys.argv[1], "confluent_kafka-2.16.1-*.whl")))[-1]
+with zipfile.ZipFile(wheel) as z:
+    for name in z.namelist():
+        if name.startswith("confluent_kafka.libs/") and not name.endswith("/"):
+            target = os.path.join(sys.argv[2], os.path.basename(name))
+            with z.open(name) as src, open(target, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            if os.path.basename(name).startswith("librdkafka"):
+                shutil.copy(target, os.path.join(sys.argv[2], "librdkafka.so.1"))
+PY
 fi
 
 echo "== Prometheus configuration, rules and rule unit tests (promtool)"

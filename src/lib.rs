@@ -6,7 +6,9 @@
 //! [`window`] (event-time windows, DataFusion partial/final aggregates) → [`sink`] (Prometheus).
 //! [`pipeline`] wires them together; [`http`] serves the results.
 
+pub mod checkpoint;
 pub mod config;
+pub mod dead_letter;
 pub mod decode;
 pub mod enrich;
 pub mod http;

@@ -11,11 +11,14 @@ use clap::{Args, Parser, Subcommand};
 use figment::value::magic::RelativePathBuf;
 use tokio::sync::watch;
 
-use siteflow::config::{Config, LogFormat, Pace};
+use siteflow::checkpoint::CheckpointStore;
+use siteflow::config::{Config, LogFormat, Pace, SourceKind, resolve};
+use siteflow::dead_letter::DeadLetters;
 use siteflow::http::{AppState, router};
 use siteflow::metrics::PipelineMetrics;
 use siteflow::pipeline::{Pipeline, Resources, plan_windows};
 use siteflow::sink::prometheus::SiteMetrics;
+use siteflow::source::kafka::KafkaSource;
 use siteflow::source::simulator::{Scenario, Simulator};
 use siteflow::window::WindowSpec;
 
@@ -145,7 +148,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let metrics = Arc::new(PipelineMetrics::new(&Pipeline::FORMATS, &Pipeline::TABLES));
     let sites = SiteMetrics::new(res.inventory.clone(), config.window.size_secs as f64);
     let latency = metrics.clone();
-    let pipeline = Pipeline::build(&config, &res, metrics.clone(), vec![Box::new(sites.clone())]).await?;
+    let mut pipeline = Pipeline::build(&config, &res, metrics.clone(), vec![Box::new(sites.clone())]).await?;
     let ready = pipeline.ready.clone();
     let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let state = AppState { metrics, sites, ready, stopping: stopping.clone(), readiness: pipeline.readiness.clone() };
@@ -163,8 +166,32 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         config.http.listen
     );
 
-    let source = Simulator::new(config.simulator.clone(), window_spec(&config), res.inventory.clone(), scenario);
     let (stop_tx, stop_rx) = watch::channel(false);
+    let pipeline_run = match config.source.kind {
+        SourceKind::Simulator => {
+            let source = Simulator::new(config.simulator.clone(), window_spec(&config), res.inventory.clone(), scenario);
+            tokio::spawn(siteflow::pipeline::run(source, pipeline, stop_rx))
+        }
+        SourceKind::Kafka => {
+            let dir = config.checkpoint.dir.as_ref().map(resolve).context("checkpoint.dir must be set when source.kind is kafka")?;
+            let store = CheckpointStore::open(&dir, pipeline.table_names())?;
+            let dead_letters = match &config.kafka.dead_letter_topic {
+                Some(topic) => Some(DeadLetters::new(&config.kafka, topic, state.metrics.clone()).map_err(anyhow::Error::msg)?),
+                None => None,
+            };
+            pipeline.enable_checkpoints(store.clone(), dead_letters);
+            let (source, events) = KafkaSource::start(&config.kafka, store, state.metrics.clone())?;
+            tracing::info!(
+                brokers = %config.kafka.brokers,
+                group = %config.kafka.group_id,
+                topics = ?config.kafka.topics.iter().map(|t| format!("{} ({})", t.name, t.format.as_str())).collect::<Vec<_>>(),
+                checkpoints = %dir.display(),
+                "consuming from Kafka"
+            );
+            let interval = std::time::Duration::from_secs(config.checkpoint.interval_secs);
+            tokio::spawn(siteflow::pipeline::run_kafka(source, events, pipeline, interval, stop_rx))
+        }
+    };
     let (server_stop_tx, mut server_stop_rx) = watch::channel(false);
     let server = tokio::spawn(async move {
         axum::serve(listener, router(state))
@@ -173,7 +200,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             })
             .await
     });
-    let mut pipeline_task = tokio::spawn(siteflow::pipeline::run(source, pipeline, stop_rx));
+    let mut pipeline_task = pipeline_run;
 
     // The pipeline ends on a signal, or by itself when a finite simulation is done.
     let summary = tokio::select! {

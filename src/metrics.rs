@@ -2,7 +2,7 @@
 
 use std::sync::Mutex;
 
-use prometheus::{Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 use crate::decode::{DecodeStats, Format, RejectReason};
 
@@ -23,6 +23,24 @@ pub struct PipelineMetrics {
     pub window_close_latency: Histogram,
     /// The same latency at full resolution, for exact p50/p99 in logs and benchmarks (µs).
     pub window_close_latency_exact: Mutex<hdrhistogram::Histogram<u64>>,
+    pub window_late_contributions: IntCounter,
+    pub kafka_consumer_lag: IntGaugeVec,
+    pub kafka_paused: IntGauge,
+    pub kafka_pauses: IntCounter,
+    pub kafka_queued_batches: IntGauge,
+    pub kafka_rebalances: IntCounterVec,
+    pub kafka_replayed_skipped: IntCounter,
+    pub kafka_offset_gaps: IntCounter,
+    pub checkpoints: IntCounterVec,
+    pub checkpoint_duration: Histogram,
+    pub checkpoint_last_success: Gauge,
+    pub dead_letter_records: IntCounterVec,
+    pub dead_letter_errors: IntCounter,
+}
+
+fn register<M: prometheus::core::Collector + Clone + 'static>(registry: &Registry, m: M) -> M {
+    registry.register(Box::new(m.clone())).expect("registered once");
+    m
 }
 
 fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -86,6 +104,100 @@ impl PipelineMetrics {
         r.register(Box::new(flows_missing_sampling_rate.clone())).expect("registered once");
         r.register(Box::new(windows_open.clone())).expect("registered once");
         r.register(Box::new(window_close_latency.clone())).expect("registered once");
+        let window_late_contributions = register(r, IntCounter::new(
+            "siteflow_window_late_contributions_total",
+            "Partition states that closed after their window was published (a partition catching up after a takeover or idleness); they reach the results logs, not /metrics.",
+        ).expect("valid metric"));
+        let kafka_consumer_lag = register(
+            r,
+            IntGaugeVec::new(
+                Opts::new(
+                    "siteflow_kafka_consumer_lag",
+                    "Messages between the partition's end and this consumer's position (from librdkafka statistics).",
+                ),
+                &["topic", "partition"],
+            )
+            .expect("valid metric"),
+        );
+        let kafka_paused = register(
+            r,
+            IntGauge::new(
+                "siteflow_kafka_backpressure_paused",
+                "1 while the consumer has paused its partitions because the pipeline is behind (bounded queue full).",
+            )
+            .expect("valid metric"),
+        );
+        let kafka_pauses = register(
+            r,
+            IntCounter::new(
+                "siteflow_kafka_backpressure_pauses_total",
+                "Times the consumer paused its partitions because the pipeline was behind.",
+            )
+            .expect("valid metric"),
+        );
+        let kafka_queued_batches = register(
+            r,
+            IntGauge::new(
+                "siteflow_kafka_queued_batches",
+                "Micro-batches read from Kafka and waiting for the pipeline (bounded by kafka.max_queued_batches).",
+            )
+            .expect("valid metric"),
+        );
+        let kafka_rebalances =
+            counter_vec(r, "siteflow_kafka_rebalances_total", "Partitions assigned to or revoked from this instance.", &["kind"]);
+        let kafka_replayed_skipped = register(
+            r,
+            IntCounter::new(
+                "siteflow_kafka_replayed_skipped_total",
+                "Messages delivered again below a partition's checkpointed offset, skipped (they are already counted).",
+            )
+            .expect("valid metric"),
+        );
+        let kafka_offset_gaps = register(
+            r,
+            IntCounter::new(
+                "siteflow_kafka_offset_gaps_total",
+                "Batches whose first offset was past the partition's next expected one (expected after compaction or transactions only).",
+            )
+            .expect("valid metric"),
+        );
+        let checkpoints = counter_vec(r, "siteflow_checkpoints_total", "Checkpoints written, by outcome.", &["outcome"]);
+        let checkpoint_duration = register(
+            r,
+            Histogram::with_opts(
+                HistogramOpts::new("siteflow_checkpoint_duration_seconds", "Time to write the checkpoints of all owned partitions.")
+                    .buckets(vec![0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0]),
+            )
+            .expect("valid metric"),
+        );
+        let checkpoint_last_success = register(
+            r,
+            Gauge::new("siteflow_checkpoint_last_success_timestamp_seconds", "When the last checkpoint was written (Unix seconds).")
+                .expect("valid metric"),
+        );
+        let dead_letter_records = counter_vec(
+            r,
+            "siteflow_dead_letter_records_total",
+            "Rejected records produced to the dead-letter topic, by reason.",
+            &["reason"],
+        );
+        let dead_letter_errors = register(
+            r,
+            IntCounter::new(
+                "siteflow_dead_letter_errors_total",
+                "Rejected records that could not be produced to the dead-letter topic (they are still counted as rejected).",
+            )
+            .expect("valid metric"),
+        );
+        for kind in ["assigned", "revoked"] {
+            kafka_rebalances.with_label_values(&[kind]);
+        }
+        for outcome in ["ok", "failed"] {
+            checkpoints.with_label_values(&[outcome]);
+        }
+        for reason in RejectReason::ALL {
+            dead_letter_records.with_label_values(&[reason.as_str()]);
+        }
         #[cfg(target_os = "linux")]
         r.register(Box::new(prometheus::process_collector::ProcessCollector::for_self())).expect("registered once");
 
@@ -118,6 +230,19 @@ impl PipelineMetrics {
             windows_open,
             window_close_latency,
             window_close_latency_exact: Mutex::new(hdrhistogram::Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid bounds")),
+            window_late_contributions,
+            kafka_consumer_lag,
+            kafka_paused,
+            kafka_pauses,
+            kafka_queued_batches,
+            kafka_rebalances,
+            kafka_replayed_skipped,
+            kafka_offset_gaps,
+            checkpoints,
+            checkpoint_duration,
+            checkpoint_last_success,
+            dead_letter_records,
+            dead_letter_errors,
         }
     }
 

@@ -11,7 +11,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 use tokio::time::MissedTickBehavior;
 
+use crate::checkpoint::{CheckpointStore, PartitionCheckpoint, PartitionKey};
 use crate::config::{Config, resolve};
+use crate::dead_letter::DeadLetters;
 use crate::decode::{DecodeLimits, Decoded, Format, decode};
 use crate::enrich::{Enricher, Sampling, enriched_flow_schema, enriched_probe_schema};
 use crate::inventory::{Inventory, InventoryError, addr_from_ip};
@@ -19,8 +21,9 @@ use crate::metrics::PipelineMetrics;
 use crate::readiness::meetings::load_schedule;
 use crate::readiness::{Meeting, Policy, ReadinessEngine, SharedReadiness};
 use crate::sink::WindowSink;
-use crate::source::{Source, SourceBatch};
-use crate::window::{ClosedWindow, TableId, WindowOperator, WindowSpec};
+use crate::source::kafka::{KafkaEvent, KafkaSource};
+use crate::source::{Messages, PartitionId, Source, SourceBatch};
+use crate::window::{Closed, TableId, WindowOperator, WindowSpec};
 
 /// The built-in flows aggregation.
 pub const EMBEDDED_FLOWS_SQL: &str = include_str!("../pipelines/hagiang/flows.sql");
@@ -157,6 +160,23 @@ pub struct Pipeline {
     /// Set once the first window has been published (for `/readyz`).
     pub ready: Arc<AtomicBool>,
     summary: RunSummary,
+    /// Partitions, checkpoints and dead letters when reading from Kafka.
+    durable: Option<Durable>,
+}
+
+/// A partition this instance owns.
+#[derive(Debug)]
+struct Owned {
+    key: PartitionKey,
+    /// The first offset not yet processed; anything below it is already counted.
+    next_offset: i64,
+}
+
+/// Exactly-once bookkeeping: owned partitions, their checkpoints and results logs.
+struct Durable {
+    store: CheckpointStore,
+    owned: std::collections::HashMap<PartitionId, Owned>,
+    dead_letters: Option<DeadLetters>,
 }
 
 impl Pipeline {
@@ -203,7 +223,116 @@ impl Pipeline {
             sinks,
             ready: Arc::new(AtomicBool::new(false)),
             summary: RunSummary::default(),
+            durable: None,
         })
+    }
+
+    /// Keeps checkpoints and per-partition results logs in `store` (the Kafka source's mode).
+    pub fn enable_checkpoints(&mut self, store: CheckpointStore, dead_letters: Option<DeadLetters>) {
+        self.windows.set_per_partition_results(true);
+        self.durable = Some(Durable { store, owned: Default::default(), dead_letters });
+    }
+
+    /// Table names in the window operator's order (the checkpoint layout).
+    pub fn table_names(&self) -> Vec<String> {
+        (0..self.windows.table_count()).map(|t| self.windows.table_name(t).to_string()).collect()
+    }
+
+    fn state_schemas(&self) -> Vec<datafusion::arrow::datatypes::SchemaRef> {
+        (0..self.windows.table_count()).map(|t| self.windows.state_schema(t)).collect()
+    }
+
+    /// Takes over partitions: restores each from its checkpoint and cuts its results logs back
+    /// to what that checkpoint covers.
+    pub fn assign(&mut self, partitions: &[(PartitionId, PartitionKey)]) -> anyhow::Result<()> {
+        let schemas = self.state_schemas();
+        let now = Instant::now();
+        let durable = self.durable.as_mut().ok_or_else(|| anyhow::anyhow!("checkpoints are not enabled"))?;
+        for (id, key) in partitions {
+            let ckpt = durable.store.load(key, &schemas)?;
+            let (next_offset, max_event, lens, states) = match ckpt {
+                Some(c) => (c.next_offset, c.max_event_ns, c.results_len, c.states),
+                None => (0, None, vec![0; schemas.len()], vec![Vec::new(); schemas.len()]),
+            };
+            for (table, len) in lens.iter().enumerate() {
+                durable.store.truncate_results(table, key, *len)?;
+            }
+            self.windows.restore_partition(*id, max_event, states, now)?;
+            tracing::info!(partition = %key, next_offset, "partition restored from its checkpoint");
+            durable.owned.insert(*id, Owned { key: key.clone(), next_offset });
+        }
+        Ok(())
+    }
+
+    /// Releases partitions: checkpoints them, drops their state, returns the offsets to commit.
+    pub fn revoke(&mut self, partitions: &[PartitionId]) -> anyhow::Result<Vec<(PartitionKey, i64)>> {
+        let offsets = self.checkpoint_partitions(partitions)?;
+        if let Some(durable) = self.durable.as_mut() {
+            for id in partitions {
+                durable.owned.remove(id);
+                self.windows.release_partition(*id);
+            }
+        }
+        Ok(offsets)
+    }
+
+    /// Checkpoints every owned partition; returns the offsets now safe to commit.
+    pub fn checkpoint(&mut self) -> anyhow::Result<Vec<(PartitionKey, i64)>> {
+        let ids: Vec<PartitionId> = self.durable.as_ref().map(|d| d.owned.keys().copied().collect()).unwrap_or_default();
+        self.checkpoint_partitions(&ids)
+    }
+
+    fn checkpoint_partitions(&mut self, ids: &[PartitionId]) -> anyhow::Result<Vec<(PartitionKey, i64)>> {
+        let Some(durable) = self.durable.as_ref() else { return Ok(Vec::new()) };
+        let started = Instant::now();
+        let result = (|| -> anyhow::Result<Vec<(PartitionKey, i64)>> {
+            if let Some(dl) = &durable.dead_letters {
+                dl.flush().map_err(anyhow::Error::msg)?;
+            }
+            let schemas = self.state_schemas();
+            let mut offsets = Vec::with_capacity(ids.len());
+            for id in ids {
+                let Some(owned) = durable.owned.get(id) else { continue };
+                let results_len = (0..schemas.len()).map(|t| durable.store.sync_results(t, &owned.key)).collect::<Result<Vec<_>, _>>()?;
+                let ckpt = PartitionCheckpoint {
+                    next_offset: owned.next_offset,
+                    max_event_ns: self.windows.watermarks().partition_max_event(*id),
+                    results_len,
+                    states: self.windows.partition_states(*id),
+                };
+                durable.store.save(&owned.key, &ckpt, &schemas)?;
+                offsets.push((owned.key.clone(), owned.next_offset));
+            }
+            Ok(offsets)
+        })();
+        let outcome = if result.is_ok() { "ok" } else { "failed" };
+        self.metrics.checkpoints.with_label_values(&[outcome]).inc();
+        if result.is_ok() {
+            self.metrics.checkpoint_duration.observe(started.elapsed().as_secs_f64());
+            self.metrics.checkpoint_last_success.set(unix_now_ns() as f64 / 1e9);
+        }
+        result
+    }
+
+    /// Drops messages a partition has already counted (delivered again after a restart).
+    fn skip_processed(&mut self, batch: &mut SourceBatch) {
+        let Some(owned) = self.durable.as_ref().and_then(|d| d.owned.get(&batch.partition)) else { return };
+        let from = owned.next_offset;
+        if batch.offsets.first().is_none_or(|&o| o >= from) {
+            return;
+        }
+        let keep = batch.offsets.iter().filter(|&&o| o >= from).count();
+        self.metrics.kafka_replayed_skipped.inc_by((batch.offsets.len() - keep) as u64);
+        let mut messages = Messages::with_capacity(keep, batch.messages.total_bytes());
+        let mut offsets = Vec::with_capacity(keep);
+        for (m, &o) in batch.messages.iter().zip(&batch.offsets) {
+            if o >= from {
+                messages.push(m);
+                offsets.push(o);
+            }
+        }
+        batch.messages = messages;
+        batch.offsets = offsets;
     }
 
     /// Formats every source of this pipeline can deliver.
@@ -215,10 +344,29 @@ impl Pipeline {
     }
 
     /// Runs one source batch through decode, enrich and window, then publishes closed windows.
-    pub async fn process(&mut self, batch: SourceBatch) -> anyhow::Result<()> {
+    pub async fn process(&mut self, mut batch: SourceBatch) -> anyhow::Result<()> {
+        self.skip_processed(&mut batch);
+        if batch.messages.is_empty() {
+            return Ok(());
+        }
         self.limits.max_time_ns = unix_now_ns().saturating_add(self.max_future_ns);
         let (decoded, stats) = decode(batch.format, &batch.messages, &self.limits);
         self.metrics.record_decode(batch.format, batch.messages.total_bytes(), &stats);
+        if let Some(durable) = self.durable.as_mut()
+            && let Some(owned) = durable.owned.get_mut(&batch.partition)
+        {
+            if let Some(dl) = &durable.dead_letters {
+                dl.send(&owned.key, batch.format, &batch.messages, &batch.offsets, &stats);
+            }
+            if let (Some(first), Some(last)) = (batch.offsets.first(), batch.offsets.last()) {
+                if *first > owned.next_offset && owned.next_offset > 0 {
+                    // Legitimate after compaction or transactions; otherwise records were skipped.
+                    self.metrics.kafka_offset_gaps.inc();
+                    tracing::warn!(partition = %owned.key, expected = owned.next_offset, got = first, "offset gap in a partition");
+                }
+                owned.next_offset = last + 1;
+            }
+        }
         self.summary.batches += 1;
         self.summary.records += stats.records;
         let (table, enriched, enrich_stats) = match decoded {
@@ -243,8 +391,7 @@ impl Pipeline {
             }
         }
         let closed = self.windows.close_ready(batch.received).await?;
-        self.publish(closed, false);
-        Ok(())
+        self.publish(closed, false)
     }
 
     /// Periodic work without new data: idle partitions release the watermark; gauges refresh.
@@ -253,18 +400,30 @@ impl Pipeline {
         self.readiness.engine.write().expect("readiness lock").expire_if_stalled(now);
         self.windows.advance_idle(now);
         let closed = self.windows.close_ready(now).await?;
-        self.publish(closed, false);
-        Ok(())
+        self.publish(closed, false)
     }
 
     /// Closes every open window (at shutdown) and returns the run's totals.
     pub async fn finish(&mut self) -> anyhow::Result<RunSummary> {
         let closed = self.windows.flush(Instant::now()).await?;
-        self.publish(closed, true);
+        self.publish(closed, true)?;
         Ok(self.summary)
     }
 
-    fn publish(&mut self, closed: Vec<ClosedWindow>, flushing: bool) {
+    /// The run's totals so far.
+    pub fn summary(&self) -> RunSummary {
+        self.summary
+    }
+
+    fn publish(&mut self, closed: Closed, flushing: bool) -> anyhow::Result<()> {
+        self.metrics.window_late_contributions.inc_by(closed.late_contributions);
+        if let Some(durable) = &self.durable {
+            for c in &closed.contributions {
+                let Some(owned) = durable.owned.get(&c.partition) else { continue };
+                durable.store.append_results(c.table, &owned.key, &c.rows)?;
+            }
+        }
+        let closed = closed.windows;
         for w in &closed {
             for sink in &mut self.sinks {
                 sink.on_window(w);
@@ -294,8 +453,9 @@ impl Pipeline {
         self.metrics.windows_open.set(self.windows.open_window_count() as i64);
         if let Some(wm) = self.windows.watermark_ns() {
             self.metrics.watermark_timestamp.set(wm as f64 / 1e9);
-            self.metrics.watermark_lag.set((unix_now_ns() - wm) as f64 / 1e9);
+            self.metrics.watermark_lag.set(unix_now_ns().saturating_sub(wm) as f64 / 1e9);
         }
+        Ok(())
     }
 }
 
@@ -331,5 +491,71 @@ pub async fn run<S: Source>(mut source: S, mut pipeline: Pipeline, mut shutdown:
         flushed = summary.windows_flushed_at_end,
         "pipeline stopped"
     );
+    Ok(summary)
+}
+
+/// Runs the Kafka source through `pipeline` with checkpoints until `shutdown` turns true. At
+/// shutdown the open windows are checkpointed, not flushed: the next start goes on with them.
+pub async fn run_kafka(
+    source: KafkaSource,
+    mut events: tokio::sync::mpsc::Receiver<KafkaEvent>,
+    mut pipeline: Pipeline,
+    checkpoint_interval: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<RunSummary> {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut last_checkpoint = Instant::now();
+    loop {
+        tokio::select! {
+            biased;
+            changed = shutdown.changed() => {
+                if changed.is_err() || *shutdown.borrow() {
+                    tracing::info!("shutdown requested: checkpointing open windows");
+                    break;
+                }
+            }
+            _ = tick.tick() => {
+                pipeline.tick().await?;
+                if last_checkpoint.elapsed() >= checkpoint_interval {
+                    match pipeline.checkpoint() {
+                        Ok(offsets) => source.commit(&offsets),
+                        // Not fatal: the previous checkpoint still holds; the next attempt may succeed.
+                        Err(e) => tracing::error!("checkpoint failed: {e:#}"),
+                    }
+                    last_checkpoint = Instant::now();
+                }
+            }
+            event = events.recv() => match event {
+                Some(KafkaEvent::Batches(batches)) => {
+                    pipeline.metrics.kafka_queued_batches.set(events.len() as i64);
+                    for batch in batches {
+                        pipeline.process(batch).await?;
+                    }
+                }
+                Some(KafkaEvent::Assigned(partitions)) => pipeline.assign(&partitions)?,
+                Some(KafkaEvent::Revoked { partitions, reply }) => {
+                    let ids: Vec<PartitionId> = partitions.iter().map(|(id, _)| *id).collect();
+                    let offsets = pipeline.revoke(&ids)?;
+                    let _ = reply.send(offsets);
+                }
+                None => {
+                    tracing::warn!("the Kafka consumer stopped");
+                    break;
+                }
+            },
+        }
+    }
+    let offsets = pipeline.checkpoint()?;
+    // The consumer may be waiting in a rebalance for the pipeline: answer it, then stop.
+    events.close();
+    while let Ok(event) = events.try_recv() {
+        if let KafkaEvent::Revoked { reply, .. } = event {
+            let _ = reply.send(Vec::new());
+        }
+    }
+    tokio::task::spawn_blocking(move || source.stop(&offsets)).await?;
+    let summary = pipeline.summary();
+    tracing::info!(batches = summary.batches, records = summary.records, windows = summary.windows_closed, "pipeline stopped");
     Ok(summary)
 }

@@ -28,6 +28,8 @@ pub struct Config {
     pub sampling: SamplingConfig,
     pub source: SourceConfig,
     pub simulator: SimulatorConfig,
+    pub kafka: KafkaConfig,
+    pub checkpoint: CheckpointConfig,
     pub readiness: ReadinessConfig,
     pub http: HttpConfig,
     pub log: LogConfig,
@@ -116,13 +118,82 @@ pub enum SourceKind {
     /// The built-in simulator of the inventory's sites (see `simulator`).
     #[default]
     Simulator,
+    /// Kafka topics (see `kafka` and `checkpoint`).
+    Kafka,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct SourceConfig {
-    /// `simulator` (Kafka arrives with a later release).
+    /// `simulator` or `kafka`.
     pub kind: SourceKind,
+}
+
+/// One Kafka topic and the format its messages are in.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicConfig {
+    pub name: String,
+    /// `goflow2_json`, `goflow2_protobuf` (varint-length-delimited), `goflow2_protobuf_plain`,
+    /// `pmacct_json`, `telegraf_json` or `siteflow_probe_json`.
+    pub format: crate::decode::Format,
+}
+
+/// The Kafka source: a consumer group over several topics.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    /// Bootstrap brokers, `host:port[,host:port...]`.
+    pub brokers: String,
+    /// Consumer group: instances with the same group split the partitions between them.
+    pub group_id: String,
+    /// Topics to consume, each with its format.
+    pub topics: Vec<TopicConfig>,
+    /// Any librdkafka property, passed through as is (TLS, SASL, timeouts...), e.g.
+    /// `{"security.protocol": "SASL_SSL", "sasl.mechanism": "SCRAM-SHA-512"}`. See librdkafka's
+    /// CONFIGURATION.md. `enable.auto.commit` is always off: offsets are committed after checkpoints.
+    pub properties: BTreeMap<String, String>,
+    /// Most messages per micro-batch.
+    pub batch_max_messages: usize,
+    /// Longest wait to fill a micro-batch, in milliseconds.
+    pub batch_linger_ms: u64,
+    /// Micro-batches waiting for the pipeline before partitions are paused (back-pressure).
+    pub max_queued_batches: usize,
+    /// Topic for records that cannot be used, with the original payload and the reason in
+    /// headers. Unset: bad records are only counted.
+    pub dead_letter_topic: Option<String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            brokers: "127.0.0.1:9092".into(),
+            group_id: "siteflow".into(),
+            topics: Vec::new(),
+            properties: BTreeMap::new(),
+            batch_max_messages: 10_000,
+            batch_linger_ms: 100,
+            max_queued_batches: 4,
+            dead_letter_topic: None,
+        }
+    }
+}
+
+/// Checkpoints: open window state, input offsets and results logs per partition.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointConfig {
+    /// Directory shared by the instances of a consumer group (a partition's checkpoint is read by
+    /// whichever instance gets the partition next). Required with `source.kind: kafka`.
+    pub dir: Option<RelativePathBuf>,
+    /// Seconds between checkpoints; offsets are committed to Kafka right after each one.
+    pub interval_secs: u64,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        Self { dir: None, interval_secs: 10 }
+    }
 }
 
 /// How the simulator paces its records.
@@ -318,6 +389,31 @@ impl Config {
                     self.window.allowed_lateness_ms
                 ),
             );
+        }
+        if self.source.kind == SourceKind::Kafka {
+            if self.kafka.topics.is_empty() {
+                return invalid("kafka.topics", "list at least one topic with its format when source.kind is kafka".into());
+            }
+            if self.checkpoint.dir.is_none() {
+                return invalid(
+                    "checkpoint.dir",
+                    "must be set when source.kind is kafka (window totals are exactly-once only with checkpoints)".into(),
+                );
+            }
+            if self.kafka.batch_max_messages == 0 || self.kafka.max_queued_batches == 0 {
+                return invalid("kafka.batch_max_messages", "batch_max_messages and max_queued_batches must be at least 1".into());
+            }
+            if let Some(key) =
+                self.kafka.properties.keys().find(|k| ["enable.auto.commit", "group.id", "bootstrap.servers"].contains(&k.as_str()))
+            {
+                return invalid(
+                    "kafka.properties",
+                    format!("`{key}` is set by siteflow (use kafka.brokers / kafka.group_id; commits follow checkpoints)"),
+                );
+            }
+        }
+        if self.checkpoint.interval_secs == 0 {
+            return invalid("checkpoint.interval_secs", "must be at least 1".into());
         }
         if sim.pace == Pace::Fast && sim.duration_secs.is_none() {
             return invalid("simulator.duration_secs", "must be set when simulator.pace is fast".into());

@@ -203,11 +203,29 @@ pub struct DecodeStats {
     pub rejected: Vec<(RejectReason, u64)>,
     /// Flow records that carried no sampling rate (0); they are scaled by the configured default.
     pub missing_sampling_rate: u64,
+    /// Where each rejected record is, for the dead-letter topic.
+    pub bad: Vec<BadRecord>,
+    /// The record being decoded: message index and byte range within the message.
+    at: (usize, std::ops::Range<usize>),
+}
+
+/// A rejected record: its message in the batch, its bytes within that message, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadRecord {
+    pub message: usize,
+    pub range: std::ops::Range<usize>,
+    pub reason: RejectReason,
 }
 
 impl DecodeStats {
+    /// Marks the record being decoded (message `index`, bytes `range` of it).
+    pub fn at(&mut self, message: usize, range: std::ops::Range<usize>) {
+        self.at = (message, range);
+    }
+
     pub fn reject(&mut self, reason: RejectReason) {
         self.records += 1;
+        self.bad.push(BadRecord { message: self.at.0, range: self.at.1.clone(), reason });
         match self.rejected.iter_mut().find(|(r, _)| *r == reason) {
             Some((_, n)) => *n += 1,
             None => self.rejected.push((reason, 1)),
@@ -227,15 +245,20 @@ impl DecodeStats {
 /// Calls `f` on each record of each message: messages may carry newline-separated records.
 /// Oversize messages are rejected whole, blank lines skipped.
 pub fn for_each_record(msgs: &Messages, limits: &DecodeLimits, stats: &mut DecodeStats, mut f: impl FnMut(&[u8], &mut DecodeStats)) {
-    for msg in msgs.iter() {
+    for (i, msg) in msgs.iter().enumerate() {
+        stats.at(i, 0..msg.len());
         if msg.len() > limits.max_message_bytes {
             stats.reject(RejectReason::Oversize);
             continue;
         }
+        let mut start = 0;
         for line in msg.split(|&b| b == b'\n') {
+            let range = start..start + line.len();
+            start = range.end + 1;
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
+            stats.at(i, range);
             f(line, stats);
         }
     }
@@ -493,7 +516,8 @@ fn decode_binary_flows(
     decode_message: impl Fn(&[u8], &mut dyn FnMut(Result<FlowRecord, RejectReason>)),
 ) -> RecordBatch {
     let mut cols = FlowColumns::with_capacity(msgs.len());
-    for msg in msgs.iter() {
+    for (i, msg) in msgs.iter().enumerate() {
+        stats.at(i, 0..msg.len());
         if msg.len() > limits.max_message_bytes {
             stats.reject(RejectReason::Oversize);
             continue;
@@ -567,6 +591,11 @@ mod tests {
                 let rows = match decoded { Decoded::Flows(b) | Decoded::Probes(b) => b.num_rows() as u64 };
                 prop_assert_eq!(rows, stats.decoded);
                 prop_assert_eq!(stats.decoded + stats.rejected_total(), stats.records);
+                // Every rejection points at bytes of a real message (what the dead-letter topic gets).
+                prop_assert_eq!(stats.bad.len() as u64, stats.rejected_total());
+                for bad in &stats.bad {
+                    prop_assert!(bad.message < messages.len() && bad.range.end <= messages[bad.message].len());
+                }
             }
         }
 

@@ -1,6 +1,7 @@
 //! Sources: where message bytes come from. Each yields [`SourceBatch`]es of raw messages in one
 //! format, tagged with the partition they came from (for per-partition watermarks).
 
+pub mod kafka;
 pub mod simulator;
 
 use std::time::Instant;
@@ -64,6 +65,8 @@ pub struct SourceBatch {
     pub messages: Messages,
     /// When the batch left the source: the start of its processing latency.
     pub received: Instant,
+    /// Kafka offset of each message (empty for sources without offsets).
+    pub offsets: Vec<i64>,
 }
 
 /// A source of message batches. `None` means the source is exhausted.

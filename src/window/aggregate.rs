@@ -211,6 +211,11 @@ impl SplitAggregate {
         self.final_plan.schema()
     }
 
+    /// Schema of the partial-aggregate state rows.
+    pub fn state_schema(&self) -> SchemaRef {
+        self.partial.schema()
+    }
+
     /// Index of `window_start` in the state batches.
     pub fn state_window_column(&self) -> usize {
         self.state_window_column

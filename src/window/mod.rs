@@ -56,13 +56,35 @@ pub struct ClosedWindow {
     pub closed_by: Instant,
 }
 
-/// A windowed table: its aggregation and the partial states of its open windows.
+/// One partition's share of a closed window: what a partition's results log records, so that a
+/// partition's output can be replayed, truncated and moved together with its input offsets.
+#[derive(Debug, Clone)]
+pub struct Contribution {
+    pub table: TableId,
+    pub partition: PartitionId,
+    pub start_ns: i64,
+    pub rows: RecordBatch,
+}
+
+/// What closing windows produced.
+#[derive(Debug, Default)]
+pub struct Closed {
+    /// Windows to publish, oldest first, each table in order.
+    pub windows: Vec<ClosedWindow>,
+    /// Per-partition results (only when [`WindowOperator::set_per_partition_results`] is on).
+    pub contributions: Vec<Contribution>,
+    /// States that closed after their window had already been published (a partition that
+    /// caught up after a takeover or idleness); they reach the results logs only.
+    pub late_contributions: u64,
+}
+
+/// A windowed table: its aggregation and the partial states of its open windows, per partition.
 #[derive(Debug)]
 struct WindowedTable {
     name: Arc<str>,
     schema: SchemaRef,
     aggregate: SplitAggregate,
-    open: BTreeMap<i64, Vec<RecordBatch>>,
+    open: BTreeMap<i64, Vec<(PartitionId, RecordBatch)>>,
 }
 
 /// What one micro-batch did.
@@ -80,8 +102,13 @@ pub struct WindowOperator {
     spec: WindowSpec,
     watermarks: Watermarks,
     tables: Vec<WindowedTable>,
-    open_windows: BTreeSet<i64>,
+    /// Newest window start handed to the sinks; older windows are never published again.
+    published_upto: Option<i64>,
+    per_partition_results: bool,
 }
+
+/// A window being closed: its start and, per table, the partition states that close now.
+type Taken = (i64, Vec<Vec<(PartitionId, RecordBatch)>>);
 
 /// Index of a table in the operator, in the order tables were added.
 pub type TableId = usize;
@@ -92,8 +119,14 @@ impl WindowOperator {
             watermarks: Watermarks::new(spec.size_ns(), spec.allowed_lateness.as_nanos() as i64, spec.idle_partition_timeout),
             spec,
             tables: Vec::new(),
-            open_windows: BTreeSet::new(),
+            published_upto: None,
+            per_partition_results: false,
         }
+    }
+
+    /// Also produce each partition's share of every closed window (for checkpointed results).
+    pub fn set_per_partition_results(&mut self, on: bool) {
+        self.per_partition_results = on;
     }
 
     /// Adds a table whose enriched batches have schema `enriched` and are aggregated by `sql`.
@@ -112,13 +145,34 @@ impl WindowOperator {
         self.watermarks.watermark()
     }
 
+    pub fn watermarks(&self) -> &Watermarks {
+        &self.watermarks
+    }
+
+    fn open_starts(&self) -> BTreeSet<i64> {
+        self.tables.iter().flat_map(|t| t.open.keys().copied()).collect()
+    }
+
     pub fn open_window_count(&self) -> usize {
-        self.open_windows.len()
+        self.open_starts().len()
+    }
+
+    pub fn table_count(&self) -> usize {
+        self.tables.len()
+    }
+
+    pub fn table_name(&self, table: TableId) -> &str {
+        &self.tables[table].name
     }
 
     /// Output schema of a table's closed windows.
     pub fn output_schema(&self, table: TableId) -> SchemaRef {
         self.tables[table].aggregate.output_schema()
+    }
+
+    /// Schema of a table's partial-aggregate states (what checkpoints store).
+    pub fn state_schema(&self, table: TableId) -> SchemaRef {
+        self.tables[table].aggregate.state_schema()
     }
 
     /// GROUP BY keys of a table's aggregation.
@@ -161,8 +215,7 @@ impl WindowOperator {
         outcome.on_time = Some(input.clone());
         for state in t.aggregate.partial(input).await? {
             for (start, rows) in split_by_window(&state, window_col)? {
-                t.open.entry(start).or_default().push(rows);
-                self.open_windows.insert(start);
+                t.open.entry(start).or_default().push((partition, rows));
             }
         }
         Ok(outcome)
@@ -173,38 +226,126 @@ impl WindowOperator {
         self.watermarks.advance_idle(now);
     }
 
-    /// Closes every window whose end the watermark has reached, oldest first.
-    pub async fn close_ready(&mut self, closed_by: Instant) -> Result<Vec<ClosedWindow>, DataFusionError> {
-        let Some(watermark) = self.watermarks.watermark() else { return Ok(Vec::new()) };
+    /// Closes what the watermark has passed, oldest first. A partition's state in a window closes
+    /// once the pipeline watermark has passed the window's end and the partition's own watermark
+    /// has too (or the partition is idle): a partition that lags after a takeover keeps its
+    /// windows open until it catches up, so none of its records turn late.
+    pub async fn close_ready(&mut self, now: Instant) -> Result<Closed, DataFusionError> {
+        let Some(watermark) = self.watermarks.watermark() else { return Ok(Closed::default()) };
         let size = self.spec.size_ns();
-        let ready: Vec<i64> = self.open_windows.iter().copied().take_while(|s| s + size <= watermark).collect();
-        self.close(&ready, closed_by).await
-    }
-
-    /// Closes every open window regardless of the watermark (at shutdown).
-    pub async fn flush(&mut self, closed_by: Instant) -> Result<Vec<ClosedWindow>, DataFusionError> {
-        let all: Vec<i64> = self.open_windows.iter().copied().collect();
-        self.close(&all, closed_by).await
-    }
-
-    async fn close(&mut self, starts: &[i64], closed_by: Instant) -> Result<Vec<ClosedWindow>, DataFusionError> {
-        let size = self.spec.size_ns();
-        let mut out = Vec::with_capacity(starts.len() * self.tables.len());
-        for &start in starts {
-            self.open_windows.remove(&start);
+        let watermarks = &self.watermarks;
+        let ready = |p: PartitionId, end: i64| watermarks.is_idle(p, now) || watermarks.partition_watermark(p).is_none_or(|w| w >= end);
+        let starts: Vec<i64> = self.open_starts().into_iter().take_while(|s| s + size <= watermark).collect();
+        let mut taken: Vec<Taken> = Vec::with_capacity(starts.len());
+        for &start in &starts {
+            let mut per_table = Vec::with_capacity(self.tables.len());
             for t in &mut self.tables {
                 let states = t.open.remove(&start).unwrap_or_default();
+                let (closing, waiting): (Vec<_>, Vec<_>) = states.into_iter().partition(|(p, _)| ready(*p, start + size));
+                if !waiting.is_empty() {
+                    t.open.insert(start, waiting);
+                }
+                per_table.push(closing);
+            }
+            // A window whose every state waits for a lagging partition is published once it catches up.
+            if per_table.iter().any(|c| !c.is_empty()) {
+                taken.push((start, per_table));
+            }
+        }
+        self.close(taken, now).await
+    }
+
+    /// Closes every open window regardless of the watermark (at shutdown without checkpoints).
+    pub async fn flush(&mut self, closed_by: Instant) -> Result<Closed, DataFusionError> {
+        let starts = self.open_starts();
+        let mut taken = Vec::with_capacity(starts.len());
+        for start in starts {
+            let per_table = self.tables.iter_mut().map(|t| t.open.remove(&start).unwrap_or_default()).collect();
+            taken.push((start, per_table));
+        }
+        self.close(taken, closed_by).await
+    }
+
+    async fn close(&mut self, taken: Vec<Taken>, closed_by: Instant) -> Result<Closed, DataFusionError> {
+        let size = self.spec.size_ns();
+        let mut out = Closed::default();
+        for (start, per_table) in taken {
+            let publish = self.published_upto.is_none_or(|p| start > p);
+            if !publish {
+                out.late_contributions += per_table.iter().map(|s| s.len() as u64).sum::<u64>();
+                if per_table.iter().all(Vec::is_empty) {
+                    continue;
+                }
+            }
+            for (table, states) in per_table.into_iter().enumerate() {
+                let t = &self.tables[table];
                 let schema = t.aggregate.output_schema();
+                if self.per_partition_results {
+                    let mut partitions: Vec<PartitionId> = states.iter().map(|(p, _)| *p).collect();
+                    partitions.sort_unstable();
+                    partitions.dedup();
+                    for partition in partitions {
+                        let own: Vec<RecordBatch> = states.iter().filter(|(p, _)| *p == partition).map(|(_, b)| b.clone()).collect();
+                        let rows = concat_batches(&schema, &t.aggregate.finish(own).await?)?;
+                        out.contributions.push(Contribution { table, partition, start_ns: start, rows });
+                    }
+                }
+                if !publish {
+                    continue;
+                }
                 let rows = if states.is_empty() {
                     RecordBatch::new_empty(schema)
                 } else {
-                    let batches = t.aggregate.finish(states).await?;
+                    let batches = t.aggregate.finish(states.into_iter().map(|(_, b)| b).collect()).await?;
                     concat_batches(&schema, &batches)?
                 };
-                out.push(ClosedWindow { table: t.name.clone(), start_ns: start, end_ns: start + size, rows, closed_by });
+                out.windows.push(ClosedWindow { table: t.name.clone(), start_ns: start, end_ns: start + size, rows, closed_by });
+            }
+            if publish {
+                self.published_upto = Some(start);
             }
         }
         Ok(out)
+    }
+
+    /// A partition's open states per table (for its checkpoint).
+    pub fn partition_states(&self, partition: PartitionId) -> Vec<Vec<RecordBatch>> {
+        self.tables
+            .iter()
+            .map(|t| t.open.values().flat_map(|v| v.iter().filter(|(p, _)| *p == partition).map(|(_, b)| b.clone())).collect())
+            .collect()
+    }
+
+    /// Drops a partition this instance no longer owns (after its checkpoint was written).
+    pub fn release_partition(&mut self, partition: PartitionId) {
+        for t in &mut self.tables {
+            for states in t.open.values_mut() {
+                states.retain(|(p, _)| *p != partition);
+            }
+            t.open.retain(|_, v| !v.is_empty());
+        }
+        self.watermarks.forget(partition);
+    }
+
+    /// Resumes a partition from its checkpoint: its clock and its open states per table.
+    pub fn restore_partition(
+        &mut self,
+        partition: PartitionId,
+        max_event_ns: Option<i64>,
+        states: Vec<Vec<RecordBatch>>,
+        now: Instant,
+    ) -> Result<(), DataFusionError> {
+        self.release_partition(partition);
+        self.watermarks.restore(partition, max_event_ns, now);
+        for (t, batches) in self.tables.iter_mut().zip(states) {
+            let window_col = t.aggregate.state_window_column();
+            for batch in batches {
+                for (start, rows) in split_by_window(&batch, window_col)? {
+                    t.open.entry(start).or_default().push((partition, rows));
+                }
+            }
+        }
+        Ok(())
     }
 }
 

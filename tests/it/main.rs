@@ -4,6 +4,8 @@ mod check_cli;
 mod demo_binary;
 mod files;
 mod golden;
+mod kafka;
+mod kafka_support;
 mod pipeline_sql;
 mod prometheus_e2e;
 mod readiness;

@@ -315,7 +315,13 @@ impl Simulator {
                 let probe_t = self.next_probe_ns;
                 self.next_probe_ns += self.cfg.probe_interval_secs as i64 * NS;
                 let messages = self.probe_batch(probe_t);
-                return Some(SourceBatch { partition: PARTITION, format: Format::SiteflowProbeJson, messages, received: Instant::now() });
+                return Some(SourceBatch {
+                    partition: PARTITION,
+                    format: Format::SiteflowProbeJson,
+                    messages,
+                    received: Instant::now(),
+                    offsets: Vec::new(),
+                });
             }
             let mut n = self.cfg.batch_records as u64;
             if self.cfg.pace == Pace::Realtime {
@@ -347,7 +353,13 @@ impl Simulator {
             if messages.is_empty() {
                 continue;
             }
-            return Some(SourceBatch { partition: PARTITION, format: Format::Goflow2Json, messages, received: Instant::now() });
+            return Some(SourceBatch {
+                partition: PARTITION,
+                format: Format::Goflow2Json,
+                messages,
+                received: Instant::now(),
+                offsets: Vec::new(),
+            });
         }
     }
 }

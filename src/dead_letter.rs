@@ -1,0 +1,121 @@
+//! The dead-letter topic: every rejected record, with its original bytes and why.
+//!
+//! Headers: `siteflow-reason` (a `siteflow_records_rejected_total` reason), `siteflow-format`,
+//! `siteflow-source-topic`, `siteflow-source-partition`, `siteflow-source-offset`. The payload is the
+//! record's own bytes: the line of a newline-delimited batch, or the whole binary message.
+//! Delivery is at least once: the producer is flushed before every checkpoint, so a record
+//! whose offset is committed has reached the topic (a crash may send it again).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::ClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+
+use crate::checkpoint::PartitionKey;
+use crate::config::KafkaConfig;
+use crate::decode::{DecodeStats, Format};
+use crate::metrics::PipelineMetrics;
+use crate::source::Messages;
+
+struct Delivery {
+    metrics: Arc<PipelineMetrics>,
+}
+
+impl ClientContext for Delivery {}
+
+impl ProducerContext for Delivery {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if let Err((e, _)) = result {
+            self.metrics.dead_letter_errors.inc();
+            tracing::warn!("dead-letter record not delivered: {e}");
+        }
+    }
+}
+
+fn is_consumer_only(key: &str) -> bool {
+    const KEYS: [&str; 11] = [
+        "session.timeout.ms",
+        "heartbeat.interval.ms",
+        "max.poll.interval.ms",
+        "partition.assignment.strategy",
+        "group.instance.id",
+        "group.protocol",
+        "auto.offset.reset",
+        "isolation.level",
+        "enable.partition.eof",
+        "check.crcs",
+        "auto.commit.interval.ms",
+    ];
+    KEYS.contains(&key) || key.starts_with("fetch.") || key.starts_with("queued.")
+}
+
+/// Producer of the dead-letter topic.
+pub struct DeadLetters {
+    topic: String,
+    producer: ThreadedProducer<Delivery>,
+    metrics: Arc<PipelineMetrics>,
+}
+
+impl DeadLetters {
+    pub fn new(config: &KafkaConfig, topic: &str, metrics: Arc<PipelineMetrics>) -> Result<Self, String> {
+        let mut client = ClientConfig::new();
+        client.set("bootstrap.servers", &config.brokers);
+        // The shared properties (TLS, SASL...) minus those only a consumer understands.
+        for (k, v) in config.properties.iter().filter(|(k, _)| !is_consumer_only(k)) {
+            client.set(k, v);
+        }
+        // Bad records must not be lost to a short outage.
+        client.set("message.timeout.ms", "300000").set("linger.ms", "20");
+        let producer = client
+            .create_with_context(Delivery { metrics: metrics.clone() })
+            .map_err(|e| format!("kafka: cannot create the dead-letter producer: {e}"))?;
+        Ok(Self { topic: topic.to_string(), producer, metrics })
+    }
+
+    /// Produces every record `stats` rejected from `messages` (offsets parallel to the messages).
+    pub fn send(&self, source: &PartitionKey, format: Format, messages: &Messages, offsets: &[i64], stats: &DecodeStats) {
+        if stats.bad.is_empty() {
+            return;
+        }
+        let all: Vec<&[u8]> = messages.iter().collect();
+        let partition = source.partition.to_string();
+        for bad in &stats.bad {
+            let Some(message) = all.get(bad.message) else { continue };
+            let payload = message.get(bad.range.clone()).unwrap_or(message);
+            let offset = offsets.get(bad.message).map(i64::to_string).unwrap_or_default();
+            let headers = OwnedHeaders::new()
+                .insert(Header { key: "siteflow-reason", value: Some(bad.reason.as_str()) })
+                .insert(Header { key: "siteflow-format", value: Some(format.as_str()) })
+                .insert(Header { key: "siteflow-source-topic", value: Some(source.topic.as_str()) })
+                .insert(Header { key: "siteflow-source-partition", value: Some(partition.as_str()) })
+                .insert(Header { key: "siteflow-source-offset", value: Some(offset.as_str()) });
+            let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&self.topic).payload(payload).headers(headers);
+            loop {
+                match self.producer.send(record) {
+                    Ok(()) => break,
+                    Err((e, back)) if e.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::QueueFull) => {
+                        // The local queue is full: wait for deliveries rather than drop.
+                        std::thread::sleep(Duration::from_millis(10));
+                        record = back;
+                    }
+                    Err((e, _)) => {
+                        self.metrics.dead_letter_errors.inc();
+                        tracing::warn!("dead-letter record not queued: {e}");
+                        break;
+                    }
+                }
+            }
+            self.metrics.dead_letter_records.with_label_values(&[bad.reason.as_str()]).inc();
+        }
+    }
+
+    /// Waits until everything sent so far is delivered (before a checkpoint commits offsets).
+    pub fn flush(&self) -> Result<(), String> {
+        self.producer.flush(Duration::from_secs(60)).map_err(|e| format!("dead-letter flush: {e}"))
+    }
+}

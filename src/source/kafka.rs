@@ -1,0 +1,460 @@
+//! The Kafka source: one consumer of a consumer group, polled on its own thread.
+//!
+//! The thread polls librdkafka, cuts the messages into one [`SourceBatch`] per partition per
+//! micro-batch (no task or channel hop per message) and hands them to the pipeline over a
+//! bounded queue. When the queue is full it pauses its partitions (back-pressure; memory stays
+//! bounded) and resumes them once the pipeline has caught up.
+//!
+//! Rebalances are synchronous with the pipeline: on revocation the thread waits until the
+//! pipeline has checkpointed the revoked partitions and the covering offsets are committed; on
+//! assignment each partition starts at its checkpoint's offset, and the pipeline restores its
+//! state before the partition's first batch arrives (the queue keeps the order).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, mpsc as std_mpsc};
+use std::time::{Duration, Instant};
+
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
+use rdkafka::error::KafkaResult;
+use rdkafka::message::Message;
+use rdkafka::statistics::Statistics;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{ClientContext, consumer::RebalanceProtocol};
+use tokio::sync::mpsc;
+
+use super::{Messages, PartitionId, SourceBatch};
+use crate::checkpoint::{CheckpointStore, PartitionKey};
+use crate::config::KafkaConfig;
+use crate::decode::Format;
+use crate::metrics::PipelineMetrics;
+
+/// What the consumer thread tells the pipeline, in order.
+#[derive(Debug)]
+pub enum KafkaEvent {
+    /// Partitions now owned: restore them from their checkpoints before their first batch.
+    Assigned(Vec<(PartitionId, PartitionKey)>),
+    /// Micro-batches, one per partition.
+    Batches(Vec<SourceBatch>),
+    /// Partitions about to be released: checkpoint them, drop their state and reply with the
+    /// offsets to commit. The consumer waits for the reply before it lets them go.
+    Revoked { partitions: Vec<(PartitionId, PartitionKey)>, reply: std_mpsc::SyncSender<Vec<(PartitionKey, i64)>> },
+}
+
+/// The partition id the window stage sees: topic index and partition number.
+pub fn partition_id(topic_index: usize, partition: i32) -> PartitionId {
+    ((topic_index as u32) << 16) | (partition as u32 & 0xffff)
+}
+
+/// A failure to start the consumer, naming what is wrong.
+#[derive(Debug, thiserror::Error)]
+#[error("kafka: {0}")]
+pub struct KafkaError(String);
+
+struct Context {
+    topics: HashMap<String, usize>,
+    store: CheckpointStore,
+    events: mpsc::Sender<KafkaEvent>,
+    metrics: Arc<PipelineMetrics>,
+    /// Counts revocations: messages polled before one and not yet handed over are dropped.
+    revocations: AtomicU64,
+    stopping: Arc<AtomicBool>,
+}
+
+impl Context {
+    fn keyed(&self, tpl: &TopicPartitionList) -> Vec<(PartitionId, PartitionKey)> {
+        tpl.elements()
+            .iter()
+            .filter_map(|e| {
+                let index = *self.topics.get(e.topic())?;
+                Some((partition_id(index, e.partition()), PartitionKey { topic: e.topic().to_string(), partition: e.partition() }))
+            })
+            .collect()
+    }
+}
+
+impl ClientContext for Context {
+    fn stats(&self, statistics: Statistics) {
+        for (name, topic) in &statistics.topics {
+            for (p, partition) in &topic.partitions {
+                if *p >= 0 && partition.consumer_lag >= 0 {
+                    self.metrics.kafka_consumer_lag.with_label_values(&[name, &p.to_string()]).set(partition.consumer_lag);
+                }
+            }
+        }
+    }
+
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        match level {
+            RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical | RDKafkaLogLevel::Error => {
+                tracing::error!(target: "librdkafka", fac, "{log_message}")
+            }
+            RDKafkaLogLevel::Warning => tracing::warn!(target: "librdkafka", fac, "{log_message}"),
+            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => tracing::info!(target: "librdkafka", fac, "{log_message}"),
+            RDKafkaLogLevel::Debug => tracing::debug!(target: "librdkafka", fac, "{log_message}"),
+        }
+    }
+}
+
+impl ConsumerContext for Context {
+    fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
+        let cooperative = matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let partitions = self.keyed(tpl);
+                for (_, key) in &partitions {
+                    match self.store.next_offset(key) {
+                        Ok(Some(offset)) => {
+                            if let Err(e) = tpl.set_partition_offset(&key.topic, key.partition, Offset::Offset(offset)) {
+                                tracing::error!(partition = %key, "cannot start at the checkpoint's offset: {e}");
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(e) => tracing::error!(partition = %key, "{e}; starting at the committed offset"),
+                    }
+                }
+                self.metrics.kafka_rebalances.with_label_values(&["assigned"]).inc_by(partitions.len() as u64);
+                tracing::info!(partitions = ?partitions.iter().map(|(_, k)| k.to_string()).collect::<Vec<_>>(), "partitions assigned");
+                // The pipeline restores state before any batch of these partitions (queue order).
+                if self.events.blocking_send(KafkaEvent::Assigned(partitions)).is_err() {
+                    self.stopping.store(true, Ordering::Release);
+                }
+                let result = if cooperative { consumer.incremental_assign(tpl) } else { consumer.assign(tpl) };
+                if let Err(e) = result {
+                    tracing::error!("assign failed: {e}");
+                }
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                let partitions = self.keyed(tpl);
+                self.revocations.fetch_add(1, Ordering::AcqRel);
+                self.metrics.kafka_rebalances.with_label_values(&["revoked"]).inc_by(partitions.len() as u64);
+                tracing::info!(partitions = ?partitions.iter().map(|(_, k)| k.to_string()).collect::<Vec<_>>(), "partitions revoked: checkpointing them");
+                let (reply, offsets) = std_mpsc::sync_channel(1);
+                if self.events.blocking_send(KafkaEvent::Revoked { partitions, reply }).is_ok() {
+                    // Wait for the checkpoint (bounded: the group cannot wait forever).
+                    match offsets.recv_timeout(Duration::from_secs(120)) {
+                        Ok(offsets) if !offsets.is_empty() => {
+                            // Asynchronous: a synchronous commit inside the rebalance callback waits
+                            // on the rebalance itself. The checkpoint is what the next owner reads.
+                            if let Err(e) = consumer.commit(&offset_list(&offsets), CommitMode::Async) {
+                                tracing::warn!("commit on revocation failed (the checkpoint still holds the offsets): {e}");
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(_) => tracing::error!("the pipeline did not checkpoint the revoked partitions in time"),
+                    }
+                }
+                let result = if cooperative { consumer.incremental_unassign(tpl) } else { consumer.unassign() };
+                if let Err(e) = result {
+                    tracing::error!("unassign failed: {e}");
+                }
+            }
+            other => tracing::error!("rebalance error: {other:?}"),
+        }
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
+        if let Err(e) = result {
+            tracing::warn!("offset commit failed (the checkpoint still holds the offsets): {e}");
+        }
+    }
+}
+
+fn offset_list(offsets: &[(PartitionKey, i64)]) -> TopicPartitionList {
+    let mut tpl = TopicPartitionList::new();
+    for (key, offset) in offsets {
+        // Ignoring the error: only an invalid offset fails, and checkpointed offsets are valid.
+        let _ = tpl.add_partition_offset(&key.topic, key.partition, Offset::Offset(*offset));
+    }
+    tpl
+}
+
+/// A running consumer; dropping it stops the thread.
+pub struct KafkaSource {
+    consumer: Arc<BaseConsumer<Context>>,
+    stopping: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl KafkaSource {
+    /// Starts the consumer thread; events arrive on the returned receiver.
+    pub fn start(
+        config: &KafkaConfig,
+        store: CheckpointStore,
+        metrics: Arc<PipelineMetrics>,
+    ) -> Result<(Self, mpsc::Receiver<KafkaEvent>), KafkaError> {
+        let mut client = ClientConfig::new();
+        client
+            .set("bootstrap.servers", &config.brokers)
+            .set("group.id", &config.group_id)
+            .set("auto.offset.reset", "earliest")
+            .set("statistics.interval.ms", "5000")
+            .set("partition.assignment.strategy", "range");
+        for (k, v) in &config.properties {
+            client.set(k, v);
+        }
+        // Offsets are committed only after the checkpoint that covers them.
+        client.set("enable.auto.commit", "false").set("enable.auto.offset.store", "false");
+        client.set_log_level(RDKafkaLogLevel::Info);
+        let (events, receiver) = mpsc::channel(config.max_queued_batches.max(1));
+        let stopping = Arc::new(AtomicBool::new(false));
+        let topics: HashMap<String, usize> = config.topics.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
+        let formats: Vec<Format> = config.topics.iter().map(|t| t.format).collect();
+        let context = Context {
+            topics,
+            store,
+            events: events.clone(),
+            metrics: metrics.clone(),
+            revocations: AtomicU64::new(0),
+            stopping: stopping.clone(),
+        };
+        let consumer: BaseConsumer<Context> =
+            client.create_with_context(context).map_err(|e| KafkaError(format!("cannot create the consumer: {e}")))?;
+        let names: Vec<&str> = config.topics.iter().map(|t| t.name.as_str()).collect();
+        consumer.subscribe(&names).map_err(|e| KafkaError(format!("cannot subscribe to {}: {e}", names.join(", "))))?;
+        let consumer = Arc::new(consumer);
+        let poller = Poller {
+            consumer: consumer.clone(),
+            events,
+            formats,
+            metrics,
+            max_messages: config.batch_max_messages,
+            linger: Duration::from_millis(config.batch_linger_ms),
+            stopping: stopping.clone(),
+            delivered: Default::default(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("kafka-consumer".into())
+            .spawn(move || poller.run())
+            .map_err(|e| KafkaError(format!("cannot start the consumer thread: {e}")))?;
+        Ok((Self { consumer, stopping, thread: Some(thread) }, receiver))
+    }
+
+    /// Commits offsets covered by a checkpoint (asynchronously: the checkpoint is the truth).
+    pub fn commit(&self, offsets: &[(PartitionKey, i64)]) {
+        if offsets.is_empty() {
+            return;
+        }
+        if let Err(e) = self.consumer.commit(&offset_list(offsets), CommitMode::Async) {
+            tracing::warn!("offset commit failed (the checkpoint still holds the offsets): {e}");
+        }
+    }
+
+    /// Stops polling and leaves the group. Call after the final checkpoint.
+    pub fn stop(mut self, final_offsets: &[(PartitionKey, i64)]) {
+        self.stopping.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        if !final_offsets.is_empty()
+            && let Err(e) = self.consumer.commit(&offset_list(final_offsets), CommitMode::Sync)
+        {
+            tracing::warn!("final offset commit failed (the checkpoint still holds the offsets): {e}");
+        }
+        self.consumer.unsubscribe();
+    }
+}
+
+impl Drop for KafkaSource {
+    fn drop(&mut self) {
+        self.stopping.store(true, Ordering::Release);
+    }
+}
+
+/// The consumer thread.
+struct Poller {
+    consumer: Arc<BaseConsumer<Context>>,
+    events: mpsc::Sender<KafkaEvent>,
+    formats: Vec<Format>,
+    metrics: Arc<PipelineMetrics>,
+    max_messages: usize,
+    linger: Duration,
+    stopping: Arc<AtomicBool>,
+    /// Per partition delivered since its assignment: the offset after the last delivered
+    /// message; and the revocation count that assignment belongs to. Only these partitions are
+    /// paused, and on resume each is sought back to exactly that offset, so that no prefetched
+    /// message is skipped however librdkafka handled its fetch queue during the pause.
+    delivered: std::cell::RefCell<(Positions, u64)>,
+}
+
+/// Next offset per (topic, partition).
+type Positions = HashMap<(String, i32), i64>;
+
+/// Messages being collected for one partition.
+struct Pending {
+    key: PartitionKey,
+    format: Format,
+    messages: Messages,
+    offsets: Vec<i64>,
+}
+
+impl Poller {
+    fn run(self) {
+        // Batches polled but not yet handed over, and the revocation count when they were polled.
+        let mut held: Option<(Vec<SourceBatch>, u64)> = None;
+        let mut paused = false;
+        while !self.stopping.load(Ordering::Acquire) {
+            let generation = self.generation();
+            if held.as_ref().is_some_and(|(_, g)| *g != generation) {
+                // Not processed, so not covered by the checkpoint: the next owner reads them again.
+                held = None;
+                tracing::debug!("dropped a held batch of revoked partitions");
+            }
+            if let Some((batches, generation)) = held.take() {
+                match self.events.try_send(KafkaEvent::Batches(batches)) {
+                    Ok(()) => {
+                        self.metrics.kafka_queued_batches.set(self.queued());
+                        if paused {
+                            self.set_paused(false);
+                            paused = false;
+                        }
+                    }
+                    Err(mpsc::error::TrySendError::Full(KafkaEvent::Batches(b))) => {
+                        if !paused {
+                            self.set_paused(true);
+                            paused = true;
+                        }
+                        // Keep serving the group (heartbeats, rebalances) while paused.
+                        held = match self.collect(Duration::from_millis(50), 1) {
+                            Some((extra, g)) if g == generation => Some((b.into_iter().chain(extra).collect(), generation)),
+                            // A revocation came in between: the held batch is stale, the new one is not.
+                            Some((extra, g)) => Some((extra, g)),
+                            None => Some((b, generation)),
+                        };
+                        continue;
+                    }
+                    Err(_) => return,
+                }
+            }
+            held = self.collect(self.linger, self.max_messages);
+        }
+    }
+
+    fn generation(&self) -> u64 {
+        self.consumer.context().revocations.load(Ordering::Acquire)
+    }
+
+    fn queued(&self) -> i64 {
+        (self.events.max_capacity() - self.events.capacity()) as i64
+    }
+
+    fn set_paused(&self, pause: bool) {
+        let (delivered, generation) = &*self.delivered.borrow();
+        if *generation != self.generation() {
+            // Paused partitions were revoked since: nothing to resume.
+            self.metrics.kafka_paused.set(0);
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        for (topic, partition) in delivered.keys() {
+            tpl.add_partition(topic, *partition);
+        }
+        let result = if pause { self.consumer.pause(&tpl) } else { self.consumer.resume(&tpl) };
+        if let Err(e) = result {
+            tracing::warn!("cannot {} partitions: {e}", if pause { "pause" } else { "resume" });
+        }
+        if !pause {
+            let mut positions = TopicPartitionList::new();
+            for ((topic, partition), next) in delivered {
+                // Ignoring the error: only an invalid offset fails, and these come from messages.
+                let _ = positions.add_partition_offset(topic, *partition, Offset::Offset(*next));
+            }
+            if let Err(e) = self.consumer.seek_partitions(positions, Duration::from_secs(10)) {
+                tracing::warn!("cannot seek resumed partitions to their positions: {e}");
+            }
+        }
+        self.metrics.kafka_paused.set(i64::from(pause));
+        if pause {
+            self.metrics.kafka_pauses.inc();
+            tracing::debug!(partitions = tpl.count(), "pipeline behind: partitions paused");
+        }
+    }
+
+    fn mark_delivered(&self, topic: &str, partition: i32, offset: i64, generation: u64) {
+        let mut d = self.delivered.borrow_mut();
+        if d.1 != generation {
+            *d = (HashMap::new(), generation);
+        }
+        match d.0.get_mut(&(topic.to_string(), partition)) {
+            Some(next) => *next = offset + 1,
+            None => {
+                d.0.insert((topic.to_string(), partition), offset + 1);
+            }
+        }
+    }
+
+    /// Polls for up to `linger` or `max` messages; returns one batch per partition, and the
+    /// revocation count they belong to.
+    fn collect(&self, linger: Duration, max: usize) -> Option<(Vec<SourceBatch>, u64)> {
+        let deadline = Instant::now() + linger;
+        let mut generation = self.generation();
+        let mut pending: Vec<Pending> = Vec::new();
+        let mut count = 0;
+        while count < max {
+            let now = Instant::now();
+            let wait = if count == 0 { deadline.saturating_duration_since(now) } else { Duration::ZERO };
+            let Some(result) = self.consumer.poll(wait) else {
+                if count > 0 && Instant::now() < deadline {
+                    // Nothing ready right now: wait a little for more, up to the linger.
+                    std::thread::sleep(Duration::from_millis(1).min(deadline.saturating_duration_since(Instant::now())));
+                    continue;
+                }
+                break;
+            };
+            if self.generation() != generation {
+                // A revocation ran inside poll: what was collected belongs to released partitions.
+                generation = self.generation();
+                pending.clear();
+                count = 0;
+            }
+            let msg = match result {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!("kafka: {e}");
+                    break;
+                }
+            };
+            let Some(&index) = self.consumer.context().topics.get(msg.topic()) else { continue };
+            let i = match pending.iter().position(|p| p.key.partition == msg.partition() && p.key.topic == msg.topic()) {
+                Some(i) => i,
+                None => {
+                    pending.push(Pending {
+                        key: PartitionKey { topic: msg.topic().to_string(), partition: msg.partition() },
+                        format: self.formats[index],
+                        messages: Messages::with_capacity(max.min(4096), 64 * 1024),
+                        offsets: Vec::new(),
+                    });
+                    pending.len() - 1
+                }
+            };
+            self.mark_delivered(msg.topic(), msg.partition(), msg.offset(), generation);
+            let p = &mut pending[i];
+            p.messages.push(msg.payload().unwrap_or_default());
+            p.offsets.push(msg.offset());
+            count += 1;
+            if Instant::now() >= deadline {
+                break;
+            }
+        }
+        if pending.is_empty() {
+            return None;
+        }
+        let received = Instant::now();
+        let topics = &self.consumer.context().topics;
+        Some((
+            pending
+                .into_iter()
+                .map(|p| SourceBatch {
+                    partition: partition_id(topics[&p.key.topic], p.key.partition),
+                    format: p.format,
+                    messages: p.messages,
+                    received,
+                    offsets: p.offsets,
+                })
+                .collect(),
+            generation,
+        ))
+    }
+}

@@ -1,0 +1,280 @@
+//! siteflow against a real Kafka-protocol broker (Tansu): exact window totals through
+//! crashes, scale-out, malformed input and a broker outage.
+
+use std::time::Duration;
+
+use crate::kafka_support::*;
+
+const HOUR_NS: i64 = 3_600_000_000_000;
+const S: i64 = 1_000_000_000;
+
+/// Event time of the first record: two hours ago, on a window boundary.
+fn start_ns() -> i64 {
+    let now = chrono::Utc::now().timestamp_nanos_opt().unwrap();
+    (now - 2 * HOUR_NS).div_euclid(10 * S) * 10 * S
+}
+
+/// Produces `messages` messages of `per_message` goflow2 JSON flows to each of `partitions`
+/// partitions; event times advance by `step_ns` per record within each partition, with a little
+/// disorder (within the lateness). Returns the end of the data (exclusive, in seconds).
+fn produce_flows(
+    broker: &Broker,
+    topic: &str,
+    traffic: &mut Traffic,
+    partitions: i32,
+    messages: usize,
+    per_message: usize,
+    step_ns: i64,
+) -> i64 {
+    let producer = broker.producer();
+    let mut end_ns = traffic.start_ns;
+    for p in 0..partitions {
+        let mut t = traffic.start_ns;
+        for _ in 0..messages {
+            let mut payload = String::with_capacity(per_message * 420);
+            for _ in 0..per_message {
+                t += step_ns;
+                let jitter = traffic.rng().i64(0..2 * S);
+                let f = traffic.flow(t - jitter);
+                payload.push_str(&traffic.goflow2_json(&f));
+                payload.push('\n');
+            }
+            send(&producer, topic, p, payload.as_bytes());
+        }
+        end_ns = end_ns.max(t);
+    }
+    flush(&producer);
+    end_ns.div_euclid(10 * S) * 10 + 10
+}
+
+/// One flow per partition an hour after the data: moves every partition's watermark past the
+/// data's windows so they all close. Not counted (its window never closes in the test).
+fn send_sentinels(broker: &Broker, topic: &str, traffic: &mut Traffic, partitions: i32, end_s: i64) {
+    let producer = broker.producer();
+    for p in 0..partitions {
+        let f = Flow { site: 0, inbound: true, t_ns: (end_s + 3600) * S, bytes: 1, packets: 1, sampling: 1 };
+        send(&producer, topic, p, traffic.goflow2_json(&f).as_bytes());
+    }
+    flush(&producer);
+}
+
+fn assert_exact(checkpoints: &std::path::Path, truth: &Totals, end_s: i64, timeout: Duration, logs: &[&Instance]) {
+    let done = wait_until(timeout, || before(&read_flow_results(checkpoints), end_s) == *truth);
+    let got = before(&read_flow_results(checkpoints), end_s);
+    if !done {
+        for i in logs {
+            eprintln!("{}", i.log_summary());
+        }
+    }
+    assert!(done, "window totals differ from the produced records: {}", diff(truth, &got));
+}
+
+#[test]
+fn crashes_lose_nothing_and_count_nothing_twice() {
+    let mut dir = tempfile::tempdir().unwrap();
+    if std::env::var_os("KAFKA_TEST_KEEP").is_some() {
+        eprintln!("keeping {}", dir.path().display());
+        dir.disable_cleanup(true);
+    }
+    let broker = Broker::start(dir.path());
+    broker.create_topic("flows", 4);
+    let mut traffic = Traffic::new(7, start_ns());
+    // 4 partitions × 2,500 messages × 100 records = 1,000,000 records over ~1.4 h of event time.
+    let messages: usize = std::env::var("KAFKA_TEST_MESSAGES").map(|v| v.parse().unwrap()).unwrap_or(2_500);
+    let end_s = produce_flows(&broker, "flows", &mut traffic, 4, messages, 100, 20_000_000);
+    send_sentinels(&broker, "flows", &mut traffic, 4, end_s);
+    let total_records: u64 = traffic.truth.values().map(|v| v.2).sum();
+    assert_eq!(total_records, 400 * messages as u64);
+
+    let checkpoints = dir.path().join("ckpt");
+    let mut a = Instance::start(dir.path(), "a", &broker, &[("flows", "goflow2_json")], &checkpoints, "");
+    let mut rng = fastrand::Rng::with_seed(11);
+    let mut kills = 0;
+    while kills < 5 {
+        // Kill at a random moment while it consumes: once it owns partitions again (the killed
+        // member's session has to expire first), after a random 0.5-4 s of work.
+        let owned = wait_until(Duration::from_secs(60), || assignments(&a).len() > kills && a.is_running());
+        assert!(owned, "no partitions after restart {kills}:\n{}", a.log_summary());
+        std::thread::sleep(Duration::from_millis(rng.u64(500..4000)));
+        let got: u64 = read_flow_results(&checkpoints).values().map(|v| v.2).sum();
+        assert!(got < total_records, "finished before the 5th kill ({kills} so far): make the input bigger");
+        assert!(a.is_running(), "siteflow exited by itself:\n{}", a.log_summary());
+        a.kill();
+        kills += 1;
+        eprintln!("kill {kills}: {got} records in the results logs");
+        a.restart();
+    }
+    assert_exact(&checkpoints, &traffic.truth, end_s, Duration::from_secs(300), &[&a]);
+}
+
+/// The `partitions assigned` lists an instance logged, in order.
+fn assignments(i: &Instance) -> Vec<String> {
+    i.log_text().lines().filter(|l| l.contains("partitions assigned") && l.contains("flows/")).map(|l| l.to_string()).collect()
+}
+
+#[test]
+fn two_instances_split_the_partitions_and_one_takes_over_from_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path());
+    broker.create_topic("flows", 4);
+    let checkpoints = dir.path().join("ckpt");
+    let mut a = Instance::start(dir.path(), "a", &broker, &[("flows", "goflow2_json")], &checkpoints, "");
+    let b = Instance::start(dir.path(), "b", &broker, &[("flows", "goflow2_json")], &checkpoints, "");
+
+    // Both members get some of the partitions.
+    let split = wait_until(Duration::from_secs(60), || {
+        let (la, lb) = (assignments(&a), assignments(&b));
+        let owns = |l: &Vec<String>| l.last().map(|s| s.matches("flows/").count()).unwrap_or(0);
+        owns(&la) > 0 && owns(&lb) > 0 && owns(&la) + owns(&lb) == 4
+    });
+    assert!(split, "the two instances did not split the 4 partitions:\na: {:?}\nb: {:?}", assignments(&a), assignments(&b));
+
+    // A stream of records while both run; then one instance dies and the other takes over.
+    let mut traffic = Traffic::new(21, start_ns());
+    let end_first = produce_flows(&broker, "flows", &mut traffic, 4, 300, 100, 20_000_000);
+    assert!(wait_until(Duration::from_secs(120), || read_flow_results(&checkpoints).values().map(|v| v.2).sum::<u64>() > 10_000));
+    // One instance goes away mid-stream (as in a scale-in or a rolling update: SIGTERM, so it
+    // checkpoints and leaves the group); the other takes its partitions over from those
+    // checkpoints. (Abrupt deaths are the crash test's subject. With a SIGKILL here, Tansu 0.6.0's
+    // coordinator evicts the dead member but hands the survivor only its old partitions, which
+    // Apache Kafka does not do; checked by hand.)
+    a.terminate();
+    let mut later = Traffic::new(22, end_first * S);
+    let end_s = produce_flows(&broker, "flows", &mut later, 4, 200, 100, 20_000_000);
+    for (k, v) in later.truth {
+        let e = traffic.truth.entry(k).or_default();
+        e.0 += v.0;
+        e.1 += v.1;
+        e.2 += v.2;
+    }
+    send_sentinels(&broker, "flows", &mut traffic, 4, end_s);
+    let took_over = wait_until(Duration::from_secs(120), || assignments(&b).last().is_some_and(|l| l.matches("flows/").count() == 4));
+    assert!(took_over, "b did not take over a's partitions: {:?}", assignments(&b));
+    let resumed = b.log_text().lines().filter(|l| l.contains("restored from its checkpoint") && !l.contains("next_offset=0")).count();
+    assert!(resumed >= 2, "b resumed no partition from a checkpoint:\n{}", b.log_summary());
+    assert_exact(&checkpoints, &traffic.truth, end_s, Duration::from_secs(300), &[&a, &b]);
+}
+
+#[test]
+fn malformed_records_are_counted_dead_lettered_and_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path());
+    broker.create_topic("flows", 2);
+    broker.create_topic("flows.dead", 1);
+    let producer = broker.producer();
+    let mut traffic = Traffic::new(5, start_ns());
+    let kinds = ["not_json", "wrong_schema", "bad_timestamp", "bad_address", "negative_counter", "absurd_counter", "oversize"];
+    let mut bad: Vec<(String, String)> = Vec::new(); // (payload, reason)
+    let mut t = traffic.start_ns;
+    for i in 0..20_000 {
+        t += 5_000_000;
+        let p = (i % 2) as i32;
+        if i % 100 == 50 {
+            // 1 %: a bad record of each kind in turn, alone or inside a batch of good ones.
+            let kind = kinds[(i / 100) % kinds.len()];
+            let good = traffic.flow(t);
+            let good_json = traffic.goflow2_json(&good);
+            let record = match kind {
+                "not_json" => "{\"type\":\"NETFLOW_V9\",\"bytes\":".to_string(),
+                "wrong_schema" => "{\"type\":\"NETFLOW_V9\",\"bytes\":\"many\"}".to_string(),
+                "bad_timestamp" => good_json.replace(&format!("\"time_flow_end_ns\":{}", good.t_ns), "\"time_flow_end_ns\":12345"),
+                "bad_address" => good_json.replace("\"203.0.113.", "\"203.0.313."),
+                "negative_counter" => good_json.replace(&format!("\"bytes\":{}", good.bytes), "\"bytes\":-5"),
+                "absurd_counter" => good_json.replace(&format!("\"bytes\":{}", good.bytes), "\"bytes\":900000000000000000"),
+                _ => format!("{}\n", good_json).repeat(400), // a message above decode.max_message_bytes
+            };
+            // The good record was counted by flow(); its copy here is not sent as good.
+            uncount(&mut traffic, &good);
+            if kind == "bad_timestamp" {
+                // A record in 1970 also carries the receive time: zero it so the record has no usable time.
+                let record = record.replace(&format!("\"time_received_ns\":{}", good.t_ns + 5_000_000), "\"time_received_ns\":0");
+                bad.push((record.clone(), kind.into()));
+                send(&producer, "flows", p, record.as_bytes());
+            } else if kind != "oversize" && i % 200 == 50 {
+                // Inside a newline batch with two good records.
+                let (g1, g2) = (traffic.flow(t), traffic.flow(t));
+                let batch = format!("{}\n{}\n{}\n", traffic.goflow2_json(&g1), record, traffic.goflow2_json(&g2));
+                bad.push((record, kind.into()));
+                send(&producer, "flows", p, batch.as_bytes());
+            } else {
+                bad.push((record.clone(), kind.into()));
+                send(&producer, "flows", p, record.as_bytes());
+            }
+            continue;
+        }
+        let f = traffic.flow(t);
+        send(&producer, "flows", p, traffic.goflow2_json(&f).as_bytes());
+    }
+    flush(&producer);
+    let end_s = (t / S).div_euclid(10) * 10 + 10;
+    send_sentinels(&broker, "flows", &mut traffic, 2, end_s);
+
+    let checkpoints = dir.path().join("ckpt");
+    let a = Instance::start_with_env(
+        dir.path(),
+        "a",
+        &broker,
+        &[("flows", "goflow2_json")],
+        &checkpoints,
+        "decode: { max_message_bytes: 65536, max_future_secs: 86400 }\n",
+        &[("SITEFLOW_KAFKA__DEAD_LETTER_TOPIC", "flows.dead")],
+    );
+    assert_exact(&checkpoints, &traffic.truth, end_s, Duration::from_secs(300), &[&a]);
+    for kind in kinds {
+        let expected = bad.iter().filter(|(_, r)| r == kind).count() as f64;
+        let got = a.metric("siteflow_records_rejected_total", &format!("reason=\"{kind}\"")).unwrap_or(-1.0);
+        assert_eq!(got, expected, "siteflow_records_rejected_total{{reason=\"{kind}\"}}");
+    }
+    let dead = broker.read_all("flows.dead", bad.len(), Duration::from_secs(60));
+    let mut got: Vec<(String, String)> = dead
+        .iter()
+        .map(|(payload, h)| (String::from_utf8_lossy(payload).to_string(), h.get("siteflow-reason").cloned().unwrap_or_default()))
+        .collect();
+    let mut expected = bad.clone();
+    got.sort();
+    expected.sort();
+    assert_eq!(got.len(), expected.len(), "dead-letter topic holds {} records, {} were bad", got.len(), expected.len());
+    assert!(got == expected, "dead-letter records differ from the bad records produced");
+    assert!(
+        dead.iter()
+            .all(|(_, h)| h.get("siteflow-source-topic").map(String::as_str) == Some("flows") && h.contains_key("siteflow-source-offset"))
+    );
+}
+
+/// Takes a flow back out of the ground truth (it was turned into a bad record).
+fn uncount(traffic: &mut Traffic, f: &Flow) {
+    let w = f.t_ns.div_euclid(10 * S) * 10;
+    let key = (traffic.sites[f.site].id.clone(), if f.inbound { "in" } else { "out" }.to_string(), w);
+    let e = traffic.truth.get_mut(&key).unwrap();
+    e.0 -= f.bytes * f.sampling;
+    e.1 -= f.packets * f.sampling;
+    e.2 -= 1;
+    if e.2 == 0 {
+        traffic.truth.remove(&key);
+    }
+}
+
+#[test]
+fn a_broker_outage_is_survived_with_exact_totals() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = Broker::start(dir.path());
+    broker.create_topic("flows", 2);
+    let checkpoints = dir.path().join("ckpt");
+    let mut traffic = Traffic::new(9, start_ns());
+    let mid = produce_flows(&broker, "flows", &mut traffic, 2, 300, 100, 20_000_000);
+    let a = Instance::start(dir.path(), "a", &broker, &[("flows", "goflow2_json")], &checkpoints, "");
+    assert!(wait_until(Duration::from_secs(120), || read_flow_results(&checkpoints).values().map(|v| v.2).sum::<u64>() > 1_000));
+    broker.stop();
+    std::thread::sleep(Duration::from_secs(30));
+    broker.restart();
+    let mut later = Traffic::new(10, mid * S);
+    let end_s = produce_flows(&broker, "flows", &mut later, 2, 200, 100, 20_000_000);
+    for (k, v) in later.truth {
+        let e = traffic.truth.entry(k).or_default();
+        e.0 += v.0;
+        e.1 += v.1;
+        e.2 += v.2;
+    }
+    send_sentinels(&broker, "flows", &mut traffic, 2, end_s);
+    assert_exact(&checkpoints, &traffic.truth, end_s, Duration::from_secs(300), &[&a]);
+}
