@@ -278,3 +278,178 @@ fn a_broker_outage_is_survived_with_exact_totals() {
     send_sentinels(&broker, "flows", &mut traffic, 2, end_s);
     assert_exact(&checkpoints, &traffic.truth, end_s, Duration::from_secs(300), &[&a]);
 }
+
+/// Per (site, window start in seconds): probe results.
+type ProbeCounts = std::collections::BTreeMap<(String, i64), u64>;
+
+fn read_probe_results(checkpoint_dir: &std::path::Path, end_s: i64) -> ProbeCounts {
+    let mut counts = ProbeCounts::new();
+    for entry in std::fs::read_dir(checkpoint_dir.join("results/probes")).into_iter().flatten().flatten() {
+        for file in std::fs::read_dir(entry.path()).into_iter().flatten().flatten() {
+            for line in std::fs::read_to_string(file.path()).unwrap_or_default().lines() {
+                let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+                let ws = v["window_start"].as_str().unwrap();
+                let t = chrono::NaiveDateTime::parse_from_str(ws, "%Y-%m-%dT%H:%M:%S%.f").unwrap().and_utc().timestamp();
+                if t < end_s {
+                    *counts.entry((v["site"].as_str().unwrap().to_string(), t)).or_default() += v["results"].as_u64().unwrap();
+                }
+            }
+        }
+    }
+    counts
+}
+
+fn ipv4(a: &str) -> Vec<u8> {
+    a.parse::<std::net::Ipv4Addr>().unwrap().octets().to_vec()
+}
+
+#[test]
+fn every_format_read_from_the_broker_gives_the_right_windows() {
+    use prost::Message;
+    use siteflow::decode::goflow2_pb::FlowMessage;
+
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(dir.path());
+    let topics = [
+        ("g2.json", "goflow2_json"),
+        ("g2.pb", "goflow2_protobuf"),
+        ("g2.pb.plain", "goflow2_protobuf_plain"),
+        ("pmacct", "pmacct_json"),
+        ("probes", "siteflow_probe_json"),
+        ("telegraf", "telegraf_json"),
+    ];
+    for (t, _) in topics {
+        broker.create_topic(t, 1);
+    }
+    let producer = broker.producer();
+    let mut traffic = Traffic::new(3, start_ns());
+    let mut probes = ProbeCounts::new();
+    let n = 6_000;
+    let mut t = traffic.start_ns;
+    let mut pb_batch = Vec::new();
+    let mut pmacct_batch = String::new();
+    let mut telegraf_batch = Vec::new();
+    for i in 0..n {
+        t += 50 * 1_000_000; // 50 ms, on whole milliseconds (pmacct prints microseconds)
+        let f = traffic.flow(t);
+        let (site_net, inbound) = (traffic.sites[f.site].net, f.inbound);
+        let inside = format!("{}.{}.{}.{}", site_net[0], site_net[1], site_net[2], 10 + i % 200);
+        let outside = format!("203.0.113.{}", 1 + i % 250);
+        let (src, dst) = if inbound { (outside, inside) } else { (inside, outside) };
+        match i % 4 {
+            0 => send(&producer, "g2.json", 0, traffic.goflow2_json(&f).as_bytes()),
+            1 | 2 => {
+                let m = FlowMessage {
+                    r#type: 3,
+                    time_received_ns: (f.t_ns + 5_000_000) as u64,
+                    sampling_rate: f.sampling,
+                    sampler_address: ipv4("192.0.2.1"),
+                    time_flow_start_ns: (f.t_ns - S) as u64,
+                    time_flow_end_ns: f.t_ns as u64,
+                    bytes: f.bytes,
+                    packets: f.packets,
+                    src_addr: ipv4(&src),
+                    dst_addr: ipv4(&dst),
+                    proto: 17,
+                    src_port: 10000,
+                    dst_port: 3478,
+                    etype: 0x800,
+                    ..Default::default()
+                };
+                if i % 4 == 1 {
+                    // goflow2's default: several length-delimited messages per Kafka message.
+                    m.encode_length_delimited(&mut pb_batch).unwrap();
+                    if i % 40 == 1 {
+                        send(&producer, "g2.pb", 0, &pb_batch);
+                        pb_batch.clear();
+                    }
+                } else {
+                    send(&producer, "g2.pb.plain", 0, &m.encode_to_vec());
+                }
+            }
+            _ => {
+                // pmacct with kafka_multi_values: newline-separated records in one message.
+                let secs = |ns: i64| format!("{}.{:06}", ns.div_euclid(S), ns.rem_euclid(S) / 1000);
+                pmacct_batch.push_str(&format!(
+                    r#"{{"event_type":"purge","peer_ip_src":"192.0.2.1","ip_src":"{src}","ip_dst":"{dst}","port_src":443,"port_dst":51000,"ip_proto":"tcp","timestamp_start":"{}","timestamp_end":"{}","packets":{},"bytes":{},"flows":1,"sampling_rate":{}}}"#,
+                    secs(f.t_ns - S),
+                    secs(f.t_ns),
+                    f.packets,
+                    f.bytes,
+                    f.sampling
+                ));
+                pmacct_batch.push('\n');
+                if i % 20 == 3 {
+                    send(&producer, "pmacct", 0, pmacct_batch.as_bytes());
+                    pmacct_batch.clear();
+                }
+            }
+        }
+        if i % 10 == 0 {
+            // A probe result of a site, alternately in siteflow's JSON and in Telegraf's batch form.
+            let site = traffic.sites[(i / 10) % traffic.sites.len()].id.clone();
+            *probes.entry((site.clone(), t.div_euclid(10 * S) * 10)).or_default() += 1;
+            if (i / 10) % 2 == 0 {
+                let rec = format!(
+                    r#"{{"site":"{site}","time_ms":{},"target":"mcu.hagiang","rtt_ms":35.5,"jitter_ms":2.5,"loss_pct":0.5,"sent":10}}"#,
+                    t / 1_000_000
+                );
+                send(&producer, "probes", 0, rec.as_bytes());
+            } else {
+                telegraf_batch.push(format!(
+                    r#"{{"fields":{{"average_response_ms":35.2,"packets_received":10,"packets_transmitted":10,"percent_packet_loss":0,"result_code":0,"standard_deviation_ms":2.5}},"name":"ping","tags":{{"host":"probe-1","site":"{site}","url":"10.100.1.1"}},"timestamp":{}}}"#,
+                    t / 1_000_000
+                ));
+                if telegraf_batch.len() == 5 {
+                    send(&producer, "telegraf", 0, format!(r#"{{"metrics":[{}]}}"#, telegraf_batch.join(",")).as_bytes());
+                    telegraf_batch.clear();
+                }
+            }
+        }
+    }
+    send(&producer, "g2.pb", 0, &pb_batch);
+    send(&producer, "pmacct", 0, pmacct_batch.as_bytes());
+    if !telegraf_batch.is_empty() {
+        send(&producer, "telegraf", 0, format!(r#"{{"metrics":[{}]}}"#, telegraf_batch.join(",")).as_bytes());
+    }
+    flush(&producer);
+    let end_s = (t / S).div_euclid(10) * 10 + 10;
+    // Sentinels an hour later on every topic, so every data window closes.
+    let late = (end_s + 3600) * S;
+    let sentinel = Flow { site: 0, inbound: true, t_ns: late, bytes: 1, packets: 1, sampling: 1 };
+    send(&producer, "g2.json", 0, traffic.goflow2_json(&sentinel).as_bytes());
+    let mut m = FlowMessage { time_flow_end_ns: late as u64, bytes: 1, packets: 1, ..Default::default() };
+    m.sampler_address = ipv4("192.0.2.1");
+    m.src_addr = ipv4("203.0.113.1");
+    m.dst_addr = ipv4(&format!("{}.{}.{}.9", traffic.sites[0].net[0], traffic.sites[0].net[1], traffic.sites[0].net[2]));
+    send(&producer, "g2.pb", 0, &m.encode_length_delimited_to_vec());
+    send(&producer, "g2.pb.plain", 0, &m.encode_to_vec());
+    let site0 = traffic.sites[0].id.clone();
+    let dst0 = format!("{}.{}.{}.9", traffic.sites[0].net[0], traffic.sites[0].net[1], traffic.sites[0].net[2]);
+    send(
+        &producer,
+        "pmacct",
+        0,
+        format!(
+            r#"{{"peer_ip_src":"192.0.2.1","ip_src":"203.0.113.1","ip_dst":"{dst0}","timestamp_end":{},"packets":1,"bytes":1}}"#,
+            late / S
+        )
+        .as_bytes(),
+    );
+    send(&producer, "probes", 0, format!(r#"{{"site":"{site0}","time_ms":{},"rtt_ms":1.0}}"#, late / 1_000_000).as_bytes());
+    send(&producer, "telegraf", 0, format!(r#"{{"fields":{{"average_response_ms":1.0,"percent_packet_loss":0}},"name":"ping","tags":{{"site":"{site0}"}},"timestamp":{}}}"#, late / S).as_bytes());
+    flush(&producer);
+
+    assert_eq!((traffic.truth.values().map(|v| v.2).sum::<u64>(), probes.values().sum::<u64>()), (n as u64, n as u64 / 10));
+    let checkpoints = dir.path().join("ckpt");
+    let a = Instance::start(dir.path(), "a", &broker, &topics, &checkpoints, "");
+    assert_exact(&checkpoints, &traffic.truth, end_s, Duration::from_secs(300), &[&a]);
+    let ok = wait_until(Duration::from_secs(60), || read_probe_results(&checkpoints, end_s) == probes);
+    assert!(
+        ok,
+        "probe results per site and window differ: expected {} results, got {}",
+        probes.values().sum::<u64>(),
+        read_probe_results(&checkpoints, end_s).values().sum::<u64>()
+    );
+    assert_eq!(a.metric("siteflow_records_rejected_total", "reason=").unwrap_or(0.0), 0.0, "{}", a.log_summary());
+}
