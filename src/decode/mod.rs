@@ -4,6 +4,7 @@
 //! every record it could not use with a [`RejectReason`]; a bad record never fails the batch.
 //! Every JSON format also accepts newline-delimited batches: one message, many records.
 
+pub mod fuzz;
 pub mod goflow2_json;
 pub mod goflow2_pb;
 pub mod pmacct_json;
@@ -596,6 +597,14 @@ mod tests {
                 for bad in &stats.bad {
                     prop_assert!(bad.message < messages.len() && bad.range.end <= messages[bad.message].len());
                 }
+            }
+        }
+
+        /// The fuzz targets' invariants (`fuzz/`), on arbitrary bytes split into messages.
+        #[test]
+        fn fuzz_invariants_hold(data in proptest::collection::vec(any::<u8>(), 0..3000)) {
+            for format in Format::ALL {
+                fuzz::check(format, &data);
             }
         }
 

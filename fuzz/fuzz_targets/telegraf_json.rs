@@ -1,0 +1,7 @@
+//! Fuzzes the telegraf_json decoder: any bytes, as one message or split into several at 0xFF bytes.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use siteflow::decode::Format;
+
+fuzz_target!(|data: &[u8]| siteflow::decode::fuzz::check(Format::TelegrafJson, data));
