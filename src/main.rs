@@ -54,8 +54,10 @@ enum Command {
         after_help = "Example:\n  siteflow demo --listen 127.0.0.1:9900 --rate 20000\n\nThen open http://127.0.0.1:9900/metrics; the first windows close after window.size_secs + allowed lateness (15 s by default)."
     )]
     Demo(DemoArgs),
-    /// Run the pipeline as configured.
-    #[command(after_help = "Example:\n  siteflow run --config deploy/siteflow.example.yaml")]
+    /// Run the pipeline as configured (the simulator, or Kafka topics with checkpoints).
+    #[command(
+        after_help = "Examples:\n  siteflow run --config deploy/siteflow.example.yaml\n\n  # Kafka: topics with their formats, a consumer group, a checkpoint directory:\n  SITEFLOW_SOURCE__KIND=kafka SITEFLOW_KAFKA__BROKERS=kafka:9092 \\\n  SITEFLOW_CHECKPOINT__DIR=/var/lib/siteflow siteflow run --config siteflow.yaml\n\nWith Kafka, SIGTERM checkpoints the open windows and leaves the group; the next start\n(or the instance that gets the partitions) goes on from there. See README: Reading from Kafka."
+    )]
     Run(RunArgs),
     /// Validate a configuration, its inventory, scenario and pipeline SQL; exit non-zero on problems.
     #[command(after_help = "Example:\n  siteflow check --config deploy/siteflow.example.yaml --explain")]
@@ -231,6 +233,13 @@ async fn check(args: &CheckArgs) -> anyhow::Result<()> {
     println!("  probes SQL: {} → columns {}", res.probes_sql.origin, column_list(&windows, probes));
     println!("  windows: {} s, allowed lateness {} ms", config.window.size_secs, config.window.allowed_lateness_ms);
     println!("  source: {:?}; scenario: {} fault(s)", config.source.kind, scenario.faults.len());
+    if config.source.kind == SourceKind::Kafka {
+        let topics: Vec<String> = config.kafka.topics.iter().map(|t| format!("{} ({})", t.name, t.format.as_str())).collect();
+        println!("  kafka: {} group {}: {}", config.kafka.brokers, config.kafka.group_id, topics.join(", "));
+        if let Some(dir) = &config.checkpoint.dir {
+            println!("  checkpoints: {} every {} s", resolve(dir).display(), config.checkpoint.interval_secs);
+        }
+    }
     println!("  readiness: period {} s, hold {} s; {} meeting(s)", res.policy.period_secs, res.policy.hold_secs, res.meetings.len());
     println!("  http: {}", config.http.listen);
     if args.explain {

@@ -83,3 +83,25 @@ fn environment_overrides_every_field() {
 fn missing_file_is_named() {
     assert_rejected(std::path::Path::new("/nonexistent/siteflow.yaml"), &[], &["/nonexistent/siteflow.yaml", "no such file"]);
 }
+
+#[test]
+fn kafka_configurations_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let no_topics = write(dir.path(), "no-topics.yaml", "source: { kind: kafka }\ncheckpoint: { dir: ckpt }\n");
+    assert_rejected(&no_topics, &[], &["no-topics.yaml", "kafka.topics"]);
+    let topics = "source: { kind: kafka }\nkafka:\n  topics: [ { name: flows, format: goflow2_protobuf } ]\n";
+    let no_dir = write(dir.path(), "no-dir.yaml", topics);
+    assert_rejected(&no_dir, &[], &["no-dir.yaml", "checkpoint.dir"]);
+    let bad_format = write(dir.path(), "bad-format.yaml", &topics.replace("goflow2_protobuf", "netflow9"));
+    assert_rejected(&bad_format, &[], &["netflow9", "goflow2_json"]);
+    let commit = write(
+        dir.path(),
+        "commit.yaml",
+        &format!("{topics}  properties: {{ enable.auto.commit: \"true\" }}\ncheckpoint: {{ dir: ckpt }}\n"),
+    );
+    assert_rejected(&commit, &[], &["kafka.properties", "enable.auto.commit"]);
+    let good = write(dir.path(), "good.yaml", &format!("{topics}checkpoint: {{ dir: ckpt }}\n"));
+    let (ok, out, err) = check(&good, &[]);
+    assert!(ok, "{err}");
+    assert!(out.contains("flows (goflow2_protobuf)") && out.contains("checkpoints:"), "{out}");
+}
