@@ -372,17 +372,13 @@ impl Poller {
         }
     }
 
-    fn mark_delivered(&self, topic: &str, partition: i32, offset: i64, generation: u64) {
+    /// Records the offset after the last message handed over from a partition.
+    fn mark_delivered(&self, key: &PartitionKey, last_offset: i64, generation: u64) {
         let mut d = self.delivered.borrow_mut();
         if d.1 != generation {
             *d = (HashMap::new(), generation);
         }
-        match d.0.get_mut(&(topic.to_string(), partition)) {
-            Some(next) => *next = offset + 1,
-            None => {
-                d.0.insert((topic.to_string(), partition), offset + 1);
-            }
-        }
+        d.0.insert((key.topic.clone(), key.partition), last_offset + 1);
     }
 
     /// Polls for up to `linger` or `max` messages; returns one batch per partition, and the
@@ -429,7 +425,6 @@ impl Poller {
                     pending.len() - 1
                 }
             };
-            self.mark_delivered(msg.topic(), msg.partition(), msg.offset(), generation);
             let p = &mut pending[i];
             p.messages.push(msg.payload().unwrap_or_default());
             p.offsets.push(msg.offset());
@@ -440,6 +435,10 @@ impl Poller {
         }
         if pending.is_empty() {
             return None;
+        }
+        // Once per partition and batch, not per message.
+        for p in &pending {
+            self.mark_delivered(&p.key, *p.offsets.last().expect("pending partitions hold a message"), generation);
         }
         let received = Instant::now();
         let topics = &self.consumer.context().topics;

@@ -141,12 +141,7 @@ fn two_instances_split_the_partitions_and_one_takes_over_from_checkpoints() {
     a.terminate();
     let mut later = Traffic::new(22, end_first * S);
     let end_s = produce_flows(&broker, "flows", &mut later, 4, 200, 100, 20_000_000);
-    for (k, v) in later.truth {
-        let e = traffic.truth.entry(k).or_default();
-        e.0 += v.0;
-        e.1 += v.1;
-        e.2 += v.2;
-    }
+    traffic.absorb(later);
     send_sentinels(&broker, "flows", &mut traffic, 4, end_s);
     let took_over = wait_until(Duration::from_secs(120), || assignments(&b).last().is_some_and(|l| l.matches("flows/").count() == 4));
     assert!(took_over, "b did not take over a's partitions: {:?}", assignments(&b));
@@ -184,7 +179,7 @@ fn malformed_records_are_counted_dead_lettered_and_skipped() {
                 _ => format!("{}\n", good_json).repeat(400), // a message above decode.max_message_bytes
             };
             // The good record was counted by flow(); its copy here is not sent as good.
-            uncount(&mut traffic, &good);
+            traffic.uncount(&good);
             if kind == "bad_timestamp" {
                 // A record in 1970 also carries the receive time: zero it so the record has no usable time.
                 let record = record.replace(&format!("\"time_received_ns\":{}", good.t_ns + 5_000_000), "\"time_received_ns\":0");
@@ -241,19 +236,6 @@ fn malformed_records_are_counted_dead_lettered_and_skipped() {
     );
 }
 
-/// Takes a flow back out of the ground truth (it was turned into a bad record).
-fn uncount(traffic: &mut Traffic, f: &Flow) {
-    let w = f.t_ns.div_euclid(10 * S) * 10;
-    let key = (traffic.sites[f.site].id.clone(), if f.inbound { "in" } else { "out" }.to_string(), w);
-    let e = traffic.truth.get_mut(&key).unwrap();
-    e.0 -= f.bytes * f.sampling;
-    e.1 -= f.packets * f.sampling;
-    e.2 -= 1;
-    if e.2 == 0 {
-        traffic.truth.remove(&key);
-    }
-}
-
 #[test]
 fn a_broker_outage_is_survived_with_exact_totals() {
     let dir = tempfile::tempdir().unwrap();
@@ -269,12 +251,7 @@ fn a_broker_outage_is_survived_with_exact_totals() {
     broker.restart();
     let mut later = Traffic::new(10, mid * S);
     let end_s = produce_flows(&broker, "flows", &mut later, 2, 200, 100, 20_000_000);
-    for (k, v) in later.truth {
-        let e = traffic.truth.entry(k).or_default();
-        e.0 += v.0;
-        e.1 += v.1;
-        e.2 += v.2;
-    }
+    traffic.absorb(later);
     send_sentinels(&broker, "flows", &mut traffic, 2, end_s);
     assert_exact(&checkpoints, &traffic.truth, end_s, Duration::from_secs(300), &[&a]);
 }

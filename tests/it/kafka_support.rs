@@ -211,13 +211,38 @@ impl Traffic {
         f
     }
 
-    pub fn count(&mut self, f: &Flow) {
+    fn key(&self, f: &Flow) -> (String, String, i64) {
         let w = f.t_ns.div_euclid(1_000_000_000 * self.window_secs) * self.window_secs;
-        let key = (self.sites[f.site].id.clone(), if f.inbound { "in" } else { "out" }.to_string(), w);
-        let e = self.truth.entry(key).or_default();
+        (self.sites[f.site].id.clone(), if f.inbound { "in" } else { "out" }.to_string(), w)
+    }
+
+    pub fn count(&mut self, f: &Flow) {
+        let e = self.truth.entry(self.key(f)).or_default();
         e.0 += f.bytes * f.sampling;
         e.1 += f.packets * f.sampling;
         e.2 += 1;
+    }
+
+    /// Takes a flow back out of the ground truth (it was turned into a bad record).
+    pub fn uncount(&mut self, f: &Flow) {
+        let key = self.key(f);
+        let e = self.truth.get_mut(&key).expect("the flow was counted");
+        e.0 -= f.bytes * f.sampling;
+        e.1 -= f.packets * f.sampling;
+        e.2 -= 1;
+        if e.2 == 0 {
+            self.truth.remove(&key);
+        }
+    }
+
+    /// Adds the ground truth of traffic produced after this one.
+    pub fn absorb(&mut self, later: Traffic) {
+        for (k, v) in later.truth {
+            let e = self.truth.entry(k).or_default();
+            e.0 += v.0;
+            e.1 += v.1;
+            e.2 += v.2;
+        }
     }
 
     /// goflow2 JSON of a flow, exported by an unknown router: the site is the destination's
