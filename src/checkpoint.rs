@@ -23,6 +23,8 @@ use datafusion::arrow::ipc::writer::StreamWriter;
 use datafusion::arrow::json::LineDelimitedWriter;
 use serde::{Deserialize, Serialize};
 
+use crate::rates::CounterBaseline;
+
 const MAGIC: &[u8; 8] = b"SFCKPT1\n";
 
 /// A checkpoint that cannot be written or read, naming the file.
@@ -61,6 +63,9 @@ struct Header {
     results_len: BTreeMap<String, u64>,
     tables: Vec<String>,
     written_unix_ms: i64,
+    /// Last interface counter samples (absent in checkpoints of older versions).
+    #[serde(default)]
+    counters: Vec<CounterBaseline>,
 }
 
 /// One partition's saved state.
@@ -73,6 +78,8 @@ pub struct PartitionCheckpoint {
     pub results_len: Vec<u64>,
     /// Per table: the partition's open window states.
     pub states: Vec<Vec<RecordBatch>>,
+    /// The partition's last interface counter samples (the baselines of the next deltas).
+    pub counters: Vec<CounterBaseline>,
 }
 
 /// The checkpoint directory.
@@ -165,7 +172,13 @@ impl CheckpointStore {
             states.push(batches);
         }
         let results_len = self.tables.iter().map(|t| header.results_len.get(t).copied().unwrap_or(0)).collect();
-        Ok(Some(PartitionCheckpoint { next_offset: header.next_offset, max_event_ns: header.max_event_ns, results_len, states }))
+        Ok(Some(PartitionCheckpoint {
+            next_offset: header.next_offset,
+            max_event_ns: header.max_event_ns,
+            results_len,
+            states,
+            counters: header.counters,
+        }))
     }
 
     /// Writes a partition's checkpoint atomically. Its results logs must already be synced.
@@ -179,6 +192,7 @@ impl CheckpointStore {
             results_len: self.tables.iter().cloned().zip(ckpt.results_len.iter().copied()).collect(),
             tables: self.tables.clone(),
             written_unix_ms: chrono::Utc::now().timestamp_millis(),
+            counters: ckpt.counters.clone(),
         };
         let header = serde_json::to_vec(&header).expect("header serialises");
         let mut bytes = Vec::with_capacity(4096);
@@ -270,13 +284,15 @@ mod tests {
         assert!(store.load(&key, &[batch(1).schema()]).unwrap().is_none());
         let len1 = store.append_results(0, &key, &batch(10)).unwrap();
         assert_eq!(store.sync_results(0, &key).unwrap(), len1);
-        let ckpt = PartitionCheckpoint { next_offset: 42, max_event_ns: Some(7), results_len: vec![len1], states: vec![vec![batch(5)]] };
+        let counters = vec![CounterBaseline { device: "r1".into(), interface: "eth0".into(), direction: "in".into(), time_ns: 9, value: 1 << 40 }];
+        let ckpt = PartitionCheckpoint { next_offset: 42, max_event_ns: Some(7), results_len: vec![len1], states: vec![vec![batch(5)]], counters };
         store.save(&key, &ckpt, &[batch(1).schema()]).unwrap();
         let len2 = store.append_results(0, &key, &batch(20)).unwrap();
         assert!(len2 > len1);
         let back = store.load(&key, &[batch(1).schema()]).unwrap().unwrap();
         assert_eq!((back.next_offset, back.max_event_ns, back.results_len.clone()), (42, Some(7), vec![len1]));
         assert_eq!(back.states[0], vec![batch(5)]);
+        assert_eq!(back.counters, ckpt.counters);
         assert_eq!(store.next_offset(&key).unwrap(), Some(42));
         store.truncate_results(0, &key, back.results_len[0]).unwrap();
         let text = fs::read_to_string(store.results_path(0, &key)).unwrap();

@@ -20,6 +20,7 @@ use datafusion::arrow::compute::take;
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, UInt8Type, UInt16Type, UInt32Type, UInt64Type};
 
 use crate::decode::{flow_schema, probe_schema};
+use crate::rates::interface_traffic_schema;
 use crate::inventory::{Addr, ExporterMatch, Inventory, SiteIdx};
 
 /// Direction of traffic relative to the site.
@@ -75,6 +76,19 @@ pub fn enriched_probe_schema() -> SchemaRef {
         .get_or_init(|| {
             let mut fields = site_label_fields();
             fields.extend(probe_schema().fields().iter().filter(|f| f.name() != "site_id").map(|f| f.as_ref().clone()));
+            Arc::new(Schema::new(fields))
+        })
+        .clone()
+}
+
+/// Schema of enriched interface traffic: site labels, then the rows of
+/// [`crate::rates::interface_traffic_schema`] without `site_id`.
+pub fn enriched_interface_schema() -> SchemaRef {
+    static SCHEMA: std::sync::OnceLock<SchemaRef> = std::sync::OnceLock::new();
+    SCHEMA
+        .get_or_init(|| {
+            let mut fields = site_label_fields();
+            fields.extend(interface_traffic_schema().fields().iter().filter(|f| f.name() != "site_id").map(|f| f.as_ref().clone()));
             Arc::new(Schema::new(fields))
         })
         .clone()
@@ -229,15 +243,45 @@ impl Enricher {
     /// The site is the record's site id, else the site whose prefix holds the target address;
     /// results with neither are unmatched.
     pub fn enrich_probes(&self, batch: &RecordBatch) -> (RecordBatch, EnrichStats) {
-        let ids = batch.column_by_name("site_id").expect("probe_schema column").as_string::<i32>();
+        let (out, stats, _) = self.enrich_probes_keeping(batch);
+        (out, stats)
+    }
+
+    /// [`Self::enrich_probes`], also returning the input row of each output row.
+    pub fn enrich_probes_keeping(&self, batch: &RecordBatch) -> (RecordBatch, EnrichStats, Vec<u32>) {
+        // By site id; failing that, by the probed address (e.g. Telegraf's `url` tag).
+        self.enrich_by_site_id(batch, "target", false, enriched_probe_schema())
+    }
+
+    /// Enriches interface traffic rows ([`interface_traffic_schema`]) into
+    /// [`enriched_interface_schema`]; also returns the input row of each output row. The site
+    /// is the row's site id, else the site whose router is the reporting device (an inventory
+    /// exporter), else the site whose prefix holds the device's address.
+    pub fn enrich_interfaces(&self, batch: &RecordBatch) -> (RecordBatch, EnrichStats, Vec<u32>) {
+        self.enrich_by_site_id(batch, "device", true, enriched_interface_schema())
+    }
+
+    /// Keeps the rows of `batch` that belong to a site (by `site_id`, else by the address in
+    /// `addr_column`, optionally first as an exporter) and replaces `site_id` with site labels.
+    fn enrich_by_site_id(
+        &self,
+        batch: &RecordBatch,
+        addr_column: &str,
+        exporter_first: bool,
+        schema: SchemaRef,
+    ) -> (RecordBatch, EnrichStats, Vec<u32>) {
+        let ids = batch.column_by_name("site_id").expect("site_id column").as_string::<i32>();
+        let addrs = batch.column_by_name(addr_column).expect("address column").as_string::<i32>();
         let mut keep = Vec::with_capacity(ids.len());
         let mut site_keys = Vec::with_capacity(ids.len());
-        let targets = batch.column_by_name("target").expect("probe_schema column").as_string::<i32>();
         for (i, id) in ids.iter().enumerate() {
-            // By site id; failing that, by the probed address (e.g. Telegraf's `url` tag).
             let site = id.and_then(|id| self.inventory.by_id(id)).or_else(|| {
-                let target = targets.value(i).parse::<std::net::IpAddr>().ok()?;
-                self.inventory.site_of_addr(crate::inventory::addr_from_ip(target))
+                let addr = crate::inventory::addr_from_ip(addrs.value(i).parse::<std::net::IpAddr>().ok()?);
+                let as_exporter = match exporter_first.then(|| self.inventory.site_of_exporter(addr, 0, 0)).flatten() {
+                    Some(ExporterMatch::Site(site)) => Some(site),
+                    _ => None,
+                };
+                as_exporter.or_else(|| self.inventory.site_of_addr(addr))
             });
             if let Some(site) = site {
                 keep.push(i as u32);
@@ -245,15 +289,15 @@ impl Enricher {
             }
         }
         let stats = EnrichStats { unmatched: (ids.len() - keep.len()) as u64 };
-        let keep = UInt32Array::from(keep);
+        let indices = UInt32Array::from(keep.clone());
         let mut columns: Vec<ArrayRef> = self.site_columns(site_keys).into();
-        for (field, column) in probe_schema().fields().iter().zip(batch.columns()) {
+        for (field, column) in batch.schema().fields().iter().zip(batch.columns()) {
             if field.name() != "site_id" {
-                columns.push(take(column.as_ref(), &keep, None).expect("indices in range"));
+                columns.push(take(column.as_ref(), &indices, None).expect("indices in range"));
             }
         }
-        let out = RecordBatch::try_new(enriched_probe_schema(), columns).expect("columns match enriched_probe_schema");
-        (out, stats)
+        let out = RecordBatch::try_new(schema, columns).expect("columns match the enriched schema");
+        (out, stats, keep)
     }
 }
 

@@ -15,6 +15,7 @@ pub mod http;
 pub mod inventory;
 pub mod metrics;
 pub mod pipeline;
+pub mod rates;
 pub mod readiness;
 pub mod sink;
 pub mod source;

@@ -226,11 +226,12 @@ async fn check(args: &CheckArgs) -> anyhow::Result<()> {
     let config = Config::load(Some(&args.config))?;
     let res = Resources::load(&config)?;
     let scenario = load_scenario(&config, &res)?;
-    let (windows, flows, probes) = plan_windows(window_spec(&config), &res).await?;
+    let (windows, tables) = plan_windows(window_spec(&config), &res).await?;
     println!("{}: ok", args.config.display());
     println!("  inventory: {} sites", res.inventory.len());
-    println!("  flows SQL: {} → columns {}", res.flows_sql.origin, column_list(&windows, flows));
-    println!("  probes SQL: {} → columns {}", res.probes_sql.origin, column_list(&windows, probes));
+    println!("  flows SQL: {} → columns {}", res.flows_sql.origin, column_list(&windows, tables.flows));
+    println!("  probes SQL: {} → columns {}", res.probes_sql.origin, column_list(&windows, tables.probes));
+    println!("  interfaces SQL: {} → columns {}", res.interfaces_sql.origin, column_list(&windows, tables.interfaces));
     println!("  windows: {} s, allowed lateness {} ms", config.window.size_secs, config.window.allowed_lateness_ms);
     println!("  source: {:?}; scenario: {} fault(s)", config.source.kind, scenario.faults.len());
     if config.source.kind == SourceKind::Kafka {
@@ -243,7 +244,9 @@ async fn check(args: &CheckArgs) -> anyhow::Result<()> {
     println!("  readiness: period {} s, hold {} s; {} meeting(s)", res.policy.period_secs, res.policy.hold_secs, res.meetings.len());
     println!("  http: {}", config.http.listen);
     if args.explain {
-        println!("\nflows:\n{}\nprobes:\n{}", windows.describe(flows), windows.describe(probes));
+        for (name, table) in [("flows", tables.flows), ("probes", tables.probes), ("interfaces", tables.interfaces)] {
+            println!("\n{name}:\n{}", windows.describe(table));
+        }
     }
     Ok(())
 }

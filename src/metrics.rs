@@ -16,6 +16,7 @@ pub struct PipelineMetrics {
     pub records_unmatched: IntCounterVec,
     pub records_late: IntCounterVec,
     pub flows_missing_sampling_rate: IntCounter,
+    pub interface_counter_samples: IntCounterVec,
     pub watermark_timestamp: Gauge,
     pub watermark_lag: Gauge,
     pub windows_closed: IntCounterVec,
@@ -161,6 +162,15 @@ impl PipelineMetrics {
             )
             .expect("valid metric"),
         );
+        let interface_counter_samples = counter_vec(
+            r,
+            "siteflow_interface_counter_samples_total",
+            "Interface octet counter samples by outcome: delta (an increase), wrap (past the counter's width), reset (restarted from zero), baseline (first sample of a counter), stale (not newer than the previous sample; skipped).",
+            &["outcome"],
+        );
+        for outcome in ["delta", "wrap", "reset", "baseline", "stale"] {
+            interface_counter_samples.with_label_values(&[outcome]);
+        }
         let checkpoints = counter_vec(r, "siteflow_checkpoints_total", "Checkpoints written, by outcome.", &["outcome"]);
         let checkpoint_duration = register(
             r,
@@ -224,6 +234,7 @@ impl PipelineMetrics {
             records_unmatched,
             records_late,
             flows_missing_sampling_rate,
+            interface_counter_samples,
             watermark_timestamp,
             watermark_lag,
             windows_closed,
@@ -256,6 +267,15 @@ impl PipelineMetrics {
             self.records_rejected.with_label_values(&[f, reason.as_str()]).inc_by(*n);
         }
         self.flows_missing_sampling_rate.inc_by(stats.missing_sampling_rate);
+    }
+
+    /// Records what happened to interface counter samples.
+    pub fn record_counters(&self, stats: &crate::rates::CounterStats) {
+        for (outcome, n) in
+            [("delta", stats.deltas), ("wrap", stats.wraps), ("reset", stats.resets), ("baseline", stats.baselines), ("stale", stats.stale)]
+        {
+            self.interface_counter_samples.with_label_values(&[outcome]).inc_by(n);
+        }
     }
 
     /// Records a window close latency.

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use datafusion::arrow::array::RecordBatch;
 use tokio::sync::watch;
 use tokio::time::MissedTickBehavior;
 
@@ -15,9 +16,10 @@ use crate::checkpoint::{CheckpointStore, PartitionCheckpoint, PartitionKey};
 use crate::config::{Config, resolve};
 use crate::dead_letter::DeadLetters;
 use crate::decode::{DecodeLimits, Decoded, Format, decode};
-use crate::enrich::{Enricher, Sampling, enriched_flow_schema, enriched_probe_schema};
+use crate::enrich::{EnrichStats, Enricher, Sampling, enriched_flow_schema, enriched_interface_schema, enriched_probe_schema};
 use crate::inventory::{Inventory, InventoryError, addr_from_ip};
 use crate::metrics::PipelineMetrics;
+use crate::rates::CounterRates;
 use crate::readiness::meetings::load_schedule;
 use crate::readiness::{Meeting, Policy, ReadinessEngine, SharedReadiness};
 use crate::sink::WindowSink;
@@ -29,12 +31,17 @@ use crate::window::{Closed, TableId, WindowOperator, WindowSpec};
 pub const EMBEDDED_FLOWS_SQL: &str = include_str!("../pipelines/hagiang/flows.sql");
 /// The built-in probes aggregation.
 pub const EMBEDDED_PROBES_SQL: &str = include_str!("../pipelines/hagiang/probes.sql");
+/// The built-in interface traffic aggregation.
+pub const EMBEDDED_INTERFACES_SQL: &str = include_str!("../pipelines/hagiang/interfaces.sql");
 
 /// Columns each table's SQL must output (sinks label rows with them; readiness needs `bytes`),
-/// and the GROUP BY keys it may use: one row per site (and direction) per window.
-const REQUIRED_OUTPUT: [(&str, &[&str]); 2] = [("flows", &["site", "direction", "bytes"]), ("probes", &["site"])];
-const ALLOWED_KEYS: [(&str, &[&str]); 2] =
-    [("flows", &["window_start", "site", "district", "level", "direction"]), ("probes", &["window_start", "site", "district", "level"])];
+/// and the GROUP BY keys it may use: one row per site (and direction or interface) per window.
+const REQUIRED_OUTPUT: [(&str, &[&str]); 3] = [("flows", &["site", "direction", "bytes"]), ("interfaces", &["site"]), ("probes", &["site"])];
+const ALLOWED_KEYS: [(&str, &[&str]); 3] = [
+    ("flows", &["window_start", "site", "district", "level", "direction"]),
+    ("interfaces", &["window_start", "site", "district", "level", "interface", "device", "direction"]),
+    ("probes", &["window_start", "site", "district", "level"]),
+];
 
 /// A pipeline that cannot be built, naming the file at fault.
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +79,7 @@ pub struct Resources {
     pub inventory: Arc<Inventory>,
     pub flows_sql: SqlSource,
     pub probes_sql: SqlSource,
+    pub interfaces_sql: SqlSource,
     pub policy: Policy,
     pub meetings: Vec<Meeting>,
 }
@@ -89,6 +97,11 @@ impl Resources {
             EMBEDDED_PROBES_SQL,
             "pipelines/hagiang/probes.sql",
         )?;
+        let interfaces_sql = SqlSource::load(
+            config.pipeline.interfaces_sql.as_ref().map(resolve).as_deref(),
+            EMBEDDED_INTERFACES_SQL,
+            "pipelines/hagiang/interfaces.sql",
+        )?;
         let policy = match &config.readiness.policy {
             Some(p) => Policy::load(&resolve(p)).map_err(BuildError::Other)?,
             None => Policy::embedded(),
@@ -98,17 +111,28 @@ impl Resources {
             Some(p) => load_schedule(&resolve(p), &inventory, &policy).map_err(BuildError::Other)?,
             None => Vec::new(),
         };
-        Ok(Self { inventory: Arc::new(inventory), flows_sql, probes_sql, policy, meetings })
+        Ok(Self { inventory: Arc::new(inventory), flows_sql, probes_sql, interfaces_sql, policy, meetings })
     }
 }
 
-/// Builds the window operator with both tables planned from their SQL.
-pub async fn plan_windows(spec: WindowSpec, res: &Resources) -> Result<(WindowOperator, TableId, TableId), BuildError> {
+/// The window operator's tables.
+#[derive(Debug, Clone, Copy)]
+pub struct Tables {
+    pub flows: TableId,
+    pub interfaces: TableId,
+    pub probes: TableId,
+}
+
+/// Builds the window operator with every table planned from its SQL.
+pub async fn plan_windows(spec: WindowSpec, res: &Resources) -> Result<(WindowOperator, Tables), BuildError> {
     let mut windows = WindowOperator::new(spec);
     let mut ids = Vec::new();
-    for ((table, required), (sql, schema)) in
-        REQUIRED_OUTPUT.iter().zip([(&res.flows_sql, enriched_flow_schema()), (&res.probes_sql, enriched_probe_schema())])
-    {
+    let sources = [
+        (&res.flows_sql, enriched_flow_schema()),
+        (&res.interfaces_sql, enriched_interface_schema()),
+        (&res.probes_sql, enriched_probe_schema()),
+    ];
+    for ((table, required), (sql, schema)) in REQUIRED_OUTPUT.iter().zip(sources) {
         let err = |message: String| BuildError::Sql { file: sql.origin.clone(), message };
         let id = windows.add_table(table, &schema, &sql.text).await.map_err(|e| err(e.to_string()))?;
         let out = windows.output_schema(id);
@@ -129,7 +153,7 @@ pub async fn plan_windows(spec: WindowSpec, res: &Resources) -> Result<(WindowOp
         }
         ids.push(id);
     }
-    Ok((windows, ids[0], ids[1]))
+    Ok((windows, Tables { flows: ids[0], interfaces: ids[1], probes: ids[2] }))
 }
 
 fn unix_now_ns() -> i64 {
@@ -151,8 +175,9 @@ pub struct Pipeline {
     max_future_ns: i64,
     enricher: Enricher,
     windows: WindowOperator,
-    flows: TableId,
-    probes: TableId,
+    tables: Tables,
+    /// Interface counters' previous samples, to turn counters into traffic.
+    counter_rates: CounterRates,
     metrics: Arc<PipelineMetrics>,
     sinks: Vec<Box<dyn WindowSink>>,
     /// Site verdicts and meetings, shared with the HTTP API and /metrics.
@@ -198,7 +223,7 @@ impl Pipeline {
                 res.policy.period_secs, config.window.size_secs
             )));
         }
-        let (windows, flows, probes) = plan_windows(spec, res).await?;
+        let (windows, tables) = plan_windows(spec, res).await?;
         let sampling = Sampling {
             default_rate: config.sampling.default_rate,
             overrides: config.sampling.overrides.iter().map(|(ip, r)| (addr_from_ip(*ip), *r)).collect(),
@@ -217,8 +242,8 @@ impl Pipeline {
                 res.meetings.clone(),
             ),
             windows,
-            flows,
-            probes,
+            tables,
+            counter_rates: CounterRates::default(),
             metrics,
             sinks,
             ready: Arc::new(AtomicBool::new(false)),
@@ -250,14 +275,15 @@ impl Pipeline {
         let durable = self.durable.as_mut().ok_or_else(|| anyhow::anyhow!("checkpoints are not enabled"))?;
         for (id, key) in partitions {
             let ckpt = durable.store.load(key, &schemas)?;
-            let (next_offset, max_event, lens, states) = match ckpt {
-                Some(c) => (c.next_offset, c.max_event_ns, c.results_len, c.states),
-                None => (0, None, vec![0; schemas.len()], vec![Vec::new(); schemas.len()]),
+            let (next_offset, max_event, lens, states, counters) = match ckpt {
+                Some(c) => (c.next_offset, c.max_event_ns, c.results_len, c.states, c.counters),
+                None => (0, None, vec![0; schemas.len()], vec![Vec::new(); schemas.len()], Vec::new()),
             };
             for (table, len) in lens.iter().enumerate() {
                 durable.store.truncate_results(table, key, *len)?;
             }
             self.windows.restore_partition(*id, max_event, states, now)?;
+            self.counter_rates.restore_partition(*id, &counters);
             tracing::info!(partition = %key, next_offset, "partition restored from its checkpoint");
             durable.owned.insert(*id, Owned { key: key.clone(), next_offset });
         }
@@ -271,6 +297,7 @@ impl Pipeline {
             for id in partitions {
                 durable.owned.remove(id);
                 self.windows.release_partition(*id);
+                self.counter_rates.release_partition(*id);
             }
         }
         Ok(offsets)
@@ -299,6 +326,7 @@ impl Pipeline {
                     max_event_ns: self.windows.watermarks().partition_max_event(*id),
                     results_len,
                     states: self.windows.partition_states(*id),
+                    counters: self.counter_rates.partition_baselines(*id),
                 };
                 durable.store.save(&owned.key, &ckpt, &schemas)?;
                 offsets.push((owned.key.clone(), owned.next_offset));
@@ -337,7 +365,8 @@ impl Pipeline {
 
     /// Formats every source of this pipeline can deliver.
     pub const FORMATS: [Format; 6] = Format::ALL;
-    pub const TABLES: [&'static str; 2] = ["flows", "probes"];
+    /// Table names in the window operator's order (see [`plan_windows`]).
+    pub const TABLES: [&'static str; 3] = ["flows", "interfaces", "probes"];
 
     pub fn windows(&self) -> &WindowOperator {
         &self.windows
@@ -369,29 +398,60 @@ impl Pipeline {
         }
         self.summary.batches += 1;
         self.summary.records += stats.records;
-        let (table, enriched, enrich_stats) = match decoded {
-            Decoded::Flows(b) => {
-                let (e, s) = self.enricher.enrich_flows(&b);
-                (self.flows, e, s)
-            }
-            Decoded::Probes(b) => {
-                let (e, s) = self.enricher.enrich_probes(&b);
-                (self.probes, e, s)
+        let (enriched, ordinals): (Vec<(TableId, (RecordBatch, EnrichStats))>, Vec<Vec<u32>>) = match decoded {
+            Decoded::Flows(b) => (vec![(self.tables.flows, self.enricher.enrich_flows(&b))], Vec::new()),
+            Decoded::Probes(b) => (vec![(self.tables.probes, self.enricher.enrich_probes(&b))], Vec::new()),
+            Decoded::Telemetry { probes, counters, is_counter } => {
+                let (traffic, counter_stats, sample_rows) = self.counter_rates.apply(batch.partition, &counters);
+                self.metrics.record_counters(&counter_stats);
+                let (probes, probe_stats, probe_rows) = self.enricher.enrich_probes_keeping(&probes);
+                let (traffic, traffic_stats, traffic_rows) = self.enricher.enrich_interfaces(&traffic);
+                // Where each surviving row stood among the messages' metrics.
+                let (mut probe_ordinal, mut counter_ordinal) = (Vec::new(), Vec::new());
+                for (k, &counter) in is_counter.iter().enumerate() {
+                    if counter { &mut counter_ordinal } else { &mut probe_ordinal }.push(k as u32);
+                }
+                let ordinals = vec![
+                    probe_rows.iter().map(|&r| probe_ordinal[r as usize]).collect(),
+                    traffic_rows.iter().map(|&r| counter_ordinal[sample_rows[r as usize] as usize]).collect(),
+                ];
+                (vec![(self.tables.probes, (probes, probe_stats)), (self.tables.interfaces, (traffic, traffic_stats))], ordinals)
             }
         };
-        let name = Self::TABLES[table];
-        self.metrics.records_unmatched.with_label_values(&[name]).inc_by(enrich_stats.unmatched);
-        if enriched.num_rows() > 0 {
-            let outcome = self.windows.process(table, batch.partition, &enriched, batch.received).await?;
-            self.metrics.records_late.with_label_values(&[name]).inc_by(outcome.late);
-            if table == self.probes
+        self.feed(&batch, enriched, ordinals).await?;
+        let closed = self.windows.close_ready(batch.received).await?;
+        self.publish(closed, false)
+    }
+
+    /// Hands enriched rows of one source batch to the window operator, all tables together
+    /// (`ordinals`: see [`WindowOperator::process_together`]; empty for a single table).
+    async fn feed(
+        &mut self,
+        batch: &SourceBatch,
+        enriched: Vec<(TableId, (RecordBatch, EnrichStats))>,
+        ordinals: Vec<Vec<u32>>,
+    ) -> anyhow::Result<()> {
+        let (mut inputs, mut input_ordinals) = (Vec::with_capacity(enriched.len()), Vec::with_capacity(enriched.len()));
+        for (i, (table, (rows, stats))) in enriched.iter().enumerate() {
+            self.metrics.records_unmatched.with_label_values(&[Self::TABLES[*table]]).inc_by(stats.unmatched);
+            if rows.num_rows() > 0 {
+                inputs.push((*table, rows));
+                input_ordinals.push(ordinals.get(i).cloned().unwrap_or_default());
+            }
+        }
+        if inputs.is_empty() {
+            return Ok(());
+        }
+        let outcomes = self.windows.process_together(batch.partition, &inputs, &input_ordinals, batch.received).await?;
+        for ((table, _), outcome) in inputs.iter().zip(outcomes) {
+            self.metrics.records_late.with_label_values(&[Self::TABLES[*table]]).inc_by(outcome.late);
+            if *table == self.tables.probes
                 && let Some(on_time) = &outcome.on_time
             {
                 self.readiness.engine.write().expect("readiness lock").observe_probes(on_time);
             }
         }
-        let closed = self.windows.close_ready(batch.received).await?;
-        self.publish(closed, false)
+        Ok(())
     }
 
     /// Periodic work without new data: idle partitions release the watermark; gauges refresh.

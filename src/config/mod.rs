@@ -54,6 +54,10 @@ pub struct PipelineConfig {
     /// SQL over table `probes`, grouped by `window_start`, `site`. Unset: the built-in
     /// `pipelines/hagiang/probes.sql`.
     pub probes_sql: Option<RelativePathBuf>,
+    /// SQL over table `interfaces` (byte counts from interface octet counters), grouped by
+    /// `window_start`, `site` and optionally `interface`, `device`, `direction`. Unset: the
+    /// built-in `pipelines/hagiang/interfaces.sql`.
+    pub interfaces_sql: Option<RelativePathBuf>,
 }
 
 /// Event-time windows.

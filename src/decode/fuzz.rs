@@ -2,7 +2,7 @@
 //! the property tests: no panic, every record decoded or rejected with a reason, one output row
 //! per decoded record, and every rejection pointing at bytes of a real message.
 
-use super::{DecodeLimits, Decoded, Format, decode};
+use super::{DecodeLimits, Format, decode};
 use crate::source::Messages;
 
 /// Decodes `data` as `format` (one message, or several split at `0xFF` bytes) and panics if an
@@ -20,10 +20,7 @@ pub fn check(format: Format, data: &[u8]) {
         max_time_ns: 4_102_444_800_000_000_000,
     };
     let (decoded, stats) = decode(format, &msgs, &limits);
-    let rows = match decoded {
-        Decoded::Flows(b) | Decoded::Probes(b) => b.num_rows() as u64,
-    };
-    assert_eq!(rows, stats.decoded, "{}: rows != decoded records", format.as_str());
+    assert_eq!(decoded.num_rows() as u64, stats.decoded, "{}: rows != decoded records", format.as_str());
     assert_eq!(stats.decoded + stats.rejected_total(), stats.records, "{}: a record neither decoded nor rejected", format.as_str());
     assert_eq!(stats.bad.len() as u64, stats.rejected_total(), "{}: a rejection without its location", format.as_str());
     for bad in &stats.bad {

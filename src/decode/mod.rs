@@ -38,7 +38,8 @@ pub enum Format {
     PmacctJson,
     /// siteflow's own probe record (see `schemas/siteflow-probe.schema.json`).
     SiteflowProbeJson,
-    /// Telegraf `data_format = "json"` (single or `{"metrics":[…]}`): `ping` → probe results.
+    /// Telegraf `data_format = "json"` (single or `{"metrics":[…]}`): `ping` → probe results,
+    /// interface octet counters (`net`, `snmp`, …) → interface byte rates.
     TelegrafJson,
 }
 
@@ -476,11 +477,104 @@ impl ProbeColumns {
     }
 }
 
-/// A decoded batch: flows or probe results.
+/// Schema of decoded interface octet counters (one row per metric): cumulative counters as the
+/// device reports them, `None` where the metric carries only one direction. `counter_bits` (32
+/// or 64) is the counter's width, which tells a wrap from a reset.
+pub fn counter_schema() -> SchemaRef {
+    static SCHEMA: std::sync::OnceLock<SchemaRef> = std::sync::OnceLock::new();
+    SCHEMA
+        .get_or_init(|| {
+            Arc::new(Schema::new(vec![
+                Field::new("event_time", ts_ns(), false),
+                Field::new("site_id", DataType::Utf8, false),
+                Field::new("device", DataType::Utf8, false),
+                Field::new("interface", DataType::Utf8, false),
+                Field::new("in_octets", DataType::UInt64, true),
+                Field::new("out_octets", DataType::UInt64, true),
+                Field::new("counter_bits", DataType::UInt8, false),
+            ]))
+        })
+        .clone()
+}
+
+/// One decoded interface counter sample.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CounterRecord<'a> {
+    pub event_time_ns: i64,
+    pub site_id: &'a str,
+    /// The device that reported it (Telegraf's `agent_host` or `host` tag).
+    pub device: &'a str,
+    pub interface: &'a str,
+    /// Octets received on the interface (RFC 2863 `ifInOctets`).
+    pub in_octets: Option<u64>,
+    /// Octets sent from the interface (`ifOutOctets`).
+    pub out_octets: Option<u64>,
+    pub counter_bits: u8,
+}
+
+/// Column builders for [`counter_schema`].
+#[derive(Debug, Default)]
+pub struct CounterColumns {
+    event_time: Vec<i64>,
+    site_id: Vec<String>,
+    device: Vec<String>,
+    interface: Vec<String>,
+    in_octets: Vec<Option<u64>>,
+    out_octets: Vec<Option<u64>>,
+    counter_bits: Vec<u8>,
+}
+
+impl CounterColumns {
+    pub fn len(&self) -> usize {
+        self.event_time.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.event_time.is_empty()
+    }
+
+    pub fn push(&mut self, r: &CounterRecord<'_>) {
+        self.event_time.push(r.event_time_ns);
+        self.site_id.push(r.site_id.to_string());
+        self.device.push(r.device.to_string());
+        self.interface.push(r.interface.to_string());
+        self.in_octets.push(r.in_octets);
+        self.out_octets.push(r.out_octets);
+        self.counter_bits.push(r.counter_bits);
+    }
+
+    pub fn finish(self) -> RecordBatch {
+        let columns: Vec<ArrayRef> = vec![
+            primitive::<TimestampNanosecondType>(self.event_time),
+            Arc::new(StringArray::from(self.site_id)),
+            Arc::new(StringArray::from(self.device)),
+            Arc::new(StringArray::from(self.interface)),
+            Arc::new(PrimitiveArray::<UInt64Type>::from(self.in_octets)),
+            Arc::new(PrimitiveArray::<UInt64Type>::from(self.out_octets)),
+            primitive::<UInt8Type>(self.counter_bits),
+        ];
+        RecordBatch::try_new(counter_schema(), columns).expect("columns match counter_schema")
+    }
+}
+
+/// A decoded batch: flows, probe results, or (Telegraf) probe results and interface counters.
 #[derive(Debug, Clone)]
 pub enum Decoded {
     Flows(RecordBatch),
     Probes(RecordBatch),
+    /// `is_counter[k]`: whether the k-th decoded metric (in message order) is a counter
+    /// sample or a probe result: the two batches' rows interleaved as they came.
+    Telemetry { probes: RecordBatch, counters: RecordBatch, is_counter: Vec<bool> },
+}
+
+impl Decoded {
+    /// Output rows: one per decoded record.
+    pub fn num_rows(&self) -> usize {
+        match self {
+            Decoded::Flows(b) | Decoded::Probes(b) => b.num_rows(),
+            Decoded::Telemetry { probes, counters, .. } => probes.num_rows() + counters.num_rows(),
+        }
+    }
 }
 
 /// Appends one decoded flow (or counts its rejection).
@@ -549,16 +643,17 @@ pub fn decode(format: Format, msgs: &Messages, limits: &DecodeLimits) -> (Decode
             Decoded::Probes(cols.finish())
         }
         Format::TelegrafJson => {
-            let mut cols = ProbeColumns::default();
+            let (mut probes, mut counters, mut order) = (ProbeColumns::default(), CounterColumns::default(), Vec::new());
             for_each_record(msgs, limits, &mut stats, |rec, stats| {
-                for outcome in telegraf_json::decode_document(rec, limits, |r| cols.push(r)) {
+                let mut out = telegraf_json::Output { probes: &mut probes, counters: &mut counters, order: &mut order };
+                for outcome in telegraf_json::decode_document(rec, limits, &mut out) {
                     match outcome {
                         Ok(()) => stats.accept(),
                         Err(reason) => stats.reject(reason),
                     }
                 }
             });
-            Decoded::Probes(cols.finish())
+            Decoded::Telemetry { probes: probes.finish(), counters: counters.finish(), is_counter: order }
         }
     };
     (decoded, stats)
@@ -589,8 +684,7 @@ mod tests {
             }
             for format in Format::ALL {
                 let (decoded, stats) = decode(format, &msgs, &limits());
-                let rows = match decoded { Decoded::Flows(b) | Decoded::Probes(b) => b.num_rows() as u64 };
-                prop_assert_eq!(rows, stats.decoded);
+                prop_assert_eq!(decoded.num_rows() as u64, stats.decoded);
                 prop_assert_eq!(stats.decoded + stats.rejected_total(), stats.records);
                 // Every rejection points at bytes of a real message (what the dead-letter topic gets).
                 prop_assert_eq!(stats.bad.len() as u64, stats.rejected_total());

@@ -6,7 +6,9 @@
 //!   counters; `bytes` and `packets` of the last window also give
 //!   `siteflow_site_throughput_{bytes,packets}_per_second`; any other column `c` is the gauge
 //!   `siteflow_site_window_<c>` (its value in the last closed window);
-//! - probes: each column `c` is the gauge `siteflow_site_probe_<c>` (last closed window).
+//! - probes: each column `c` is the gauge `siteflow_site_probe_<c>` (last closed window);
+//! - interfaces: each column `c` is the gauge `siteflow_site_interface_<c>` (last closed window),
+//!   labelled also with the SQL's `interface`, `device` and `direction` keys if it has them.
 //!
 //! Traffic series exist for every site of the inventory (zero when a site sent nothing in the
 //! window); probe series only for sites with probe results in the last window (no result is no
@@ -44,10 +46,23 @@ struct TableState {
     windows: u64,
 }
 
+/// Rows of a table keyed by more than site and direction (interfaces): labels and values.
+#[derive(Debug, Default)]
+struct LabelledRows {
+    columns: Vec<String>,
+    last: Vec<(Vec<LabelPair>, Vec<f64>)>,
+    last_window_end_ns: Option<i64>,
+    windows: u64,
+}
+
+/// String key columns of the interfaces SQL that become labels.
+const INTERFACE_LABELS: [&str; 3] = ["interface", "device", "direction"];
+
 #[derive(Debug)]
 struct State {
     flows: TableState,
     probes: TableState,
+    interfaces: LabelledRows,
 }
 
 /// The per-site metrics sink; clone it to share with the HTTP server.
@@ -145,7 +160,7 @@ impl SiteMetrics {
             inventory,
             window_secs,
             labels: Arc::new(labels),
-            state: Arc::new(RwLock::new(State { flows: TableState::default(), probes: TableState::default() })),
+            state: Arc::new(RwLock::new(State { flows: TableState::default(), probes: TableState::default(), interfaces: LabelledRows::default() })),
         }
     }
 
@@ -157,8 +172,49 @@ impl SiteMetrics {
         l
     }
 
+    /// Applies a closed window of the interfaces table: its rows replace the previous ones.
+    fn apply_interfaces(&self, w: &ClosedWindow) {
+        let columns = numeric_columns(&w.rows);
+        let as_strings = |name: &str| w.rows.column_by_name(name).and_then(|c| cast(c, &DataType::Utf8).ok());
+        let sites = as_strings("site");
+        let labels: Vec<_> = INTERFACE_LABELS.iter().filter_map(|n| as_strings(n).map(|a| (*n, a))).collect();
+        let values: Vec<_> = columns
+            .iter()
+            .map(|c| cast(w.rows.column_by_name(c).expect("column listed from schema"), &DataType::Float64).expect("numeric column"))
+            .collect();
+        let mut last = Vec::with_capacity(w.rows.num_rows());
+        if let Some(sites) = &sites {
+            let sites = sites.as_string::<i32>();
+            for row in 0..w.rows.num_rows() {
+                let Some(site) = sites.is_valid(row).then(|| self.inventory.by_id(sites.value(row))).flatten() else { continue };
+                let mut l = self.labels[usize::from(site)].clone();
+                for (name, a) in &labels {
+                    let a = a.as_string::<i32>();
+                    l.push(label(name, if a.is_valid(row) { a.value(row) } else { "" }));
+                }
+                let v = values
+                    .iter()
+                    .map(|a| {
+                        let a = a.as_primitive::<Float64Type>();
+                        if a.is_valid(row) { a.value(row) } else { f64::NAN }
+                    })
+                    .collect();
+                last.push((l, v));
+            }
+        }
+        let mut state = self.state.write().expect("metrics lock");
+        let t = &mut state.interfaces;
+        t.columns = columns;
+        t.last = last;
+        t.last_window_end_ns = Some(w.end_ns);
+        t.windows += 1;
+    }
+
     /// Applies one closed window.
     fn apply(&self, w: &ClosedWindow) {
+        if &*w.table == "interfaces" {
+            return self.apply_interfaces(w);
+        }
         let mut state = self.state.write().expect("metrics lock");
         let table = match &*w.table {
             "flows" => &mut state.flows,
@@ -216,8 +272,9 @@ impl SiteMetrics {
         ));
 
         let mut last_end = Vec::new();
-        for (name, t) in [("flows", &state.flows), ("probes", &state.probes)] {
-            if let Some(end) = t.last_window_end_ns {
+        let ends = [("flows", state.flows.last_window_end_ns), ("probes", state.probes.last_window_end_ns), ("interfaces", state.interfaces.last_window_end_ns)];
+        for (name, end) in ends {
+            if let Some(end) = end {
                 last_end.push(gauge_metric(vec![label("table", name)], end as f64 / 1e9));
             }
         }
@@ -270,6 +327,18 @@ impl SiteMetrics {
                 out.push(family(format!("siteflow_site_probe_{col}"), &help, MetricType::GAUGE, metrics));
             }
         }
+
+        let interfaces = &state.interfaces;
+        if interfaces.windows > 0 {
+            for (i, col) in interfaces.columns.iter().enumerate() {
+                // Interfaces without counter samples in the window have no value.
+                let metrics = interfaces.last.iter().map(|(l, v)| gauge_metric(l.clone(), v[i])).collect();
+                let help = format!("Column {col} of the interfaces pipeline SQL in the last closed window.");
+                out.push(family(format!("siteflow_site_interface_{col}"), &help, MetricType::GAUGE, metrics));
+            }
+        }
+        // A family without series is not valid exposition text (e.g. no probe results in the window).
+        out.retain(|f| !f.get_metric().is_empty());
         out
     }
 }
@@ -277,5 +346,50 @@ impl SiteMetrics {
 impl WindowSink for SiteMetrics {
     fn on_window(&mut self, window: &ClosedWindow) {
         self.apply(window);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::arrow::array::{Float64Array, StringArray, UInt64Array};
+    use datafusion::arrow::datatypes::{Field, Schema};
+
+    #[test]
+    fn interface_rows_become_gauges_labelled_by_interface_and_direction() {
+        let metrics = SiteMetrics::new(Arc::new(Inventory::embedded()), 10.0);
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("site", DataType::Utf8, false),
+            Field::new("interface", DataType::Utf8, false),
+            Field::new("direction", DataType::Utf8, false),
+            Field::new("bytes", DataType::UInt64, false),
+            Field::new("bytes_per_second", DataType::Float64, false),
+        ]));
+        let rows = RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(StringArray::from(vec!["tinh.vp-ubnd", "tinh.vp-ubnd", "no-such-site"])),
+                Arc::new(StringArray::from(vec!["eth1", "eth1", "eth0"])),
+                Arc::new(StringArray::from(vec!["in", "out", "in"])),
+                Arc::new(UInt64Array::from(vec![5_000, 1_000, 7])),
+                Arc::new(Float64Array::from(vec![500.0, 100.0, 0.7])),
+            ],
+        )
+        .unwrap();
+        let window = ClosedWindow { table: "interfaces".into(), start_ns: 0, end_ns: 10, rows, closed_by: std::time::Instant::now() };
+        metrics.apply(&window);
+        let families = metrics.collect();
+        let rate = families.iter().find(|f| f.name() == "siteflow_site_interface_bytes_per_second").expect("rate family");
+        let mut seen: Vec<(String, f64)> = rate
+            .get_metric()
+            .iter()
+            .map(|m| {
+                let l = |n: &str| m.get_label().iter().find(|l| l.name() == n).map(|l| l.value().to_string()).unwrap_or_default();
+                (format!("{}/{}/{}", l("site"), l("interface"), l("direction")), m.get_gauge().get_value())
+            })
+            .collect();
+        seen.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(seen, vec![("tinh.vp-ubnd/eth1/in".into(), 500.0), ("tinh.vp-ubnd/eth1/out".into(), 100.0)]);
+        assert!(families.iter().any(|f| f.name() == "siteflow_site_interface_bytes"));
     }
 }

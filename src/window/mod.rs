@@ -46,7 +46,7 @@ pub fn table_schema(enriched: &SchemaRef) -> SchemaRef {
 /// One table's rows of one closed window.
 #[derive(Debug, Clone)]
 pub struct ClosedWindow {
-    /// Table name: `flows` or `probes`.
+    /// Table name: `flows`, `interfaces` or `probes`.
     pub table: Arc<str>,
     pub start_ns: i64,
     pub end_ns: i64,
@@ -192,11 +192,61 @@ impl WindowOperator {
         batch: &RecordBatch,
         now: Instant,
     ) -> Result<BatchOutcome, DataFusionError> {
-        let times = batch
-            .column_by_name("event_time")
-            .ok_or_else(|| DataFusionError::Internal("batch without event_time".into()))?
-            .as_primitive::<TimestampNanosecondType>();
-        let assignment = self.watermarks.assign(partition, times.values(), now);
+        let mut outcomes = self.process_together(partition, &[(table, batch)], &[], now).await?;
+        Ok(outcomes.pop().expect("one outcome per input"))
+    }
+
+    /// Feeds batches of several tables that came from the same messages. `ordinals[i][r]` is the
+    /// position of row `r` of input `i` among all the records of those messages: event time
+    /// advances in that order, as if the tables' records had come one by one. (Feeding one
+    /// table after the other would make the second table's records late whenever the first
+    /// table's reach further in time; and the order must not depend on how messages were
+    /// grouped into micro-batches, or a replay after a crash could judge lateness differently.)
+    pub async fn process_together(
+        &mut self,
+        partition: PartitionId,
+        inputs: &[(TableId, &RecordBatch)],
+        ordinals: &[Vec<u32>],
+        now: Instant,
+    ) -> Result<Vec<BatchOutcome>, DataFusionError> {
+        let mut rows: Vec<(u32, usize, usize)> = Vec::with_capacity(inputs.iter().map(|(_, b)| b.num_rows()).sum());
+        let mut columns = Vec::with_capacity(inputs.len());
+        for (i, (_, batch)) in inputs.iter().enumerate() {
+            let column = batch
+                .column_by_name("event_time")
+                .ok_or_else(|| DataFusionError::Internal("batch without event_time".into()))?
+                .as_primitive::<TimestampNanosecondType>();
+            let order = ordinals.get(i).filter(|o| o.len() == batch.num_rows());
+            rows.extend((0..batch.num_rows()).map(|r| (order.map_or(r as u32, |o| o[r]), i, r)));
+            columns.push(column.values().clone());
+        }
+        rows.sort_by_key(|&(ordinal, i, r)| (ordinal, i, r));
+        let times: Vec<i64> = rows.iter().map(|&(_, i, r)| columns[i][r]).collect();
+        let assignment = self.watermarks.assign(partition, &times, now);
+        let mut parts: Vec<Assignment> = inputs
+            .iter()
+            .map(|(_, b)| Assignment { window_starts: vec![0; b.num_rows()], late: vec![false; b.num_rows()], late_count: 0 })
+            .collect();
+        for (k, &(_, i, r)) in rows.iter().enumerate() {
+            parts[i].window_starts[r] = assignment.window_starts[k];
+            parts[i].late[r] = assignment.late[k];
+            parts[i].late_count += usize::from(assignment.late[k]);
+        }
+        let mut outcomes = Vec::with_capacity(inputs.len());
+        for ((table, batch), part) in inputs.iter().zip(parts) {
+            outcomes.push(self.aggregate(*table, partition, batch, part).await?);
+        }
+        Ok(outcomes)
+    }
+
+    /// Aggregates the on-time records of a batch into their windows' partial states.
+    async fn aggregate(
+        &mut self,
+        table: TableId,
+        partition: PartitionId,
+        batch: &RecordBatch,
+        assignment: Assignment,
+    ) -> Result<BatchOutcome, DataFusionError> {
         let mut outcome =
             BatchOutcome { accepted: (batch.num_rows() - assignment.late_count) as u64, late: assignment.late_count as u64, on_time: None };
         if outcome.accepted == 0 {

@@ -21,14 +21,16 @@ fn check_golden(format: Format, name: &str) {
         max_time_ns: i64::MAX,
     };
     let (decoded, stats) = decode(format, &msgs, &limits);
-    let batch = match decoded {
-        Decoded::Flows(b) | Decoded::Probes(b) => b,
+    let batches = match decoded {
+        Decoded::Flows(b) | Decoded::Probes(b) => vec![b],
+        Decoded::Telemetry { probes, counters, .. } => vec![probes, counters],
     };
+    let tables: Vec<String> = batches.iter().map(|b| pretty_format_batches(std::slice::from_ref(b)).unwrap().to_string()).collect();
     let mut rejected = stats.rejected.clone();
     rejected.sort();
     let actual = format!(
         "{}\nrecords: {}, decoded: {}, missing sampling rate: {}\nrejected: {}\n",
-        pretty_format_batches(&[batch]).unwrap(),
+        tables.join("\n"),
         stats.records,
         stats.decoded,
         stats.missing_sampling_rate,

@@ -69,13 +69,19 @@ fn assert_exact(checkpoints: &std::path::Path, truth: &Totals, end_s: i64, timeo
     assert!(done, "window totals differ from the produced records: {}", diff(truth, &got));
 }
 
-#[test]
-fn crashes_lose_nothing_and_count_nothing_twice() {
+/// The test's directory (broker data, checkpoints, logs); kept with `KAFKA_TEST_KEEP=1`.
+fn test_dir() -> tempfile::TempDir {
     let mut dir = tempfile::tempdir().unwrap();
     if std::env::var_os("KAFKA_TEST_KEEP").is_some() {
         eprintln!("keeping {}", dir.path().display());
         dir.disable_cleanup(true);
     }
+    dir
+}
+
+#[test]
+fn crashes_lose_nothing_and_count_nothing_twice() {
+    let dir = test_dir();
     let broker = Broker::start(dir.path());
     broker.create_topic("flows", 4);
     let mut traffic = Traffic::new(7, start_ns());
@@ -114,7 +120,7 @@ fn assignments(i: &Instance) -> Vec<String> {
 
 #[test]
 fn two_instances_split_the_partitions_and_one_takes_over_from_checkpoints() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = test_dir();
     let broker = Broker::start(dir.path());
     broker.create_topic("flows", 4);
     let checkpoints = dir.path().join("ckpt");
@@ -152,7 +158,7 @@ fn two_instances_split_the_partitions_and_one_takes_over_from_checkpoints() {
 
 #[test]
 fn malformed_records_are_counted_dead_lettered_and_skipped() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = test_dir();
     let broker = Broker::start(dir.path());
     broker.create_topic("flows", 2);
     broker.create_topic("flows.dead", 1);
@@ -238,7 +244,7 @@ fn malformed_records_are_counted_dead_lettered_and_skipped() {
 
 #[test]
 fn a_broker_outage_is_survived_with_exact_totals() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = test_dir();
     let mut broker = Broker::start(dir.path());
     broker.create_topic("flows", 2);
     let checkpoints = dir.path().join("ckpt");
@@ -276,6 +282,57 @@ fn read_probe_results(checkpoint_dir: &std::path::Path, end_s: i64) -> ProbeCoun
     counts
 }
 
+/// Per (site, interface, direction, window start in seconds): interface bytes.
+type InterfaceBytes = std::collections::BTreeMap<(String, String, String, i64), u64>;
+
+fn read_interface_results(checkpoint_dir: &std::path::Path, end_s: i64) -> InterfaceBytes {
+    let mut bytes = InterfaceBytes::new();
+    for entry in std::fs::read_dir(checkpoint_dir.join("results/interfaces")).into_iter().flatten().flatten() {
+        for file in std::fs::read_dir(entry.path()).into_iter().flatten().flatten() {
+            for line in std::fs::read_to_string(file.path()).unwrap_or_default().lines() {
+                let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+                let ws = v["window_start"].as_str().unwrap();
+                let t = chrono::NaiveDateTime::parse_from_str(ws, "%Y-%m-%dT%H:%M:%S%.f").unwrap().and_utc().timestamp();
+                if t < end_s {
+                    let key = (v["site"].as_str().unwrap().into(), v["interface"].as_str().unwrap().into(), v["direction"].as_str().unwrap().into(), t);
+                    *bytes.entry(key).or_default() += v["bytes"].as_u64().unwrap();
+                }
+            }
+        }
+    }
+    bytes
+}
+
+/// An interface whose octet counters the test reports like Telegraf, knowing the true traffic.
+struct Interface {
+    site: String,
+    name: String,
+    /// The counters as the device would report them.
+    counters: [u64; 2],
+    bits: u32,
+    /// Which of (in, out) the device reports.
+    reported: [bool; 2],
+    samples: u64,
+}
+
+impl Interface {
+    /// Moves `traffic` bytes (in, out) through the interface (wrapping at its width, or restarting
+    /// from zero if `reboot`), records the truth, and returns the counters to report.
+    fn advance(&mut self, traffic: [u64; 2], reboot: bool, t_ns: i64, truth: &mut InterfaceBytes) -> [u64; 2] {
+        for (d, (counter, bytes)) in self.counters.iter_mut().zip(traffic).enumerate() {
+            let modulus = 1u128 << self.bits;
+            *counter = if reboot { bytes } else { ((u128::from(*counter) + u128::from(bytes)) % modulus) as u64 };
+            // The first sample is only a baseline: no traffic is known before it.
+            if self.samples > 0 && self.reported[d] {
+                let key = (self.site.clone(), self.name.clone(), ["in", "out"][d].to_string(), t_ns.div_euclid(10 * S) * 10);
+                *truth.entry(key).or_default() += bytes;
+            }
+        }
+        self.samples += 1;
+        self.counters
+    }
+}
+
 fn ipv4(a: &str) -> Vec<u8> {
     a.parse::<std::net::Ipv4Addr>().unwrap().octets().to_vec()
 }
@@ -285,7 +342,7 @@ fn every_format_read_from_the_broker_gives_the_right_windows() {
     use prost::Message;
     use siteflow::decode::goflow2_pb::FlowMessage;
 
-    let dir = tempfile::tempdir().unwrap();
+    let dir = test_dir();
     let broker = Broker::start(dir.path());
     let topics = [
         ("g2.json", "goflow2_json"),
@@ -306,6 +363,12 @@ fn every_format_read_from_the_broker_gives_the_right_windows() {
     let mut pb_batch = Vec::new();
     let mut pmacct_batch = String::new();
     let mut telegraf_batch = Vec::new();
+    // Interface counters, in Telegraf's batches beside the pings: a 64-bit `net` counter that
+    // restarts from zero halfway (a reboot), and a 32-bit SNMP counter that wraps several times.
+    let mut interface_bytes = InterfaceBytes::new();
+    let gateway = format!("{}.{}.{}.1", traffic.sites[1].net[0], traffic.sites[1].net[1], traffic.sites[1].net[2]);
+    let mut eth1 = Interface { site: traffic.sites[0].id.clone(), name: "eth1".into(), counters: [5_000_000_000, 7], bits: 64, reported: [true, true], samples: 0 };
+    let mut wan = Interface { site: traffic.sites[1].id.clone(), name: "3".into(), counters: [u64::from(u32::MAX) - 3_000_000, 0], bits: 32, reported: [true, false], samples: 0 };
     for i in 0..n {
         t += 50 * 1_000_000; // 50 ms, on whole milliseconds (pmacct prints microseconds)
         let f = traffic.flow(t);
@@ -362,6 +425,20 @@ fn every_format_read_from_the_broker_gives_the_right_windows() {
                 }
             }
         }
+        if i % 20 == 5 {
+            let load = 100_000 + (i as u64 * 7_919) % 900_000;
+            let [rx, tx] = eth1.advance([load, load / 3], i == n / 2 + 5, t, &mut interface_bytes);
+            telegraf_batch.push(format!(
+                r#"{{"fields":{{"bytes_recv":{rx},"bytes_sent":{tx},"packets_recv":1}},"name":"net","tags":{{"host":"gw-a","interface":"eth1","site":"{}"}},"timestamp":{}}}"#,
+                eth1.site,
+                t / 1_000_000
+            ));
+            let [octets_in, _] = wan.advance([load * 100, 0], false, t, &mut interface_bytes);
+            telegraf_batch.push(format!(
+                r#"{{"fields":{{"ifInOctets":{octets_in}}},"name":"ifTable","tags":{{"agent_host":"{gateway}","ifIndex":"3"}},"timestamp":{}}}"#,
+                t / 1_000_000
+            ));
+        }
         if i % 10 == 0 {
             // A probe result of a site, alternately in siteflow's JSON and in Telegraf's batch form.
             let site = traffic.sites[(i / 10) % traffic.sites.len()].id.clone();
@@ -377,7 +454,9 @@ fn every_format_read_from_the_broker_gives_the_right_windows() {
                     r#"{{"fields":{{"average_response_ms":35.2,"packets_received":10,"packets_transmitted":10,"percent_packet_loss":0,"result_code":0,"standard_deviation_ms":2.5}},"name":"ping","tags":{{"host":"probe-1","site":"{site}","url":"10.100.1.1"}},"timestamp":{}}}"#,
                     t / 1_000_000
                 ));
-                if telegraf_batch.len() == 5 {
+                // Batches spanning ~10 s of pings and counters: longer than the allowed lateness,
+                // so neither kind may make the other late.
+                if telegraf_batch.len() >= 40 {
                     send(&producer, "telegraf", 0, format!(r#"{{"metrics":[{}]}}"#, telegraf_batch.join(",")).as_bytes());
                     telegraf_batch.clear();
                 }
@@ -428,5 +507,21 @@ fn every_format_read_from_the_broker_gives_the_right_windows() {
         probes.values().sum::<u64>(),
         read_probe_results(&checkpoints, end_s).values().sum::<u64>()
     );
+    // Interface bytes per site, interface, direction and window: the counter deltas, across
+    // the wraps and the reset, equal the traffic the test moved through the interfaces.
+    interface_bytes.retain(|k, _| k.3 < end_s);
+    let ok = wait_until(Duration::from_secs(60), || read_interface_results(&checkpoints, end_s) == interface_bytes);
+    let got = read_interface_results(&checkpoints, end_s);
+    let differing: Vec<_> = interface_bytes
+        .keys()
+        .chain(got.keys())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .filter(|k| interface_bytes.get(*k) != got.get(*k))
+        .map(|k| (k, interface_bytes.get(k), got.get(k)))
+        .collect();
+    assert!(ok, "interface bytes differ (key, expected, got): {differing:?}\n{}", a.log_summary());
+    assert!(a.metric("siteflow_interface_counter_samples_total", "outcome=\"wrap\"").unwrap_or(0.0) >= 3.0, "{}", a.log_summary());
+    assert_eq!(a.metric("siteflow_interface_counter_samples_total", "outcome=\"reset\"").unwrap_or(0.0), 2.0, "{}", a.log_summary());
     assert_eq!(a.metric("siteflow_records_rejected_total", "reason=").unwrap_or(0.0), 0.0, "{}", a.log_summary());
 }
