@@ -1,6 +1,11 @@
 //! siteflow against a real Kafka-protocol broker (Tansu): exact window totals through
 //! crashes, scale-out, malformed input and a broker outage.
 
+
+/// The softflowd → nfacctd → broker → siteflow chain (a `kafka::` test: run one at a time).
+#[path = "kafka_chain.rs"]
+mod chain;
+
 use std::time::Duration;
 
 use crate::kafka_support::*;
@@ -70,7 +75,7 @@ fn assert_exact(checkpoints: &std::path::Path, truth: &Totals, end_s: i64, timeo
 }
 
 /// The test's directory (broker data, checkpoints, logs); kept with `KAFKA_TEST_KEEP=1`.
-fn test_dir() -> tempfile::TempDir {
+pub(crate) fn test_dir() -> tempfile::TempDir {
     let mut dir = tempfile::tempdir().unwrap();
     if std::env::var_os("KAFKA_TEST_KEEP").is_some() {
         eprintln!("keeping {}", dir.path().display());
