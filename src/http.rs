@@ -1,5 +1,6 @@
 //! HTTP endpoints: `/metrics` (Prometheus text format), `/healthz`, `/readyz`, and the
-//! readiness API: `GET /api/readiness`, `GET|POST /api/meetings`, `GET /api/meetings/{id}/readiness`.
+//! readiness API: `GET /api/readiness`, `GET|POST /api/meetings`, `GET /api/meetings/{id}/readiness`,
+//! and SQL: `POST /api/sql` (see docs/sql.md).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,6 +16,7 @@ use prometheus::TextEncoder;
 use crate::metrics::PipelineMetrics;
 use crate::readiness::SharedReadiness;
 use crate::sink::prometheus::SiteMetrics;
+use crate::sql::SqlEngine;
 
 /// What the handlers read.
 #[derive(Clone)]
@@ -26,6 +28,8 @@ pub struct AppState {
     /// True once shutdown has begun.
     pub stopping: Arc<AtomicBool>,
     pub readiness: Arc<SharedReadiness>,
+    /// The SQL API, if enabled, and the bearer token it requires (if any).
+    pub sql: Option<(SqlEngine, Option<String>)>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -36,6 +40,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/readiness", get(readiness))
         .route("/api/meetings", get(list_meetings).post(add_meeting))
         .route("/api/meetings/{id}/readiness", get(meeting_readiness))
+        .route("/api/sql", axum::routing::post(sql_query))
         .with_state(state)
 }
 
@@ -148,6 +153,143 @@ async fn meeting_readiness(State(state): State<AppState>, Path(id): Path<String>
         None => error(StatusCode::NOT_FOUND, format!("no meeting {id:?}")),
     }
 }
+/// Result encodings of `POST /api/sql`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SqlFormat {
+    Json,
+    Csv,
+    Arrow,
+}
+
+impl SqlFormat {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "json" | "application/json" => Some(Self::Json),
+            "csv" | "text/csv" => Some(Self::Csv),
+            "arrow" | "application/vnd.apache.arrow.stream" => Some(Self::Arrow),
+            _ => None,
+        }
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Self::Json => "application/json",
+            Self::Csv => "text/csv; charset=utf-8",
+            Self::Arrow => "application/vnd.apache.arrow.stream",
+        }
+    }
+}
+
+/// Encodes query results in `format`.
+pub fn encode_batches(
+    format: SqlFormat,
+    schema: &datafusion::arrow::datatypes::SchemaRef,
+    batches: &[datafusion::arrow::array::RecordBatch],
+) -> Result<Vec<u8>, datafusion::arrow::error::ArrowError> {
+    let mut out = Vec::new();
+    match format {
+        SqlFormat::Json => {
+            let mut w = datafusion::arrow::json::ArrayWriter::new(&mut out);
+            for b in batches {
+                w.write(b)?;
+            }
+            w.finish()?;
+            if batches.iter().all(|b| b.num_rows() == 0) {
+                out = b"[]".to_vec();
+            }
+        }
+        SqlFormat::Csv => {
+            let mut w = datafusion::arrow::csv::WriterBuilder::new().with_header(true).build(&mut out);
+            if batches.is_empty() {
+                w.write(&datafusion::arrow::array::RecordBatch::new_empty(schema.clone()))?;
+            }
+            for b in batches {
+                w.write(b)?;
+            }
+        }
+        SqlFormat::Arrow => {
+            let mut w = datafusion::arrow::ipc::writer::StreamWriter::try_new(&mut out, schema)?;
+            for b in batches {
+                w.write(b)?;
+            }
+            w.finish()?;
+        }
+    }
+    Ok(out)
+}
+
+/// Query and options of `POST /api/sql`: the SQL as the body (text) or as JSON
+/// `{"query": …, "format": …}`; the format also as `?format=` or by `Accept`.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SqlRequest {
+    pub query: Option<String>,
+    pub format: Option<String>,
+}
+
+fn sql_error(status: u16, kind: &str, message: String) -> axum::response::Response {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST);
+    (status, Json(serde_json::json!({ "error": message, "kind": kind }))).into_response()
+}
+
+/// Compares without returning early on the first difference (token checks).
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn sql_query(
+    State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
+    Query(params): Query<SqlRequest>,
+    body: String,
+) -> axum::response::Response {
+    let Some((engine, token)) = &state.sql else {
+        return sql_error(404, "disabled", "the SQL API is not enabled on this instance".into());
+    };
+    if let Some(token) = token {
+        let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        if !given.is_some_and(|g| same_secret(g.as_bytes(), token.as_bytes())) {
+            return sql_error(401, "unauthorized", "this instance requires `Authorization: Bearer <token>` (sql.token)".into());
+        }
+    }
+    let is_json = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|c| c.starts_with("application/json"));
+    let request = if is_json {
+        match serde_json::from_str::<SqlRequest>(&body) {
+            Ok(r) => r,
+            Err(e) => return sql_error(400, "bad_request", format!("body: {e}; expected {{\"query\": \"SELECT …\", \"format\": \"json|csv|arrow\"}}")),
+        }
+    } else {
+        SqlRequest { query: Some(body), format: None }
+    };
+    let query = params.query.or(request.query).unwrap_or_default();
+    if query.trim().is_empty() {
+        return sql_error(400, "bad_request", "no query: send the SQL as the request body (or JSON {\"query\": …})".into());
+    }
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let format = match params.format.or(request.format) {
+        Some(f) => match SqlFormat::parse(&f) {
+            Some(f) => f,
+            None => return sql_error(400, "bad_request", format!("format {f:?} is not one of json, csv, arrow")),
+        },
+        None => accept.split(',').filter_map(|a| SqlFormat::parse(a.split(';').next().unwrap_or("").trim())).next().unwrap_or(SqlFormat::Json),
+    };
+    let started = std::time::Instant::now();
+    match engine.query(&query).await {
+        Ok((schema, batches)) => {
+            let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+            tracing::info!(rows, seconds = started.elapsed().as_secs_f64(), "sql query answered");
+            match encode_batches(format, &schema, &batches) {
+                Ok(bytes) => ([(header::CONTENT_TYPE, format.content_type())], bytes).into_response(),
+                Err(e) => sql_error(500, "encoding", format!("cannot encode the result: {e}")),
+            }
+        }
+        Err(e) => {
+            tracing::info!(kind = e.kind(), error = %e, "sql query refused or failed");
+            sql_error(e.status(), e.kind(), e.to_string())
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -165,6 +307,7 @@ mod tests {
             ready: Default::default(),
             stopping: Default::default(),
             readiness: SharedReadiness::new(ReadinessEngine::new(inventory, Policy::default(), 10_000_000_000), Vec::new()),
+            sql: None,
         };
         let text = render(&state).unwrap();
         assert!(text.contains("siteflow_records_received_total{format=\"goflow2_json\"} 0"), "{text}");

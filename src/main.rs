@@ -14,7 +14,9 @@ use tokio::sync::watch;
 use siteflow::checkpoint::CheckpointStore;
 use siteflow::config::{Config, LogFormat, Pace, SourceKind, resolve};
 use siteflow::dead_letter::DeadLetters;
-use siteflow::http::{AppState, router};
+use siteflow::history::{History, HistoryOptions, HistorySink};
+use siteflow::http::{AppState, SqlFormat, router};
+use siteflow::sql::{RecentFlows, SqlEngine, SqlLimits};
 use siteflow::metrics::PipelineMetrics;
 use siteflow::pipeline::{Pipeline, Resources, plan_windows};
 use siteflow::sink::prometheus::SiteMetrics;
@@ -62,6 +64,50 @@ enum Command {
     /// Validate a configuration, its inventory, scenario and pipeline SQL; exit non-zero on problems.
     #[command(after_help = "Example:\n  siteflow check --config deploy/siteflow.example.yaml --explain")]
     Check(CheckArgs),
+    /// Ask a running siteflow a read-only SQL question (or query a Parquet history directly).
+    #[command(after_help = SQL_EXAMPLES)]
+    Sql(SqlArgs),
+}
+
+const SQL_EXAMPLES: &str = "\
+Tables: sites, site_windows, probe_windows, interface_windows, readiness, flows_recent
+(docs/sql.md has their columns and ten example questions).
+
+Examples:
+  # The busiest sites inbound over the last hour, from a running instance:
+  siteflow sql \"SELECT site, max(bytes) * 8 / 10 AS peak_bps FROM site_windows
+                 WHERE direction = 'in' AND window_start > now() - INTERVAL '1 hour'
+                 GROUP BY site ORDER BY peak_bps DESC LIMIT 10\"
+
+  # As CSV, from another host, with the API token:
+  siteflow sql --url http://siteflow-1:9898 --token \"$TOKEN\" --format csv \"SELECT * FROM sites\"
+
+  # Straight from the Parquet history directory, no server needed:
+  siteflow sql --data /var/lib/siteflow/history \"SELECT count(*) FROM site_windows\"";
+
+#[derive(Args)]
+struct SqlArgs {
+    /// The query (read-only SQL).
+    query: String,
+    /// The running instance to ask.
+    #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:9898", env = "SITEFLOW_SQL_URL")]
+    url: String,
+    /// Bearer token, if the instance requires one (sql.token).
+    #[arg(long, value_name = "TOKEN", env = "SITEFLOW_SQL_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Query this Parquet history directory (history.dir) directly instead of a server.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["url", "token"])]
+    data: Option<PathBuf>,
+    /// Output: an aligned table, CSV or JSON.
+    #[arg(long, value_enum, default_value = "table")]
+    format: OutputFormat,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum OutputFormat {
+    Table,
+    Csv,
+    Json,
 }
 
 #[derive(Args)]
@@ -150,10 +196,49 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let metrics = Arc::new(PipelineMetrics::new(&Pipeline::FORMATS, &Pipeline::TABLES));
     let sites = SiteMetrics::new(res.inventory.clone(), config.window.size_secs as f64);
     let latency = metrics.clone();
-    let mut pipeline = Pipeline::build(&config, &res, metrics.clone(), vec![Box::new(sites.clone())]).await?;
+    let history = History::open(HistoryOptions::from_config(&config.history))?;
+    let sinks: Vec<Box<dyn siteflow::sink::WindowSink>> = vec![Box::new(sites.clone()), Box::new(HistorySink::new(history.clone()))];
+    let mut pipeline = Pipeline::build(&config, &res, metrics.clone(), sinks).await?;
+    for (t, name) in Pipeline::TABLES.iter().enumerate() {
+        if let Some(sql_name) = siteflow::history::sql_table_name(name) {
+            history.declare(sql_name, &pipeline.windows().output_schema(t));
+        }
+    }
+    history.declare(siteflow::history::READINESS_TABLE, &siteflow::history::readiness_schema());
+    let recent_flows = RecentFlows::new(config.sql.recent_flows_max_rows, config.sql.recent_flows_max_mb << 20);
+    pipeline.keep_recent_flows(recent_flows.clone());
+    let engine = SqlEngine::new(
+        res.inventory.clone(),
+        history.clone(),
+        Some(recent_flows),
+        SqlLimits::from_config(&config.sql),
+        config.window.size_secs as f64,
+    );
     let ready = pipeline.ready.clone();
     let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let state = AppState { metrics, sites, ready, stopping: stopping.clone(), readiness: pipeline.readiness.clone() };
+    let state = AppState {
+        metrics,
+        sites,
+        ready,
+        stopping: stopping.clone(),
+        readiness: pipeline.readiness.clone(),
+        sql: Some((engine, config.sql.token.clone())),
+    };
+    let flusher = history.clone();
+    let flush_every = std::time::Duration::from_secs(config.history.flush_interval_secs);
+    let history_task = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(flush_every);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let h = flusher.clone();
+            match tokio::task::spawn_blocking(move || h.flush()).await {
+                Ok(Ok(rows)) if rows > 0 => tracing::debug!(rows, "history written to Parquet"),
+                Ok(Err(e)) => tracing::error!("history flush failed (the windows stay in memory; next attempt at the next interval): {e:#}"),
+                _ => {}
+            }
+        }
+    });
 
     let listener = tokio::net::TcpListener::bind(config.http.listen)
         .await
@@ -214,12 +299,77 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         done = &mut pipeline_task => done,
     };
     let summary = summary.context("pipeline task panicked")??;
+    history_task.abort();
+    match history.flush() {
+        Ok(rows) => tracing::info!(rows, "history written to Parquet at shutdown"),
+        Err(e) => tracing::error!("history flush at shutdown failed: {e:#}"),
+    }
     let _ = server_stop_tx.send(true);
     server.await.context("server task panicked")?.context("HTTP server failed")?;
     if let Some((p50, p99)) = latency.close_latency_quantiles() {
         tracing::info!(windows = summary.windows_closed, p50_seconds = p50, p99_seconds = p99, "window close-to-visible latency");
     }
     Ok(())
+}
+
+/// `siteflow sql`: asks a running instance (Arrow IPC over HTTP) or reads a history directory.
+async fn sql(args: &SqlArgs) -> anyhow::Result<()> {
+    let (schema, batches) = match &args.data {
+        Some(dir) => {
+            anyhow::ensure!(dir.is_dir(), "{}: no such directory (history.dir of a siteflow configuration)", dir.display());
+            let options = HistoryOptions { dir: Some(dir.clone()), retention_days: u32::MAX, compact_min_files: usize::MAX, max_memory_rows: 0 };
+            let history = History::open(options)?;
+            let limits = SqlLimits::from_config(&siteflow::config::SqlConfig::default());
+            let engine = SqlEngine::new(Arc::new(siteflow::inventory::Inventory::embedded()), history, None, limits, 10.0);
+            engine.query(&args.query).await.map_err(|e| anyhow::anyhow!("{e}"))?
+        }
+        None => {
+            let url = format!("{}/api/sql?format=arrow", args.url.trim_end_matches('/'));
+            let query = args.query.clone();
+            let token = args.token.clone();
+            tokio::task::spawn_blocking(move || ask_server(&url, &query, token.as_deref())).await??
+        }
+    };
+    let mut out = std::io::stdout().lock();
+    match args.format {
+        OutputFormat::Table => {
+            use std::io::Write;
+            let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+            let table = datafusion::arrow::util::pretty::pretty_format_batches(&batches)?;
+            writeln!(out, "{table}")?;
+            writeln!(out, "({rows} row{})", if rows == 1 { "" } else { "s" })?;
+        }
+        OutputFormat::Csv => std::io::Write::write_all(&mut out, &siteflow::http::encode_batches(SqlFormat::Csv, &schema, &batches)?)?,
+        OutputFormat::Json => {
+            std::io::Write::write_all(&mut out, &siteflow::http::encode_batches(SqlFormat::Json, &schema, &batches)?)?;
+            std::io::Write::write_all(&mut out, b"\n")?;
+        }
+    }
+    Ok(())
+}
+
+type Batches = (datafusion::arrow::datatypes::SchemaRef, Vec<datafusion::arrow::array::RecordBatch>);
+
+fn ask_server(url: &str, query: &str, token: Option<&str>) -> anyhow::Result<Batches> {
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let mut request = agent.post(url).header("Content-Type", "text/plain; charset=utf-8");
+    if let Some(t) = token {
+        request = request.header("Authorization", &format!("Bearer {t}"));
+    }
+    let mut response = request.send(query).with_context(|| format!("cannot reach {url} (is siteflow running there? --url)"))?;
+    let status = response.status().as_u16();
+    let body = response.body_mut().with_config().limit(u64::MAX).read_to_vec()?;
+    if status != 200 {
+        let message = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v["error"].as_str().map(str::to_string))
+            .unwrap_or_else(|| String::from_utf8_lossy(&body).to_string());
+        anyhow::bail!("{message} (HTTP {status})");
+    }
+    let reader = datafusion::arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(body), None)?;
+    let schema = reader.schema();
+    let batches = reader.collect::<Result<Vec<_>, _>>()?;
+    Ok((schema, batches))
 }
 
 async fn check(args: &CheckArgs) -> anyhow::Result<()> {
@@ -261,6 +411,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Check(args) => check(&args).await,
+            Command::Sql(args) => sql(&args).await,
             Command::Run(args) => {
                 let mut config = Config::load(Some(&args.config))?;
                 if let Some(listen) = args.listen {

@@ -20,6 +20,7 @@ use crate::enrich::{EnrichStats, Enricher, Sampling, enriched_flow_schema, enric
 use crate::inventory::{Inventory, InventoryError, addr_from_ip};
 use crate::metrics::PipelineMetrics;
 use crate::rates::CounterRates;
+use crate::sql::RecentFlows;
 use crate::readiness::meetings::load_schedule;
 use crate::readiness::{Meeting, Policy, ReadinessEngine, SharedReadiness};
 use crate::sink::WindowSink;
@@ -187,6 +188,8 @@ pub struct Pipeline {
     summary: RunSummary,
     /// Partitions, checkpoints and dead letters when reading from Kafka.
     durable: Option<Durable>,
+    /// The newest enriched flow records, for SQL (`flows_recent`).
+    recent_flows: Option<Arc<RecentFlows>>,
 }
 
 /// A partition this instance owns.
@@ -249,6 +252,7 @@ impl Pipeline {
             ready: Arc::new(AtomicBool::new(false)),
             summary: RunSummary::default(),
             durable: None,
+            recent_flows: None,
         })
     }
 
@@ -256,6 +260,11 @@ impl Pipeline {
     pub fn enable_checkpoints(&mut self, store: CheckpointStore, dead_letters: Option<DeadLetters>) {
         self.windows.set_per_partition_results(true);
         self.durable = Some(Durable { store, owned: Default::default(), dead_letters });
+    }
+
+    /// Keeps the newest enriched flow records in `ring` (SQL table `flows_recent`).
+    pub fn keep_recent_flows(&mut self, ring: Arc<RecentFlows>) {
+        self.recent_flows = Some(ring);
     }
 
     /// Table names in the window operator's order (the checkpoint layout).
@@ -434,6 +443,11 @@ impl Pipeline {
         let (mut inputs, mut input_ordinals) = (Vec::with_capacity(enriched.len()), Vec::with_capacity(enriched.len()));
         for (i, (table, (rows, stats))) in enriched.iter().enumerate() {
             self.metrics.records_unmatched.with_label_values(&[Self::TABLES[*table]]).inc_by(stats.unmatched);
+            if *table == self.tables.flows
+                && let Some(ring) = &self.recent_flows
+            {
+                ring.push(rows);
+            }
             if rows.num_rows() > 0 {
                 inputs.push((*table, rows));
                 input_ordinals.push(ordinals.get(i).cloned().unwrap_or_default());
@@ -496,6 +510,9 @@ impl Pipeline {
                 // Tables close in order for each window: after the last one, judge the sites.
                 if w.table.as_ref() == Self::TABLES[Self::TABLES.len() - 1] {
                     engine.evaluate(w.start_ns, w.end_ns);
+                    for sink in &mut self.sinks {
+                        sink.on_readiness(w.start_ns, w.end_ns, engine.latest());
+                    }
                 }
             }
             self.metrics.windows_closed.with_label_values(&[&w.table]).inc();

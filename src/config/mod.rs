@@ -32,6 +32,8 @@ pub struct Config {
     pub checkpoint: CheckpointConfig,
     pub readiness: ReadinessConfig,
     pub http: HttpConfig,
+    pub sql: SqlConfig,
+    pub history: HistoryConfig,
     pub log: LogConfig,
 }
 
@@ -197,6 +199,53 @@ pub struct CheckpointConfig {
 impl Default for CheckpointConfig {
     fn default() -> Self {
         Self { dir: None, interval_secs: 10 }
+    }
+}
+
+/// The SQL API (`POST /api/sql`, `siteflow sql`): limits per query.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SqlConfig {
+    /// A query returning more rows than this fails (add a LIMIT or aggregate).
+    pub max_rows: usize,
+    /// A query running longer than this fails, in seconds.
+    pub timeout_secs: u64,
+    /// Memory one query may use, in MiB; beyond it the query fails (no spilling to disk).
+    pub memory_limit_mb: usize,
+    /// When set, `/api/sql` requires `Authorization: Bearer <token>`. Prefer the environment:
+    /// `SITEFLOW_SQL__TOKEN`.
+    pub token: Option<String>,
+    /// Raw flow records kept for table `flows_recent` (the newest), by count.
+    pub recent_flows_max_rows: usize,
+    /// ... and by memory, in MiB (whichever bound is hit first).
+    pub recent_flows_max_mb: usize,
+}
+
+impl Default for SqlConfig {
+    fn default() -> Self {
+        Self { max_rows: 100_000, timeout_secs: 30, memory_limit_mb: 512, token: None, recent_flows_max_rows: 200_000, recent_flows_max_mb: 64 }
+    }
+}
+
+/// Closed windows and readiness verdicts kept for SQL: recent ones in memory, the rest in Parquet.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HistoryConfig {
+    /// Directory of the Parquet history (`<table>/date=YYYY-MM-DD/*.parquet`). Unset: memory only.
+    pub dir: Option<RelativePathBuf>,
+    /// Days of history kept; older dates are deleted.
+    pub retention_days: u32,
+    /// Seconds between writes of the recent windows to Parquet (also written at shutdown).
+    pub flush_interval_secs: u64,
+    /// A past date with at least this many files is compacted into one file.
+    pub compact_min_files: usize,
+    /// Without `dir`: rows kept in memory per table (the oldest go first).
+    pub max_memory_rows: usize,
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        Self { dir: None, retention_days: 30, flush_interval_secs: 60, compact_min_files: 24, max_memory_rows: 2_000_000 }
     }
 }
 
@@ -415,6 +464,15 @@ impl Config {
                     format!("`{key}` is set by siteflow (use kafka.brokers / kafka.group_id; commits follow checkpoints)"),
                 );
             }
+        }
+        if self.sql.max_rows == 0 || self.sql.timeout_secs == 0 || self.sql.memory_limit_mb == 0 {
+            return invalid("sql", "max_rows, timeout_secs and memory_limit_mb must be at least 1".into());
+        }
+        if self.sql.token.as_deref() == Some("") {
+            return invalid("sql.token", "must not be empty (leave it unset for no token)".into());
+        }
+        if self.history.flush_interval_secs == 0 || self.history.retention_days == 0 {
+            return invalid("history", "flush_interval_secs and retention_days must be at least 1".into());
         }
         if self.checkpoint.interval_secs == 0 {
             return invalid("checkpoint.interval_secs", "must be at least 1".into());

@@ -10,6 +10,9 @@ use crate::window::ClosedWindow;
 /// Receives each closed window once, oldest first.
 pub trait WindowSink: Send {
     fn on_window(&mut self, window: &ClosedWindow);
+
+    /// Receives the sites' verdicts after each window is judged (all tables of it closed).
+    fn on_readiness(&mut self, _start_ns: i64, _end_ns: i64, _sites: &[crate::readiness::SiteReadiness]) {}
 }
 
 /// Keeps every closed window in memory: for tests and embedding.

@@ -9,5 +9,6 @@ mod kafka_support;
 mod pipeline_sql;
 mod prometheus_e2e;
 mod readiness;
+mod sql;
 mod support;
 mod window_totals;

@@ -112,12 +112,38 @@ pub struct SimRun {
 
 /// Runs the real pipeline over the simulator to the end, collecting every closed window.
 pub async fn simulate(config: &Config, scenario: Scenario) -> SimRun {
+    simulate_with(config, scenario, None).await
+}
+
+/// As [`simulate`], also keeping closed windows, verdicts and recent flows for SQL (memory only).
+pub async fn simulate_with_sql(config: &Config, scenario: Scenario) -> (SimRun, siteflow::sql::SqlEngine) {
+    use siteflow::history::{History, HistoryOptions};
+    let history = History::open(HistoryOptions { dir: None, retention_days: 30, compact_min_files: 24, max_memory_rows: usize::MAX }).unwrap();
+    let recent = siteflow::sql::RecentFlows::new(config.sql.recent_flows_max_rows, config.sql.recent_flows_max_mb << 20);
+    let run = simulate_with(config, scenario, Some((history.clone(), recent.clone()))).await;
+    let inventory = Resources::load(config).unwrap().inventory;
+    let limits = siteflow::sql::SqlLimits::from_config(&config.sql);
+    (run, siteflow::sql::SqlEngine::new(inventory, history, Some(recent), limits, config.window.size_secs as f64))
+}
+
+async fn simulate_with(
+    config: &Config,
+    scenario: Scenario,
+    sql: Option<(siteflow::history::History, Arc<siteflow::sql::RecentFlows>)>,
+) -> SimRun {
     config.validate("test").unwrap();
     let res = Resources::load(config).unwrap();
     let metrics = Arc::new(PipelineMetrics::new(&Pipeline::FORMATS, &Pipeline::TABLES));
     let collect = CollectSink::default();
     let sites = SiteMetrics::new(res.inventory.clone(), config.window.size_secs as f64);
-    let pipeline = Pipeline::build(config, &res, metrics.clone(), vec![Box::new(collect.clone()), Box::new(sites.clone())]).await.unwrap();
+    let mut sinks: Vec<Box<dyn siteflow::sink::WindowSink>> = vec![Box::new(collect.clone()), Box::new(sites.clone())];
+    if let Some((history, _)) = &sql {
+        sinks.push(Box::new(siteflow::history::HistorySink::new(history.clone())));
+    }
+    let mut pipeline = Pipeline::build(config, &res, metrics.clone(), sinks).await.unwrap();
+    if let Some((_, recent)) = &sql {
+        pipeline.keep_recent_flows(recent.clone());
+    }
     let readiness = pipeline.readiness.clone();
     let mut sim = Simulator::new(config.simulator.clone(), window_spec(config), res.inventory.clone(), scenario);
     let truth = sim.track_truth();

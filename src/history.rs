@@ -1,0 +1,346 @@
+//! Closed windows kept for SQL: the recent ones in memory, older ones in Parquet on disk.
+//!
+//! Every closed window's rows go to memory first. On an interval (and at shutdown) the memory
+//! rows are written to Parquet, one file per table and date, and leave memory in the same step
+//! (under one lock), so a query's snapshot sees each window exactly once: in memory or on disk,
+//! never both, never neither. Layout: `<dir>/<table>/date=YYYY-MM-DD/<first>-<last>.parquet`
+//! (window starts in ns). Dates older than the retention are deleted; a past date with many
+//! small files is compacted into one. Without a directory, windows stay in memory only, bounded
+//! by `max_memory_rows` per table (the oldest rows go first).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use datafusion::arrow::array::{ArrayRef, AsArray, RecordBatch};
+use datafusion::arrow::compute::{cast, concat_batches};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimestampNanosecondType};
+use datafusion::parquet::arrow::ArrowWriter;
+use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use datafusion::parquet::basic::{Compression, ZstdLevel};
+use datafusion::parquet::file::properties::WriterProperties;
+
+use crate::readiness::SiteReadiness;
+use crate::sink::WindowSink;
+use crate::window::ClosedWindow;
+
+/// SQL table names of the pipeline tables' closed windows.
+pub fn sql_table_name(pipeline_table: &str) -> Option<&'static str> {
+    match pipeline_table {
+        "flows" => Some("site_windows"),
+        "probes" => Some("probe_windows"),
+        "interfaces" => Some("interface_windows"),
+        _ => None,
+    }
+}
+
+/// The table of readiness verdicts, one row per site per evaluation.
+pub const READINESS_TABLE: &str = "readiness";
+
+/// Schema of the `readiness` table.
+pub fn readiness_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("window_start", DataType::Timestamp(datafusion::arrow::datatypes::TimeUnit::Nanosecond, None), false),
+        Field::new("window_end", DataType::Timestamp(datafusion::arrow::datatypes::TimeUnit::Nanosecond, None), false),
+        Field::new("site", DataType::Utf8, false),
+        Field::new("district", DataType::Utf8, false),
+        Field::new("level", DataType::Utf8, false),
+        Field::new("verdict", DataType::Utf8, false),
+        Field::new("reasons", DataType::Utf8, false),
+    ]))
+}
+
+/// History settings.
+#[derive(Debug, Clone)]
+pub struct HistoryOptions {
+    /// Where Parquet files go; `None`: memory only.
+    pub dir: Option<PathBuf>,
+    /// Dates older than this many days are deleted.
+    pub retention_days: u32,
+    /// A past date with at least this many files is compacted into one.
+    pub compact_min_files: usize,
+    /// Memory-only mode: rows kept per table (the oldest go first).
+    pub max_memory_rows: usize,
+}
+
+impl HistoryOptions {
+    pub fn from_config(c: &crate::config::HistoryConfig) -> Self {
+        Self {
+            dir: c.dir.as_ref().map(crate::config::resolve),
+            retention_days: c.retention_days,
+            compact_min_files: c.compact_min_files.max(2),
+            max_memory_rows: c.max_memory_rows,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct TableHistory {
+    schema: Option<SchemaRef>,
+    /// Rows not yet on disk, oldest first.
+    memory: Vec<RecordBatch>,
+    memory_rows: usize,
+    /// Parquet files, by date.
+    files: BTreeMap<String, Vec<PathBuf>>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    tables: BTreeMap<String, TableHistory>,
+}
+
+/// What a query sees of one table at one instant.
+#[derive(Debug, Clone)]
+pub struct TableSnapshot {
+    pub schema: SchemaRef,
+    pub memory: Vec<RecordBatch>,
+    pub files: Vec<PathBuf>,
+}
+
+/// The history store; cheap to clone (shared).
+#[derive(Debug, Clone)]
+pub struct History {
+    options: HistoryOptions,
+    inner: Arc<Mutex<Inner>>,
+}
+
+/// Dictionary columns (site labels) as plain strings: one schema for memory and Parquet.
+fn normalise(batch: &RecordBatch) -> RecordBatch {
+    let mut fields = Vec::with_capacity(batch.num_columns());
+    let mut columns: Vec<ArrayRef> = Vec::with_capacity(batch.num_columns());
+    for (f, c) in batch.schema().fields().iter().zip(batch.columns()) {
+        if let DataType::Dictionary(_, value) = f.data_type() {
+            fields.push(Field::new(f.name(), value.as_ref().clone(), f.is_nullable()));
+            columns.push(cast(c, value).expect("dictionary values cast to their type"));
+        } else {
+            fields.push(f.as_ref().clone());
+            columns.push(c.clone());
+        }
+    }
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).expect("same columns")
+}
+
+/// `YYYY-MM-DD` (UTC) of a time in ns.
+fn date_of(ns: i64) -> String {
+    chrono::DateTime::from_timestamp_nanos(ns).format("%Y-%m-%d").to_string()
+}
+
+fn window_starts(batch: &RecordBatch) -> Option<Vec<i64>> {
+    let c = batch.column_by_name("window_start")?;
+    let c = c.as_primitive_opt::<TimestampNanosecondType>()?;
+    Some(c.values().to_vec())
+}
+
+impl History {
+    /// Opens the history, listing the Parquet files already in `options.dir`.
+    pub fn open(options: HistoryOptions) -> anyhow::Result<Self> {
+        let mut inner = Inner::default();
+        if let Some(dir) = &options.dir {
+            std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("history directory {}: {e}", dir.display()))?;
+            for table in std::fs::read_dir(dir)?.flatten().filter(|e| e.path().is_dir()) {
+                let name = table.file_name().to_string_lossy().to_string();
+                let t = inner.tables.entry(name).or_default();
+                for date in std::fs::read_dir(table.path())?.flatten() {
+                    let Some(d) = date.file_name().to_string_lossy().strip_prefix("date=").map(str::to_string) else { continue };
+                    let mut files: Vec<PathBuf> = std::fs::read_dir(date.path())?
+                        .flatten()
+                        .map(|e| e.path())
+                        .filter(|p| p.extension().is_some_and(|x| x == "parquet"))
+                        .collect();
+                    files.sort();
+                    if let Some(first) = files.first()
+                        && t.schema.is_none()
+                    {
+                        let reader = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(first)?)?;
+                        t.schema = Some(reader.schema().clone());
+                    }
+                    t.files.insert(d, files);
+                }
+            }
+        }
+        Ok(Self { options, inner: Arc::new(Mutex::new(inner)) })
+    }
+
+    pub fn options(&self) -> &HistoryOptions {
+        &self.options
+    }
+
+    /// Declares a table's schema before its first window (so it can be queried empty).
+    pub fn declare(&self, table: &str, schema: &SchemaRef) {
+        let probe = normalise(&RecordBatch::new_empty(schema.clone()));
+        let mut inner = self.inner.lock().expect("history lock");
+        inner.tables.entry(table.to_string()).or_default().schema.get_or_insert_with(|| probe.schema());
+    }
+
+    /// Appends rows of a table.
+    pub fn append(&self, table: &str, rows: &RecordBatch) {
+        if rows.num_rows() == 0 {
+            return;
+        }
+        let rows = normalise(rows);
+        let mut inner = self.inner.lock().expect("history lock");
+        let t = inner.tables.entry(table.to_string()).or_default();
+        t.schema.get_or_insert_with(|| rows.schema());
+        t.memory_rows += rows.num_rows();
+        t.memory.push(rows);
+        if self.options.dir.is_none() {
+            while t.memory_rows > self.options.max_memory_rows && t.memory.len() > 1 {
+                let old = t.memory.remove(0);
+                t.memory_rows -= old.num_rows();
+            }
+        }
+    }
+
+    /// Every table's rows at this instant.
+    pub fn snapshot(&self) -> BTreeMap<String, TableSnapshot> {
+        let inner = self.inner.lock().expect("history lock");
+        inner
+            .tables
+            .iter()
+            .filter_map(|(name, t)| {
+                let schema = t.schema.clone()?;
+                let files = t.files.values().flatten().cloned().collect();
+                Some((name.clone(), TableSnapshot { schema, memory: t.memory.clone(), files }))
+            })
+            .collect()
+    }
+
+    /// Writes the memory rows to Parquet (one file per table and date), then applies retention
+    /// and compaction. Returns the rows written. Memory only: does nothing.
+    pub fn flush(&self) -> anyhow::Result<usize> {
+        let Some(dir) = self.options.dir.clone() else { return Ok(0) };
+        let mut inner = self.inner.lock().expect("history lock");
+        let mut written = 0;
+        for (name, t) in inner.tables.iter_mut() {
+            if t.memory.is_empty() {
+                continue;
+            }
+            let schema = t.schema.clone().expect("a table with rows has a schema");
+            let all = concat_batches(&schema, &t.memory)?;
+            let starts = window_starts(&all).unwrap_or_else(|| vec![0; all.num_rows()]);
+            let mut by_date: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+            for (i, s) in starts.iter().enumerate() {
+                by_date.entry(date_of(*s)).or_default().push(i as u32);
+            }
+            for (date, rows) in by_date {
+                let indices = datafusion::arrow::array::UInt32Array::from(rows);
+                let part = datafusion::arrow::compute::take_record_batch(&all, &indices)?;
+                let (first, last) = (starts[indices.value(0) as usize], starts[indices.value(indices.len() - 1) as usize]);
+                let path = dir.join(name).join(format!("date={date}")).join(format!("{first}-{last}.parquet"));
+                let path = unique(path);
+                write_parquet(&path, &[part])?;
+                written += indices.len();
+                t.files.entry(date).or_default().push(path);
+            }
+            t.memory.clear();
+            t.memory_rows = 0;
+        }
+        drop(inner);
+        self.retain_and_compact(chrono::Utc::now())?;
+        Ok(written)
+    }
+
+    /// Deletes dates past the retention; compacts past dates with many files.
+    pub fn retain_and_compact(&self, now: chrono::DateTime<chrono::Utc>) -> anyhow::Result<()> {
+        let Some(dir) = self.options.dir.clone() else { return Ok(()) };
+        let oldest_kept = (now - chrono::Duration::days(i64::from(self.options.retention_days))).format("%Y-%m-%d").to_string();
+        let today = now.format("%Y-%m-%d").to_string();
+        let mut inner = self.inner.lock().expect("history lock");
+        for (name, t) in inner.tables.iter_mut() {
+            let expired: Vec<String> = t.files.keys().filter(|d| **d < oldest_kept).cloned().collect();
+            for date in expired {
+                t.files.remove(&date);
+                let _ = std::fs::remove_dir_all(dir.join(name).join(format!("date={date}")));
+                tracing::info!(table = %name, date = %date, "history: date past retention deleted");
+            }
+            let schema = t.schema.clone();
+            for (date, files) in t.files.iter_mut() {
+                if *date >= today || files.len() < self.options.compact_min_files {
+                    continue;
+                }
+                let Some(schema) = &schema else { continue };
+                let mut batches = Vec::new();
+                for f in files.iter() {
+                    let reader = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(f)?)?.build()?;
+                    batches.extend(reader.collect::<Result<Vec<_>, _>>()?);
+                }
+                let merged = dir.join(name).join(format!("date={date}")).join(format!("compacted-{}.parquet", chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0)));
+                write_parquet(&merged, &[concat_batches(schema, &batches)?])?;
+                // The lock is held: no snapshot sees both the merged file and its parts.
+                for f in files.iter() {
+                    let _ = std::fs::remove_file(f);
+                }
+                tracing::info!(table = %name, date = %date, files = files.len(), "history: date compacted into one file");
+                *files = vec![merged];
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A path not yet taken (a second flush within the same windows gets a suffix).
+fn unique(path: PathBuf) -> PathBuf {
+    if !path.exists() {
+        return path;
+    }
+    let stem = path.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+    (1..).map(|i| path.with_file_name(format!("{stem}-{i}.parquet"))).find(|p| !p.exists()).expect("some suffix is free")
+}
+
+/// Writes batches to `path` atomically (temporary file, then rename).
+fn write_parquet(path: &Path, batches: &[RecordBatch]) -> anyhow::Result<()> {
+    let dir = path.parent().expect("history files have a parent");
+    std::fs::create_dir_all(dir)?;
+    let tmp = path.with_extension("parquet.tmp");
+    let file = std::fs::File::create(&tmp)?;
+    let props = WriterProperties::builder().set_compression(Compression::ZSTD(ZstdLevel::default())).build();
+    let mut writer = ArrowWriter::try_new(file, batches[0].schema(), Some(props))?;
+    for b in batches {
+        writer.write(b)?;
+    }
+    writer.into_inner()?.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// Sends closed windows and readiness verdicts to the history.
+pub struct HistorySink {
+    history: History,
+}
+
+impl HistorySink {
+    pub fn new(history: History) -> Self {
+        Self { history }
+    }
+}
+
+impl WindowSink for HistorySink {
+    fn on_window(&mut self, window: &ClosedWindow) {
+        if let Some(name) = sql_table_name(&window.table) {
+            self.history.append(name, &window.rows);
+        }
+    }
+
+    fn on_readiness(&mut self, start_ns: i64, end_ns: i64, sites: &[SiteReadiness]) {
+        let n = sites.len();
+        let reasons: Vec<String> = sites
+            .iter()
+            .map(|s| s.reasons.iter().map(|r| format!("{}={:.4} (threshold {})", r.metric.as_str(), r.value, r.threshold)).collect::<Vec<_>>().join("; "))
+            .collect();
+        let strings = |f: &dyn Fn(&SiteReadiness) -> &str| -> ArrayRef {
+            Arc::new(datafusion::arrow::array::StringArray::from_iter_values(sites.iter().map(f)))
+        };
+        let ts = |v: i64| -> ArrayRef { Arc::new(datafusion::arrow::array::TimestampNanosecondArray::from(vec![v; n])) };
+        let columns = vec![
+            ts(start_ns),
+            ts(end_ns),
+            strings(&|s| &s.site),
+            strings(&|s| &s.district),
+            strings(&|s| &s.level),
+            strings(&|s| s.verdict.as_str()),
+            Arc::new(datafusion::arrow::array::StringArray::from(reasons)) as ArrayRef,
+        ];
+        let batch = RecordBatch::try_new(readiness_schema(), columns).expect("columns match readiness_schema");
+        self.history.append(READINESS_TABLE, &batch);
+    }
+}
