@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use datafusion::arrow::array::{ArrayRef, AsArray, RecordBatch};
+use datafusion::arrow::array::{Array, ArrayRef, AsArray, RecordBatch, StringBuilder};
 use datafusion::arrow::compute::{cast, concat_batches};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimestampNanosecondType};
 use datafusion::parquet::arrow::ArrowWriter;
@@ -27,12 +27,16 @@ use crate::window::ClosedWindow;
 /// SQL table names of the pipeline tables' closed windows.
 pub fn sql_table_name(pipeline_table: &str) -> Option<&'static str> {
     match pipeline_table {
+        "conversations" => Some(TOP_TALKERS_TABLE),
         "flows" => Some("site_windows"),
         "probes" => Some("probe_windows"),
         "interfaces" => Some("interface_windows"),
         _ => None,
     }
 }
+
+/// The table of the largest conversations per site, direction and window.
+pub const TOP_TALKERS_TABLE: &str = "top_talkers";
 
 /// The table of readiness verdicts, one row per site per evaluation.
 pub const READINESS_TABLE: &str = "readiness";
@@ -115,6 +119,35 @@ fn normalise(batch: &RecordBatch) -> RecordBatch {
         } else {
             fields.push(f.as_ref().clone());
             columns.push(c.clone());
+        }
+    }
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).expect("same columns")
+}
+
+/// Addresses (16-byte columns) as text, dictionaries as plain strings: what engineers query.
+pub fn readable(batch: &RecordBatch) -> RecordBatch {
+    let mut fields = Vec::new();
+    let mut columns: Vec<ArrayRef> = Vec::new();
+    for (f, c) in batch.schema().fields().iter().zip(batch.columns()) {
+        match f.data_type() {
+            DataType::FixedSizeBinary(16) => {
+                let a = c.as_fixed_size_binary();
+                let mut b = StringBuilder::with_capacity(a.len(), a.len() * 12);
+                for i in 0..a.len() {
+                    let bytes: [u8; 16] = a.value(i).try_into().expect("16 bytes");
+                    b.append_value(crate::inventory::ip_from_addr(u128::from_be_bytes(bytes)).to_string());
+                }
+                fields.push(Field::new(f.name(), DataType::Utf8, false));
+                columns.push(Arc::new(b.finish()));
+            }
+            DataType::Dictionary(_, v) => {
+                fields.push(Field::new(f.name(), v.as_ref().clone(), f.is_nullable()));
+                columns.push(datafusion::arrow::compute::cast(c, v).expect("dictionary cast"));
+            }
+            _ => {
+                fields.push(f.as_ref().clone());
+                columns.push(c.clone());
+            }
         }
     }
     RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).expect("same columns")
@@ -303,21 +336,65 @@ fn write_parquet(path: &Path, batches: &[RecordBatch]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The `n` largest rows by `bytes` per site and direction, ranked (column `rank`, from 1), with
+/// addresses as text: a closed conversations window as table `top_talkers` keeps it.
+pub fn top_n(rows: &RecordBatch, n: usize) -> RecordBatch {
+    let as_strings = |name: &str| rows.column_by_name(name).map(|c| cast(c, &DataType::Utf8).expect("castable to text"));
+    let (sites, dirs) = (as_strings("site"), as_strings("direction"));
+    let bytes = rows.column_by_name("bytes").map(|c| cast(c, &DataType::Float64).expect("numeric bytes"));
+    let mut groups: BTreeMap<(String, String), Vec<(f64, u32)>> = BTreeMap::new();
+    for i in 0..rows.num_rows() {
+        let text = |a: &Option<ArrayRef>| a.as_ref().map(|a| a.as_string::<i32>().value(i).to_string()).unwrap_or_default();
+        let b = bytes.as_ref().map_or(0.0, |a| a.as_primitive::<datafusion::arrow::datatypes::Float64Type>().value(i));
+        groups.entry((text(&sites), text(&dirs))).or_default().push((b, i as u32));
+    }
+    let (mut keep, mut ranks) = (Vec::new(), Vec::new());
+    for (_, mut members) in groups {
+        members.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        for (rank, (_, i)) in members.into_iter().take(n).enumerate() {
+            keep.push(i);
+            ranks.push(rank as u32 + 1);
+        }
+    }
+    let kept = datafusion::arrow::compute::take_record_batch(rows, &datafusion::arrow::array::UInt32Array::from(keep)).expect("indices in range");
+    let kept = readable(&kept);
+    let mut fields: Vec<Field> = kept.schema().fields().iter().map(|f| f.as_ref().clone()).collect();
+    fields.push(Field::new("rank", DataType::UInt32, false));
+    let mut columns = kept.columns().to_vec();
+    columns.push(Arc::new(datafusion::arrow::array::UInt32Array::from(ranks)));
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).expect("same rows")
+}
+
+/// Declares every SQL table of a pipeline's windows (so each can be queried before it has rows).
+pub fn declare_tables(history: &History, windows: &crate::window::WindowOperator, top_talkers: usize) {
+    for t in 0..windows.table_count() {
+        let Some(name) = sql_table_name(windows.table_name(t)) else { continue };
+        let empty = RecordBatch::new_empty(windows.output_schema(t));
+        let schema = if name == TOP_TALKERS_TABLE { top_n(&empty, top_talkers).schema() } else { empty.schema() };
+        history.declare(name, &schema);
+    }
+    history.declare(READINESS_TABLE, &readiness_schema());
+}
+
 /// Sends closed windows and readiness verdicts to the history.
 pub struct HistorySink {
     history: History,
+    top_talkers: usize,
 }
 
 impl HistorySink {
-    pub fn new(history: History) -> Self {
-        Self { history }
+    /// `top_talkers`: conversations kept per site, direction and window.
+    pub fn new(history: History, top_talkers: usize) -> Self {
+        Self { history, top_talkers }
     }
 }
 
 impl WindowSink for HistorySink {
     fn on_window(&mut self, window: &ClosedWindow) {
-        if let Some(name) = sql_table_name(&window.table) {
-            self.history.append(name, &window.rows);
+        match sql_table_name(&window.table) {
+            Some(TOP_TALKERS_TABLE) => self.history.append(TOP_TALKERS_TABLE, &top_n(&window.rows, self.top_talkers)),
+            Some(name) => self.history.append(name, &window.rows),
+            None => {}
         }
     }
 

@@ -197,14 +197,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let sites = SiteMetrics::new(res.inventory.clone(), config.window.size_secs as f64);
     let latency = metrics.clone();
     let history = History::open(HistoryOptions::from_config(&config.history))?;
-    let sinks: Vec<Box<dyn siteflow::sink::WindowSink>> = vec![Box::new(sites.clone()), Box::new(HistorySink::new(history.clone()))];
+    let sinks: Vec<Box<dyn siteflow::sink::WindowSink>> = vec![Box::new(sites.clone()), Box::new(HistorySink::new(history.clone(), config.sql.top_talkers))];
     let mut pipeline = Pipeline::build(&config, &res, metrics.clone(), sinks).await?;
-    for (t, name) in Pipeline::TABLES.iter().enumerate() {
-        if let Some(sql_name) = siteflow::history::sql_table_name(name) {
-            history.declare(sql_name, &pipeline.windows().output_schema(t));
-        }
-    }
-    history.declare(siteflow::history::READINESS_TABLE, &siteflow::history::readiness_schema());
+    siteflow::history::declare_tables(&history, pipeline.windows(), config.sql.top_talkers);
     let recent_flows = RecentFlows::new(config.sql.recent_flows_max_rows, config.sql.recent_flows_max_mb << 20);
     pipeline.keep_recent_flows(recent_flows.clone());
     let engine = SqlEngine::new(

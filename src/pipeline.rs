@@ -32,14 +32,25 @@ use crate::window::{Closed, TableId, WindowOperator, WindowSpec};
 pub const EMBEDDED_FLOWS_SQL: &str = include_str!("../pipelines/hagiang/flows.sql");
 /// The built-in probes aggregation.
 pub const EMBEDDED_PROBES_SQL: &str = include_str!("../pipelines/hagiang/probes.sql");
+/// The built-in conversations aggregation (the source of SQL table `top_talkers`).
+pub const EMBEDDED_TOP_TALKERS_SQL: &str = include_str!("../pipelines/hagiang/top_talkers.sql");
 /// The built-in interface traffic aggregation.
 pub const EMBEDDED_INTERFACES_SQL: &str = include_str!("../pipelines/hagiang/interfaces.sql");
 
 /// Columns each table's SQL must output (sinks label rows with them; readiness needs `bytes`),
 /// and the GROUP BY keys it may use: one row per site (and direction or interface) per window.
-const REQUIRED_OUTPUT: [(&str, &[&str]); 3] = [("flows", &["site", "direction", "bytes"]), ("interfaces", &["site"]), ("probes", &["site"])];
-const ALLOWED_KEYS: [(&str, &[&str]); 3] = [
+const REQUIRED_OUTPUT: [(&str, &[&str]); 4] = [
+    ("flows", &["site", "direction", "bytes"]),
+    ("conversations", &["site", "bytes"]),
+    ("interfaces", &["site"]),
+    ("probes", &["site"]),
+];
+const ALLOWED_KEYS: [(&str, &[&str]); 4] = [
     ("flows", &["window_start", "site", "district", "level", "direction"]),
+    (
+        "conversations",
+        &["window_start", "site", "district", "level", "direction", "src_addr", "dst_addr", "proto", "src_port", "dst_port", "exporter"],
+    ),
     ("interfaces", &["window_start", "site", "district", "level", "interface", "device", "direction"]),
     ("probes", &["window_start", "site", "district", "level"]),
 ];
@@ -81,6 +92,7 @@ pub struct Resources {
     pub flows_sql: SqlSource,
     pub probes_sql: SqlSource,
     pub interfaces_sql: SqlSource,
+    pub top_talkers_sql: SqlSource,
     pub policy: Policy,
     pub meetings: Vec<Meeting>,
 }
@@ -103,6 +115,11 @@ impl Resources {
             EMBEDDED_INTERFACES_SQL,
             "pipelines/hagiang/interfaces.sql",
         )?;
+        let top_talkers_sql = SqlSource::load(
+            config.pipeline.top_talkers_sql.as_ref().map(resolve).as_deref(),
+            EMBEDDED_TOP_TALKERS_SQL,
+            "pipelines/hagiang/top_talkers.sql",
+        )?;
         let policy = match &config.readiness.policy {
             Some(p) => Policy::load(&resolve(p)).map_err(BuildError::Other)?,
             None => Policy::embedded(),
@@ -112,7 +129,7 @@ impl Resources {
             Some(p) => load_schedule(&resolve(p), &inventory, &policy).map_err(BuildError::Other)?,
             None => Vec::new(),
         };
-        Ok(Self { inventory: Arc::new(inventory), flows_sql, probes_sql, interfaces_sql, policy, meetings })
+        Ok(Self { inventory: Arc::new(inventory), flows_sql, probes_sql, interfaces_sql, top_talkers_sql, policy, meetings })
     }
 }
 
@@ -120,6 +137,8 @@ impl Resources {
 #[derive(Debug, Clone, Copy)]
 pub struct Tables {
     pub flows: TableId,
+    /// Flows per conversation (source of `top_talkers`); fed the same rows as `flows`.
+    pub conversations: TableId,
     pub interfaces: TableId,
     pub probes: TableId,
 }
@@ -130,12 +149,15 @@ pub async fn plan_windows(spec: WindowSpec, res: &Resources) -> Result<(WindowOp
     let mut ids = Vec::new();
     let sources = [
         (&res.flows_sql, enriched_flow_schema()),
+        (&res.top_talkers_sql, enriched_flow_schema()),
         (&res.interfaces_sql, enriched_interface_schema()),
         (&res.probes_sql, enriched_probe_schema()),
     ];
     for ((table, required), (sql, schema)) in REQUIRED_OUTPUT.iter().zip(sources) {
         let err = |message: String| BuildError::Sql { file: sql.origin.clone(), message };
-        let id = windows.add_table(table, &schema, &sql.text).await.map_err(|e| err(e.to_string()))?;
+        // Conversations are an aggregation of the flows: their SQL reads `flows`.
+        let input = if *table == "conversations" { "flows" } else { table };
+        let id = windows.add_table(table, input, &schema, &sql.text).await.map_err(|e| err(e.to_string()))?;
         let out = windows.output_schema(id);
         for col in *required {
             if out.index_of(col).is_err() {
@@ -154,7 +176,7 @@ pub async fn plan_windows(spec: WindowSpec, res: &Resources) -> Result<(WindowOp
         }
         ids.push(id);
     }
-    Ok((windows, Tables { flows: ids[0], interfaces: ids[1], probes: ids[2] }))
+    Ok((windows, Tables { flows: ids[0], conversations: ids[1], interfaces: ids[2], probes: ids[3] }))
 }
 
 fn unix_now_ns() -> i64 {
@@ -259,6 +281,8 @@ impl Pipeline {
     /// Keeps checkpoints and per-partition results logs in `store` (the Kafka source's mode).
     pub fn enable_checkpoints(&mut self, store: CheckpointStore, dead_letters: Option<DeadLetters>) {
         self.windows.set_per_partition_results(true);
+        // Conversations are many; their windows are checkpointed but not logged per partition.
+        self.windows.set_results_log(self.tables.conversations, false);
         self.durable = Some(Durable { store, owned: Default::default(), dead_letters });
     }
 
@@ -375,7 +399,7 @@ impl Pipeline {
     /// Formats every source of this pipeline can deliver.
     pub const FORMATS: [Format; 6] = Format::ALL;
     /// Table names in the window operator's order (see [`plan_windows`]).
-    pub const TABLES: [&'static str; 3] = ["flows", "interfaces", "probes"];
+    pub const TABLES: [&'static str; 4] = ["flows", "conversations", "interfaces", "probes"];
 
     pub fn windows(&self) -> &WindowOperator {
         &self.windows
@@ -408,7 +432,12 @@ impl Pipeline {
         self.summary.batches += 1;
         self.summary.records += stats.records;
         let (enriched, ordinals): (Vec<(TableId, (RecordBatch, EnrichStats))>, Vec<Vec<u32>>) = match decoded {
-            Decoded::Flows(b) => (vec![(self.tables.flows, self.enricher.enrich_flows(&b))], Vec::new()),
+            Decoded::Flows(b) => {
+                let (rows, stats) = self.enricher.enrich_flows(&b);
+                // Conversations aggregate the same rows; their records are counted once, as flows.
+                let conversations = (rows.clone(), EnrichStats::default());
+                (vec![(self.tables.flows, (rows, stats)), (self.tables.conversations, conversations)], Vec::new())
+            }
             Decoded::Probes(b) => (vec![(self.tables.probes, self.enricher.enrich_probes(&b))], Vec::new()),
             Decoded::Telemetry { probes, counters, is_counter } => {
                 let (traffic, counter_stats, sample_rows) = self.counter_rates.apply(batch.partition, &counters);
@@ -458,7 +487,9 @@ impl Pipeline {
         }
         let outcomes = self.windows.process_together(batch.partition, &inputs, &input_ordinals, batch.received).await?;
         for ((table, _), outcome) in inputs.iter().zip(outcomes) {
-            self.metrics.records_late.with_label_values(&[Self::TABLES[*table]]).inc_by(outcome.late);
+            if *table != self.tables.conversations {
+                self.metrics.records_late.with_label_values(&[Self::TABLES[*table]]).inc_by(outcome.late);
+            }
             if *table == self.tables.probes
                 && let Some(on_time) = &outcome.on_time
             {

@@ -10,7 +10,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use datafusion::arrow::array::{Array, ArrayRef, AsArray, BooleanArray, Float64Array, RecordBatch, StringArray, StringBuilder};
+use datafusion::arrow::array::{Array, ArrayRef, AsArray, BooleanArray, Float64Array, RecordBatch, StringArray};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::catalog::MemTable;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
@@ -21,7 +21,7 @@ use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::logical_expr::{ColumnarValue, ScalarUDF, Volatility, create_udf};
 use datafusion::prelude::{DataFrame, SQLOptions, SessionConfig, SessionContext};
 
-use crate::history::History;
+use crate::history::{History, readable};
 use crate::inventory::{Inventory, addr_from_ip};
 
 /// Limits of one query.
@@ -114,35 +114,6 @@ impl RecentFlows {
     fn snapshot(&self) -> Vec<RecordBatch> {
         self.inner.lock().expect("recent flows lock").0.iter().cloned().collect()
     }
-}
-
-/// Addresses (16-byte columns) as text, dictionaries as plain strings: what engineers query.
-fn readable(batch: &RecordBatch) -> RecordBatch {
-    let mut fields = Vec::new();
-    let mut columns: Vec<ArrayRef> = Vec::new();
-    for (f, c) in batch.schema().fields().iter().zip(batch.columns()) {
-        match f.data_type() {
-            DataType::FixedSizeBinary(16) => {
-                let a = c.as_fixed_size_binary();
-                let mut b = StringBuilder::with_capacity(a.len(), a.len() * 12);
-                for i in 0..a.len() {
-                    let bytes: [u8; 16] = a.value(i).try_into().expect("16 bytes");
-                    b.append_value(crate::inventory::ip_from_addr(u128::from_be_bytes(bytes)).to_string());
-                }
-                fields.push(Field::new(f.name(), DataType::Utf8, false));
-                columns.push(Arc::new(b.finish()));
-            }
-            DataType::Dictionary(_, v) => {
-                fields.push(Field::new(f.name(), v.as_ref().clone(), f.is_nullable()));
-                columns.push(datafusion::arrow::compute::cast(c, v).expect("dictionary cast"));
-            }
-            _ => {
-                fields.push(f.as_ref().clone());
-                columns.push(c.clone());
-            }
-        }
-    }
-    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).expect("same columns")
 }
 
 /// The query service: everything a query can read.

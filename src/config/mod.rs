@@ -60,6 +60,9 @@ pub struct PipelineConfig {
     /// `window_start`, `site` and optionally `interface`, `device`, `direction`. Unset: the
     /// built-in `pipelines/hagiang/interfaces.sql`.
     pub interfaces_sql: Option<RelativePathBuf>,
+    /// SQL over table `flows` per conversation, the source of SQL table `top_talkers`. Unset:
+    /// the built-in `pipelines/hagiang/top_talkers.sql`.
+    pub top_talkers_sql: Option<RelativePathBuf>,
 }
 
 /// Event-time windows.
@@ -219,11 +222,13 @@ pub struct SqlConfig {
     pub recent_flows_max_rows: usize,
     /// ... and by memory, in MiB (whichever bound is hit first).
     pub recent_flows_max_mb: usize,
+    /// Conversations kept per site, direction and window in table `top_talkers`.
+    pub top_talkers: usize,
 }
 
 impl Default for SqlConfig {
     fn default() -> Self {
-        Self { max_rows: 100_000, timeout_secs: 30, memory_limit_mb: 512, token: None, recent_flows_max_rows: 200_000, recent_flows_max_mb: 64 }
+        Self { max_rows: 100_000, timeout_secs: 30, memory_limit_mb: 512, token: None, recent_flows_max_rows: 200_000, recent_flows_max_mb: 64, top_talkers: 10 }
     }
 }
 

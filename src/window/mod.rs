@@ -85,6 +85,8 @@ struct WindowedTable {
     schema: SchemaRef,
     aggregate: SplitAggregate,
     open: BTreeMap<i64, Vec<(PartitionId, RecordBatch)>>,
+    /// Whether its per-partition results are produced (see `set_per_partition_results`).
+    results_log: bool,
 }
 
 /// What one micro-batch did.
@@ -125,15 +127,21 @@ impl WindowOperator {
     }
 
     /// Also produce each partition's share of every closed window (for checkpointed results).
+    /// Leaves a table out of the per-partition results (its windows still close and publish).
+    pub fn set_results_log(&mut self, table: TableId, on: bool) {
+        self.tables[table].results_log = on;
+    }
+
     pub fn set_per_partition_results(&mut self, on: bool) {
         self.per_partition_results = on;
     }
 
     /// Adds a table whose enriched batches have schema `enriched` and are aggregated by `sql`.
-    pub async fn add_table(&mut self, name: &str, enriched: &SchemaRef, sql: &str) -> Result<TableId, PlanError> {
+    /// Adds table `name`, aggregated by `sql`, which reads its input as table `input`.
+    pub async fn add_table(&mut self, name: &str, input: &str, enriched: &SchemaRef, sql: &str) -> Result<TableId, PlanError> {
         let schema = table_schema(enriched);
-        let aggregate = SplitAggregate::plan(sql, name, schema.clone()).await?;
-        self.tables.push(WindowedTable { name: name.into(), schema, aggregate, open: BTreeMap::new() });
+        let aggregate = SplitAggregate::plan(sql, input, schema.clone()).await?;
+        self.tables.push(WindowedTable { name: name.into(), schema, aggregate, open: BTreeMap::new(), results_log: true });
         Ok(self.tables.len() - 1)
     }
 
@@ -330,7 +338,7 @@ impl WindowOperator {
             for (table, states) in per_table.into_iter().enumerate() {
                 let t = &self.tables[table];
                 let schema = t.aggregate.output_schema();
-                if self.per_partition_results {
+                if self.per_partition_results && t.results_log {
                     let mut partitions: Vec<PartitionId> = states.iter().map(|(p, _)| *p).collect();
                     partitions.sort_unstable();
                     partitions.dedup();

@@ -162,12 +162,13 @@ async fn every_example_of_the_sql_guide_gives_the_independently_computed_answer(
                 assert!(strings(&got, "reasons").iter().any(|r| r.contains("rtt=")), "{question}: reasons name the metric");
             }
             8 => {
-                let mut expected: BTreeMap<String, i64> = BTreeMap::new();
-                for ((s, _), n) in &run.truth.probes {
-                    *expected.entry(site_id(*s)).or_default() += *n as i64;
-                }
-                let got: BTreeMap<String, i64> = strings(&got, "site").into_iter().zip(ints(&got, "results")).collect();
-                assert_eq!(got, expected, "{question}");
+                // The scenario's talker: half of Pải Lủng's records go to 203.0.113.250.
+                let (sites, peers, bytes) = (strings(&got, "site"), strings(&got, "peer"), ints(&got, "bytes"));
+                assert_eq!((sites[0].as_str(), peers[0].as_str()), ("meo-vac.pai-lung", "203.0.113.250"), "{question}");
+                let pai_lung = inv.by_id("meo-vac.pai-lung").unwrap();
+                let total: u64 = run.truth.flows.iter().filter(|((s, _, _), _)| *s == pai_lung).map(|(_, t)| t.bytes).sum();
+                let share = bytes[0] as f64 / total as f64;
+                assert!((0.4..0.6).contains(&share), "{question}: the talker's share of Pải Lủng's bytes is {share}");
             }
             9 => {
                 let mut peaks: Vec<(i64, String)> =

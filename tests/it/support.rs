@@ -138,11 +138,12 @@ async fn simulate_with(
     let sites = SiteMetrics::new(res.inventory.clone(), config.window.size_secs as f64);
     let mut sinks: Vec<Box<dyn siteflow::sink::WindowSink>> = vec![Box::new(collect.clone()), Box::new(sites.clone())];
     if let Some((history, _)) = &sql {
-        sinks.push(Box::new(siteflow::history::HistorySink::new(history.clone())));
+        sinks.push(Box::new(siteflow::history::HistorySink::new(history.clone(), config.sql.top_talkers)));
     }
     let mut pipeline = Pipeline::build(config, &res, metrics.clone(), sinks).await.unwrap();
-    if let Some((_, recent)) = &sql {
+    if let Some((history, recent)) = &sql {
         pipeline.keep_recent_flows(recent.clone());
+        siteflow::history::declare_tables(history, pipeline.windows(), config.sql.top_talkers);
     }
     let readiness = pipeline.readiness.clone();
     let mut sim = Simulator::new(config.simulator.clone(), window_spec(config), res.inventory.clone(), scenario);

@@ -198,6 +198,7 @@ impl Simulator {
                         rtt *= 4.0;
                         jitter *= 3.0;
                     }
+                    Effect::TopTalker { .. } => {}
                 }
             }
             if silent {
@@ -226,6 +227,7 @@ impl Simulator {
         self.turn = (self.turn + 1) % self.order.len();
         let mut utilisation = daily_utilisation(t) * self.site_factor[usize::from(site_idx)];
         let mut noise = 0.5 + 0.5 * self.rng.f64();
+        let mut talker = None;
         for effect in self.effects(site_idx, t) {
             match *effect {
                 Effect::Outage => return,
@@ -233,6 +235,9 @@ impl Simulator {
                     utilisation = u;
                     noise = 0.97 + 0.03 * noise;
                 }
+                // Every record whose index falls in the share (no random draw: other sites'
+                // traffic stays the same with or without this fault).
+                Effect::TopTalker { peer, share } if (i % 1000) < (share * 1000.0) as u64 => talker = Some(peer),
                 _ => {}
             }
         }
@@ -262,6 +267,11 @@ impl Simulator {
         } else {
             Ipv4Addr::new(203, 0, 113, self.rng.u8(1..255))
         };
+        // A top talker is one conversation: the peer and one local host (the site's first + 9).
+        let (local, remote) = match talker {
+            Some(peer) => (host_in(&site.prefixes[0], 9), peer),
+            None => (local, remote),
+        };
         let (exporter, src, dst) = if stray {
             // Between two addresses of no site (never the MCU, which is a site's address).
             (STRAY_EXPORTER, Ipv4Addr::new(198, 51, 100, self.rng.u8(1..255)), Ipv4Addr::new(203, 0, 113, self.rng.u8(1..255)))
@@ -278,6 +288,8 @@ impl Simulator {
             7..=8 => ("UDP", self.rng.u16(32768..61000), 3478),
             _ => ("ICMP", 0, 0),
         };
+        // The talker's conversation is one HTTPS download (the draws above still happen).
+        let (proto, src_port, dst_port) = if talker.is_some() { ("TCP", 51000, 443) } else { (proto, src_port, dst_port) };
         self.sequence = self.sequence.wrapping_add(1);
         let _ = write!(
             msgs.buffer(),

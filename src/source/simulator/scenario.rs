@@ -13,6 +13,7 @@
 //!   - {kind: high_rtt, sites: [yen-minh.lao-va-chai], rtt_ms: 450}
 //!   - {kind: jitter, sites: [yen-minh.sung-thai], jitter_ms: 80}
 //!   - {kind: loss, sites: [yen-minh.huu-vinh], loss_pct: 8}
+//!   - {kind: top_talker, sites: [meo-vac.pai-lung], peer: 203.0.113.250, share: 0.5}
 //! ```
 
 use std::path::Path;
@@ -29,6 +30,9 @@ pub enum FaultKind {
     HighRtt,
     Jitter,
     Loss,
+    /// One conversation (an outside host and one local host) takes `share` of the site's flow
+    /// records: a top talker to find.
+    TopTalker,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -46,6 +50,8 @@ struct FaultSpec {
     rtt_ms: Option<f64>,
     jitter_ms: Option<f64>,
     loss_pct: Option<f64>,
+    peer: Option<std::net::Ipv4Addr>,
+    share: Option<f64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -72,6 +78,11 @@ pub enum Effect {
     },
     Loss {
         loss_pct: f64,
+    },
+    /// `share` of the site's flow records are between `peer` and one local host.
+    TopTalker {
+        peer: std::net::Ipv4Addr,
+        share: f64,
     },
 }
 
@@ -134,6 +145,10 @@ impl Scenario {
                 FaultKind::HighRtt => Effect::HighRtt { rtt_ms: need(f.rtt_ms, "rtt_ms", 60_000.0)? },
                 FaultKind::Jitter => Effect::Jitter { jitter_ms: need(f.jitter_ms, "jitter_ms", 60_000.0)? },
                 FaultKind::Loss => Effect::Loss { loss_pct: need(f.loss_pct, "loss_pct", 100.0)? },
+                FaultKind::TopTalker => Effect::TopTalker {
+                    peer: f.peer.ok_or_else(|| at("needs `peer` (an IPv4 address outside the sites)".into()))?,
+                    share: need(f.share.or(Some(0.5)), "share", 1.0)?,
+                },
             };
             let start = f.start_secs as i64 * 1_000_000_000;
             let end = f.duration_secs.map_or(i64::MAX, |d| start + d as i64 * 1_000_000_000);
