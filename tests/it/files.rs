@@ -16,6 +16,7 @@ fn the_reference_configuration_is_the_defaults() {
     assert!(loaded.pipeline.flows_sql.take().is_some());
     assert!(loaded.pipeline.probes_sql.take().is_some());
     assert!(loaded.pipeline.interfaces_sql.take().is_some());
+    assert!(loaded.pipeline.top_talkers_sql.take().is_some());
     assert!(loaded.readiness.policy.take().is_some());
     assert_eq!(loaded, Config::default(), "deploy/siteflow.example.yaml drifted from the defaults");
 }
