@@ -69,8 +69,16 @@ fn stages(c: &mut Criterion) {
     g.bench_function("window_partial_aggregate", |b| {
         let config = Config::default();
         let res = Resources::load(&config).unwrap();
-        let (mut windows, flows, _) = rt.block_on(siteflow::pipeline::plan_windows(spec(), &res)).unwrap();
-        b.iter(|| rt.block_on(windows.process(flows, 0, &enriched, Instant::now())).unwrap())
+        let (mut windows, tables) = rt.block_on(siteflow::pipeline::plan_windows(spec(), &res)).unwrap();
+        b.iter(|| rt.block_on(windows.process(tables.flows, 0, &enriched, Instant::now())).unwrap())
+    });
+    // What the pipeline runs per flow batch: the per-site aggregate and the conversations one.
+    g.bench_function("window_partial_aggregate_with_conversations", |b| {
+        let config = Config::default();
+        let res = Resources::load(&config).unwrap();
+        let (mut windows, tables) = rt.block_on(siteflow::pipeline::plan_windows(spec(), &res)).unwrap();
+        let inputs = [(tables.flows, &enriched), (tables.conversations, &enriched)];
+        b.iter(|| rt.block_on(windows.process_together(0, &inputs, &[], Instant::now())).unwrap())
     });
     g.finish();
 
@@ -93,7 +101,7 @@ fn stages(c: &mut Criterion) {
         let sim = Simulator::new(config.simulator.clone(), spec(), res.inventory.clone(), Scenario::default());
         let (_tx, rx) = tokio::sync::watch::channel(false);
         rt.block_on(siteflow::pipeline::run(sim, pipeline, rx)).unwrap();
-        let state = AppState { metrics, sites, ready: Default::default(), stopping: Default::default(), readiness };
+        let state = AppState { metrics, sites, ready: Default::default(), stopping: Default::default(), readiness, sql: None };
         b.iter(|| render(&state).unwrap().len())
     });
     g.finish();
