@@ -381,6 +381,9 @@ fn describe_figment_error(e: figment::Error) -> String {
     e.into_iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; ")
 }
 
+/// Variables of the `siteflow sql` client (after the `SITEFLOW_` prefix), ignored by the server.
+const CLIENT_VARIABLES: [&str; 2] = ["sql_url", "sql_token"];
+
 impl Config {
     /// Defaults, then `file` (if any), then `SITEFLOW_*` variables from the environment.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
@@ -396,7 +399,9 @@ impl Config {
             }
             figment = figment.merge(Yaml::file_exact(path));
         }
-        figment = figment.merge(Env::prefixed("SITEFLOW_").split("__"));
+        // SITEFLOW_SQL_URL and SITEFLOW_SQL_TOKEN belong to the `siteflow sql` client, not here.
+        let env = Env::prefixed("SITEFLOW_").filter(|k| !CLIENT_VARIABLES.iter().any(|c| k == *c)).split("__");
+        figment = figment.merge(env);
         let config: Config = figment.extract().map_err(|e| ConfigError::Load(describe_figment_error(e)))?;
         config.validate(&file.map_or_else(|| "configuration".to_string(), |p| p.display().to_string()))?;
         Ok(config)

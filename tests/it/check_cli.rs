@@ -77,6 +77,9 @@ fn environment_overrides_every_field() {
     assert!(out.contains("http: 127.0.0.1:9900") && out.contains("windows: 60 s"), "{out}");
     assert_rejected(&f, &[("SITEFLOW_WINDOW__SIZE_SECS", "0")], &["window.size_secs", "at least 1"]);
     assert_rejected(&f, &[("SITEFLOW_WINDOW__SIZE_SECZ", "5")], &["size_secz"]);
+    // The `siteflow sql` client's variables are not configuration keys.
+    let (ok, _, err) = check(&f, &[("SITEFLOW_SQL_URL", "http://127.0.0.1:9898"), ("SITEFLOW_SQL_TOKEN", "t")]);
+    assert!(ok, "{err}");
 }
 
 #[test]
