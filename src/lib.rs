@@ -6,6 +6,7 @@
 //! [`window`] (event-time windows, DataFusion partial/final aggregates) → [`sink`] (Prometheus).
 //! [`pipeline`] wires them together; [`http`] serves the results.
 
+pub mod build_info;
 pub mod checkpoint;
 pub mod config;
 pub mod dead_letter;

@@ -64,6 +64,9 @@ enum Command {
     /// Validate a configuration, its inventory, scenario and pipeline SQL; exit non-zero on problems.
     #[command(after_help = "Example:\n  siteflow check --config deploy/siteflow.example.yaml --explain")]
     Check(CheckArgs),
+    /// Print the version, commit, compiler and target of this binary.
+    #[command(after_help = "Example:\n  siteflow version --json")]
+    Version(VersionArgs),
     /// Ask a running siteflow a read-only SQL question (or query a Parquet history directly).
     #[command(after_help = SQL_EXAMPLES)]
     Sql(SqlArgs),
@@ -84,6 +87,13 @@ Examples:
 
   # Straight from the Parquet history directory, no server needed:
   siteflow sql --data /var/lib/siteflow/history \"SELECT count(*) FROM site_windows\"";
+
+#[derive(Args)]
+struct VersionArgs {
+    /// As one JSON object.
+    #[arg(long)]
+    json: bool,
+}
 
 #[derive(Args)]
 struct SqlArgs {
@@ -407,6 +417,15 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Check(args) => check(&args).await,
             Command::Sql(args) => sql(&args).await,
+            Command::Version(args) => {
+                let build = &siteflow::build_info::BUILD;
+                if args.json {
+                    println!("{}", serde_json::to_string(build)?);
+                } else {
+                    println!("{build}");
+                }
+                Ok(())
+            }
             Command::Run(args) => {
                 let mut config = Config::load(Some(&args.config))?;
                 if let Some(listen) = args.listen {

@@ -162,6 +162,16 @@ impl PipelineMetrics {
             )
             .expect("valid metric"),
         );
+        let build_info = register(
+            r,
+            IntGaugeVec::new(
+                Opts::new("siteflow_build_info", "Always 1; the labels say which siteflow build is running."),
+                &["version", "commit", "rustc", "target"],
+            )
+            .expect("valid metric"),
+        );
+        let b = &crate::build_info::BUILD;
+        build_info.with_label_values(&[b.version, b.commit, b.rustc, b.target]).set(1);
         let interface_counter_samples = counter_vec(
             r,
             "siteflow_interface_counter_samples_total",

@@ -108,3 +108,24 @@ fn kafka_configurations_are_checked() {
     assert!(ok, "{err}");
     assert!(out.contains("flows (goflow2_protobuf)") && out.contains("checkpoints:"), "{out}");
 }
+
+#[test]
+fn version_names_the_build_and_the_metric_carries_it() {
+    let out = crate::support::run_siteflow(&["version", "--json"], &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["version"], env!("CARGO_PKG_VERSION"));
+    let head = std::process::Command::new("git").args(["rev-parse", "--short=12", "HEAD"]).current_dir(crate::support::repo()).output().unwrap();
+    let head = String::from_utf8_lossy(&head.stdout).trim().to_string();
+    assert_eq!(v["commit"], head.as_str(), "the commit the binary was built from");
+    assert!(v["rustc"].as_str().unwrap().starts_with("rustc "), "{v}");
+    let text = crate::support::run_siteflow(&["version"], &[]);
+    assert!(String::from_utf8_lossy(&text.stdout).starts_with(&format!("siteflow {} (commit {head}", env!("CARGO_PKG_VERSION"))));
+    // The same facts as a metric.
+    let metrics = siteflow::metrics::PipelineMetrics::new(&siteflow::pipeline::Pipeline::FORMATS, &siteflow::pipeline::Pipeline::TABLES);
+    let family = metrics.registry.gather().into_iter().find(|f| f.name() == "siteflow_build_info").expect("siteflow_build_info");
+    let labels: std::collections::BTreeMap<String, String> =
+        family.get_metric()[0].get_label().iter().map(|l| (l.name().to_string(), l.value().to_string())).collect();
+    assert_eq!(labels["commit"], head);
+    assert_eq!(family.get_metric()[0].get_gauge().get_value(), 1.0);
+}
