@@ -20,8 +20,8 @@ fn main() {
         .unwrap_or_else(|| "unknown".into());
     let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
     let rustc_version = output(&rustc, &["--version"]).unwrap_or_else(|| "unknown".into());
-    println!("cargo:rustc-env=SITEFLOW_BUILD_COMMIT={commit}");
-    println!("cargo:rustc-env=SITEFLOW_BUILD_RUSTC={rustc_version}");
-    println!("cargo:rustc-env=SITEFLOW_BUILD_TARGET={}", std::env::var("TARGET").unwrap_or_default());
-    println!("cargo:rustc-env=SITEFLOW_BUILD_PROFILE={}", std::env::var("PROFILE").unwrap_or_default());
+    println!("cargo:rustc-env=BUILD_INFO_COMMIT={commit}");
+    println!("cargo:rustc-env=BUILD_INFO_RUSTC={rustc_version}");
+    println!("cargo:rustc-env=BUILD_INFO_TARGET={}", std::env::var("TARGET").unwrap_or_default());
+    println!("cargo:rustc-env=BUILD_INFO_PROFILE={}", std::env::var("PROFILE").unwrap_or_default());
 }

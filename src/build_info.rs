@@ -15,10 +15,10 @@ pub struct BuildInfo {
 /// This binary's build facts.
 pub const BUILD: BuildInfo = BuildInfo {
     version: env!("CARGO_PKG_VERSION"),
-    commit: env!("SITEFLOW_BUILD_COMMIT"),
-    rustc: env!("SITEFLOW_BUILD_RUSTC"),
-    target: env!("SITEFLOW_BUILD_TARGET"),
-    profile: env!("SITEFLOW_BUILD_PROFILE"),
+    commit: env!("BUILD_INFO_COMMIT"),
+    rustc: env!("BUILD_INFO_RUSTC"),
+    target: env!("BUILD_INFO_TARGET"),
+    profile: env!("BUILD_INFO_PROFILE"),
 };
 
 impl std::fmt::Display for BuildInfo {

@@ -421,3 +421,64 @@ impl WindowSink for HistorySink {
         self.history.append(READINESS_TABLE, &batch);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::arrow::array::{TimestampNanosecondArray, UInt64Array};
+    use datafusion::arrow::datatypes::TimeUnit;
+
+    const DAY_NS: i64 = 86_400_000_000_000;
+
+    fn windows(starts: &[i64]) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("window_start", DataType::Timestamp(TimeUnit::Nanosecond, None), false),
+            Field::new("bytes", DataType::UInt64, false),
+        ]));
+        let columns: Vec<ArrayRef> =
+            vec![Arc::new(TimestampNanosecondArray::from(starts.to_vec())), Arc::new(UInt64Array::from(vec![7u64; starts.len()]))];
+        RecordBatch::try_new(schema, columns).unwrap()
+    }
+
+    fn rows(h: &History) -> (usize, usize) {
+        let snap = &h.snapshot()["site_windows"];
+        let on_disk: usize = snap
+            .files
+            .iter()
+            .map(|f| ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(f).unwrap()).unwrap().metadata().file_metadata().num_rows() as usize)
+            .sum();
+        (snap.memory.iter().map(|b| b.num_rows()).sum(), on_disk)
+    }
+
+    #[test]
+    fn flush_moves_rows_to_disk_once_and_retention_and_compaction_keep_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = HistoryOptions { dir: Some(dir.path().to_path_buf()), retention_days: 30, compact_min_files: 3, max_memory_rows: 0 };
+        let now = chrono::Utc::now();
+        let today = now.timestamp_nanos_opt().unwrap() / DAY_NS * DAY_NS;
+        let h = History::open(options.clone()).unwrap();
+        // 40 days ago (expires), 2 days ago in four flushes (compacted), today (kept as is).
+        h.append("site_windows", &windows(&[today - 40 * DAY_NS]));
+        h.flush().unwrap();
+        for i in 0..4 {
+            h.append("site_windows", &windows(&[today - 2 * DAY_NS + i, today - 2 * DAY_NS + 100 + i]));
+            h.flush().unwrap();
+        }
+        h.append("site_windows", &windows(&[today + 5]));
+        assert_eq!(rows(&h), (1, 8), "flushed rows left memory; the expired date is already gone");
+        h.flush().unwrap();
+        assert_eq!(rows(&h), (0, 9));
+        let snap = &h.snapshot()["site_windows"];
+        let dates: Vec<String> = snap.files.iter().map(|f| f.parent().unwrap().file_name().unwrap().to_string_lossy().to_string()).collect();
+        // Three files were compacted into one as soon as there were three; the fourth came after.
+        let two_days_ago = snap.files.iter().filter(|f| f.parent().unwrap().ends_with(format!("date={}", date_of(today - 2 * DAY_NS))));
+        let names: Vec<String> = two_days_ago.map(|f| f.file_name().unwrap().to_string_lossy().to_string()).collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+        assert!(names.iter().any(|n| n.starts_with("compacted-")), "{names:?}");
+        assert!(!dates.contains(&format!("date={}", date_of(today - 40 * DAY_NS))), "expired: {dates:?}");
+        assert!(!dir.path().join("site_windows").join(format!("date={}", date_of(today - 40 * DAY_NS))).exists());
+        // Reopened (a restart): the same files and rows.
+        let again = History::open(options).unwrap();
+        assert_eq!(rows(&again), (0, 9));
+    }
+}

@@ -277,6 +277,8 @@ impl Demo {
             .env("SITEFLOW_HISTORY__DIR", dir.join("history"))
             .env("SITEFLOW_HISTORY__FLUSH_INTERVAL_SECS", "2")
             .env("SITEFLOW_SQL__TOKEN", TOKEN)
+            .env("SITEFLOW_SQL__TIMEOUT_SECS", "5")
+            .env("SITEFLOW_SQL__MEMORY_LIMIT_MB", "16")
             .env("NO_COLOR", "1")
             .stdout(std::process::Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
@@ -375,6 +377,16 @@ fn history_survives_a_restart_without_duplicates_and_the_api_serves_every_format
     error(status, &body, "forbidden");
     let (status, _, _) = demo.post("SELECT 1", Some("xml"), None, Some(TOKEN));
     assert_eq!(status, 400);
+    // Past the limits: clear errors, 4xx.
+    let (status, _, body) = demo.post("SELECT * FROM range(200000)", None, None, Some(TOKEN));
+    assert_eq!(status, 413);
+    assert!(error(status, &body, "too_many_rows").contains("sql.max_rows"));
+    let (status, _, body) = demo.post("SELECT count(*) FROM (SELECT value % 3000000 AS k, count(*) FROM range(6000000) GROUP BY 1)", None, None, Some(TOKEN));
+    assert_eq!(status, 413, "{}", String::from_utf8_lossy(&body));
+    assert!(error(status, &body, "memory_limit").contains("sql.memory_limit_mb"));
+    let (status, _, body) = demo.post("SELECT count(*) FROM range(2000000000) WHERE sqrt(CAST(value AS DOUBLE)) > 1", None, None, Some(TOKEN));
+    assert_eq!(status, 408, "{}", String::from_utf8_lossy(&body));
+    assert!(error(status, &body, "timeout").contains("sql.timeout_secs"));
     // After refused and failed queries, the service still serves.
     let (status, metrics) = crate::support::http_get(demo.addr, "/metrics").unwrap();
     assert!(status == 200 && metrics.contains("siteflow_windows_closed_total"));
