@@ -278,37 +278,63 @@ impl History {
         let Some(dir) = self.options.dir.clone() else { return Ok(()) };
         let oldest_kept = (now - chrono::Duration::days(i64::from(self.options.retention_days))).format("%Y-%m-%d").to_string();
         let today = now.format("%Y-%m-%d").to_string();
-        let mut inner = self.inner.lock().expect("history lock");
-        for (name, t) in inner.tables.iter_mut() {
-            let expired: Vec<String> = t.files.keys().filter(|d| **d < oldest_kept).cloned().collect();
-            for date in expired {
-                t.files.remove(&date);
-                let _ = std::fs::remove_dir_all(dir.join(name).join(format!("date={date}")));
-                tracing::info!(table = %name, date = %date, "history: date past retention deleted");
+        // Under the lock: forget expired dates and pick what to compact.
+        let mut to_compact = Vec::new();
+        {
+            let mut inner = self.inner.lock().expect("history lock");
+            for (name, t) in inner.tables.iter_mut() {
+                let expired: Vec<String> = t.files.keys().filter(|d| **d < oldest_kept).cloned().collect();
+                for date in expired {
+                    t.files.remove(&date);
+                    let _ = std::fs::remove_dir_all(dir.join(name).join(format!("date={date}")));
+                    tracing::info!(table = %name, date = %date, "history: date past retention deleted");
+                }
+                for (date, files) in &t.files {
+                    if *date < today && files.len() >= self.options.compact_min_files {
+                        to_compact.push((name.clone(), date.clone(), files.clone()));
+                    }
+                }
             }
-            let schema = t.schema.clone();
-            for (date, files) in t.files.iter_mut() {
-                if *date >= today || files.len() < self.options.compact_min_files {
-                    continue;
-                }
-                let Some(schema) = &schema else { continue };
-                let mut batches = Vec::new();
-                for f in files.iter() {
-                    let reader = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(f)?)?.build()?;
-                    batches.extend(reader.collect::<Result<Vec<_>, _>>()?);
-                }
-                let merged = dir.join(name).join(format!("date={date}")).join(format!("compacted-{}.parquet", chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0)));
-                write_parquet(&merged, &[concat_batches(schema, &batches)?])?;
-                // The lock is held: no snapshot sees both the merged file and its parts.
-                for f in files.iter() {
-                    let _ = std::fs::remove_file(f);
-                }
-                tracing::info!(table = %name, date = %date, files = files.len(), "history: date compacted into one file");
-                *files = vec![merged];
+        }
+        // Without the lock (the pipeline keeps appending, queries keep reading): merge each
+        // date's files into one, batch by batch, under a name no snapshot lists yet.
+        for (name, date, files) in to_compact {
+            let merged = dir.join(&name).join(format!("date={date}")).join(format!("compacted-{}.parquet", now.timestamp_nanos_opt().unwrap_or(0)));
+            let merged = unique(merged);
+            merge_parquet(&files, &merged)?;
+            let mut inner = self.inner.lock().expect("history lock");
+            let Some(listed) = inner.tables.get_mut(&name).and_then(|t| t.files.get_mut(&date)) else { continue };
+            // Files flushed meanwhile (a late window of that date) stay as they are.
+            listed.retain(|f| !files.contains(f));
+            listed.push(merged);
+            drop(inner);
+            // A query that listed the parts before the swap and has not opened them yet fails
+            // and can be retried; no query ever sees a window twice.
+            for f in &files {
+                let _ = std::fs::remove_file(f);
             }
+            tracing::info!(table = %name, date = %date, files = files.len(), "history: date compacted into one file");
         }
         Ok(())
     }
+}
+
+/// Writes the rows of `parts` to `target` (atomically), one record batch at a time.
+fn merge_parquet(parts: &[PathBuf], target: &Path) -> anyhow::Result<()> {
+    let dir = target.parent().expect("history files have a parent");
+    let tmp = target.with_extension("parquet.tmp");
+    let first = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&parts[0])?)?;
+    let props = WriterProperties::builder().set_compression(Compression::ZSTD(ZstdLevel::default())).build();
+    let mut writer = ArrowWriter::try_new(std::fs::File::create(&tmp)?, first.schema().clone(), Some(props))?;
+    for part in parts {
+        for batch in ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(part)?)?.build()? {
+            writer.write(&batch?)?;
+        }
+    }
+    writer.into_inner()?.sync_all()?;
+    std::fs::rename(&tmp, target)?;
+    std::fs::File::open(dir).and_then(|d| d.sync_all())?;
+    Ok(())
 }
 
 /// A path not yet taken (a second flush within the same windows gets a suffix).

@@ -196,16 +196,36 @@ impl SqlEngine {
         let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
         let max = self.limits.max_rows;
         let limited = df.limit(0, Some(max + 1)).map_err(|e| SqlError::Invalid(e.to_string()))?;
-        let batches = match tokio::time::timeout(self.limits.timeout, limited.collect()).await {
-            Err(_) => return Err(SqlError::Timeout(self.limits.timeout)),
-            Ok(Err(e)) => return Err(classify_run_error(e, self.limits.memory_bytes)),
-            Ok(Ok(b)) => b,
+        // Run on the SQL runtime's own thread: a heavy query competes with the pipeline for the
+        // CPU through the OS scheduler, but never occupies the pipeline's runtime threads.
+        let mut task = sql_runtime().spawn(limited.collect());
+        let batches = match tokio::time::timeout(self.limits.timeout, &mut task).await {
+            Err(_) => {
+                task.abort();
+                return Err(SqlError::Timeout(self.limits.timeout));
+            }
+            Ok(Err(e)) => return Err(SqlError::Execution(format!("the query task failed: {e}"))),
+            Ok(Ok(Err(e))) => return Err(classify_run_error(e, self.limits.memory_bytes)),
+            Ok(Ok(Ok(b))) => b,
         };
         if batches.iter().map(RecordBatch::num_rows).sum::<usize>() > max {
             return Err(SqlError::TooManyRows(max));
         }
         Ok((schema, batches))
     }
+}
+
+/// The runtime SQL queries execute on: one worker thread, for the life of the process.
+fn sql_runtime() -> &'static tokio::runtime::Runtime {
+    static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("siteflow-sql")
+            .enable_time()
+            .build()
+            .expect("the SQL runtime starts")
+    })
 }
 
 /// Reads the history's Parquet files (only those: no directory listing, no other paths).
