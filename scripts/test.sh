@@ -64,6 +64,32 @@ with zipfile.ZipFile(wheel) as z:
 PY
 fi
 
+# --- deployment-file validators (tests/it/deploy.rs) ------------------------------------------
+# amtool (Alertmanager's config check) and systemd-analyze from Debian; the Compose
+# Specification schema (check-jsonschema ships it), the Kubernetes schemas (kubernetes-validate)
+# and the Prometheus Operator CRD models (cloudcoil) from PyPI, in a persistent venv that is
+# reused while its pinned versions match.
+deploy_apt=()
+command -v amtool >/dev/null || deploy_apt+=(prometheus-alertmanager)
+command -v systemd-analyze >/dev/null || deploy_apt+=(systemd)
+python3 -c 'import ensurepip' 2>/dev/null || deploy_apt+=(python3-venv)
+if ((${#deploy_apt[@]})); then
+  echo "== installing ${deploy_apt[*]}"
+  sudo_cmd=""; [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+  $sudo_cmd apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends "${deploy_apt[@]}"
+fi
+export TEST_DEPLOY_VENV="${TEST_DEPLOY_VENV:-$HOME/.cache/siteflow/venv}"
+deploy_requirements="check-jsonschema==0.39.0 kubernetes-validate==1.37.0 cloudcoil==0.6.0 cloudcoil-models-prometheus-operator==0.80.1.0"
+if [ "$(cat "$TEST_DEPLOY_VENV/.siteflow-requirements" 2>/dev/null)" != "$deploy_requirements" ]; then
+  echo "== installing $deploy_requirements into $TEST_DEPLOY_VENV"
+  python3 -m venv "$TEST_DEPLOY_VENV"
+  # shellcheck disable=SC2086 # one argument per requirement
+  "$TEST_DEPLOY_VENV/bin/pip" install --quiet --disable-pip-version-check $deploy_requirements
+  echo "$deploy_requirements" > "$TEST_DEPLOY_VENV/.siteflow-requirements"
+fi
+# --- end of deployment-file validators ---------------------------------------------------------
+
 echo "== Prometheus configuration, rules and rule unit tests (promtool)"
 bash deploy/prometheus/check.sh
 

@@ -2,6 +2,7 @@
 
 mod check_cli;
 mod demo_binary;
+mod deploy;
 mod files;
 mod golden;
 mod kafka;
