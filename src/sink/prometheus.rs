@@ -106,6 +106,17 @@ pub(crate) fn counter_metric(labels: Vec<LabelPair>, value: f64) -> Metric {
     m
 }
 
+/// One row of Float64 columns (NaN where null).
+fn row_values(columns: &[datafusion::arrow::array::ArrayRef], row: usize) -> Vec<f64> {
+    columns
+        .iter()
+        .map(|a| {
+            let a = a.as_primitive::<Float64Type>();
+            if a.is_valid(row) { a.value(row) } else { f64::NAN }
+        })
+        .collect()
+}
+
 /// Reads the rows of a closed window as (key, numeric values) pairs.
 fn read_rows(inventory: &Inventory, rows: &RecordBatch, columns: &[String]) -> Vec<(Key, Vec<f64>)> {
     let as_strings = |name: &str| rows.column_by_name(name).and_then(|c| cast(c, &DataType::Utf8).ok());
@@ -128,14 +139,7 @@ fn read_rows(inventory: &Inventory, rows: &RecordBatch, columns: &[String]) -> V
             },
             None => None,
         };
-        let v = values
-            .iter()
-            .map(|a| {
-                let a = a.as_primitive::<Float64Type>();
-                if a.is_valid(row) { a.value(row) } else { f64::NAN }
-            })
-            .collect();
-        out.push(((site, direction), v));
+        out.push(((site, direction), row_values(&values, row)));
     }
     out
 }
@@ -192,14 +196,7 @@ impl SiteMetrics {
                     let a = a.as_string::<i32>();
                     l.push(label(name, if a.is_valid(row) { a.value(row) } else { "" }));
                 }
-                let v = values
-                    .iter()
-                    .map(|a| {
-                        let a = a.as_primitive::<Float64Type>();
-                        if a.is_valid(row) { a.value(row) } else { f64::NAN }
-                    })
-                    .collect();
-                last.push((l, v));
+                last.push((l, row_values(&values, row)));
             }
         }
         let mut state = self.state.write().expect("metrics lock");

@@ -270,20 +270,28 @@ fn a_broker_outage_is_survived_with_exact_totals() {
 /// Per (site, window start in seconds): probe results.
 type ProbeCounts = std::collections::BTreeMap<(String, i64), u64>;
 
-fn read_probe_results(checkpoint_dir: &std::path::Path, end_s: i64) -> ProbeCounts {
-    let mut counts = ProbeCounts::new();
-    for entry in std::fs::read_dir(checkpoint_dir.join("results/probes")).into_iter().flatten().flatten() {
+/// Calls `f` with each row of table `table`'s results logs whose window starts before `end_s`,
+/// and that window start in seconds.
+fn for_each_result_row(checkpoint_dir: &std::path::Path, table: &str, end_s: i64, mut f: impl FnMut(&serde_json::Value, i64)) {
+    for entry in std::fs::read_dir(checkpoint_dir.join("results").join(table)).into_iter().flatten().flatten() {
         for file in std::fs::read_dir(entry.path()).into_iter().flatten().flatten() {
             for line in std::fs::read_to_string(file.path()).unwrap_or_default().lines() {
                 let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
                 let ws = v["window_start"].as_str().unwrap();
                 let t = chrono::NaiveDateTime::parse_from_str(ws, "%Y-%m-%dT%H:%M:%S%.f").unwrap().and_utc().timestamp();
                 if t < end_s {
-                    *counts.entry((v["site"].as_str().unwrap().to_string(), t)).or_default() += v["results"].as_u64().unwrap();
+                    f(&v, t);
                 }
             }
         }
     }
+}
+
+fn read_probe_results(checkpoint_dir: &std::path::Path, end_s: i64) -> ProbeCounts {
+    let mut counts = ProbeCounts::new();
+    for_each_result_row(checkpoint_dir, "probes", end_s, |v, t| {
+        *counts.entry((v["site"].as_str().unwrap().to_string(), t)).or_default() += v["results"].as_u64().unwrap();
+    });
     counts
 }
 
@@ -292,19 +300,10 @@ type InterfaceBytes = std::collections::BTreeMap<(String, String, String, i64), 
 
 fn read_interface_results(checkpoint_dir: &std::path::Path, end_s: i64) -> InterfaceBytes {
     let mut bytes = InterfaceBytes::new();
-    for entry in std::fs::read_dir(checkpoint_dir.join("results/interfaces")).into_iter().flatten().flatten() {
-        for file in std::fs::read_dir(entry.path()).into_iter().flatten().flatten() {
-            for line in std::fs::read_to_string(file.path()).unwrap_or_default().lines() {
-                let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
-                let ws = v["window_start"].as_str().unwrap();
-                let t = chrono::NaiveDateTime::parse_from_str(ws, "%Y-%m-%dT%H:%M:%S%.f").unwrap().and_utc().timestamp();
-                if t < end_s {
-                    let key = (v["site"].as_str().unwrap().into(), v["interface"].as_str().unwrap().into(), v["direction"].as_str().unwrap().into(), t);
-                    *bytes.entry(key).or_default() += v["bytes"].as_u64().unwrap();
-                }
-            }
-        }
-    }
+    for_each_result_row(checkpoint_dir, "interfaces", end_s, |v, t| {
+        let key = (v["site"].as_str().unwrap().into(), v["interface"].as_str().unwrap().into(), v["direction"].as_str().unwrap().into(), t);
+        *bytes.entry(key).or_default() += v["bytes"].as_u64().unwrap();
+    });
     bytes
 }
 
