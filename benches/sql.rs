@@ -61,7 +61,8 @@ fn hour(inv: &Inventory, hour_start_ns: i64) -> RecordBatch {
 fn sql(c: &mut Criterion) {
     let hours = if std::env::args().any(|a| a == "--bench") { 24 } else { 1 };
     let dir = tempfile::tempdir().unwrap();
-    let options = HistoryOptions { dir: Some(dir.path().to_path_buf()), retention_days: 3650, compact_min_files: usize::MAX, max_memory_rows: 0 };
+    let options =
+        HistoryOptions { dir: Some(dir.path().to_path_buf()), retention_days: 3650, compact_min_files: usize::MAX, max_memory_rows: 0 };
     let history = History::open(options).unwrap();
     let inv = Arc::new(Inventory::embedded());
     // An hour per flush, as siteflow writes them (history.flush_interval_secs is shorter; fewer

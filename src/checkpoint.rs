@@ -284,8 +284,10 @@ mod tests {
         assert!(store.load(&key, &[batch(1).schema()]).unwrap().is_none());
         let len1 = store.append_results(0, &key, &batch(10)).unwrap();
         assert_eq!(store.sync_results(0, &key).unwrap(), len1);
-        let counters = vec![CounterBaseline { device: "r1".into(), interface: "eth0".into(), direction: "in".into(), time_ns: 9, value: 1 << 40 }];
-        let ckpt = PartitionCheckpoint { next_offset: 42, max_event_ns: Some(7), results_len: vec![len1], states: vec![vec![batch(5)]], counters };
+        let counters =
+            vec![CounterBaseline { device: "r1".into(), interface: "eth0".into(), direction: "in".into(), time_ns: 9, value: 1 << 40 }];
+        let ckpt =
+            PartitionCheckpoint { next_offset: 42, max_event_ns: Some(7), results_len: vec![len1], states: vec![vec![batch(5)]], counters };
         store.save(&key, &ckpt, &[batch(1).schema()]).unwrap();
         let len2 = store.append_results(0, &key, &batch(20)).unwrap();
         assert!(len2 > len1);

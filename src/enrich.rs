@@ -20,8 +20,8 @@ use datafusion::arrow::compute::take;
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, UInt8Type, UInt16Type, UInt32Type, UInt64Type};
 
 use crate::decode::{flow_schema, probe_schema};
-use crate::rates::interface_traffic_schema;
 use crate::inventory::{Addr, ExporterMatch, Inventory, SiteIdx};
+use crate::rates::interface_traffic_schema;
 
 /// Direction of traffic relative to the site.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -299,7 +299,8 @@ impl History {
         // Without the lock (the pipeline keeps appending, queries keep reading): merge each
         // date's files into one, batch by batch, under a name no snapshot lists yet.
         for (name, date, files) in to_compact {
-            let merged = dir.join(&name).join(format!("date={date}")).join(format!("compacted-{}.parquet", now.timestamp_nanos_opt().unwrap_or(0)));
+            let merged =
+                dir.join(&name).join(format!("date={date}")).join(format!("compacted-{}.parquet", now.timestamp_nanos_opt().unwrap_or(0)));
             let merged = unique(merged);
             merge_parquet(&files, &merged)?;
             let mut inner = self.inner.lock().expect("history lock");
@@ -382,7 +383,8 @@ pub fn top_n(rows: &RecordBatch, n: usize) -> RecordBatch {
             ranks.push(rank as u32 + 1);
         }
     }
-    let kept = datafusion::arrow::compute::take_record_batch(rows, &datafusion::arrow::array::UInt32Array::from(keep)).expect("indices in range");
+    let kept =
+        datafusion::arrow::compute::take_record_batch(rows, &datafusion::arrow::array::UInt32Array::from(keep)).expect("indices in range");
     let kept = readable(&kept);
     let mut fields: Vec<Field> = kept.schema().fields().iter().map(|f| f.as_ref().clone()).collect();
     fields.push(Field::new("rank", DataType::UInt32, false));
@@ -428,7 +430,13 @@ impl WindowSink for HistorySink {
         let n = sites.len();
         let reasons: Vec<String> = sites
             .iter()
-            .map(|s| s.reasons.iter().map(|r| format!("{}={:.4} (threshold {})", r.metric.as_str(), r.value, r.threshold)).collect::<Vec<_>>().join("; "))
+            .map(|s| {
+                s.reasons
+                    .iter()
+                    .map(|r| format!("{}={:.4} (threshold {})", r.metric.as_str(), r.value, r.threshold))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            })
             .collect();
         let strings = |f: &dyn Fn(&SiteReadiness) -> &str| -> ArrayRef {
             Arc::new(datafusion::arrow::array::StringArray::from_iter_values(sites.iter().map(f)))
@@ -471,7 +479,10 @@ mod tests {
         let on_disk: usize = snap
             .files
             .iter()
-            .map(|f| ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(f).unwrap()).unwrap().metadata().file_metadata().num_rows() as usize)
+            .map(|f| {
+                ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(f).unwrap()).unwrap().metadata().file_metadata().num_rows()
+                    as usize
+            })
             .sum();
         (snap.memory.iter().map(|b| b.num_rows()).sum(), on_disk)
     }
@@ -495,7 +506,8 @@ mod tests {
         h.flush().unwrap();
         assert_eq!(rows(&h), (0, 9));
         let snap = &h.snapshot()["site_windows"];
-        let dates: Vec<String> = snap.files.iter().map(|f| f.parent().unwrap().file_name().unwrap().to_string_lossy().to_string()).collect();
+        let dates: Vec<String> =
+            snap.files.iter().map(|f| f.parent().unwrap().file_name().unwrap().to_string_lossy().to_string()).collect();
         // Three files were compacted into one as soon as there were three; the fourth came after.
         let two_days_ago = snap.files.iter().filter(|f| f.parent().unwrap().ends_with(format!("date={}", date_of(today - 2 * DAY_NS))));
         let names: Vec<String> = two_days_ago.map(|f| f.file_name().unwrap().to_string_lossy().to_string()).collect();

@@ -256,7 +256,13 @@ async fn sql_query(
     let request = if is_json {
         match serde_json::from_str::<SqlRequest>(&body) {
             Ok(r) => r,
-            Err(e) => return sql_error(400, "bad_request", format!("body: {e}; expected {{\"query\": \"SELECT …\", \"format\": \"json|csv|arrow\"}}")),
+            Err(e) => {
+                return sql_error(
+                    400,
+                    "bad_request",
+                    format!("body: {e}; expected {{\"query\": \"SELECT …\", \"format\": \"json|csv|arrow\"}}"),
+                );
+            }
         }
     } else {
         SqlRequest { query: Some(body), format: None }
@@ -271,7 +277,9 @@ async fn sql_query(
             Some(f) => f,
             None => return sql_error(400, "bad_request", format!("format {f:?} is not one of json, csv, arrow")),
         },
-        None => accept.split(',').filter_map(|a| SqlFormat::parse(a.split(';').next().unwrap_or("").trim())).next().unwrap_or(SqlFormat::Json),
+        None => {
+            accept.split(',').filter_map(|a| SqlFormat::parse(a.split(';').next().unwrap_or("").trim())).next().unwrap_or(SqlFormat::Json)
+        }
     };
     let started = std::time::Instant::now();
     match engine.query(&query).await {

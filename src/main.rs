@@ -16,12 +16,12 @@ use siteflow::config::{Config, LogFormat, Pace, SourceKind, resolve};
 use siteflow::dead_letter::DeadLetters;
 use siteflow::history::{History, HistoryOptions, HistorySink};
 use siteflow::http::{AppState, SqlFormat, router};
-use siteflow::sql::{RecentFlows, SqlEngine, SqlLimits};
 use siteflow::metrics::PipelineMetrics;
 use siteflow::pipeline::{Pipeline, Resources, plan_windows};
 use siteflow::sink::prometheus::SiteMetrics;
 use siteflow::source::kafka::KafkaSource;
 use siteflow::source::simulator::{Scenario, Simulator};
+use siteflow::sql::{RecentFlows, SqlEngine, SqlLimits};
 use siteflow::window::WindowSpec;
 
 const EXAMPLES: &str = "\
@@ -207,7 +207,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let sites = SiteMetrics::new(res.inventory.clone(), config.window.size_secs as f64);
     let latency = metrics.clone();
     let history = History::open(HistoryOptions::from_config(&config.history))?;
-    let sinks: Vec<Box<dyn siteflow::sink::WindowSink>> = vec![Box::new(sites.clone()), Box::new(HistorySink::new(history.clone(), config.sql.top_talkers))];
+    let sinks: Vec<Box<dyn siteflow::sink::WindowSink>> =
+        vec![Box::new(sites.clone()), Box::new(HistorySink::new(history.clone(), config.sql.top_talkers))];
     let mut pipeline = Pipeline::build(&config, &res, metrics.clone(), sinks).await?;
     siteflow::history::declare_tables(&history, pipeline.windows(), config.sql.top_talkers);
     let recent_flows = RecentFlows::new(config.sql.recent_flows_max_rows, config.sql.recent_flows_max_mb << 20);
@@ -239,7 +240,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             let h = flusher.clone();
             match tokio::task::spawn_blocking(move || h.flush()).await {
                 Ok(Ok(rows)) if rows > 0 => tracing::debug!(rows, "history written to Parquet"),
-                Ok(Err(e)) => tracing::error!("history flush failed (the windows stay in memory; next attempt at the next interval): {e:#}"),
+                Ok(Err(e)) => {
+                    tracing::error!("history flush failed (the windows stay in memory; next attempt at the next interval): {e:#}")
+                }
                 _ => {}
             }
         }
@@ -322,7 +325,8 @@ async fn sql(args: &SqlArgs) -> anyhow::Result<()> {
     let (schema, batches) = match &args.data {
         Some(dir) => {
             anyhow::ensure!(dir.is_dir(), "{}: no such directory (history.dir of a siteflow configuration)", dir.display());
-            let options = HistoryOptions { dir: Some(dir.clone()), retention_days: u32::MAX, compact_min_files: usize::MAX, max_memory_rows: 0 };
+            let options =
+                HistoryOptions { dir: Some(dir.clone()), retention_days: u32::MAX, compact_min_files: usize::MAX, max_memory_rows: 0 };
             let history = History::open(options)?;
             let limits = SqlLimits::from_config(&siteflow::config::SqlConfig::default());
             let engine = SqlEngine::new(Arc::new(siteflow::inventory::Inventory::embedded()), history, None, limits, 10.0);

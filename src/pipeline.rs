@@ -20,12 +20,12 @@ use crate::enrich::{EnrichStats, Enricher, Sampling, enriched_flow_schema, enric
 use crate::inventory::{Inventory, InventoryError, addr_from_ip};
 use crate::metrics::PipelineMetrics;
 use crate::rates::CounterRates;
-use crate::sql::RecentFlows;
 use crate::readiness::meetings::load_schedule;
 use crate::readiness::{Meeting, Policy, ReadinessEngine, SharedReadiness};
 use crate::sink::WindowSink;
 use crate::source::kafka::{KafkaEvent, KafkaSource};
 use crate::source::{Messages, PartitionId, Source, SourceBatch};
+use crate::sql::RecentFlows;
 use crate::window::{Closed, TableId, WindowOperator, WindowSpec};
 
 /// The built-in flows aggregation.
@@ -39,12 +39,8 @@ pub const EMBEDDED_INTERFACES_SQL: &str = include_str!("../pipelines/hagiang/int
 
 /// Columns each table's SQL must output (sinks label rows with them; readiness needs `bytes`),
 /// and the GROUP BY keys it may use: one row per site (and direction or interface) per window.
-const REQUIRED_OUTPUT: [(&str, &[&str]); 4] = [
-    ("flows", &["site", "direction", "bytes"]),
-    ("conversations", &["site", "bytes"]),
-    ("interfaces", &["site"]),
-    ("probes", &["site"]),
-];
+const REQUIRED_OUTPUT: [(&str, &[&str]); 4] =
+    [("flows", &["site", "direction", "bytes"]), ("conversations", &["site", "bytes"]), ("interfaces", &["site"]), ("probes", &["site"])];
 const ALLOWED_KEYS: [(&str, &[&str]); 4] = [
     ("flows", &["window_start", "site", "district", "level", "direction"]),
     (

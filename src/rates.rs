@@ -105,7 +105,8 @@ impl CounterRates {
     pub fn apply(&mut self, partition: PartitionId, samples: &RecordBatch) -> (RecordBatch, CounterStats, Vec<u32>) {
         let col = |name: &str| samples.column_by_name(name).expect("counter_schema column");
         let times = col("event_time").as_primitive::<TimestampNanosecondType>();
-        let (sites, devices, interfaces) = (col("site_id").as_string::<i32>(), col("device").as_string::<i32>(), col("interface").as_string::<i32>());
+        let (sites, devices, interfaces) =
+            (col("site_id").as_string::<i32>(), col("device").as_string::<i32>(), col("interface").as_string::<i32>());
         let bits = col("counter_bits").as_primitive::<UInt8Type>();
         let values = [("in", col("in_octets").as_primitive::<UInt64Type>()), ("out", col("out_octets").as_primitive::<UInt64Type>())];
 
@@ -188,7 +189,10 @@ impl CounterRates {
             .iter()
             .map(|b| {
                 let direction = if b.direction == "out" { "out" } else { "in" };
-                (CounterKey { device: b.device.clone(), interface: b.interface.clone(), direction }, Last { time_ns: b.time_ns, value: b.value })
+                (
+                    CounterKey { device: b.device.clone(), interface: b.interface.clone(), direction },
+                    Last { time_ns: b.time_ns, value: b.value },
+                )
             })
             .collect();
         self.last.insert(partition, last);
@@ -234,10 +238,10 @@ mod tests {
                 (T0, "eth0", Some(1_000), Some(50), 64),
                 (T0 + 10 * S, "eth0", Some(6_000), Some(80), 64),
                 (T0, "wan", Some(near_top), None, 32),
-                (T0 + 10 * S, "wan", Some(500), None, 32),     // wrapped: 1,000 up to 2^32, then 500
+                (T0 + 10 * S, "wan", Some(500), None, 32), // wrapped: 1,000 up to 2^32, then 500
                 (T0 + 20 * S, "eth0", Some(700), Some(90), 64), // rebooted: 700 since the reset
                 (T0 + 20 * S, "eth0", Some(800), Some(95), 64), // not newer: skipped
-                (T0 + 30 * S, "wan", Some(100), None, 32),      // 32-bit, far from a wrap: a reset
+                (T0 + 30 * S, "wan", Some(100), None, 32), // 32-bit, far from a wrap: a reset
             ]),
         );
         assert_eq!(

@@ -98,7 +98,8 @@ impl RecentFlows {
         if self.max_rows == 0 || batch.num_rows() == 0 {
             return;
         }
-        let batch = if batch.num_rows() > self.max_rows { batch.slice(batch.num_rows() - self.max_rows, self.max_rows) } else { batch.clone() };
+        let batch =
+            if batch.num_rows() > self.max_rows { batch.slice(batch.num_rows() - self.max_rows, self.max_rows) } else { batch.clone() };
         let mut inner = self.inner.lock().expect("recent flows lock");
         let (batches, rows, bytes) = &mut *inner;
         *rows += batch.num_rows();
@@ -127,7 +128,13 @@ pub struct SqlEngine {
 }
 
 impl SqlEngine {
-    pub fn new(inventory: Arc<Inventory>, history: History, recent_flows: Option<Arc<RecentFlows>>, limits: SqlLimits, window_secs: f64) -> Self {
+    pub fn new(
+        inventory: Arc<Inventory>,
+        history: History,
+        recent_flows: Option<Arc<RecentFlows>>,
+        limits: SqlLimits,
+        window_secs: f64,
+    ) -> Self {
         Self { inventory, history, recent_flows, limits, window_secs }
     }
 
@@ -137,7 +144,8 @@ impl SqlEngine {
 
     fn sites_table(&self) -> RecordBatch {
         let sites = self.inventory.sites();
-        let s = |f: &dyn Fn(&crate::inventory::Site) -> String| -> ArrayRef { Arc::new(StringArray::from_iter_values(sites.iter().map(f))) };
+        let s =
+            |f: &dyn Fn(&crate::inventory::Site) -> String| -> ArrayRef { Arc::new(StringArray::from_iter_values(sites.iter().map(f))) };
         let schema = Arc::new(Schema::new(vec![
             Field::new("site", DataType::Utf8, false),
             Field::new("name", DataType::Utf8, false),
@@ -166,7 +174,10 @@ impl SqlEngine {
     async fn session(&self) -> Result<SessionContext, DataFusionError> {
         let runtime = RuntimeEnvBuilder::new()
             .with_memory_pool(Arc::new(GreedyMemoryPool::new(self.limits.memory_bytes)))
-            .with_disk_manager_builder(datafusion::execution::disk_manager::DiskManagerBuilder::default().with_mode(datafusion::execution::disk_manager::DiskManagerMode::Disabled))
+            .with_disk_manager_builder(
+                datafusion::execution::disk_manager::DiskManagerBuilder::default()
+                    .with_mode(datafusion::execution::disk_manager::DiskManagerMode::Disabled),
+            )
             .build_arc()?;
         let config = SessionConfig::new().with_target_partitions(2).with_information_schema(true);
         let ctx = SessionContext::new_with_config_rt(config, runtime);
@@ -182,7 +193,10 @@ impl SqlEngine {
         }
         if let Some(recent) = &self.recent_flows {
             let batches: Vec<RecordBatch> = recent.snapshot().iter().map(readable).collect();
-            let schema = batches.first().map(|b| b.schema()).unwrap_or_else(|| readable(&RecordBatch::new_empty(crate::enrich::enriched_flow_schema())).schema());
+            let schema = batches
+                .first()
+                .map(|b| b.schema())
+                .unwrap_or_else(|| readable(&RecordBatch::new_empty(crate::enrich::enriched_flow_schema())).schema());
             ctx.register_table("flows_recent", Arc::new(MemTable::try_new(schema, vec![batches])?))?;
         }
         Ok(ctx)
@@ -280,7 +294,10 @@ pub fn udfs(inventory: Arc<Inventory>, window_secs: f64) -> Vec<ScalarUDF> {
         Arc::new(move |args: &[ColumnarValue]| {
             let n = rows(args);
             let (bytes, secs) = (args[0].clone().into_array(n)?, args[1].clone().into_array(n)?);
-            let (bytes, secs) = (bytes.as_primitive::<datafusion::arrow::datatypes::Float64Type>(), secs.as_primitive::<datafusion::arrow::datatypes::Float64Type>());
+            let (bytes, secs) = (
+                bytes.as_primitive::<datafusion::arrow::datatypes::Float64Type>(),
+                secs.as_primitive::<datafusion::arrow::datatypes::Float64Type>(),
+            );
             let out: Float64Array = bytes.iter().zip(secs.iter()).map(|(b, s)| Some(b? * 8.0 / s.filter(|s| *s > 0.0)?)).collect();
             Ok(ColumnarValue::Array(Arc::new(out)))
         }),
@@ -293,7 +310,8 @@ pub fn udfs(inventory: Arc<Inventory>, window_secs: f64) -> Vec<ScalarUDF> {
         Arc::new(move |args: &[ColumnarValue]| {
             let n = rows(args);
             let bytes = args[0].clone().into_array(n)?;
-            let out: Float64Array = bytes.as_primitive::<datafusion::arrow::datatypes::Float64Type>().iter().map(|b| Some(b? * 8.0 / window_secs)).collect();
+            let out: Float64Array =
+                bytes.as_primitive::<datafusion::arrow::datatypes::Float64Type>().iter().map(|b| Some(b? * 8.0 / window_secs)).collect();
             Ok(ColumnarValue::Array(Arc::new(out)))
         }),
     );

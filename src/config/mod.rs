@@ -228,7 +228,15 @@ pub struct SqlConfig {
 
 impl Default for SqlConfig {
     fn default() -> Self {
-        Self { max_rows: 100_000, timeout_secs: 30, memory_limit_mb: 512, token: None, recent_flows_max_rows: 200_000, recent_flows_max_mb: 64, top_talkers: 10 }
+        Self {
+            max_rows: 100_000,
+            timeout_secs: 30,
+            memory_limit_mb: 512,
+            token: None,
+            recent_flows_max_rows: 200_000,
+            recent_flows_max_mb: 64,
+            top_talkers: 10,
+        }
     }
 }
 

@@ -564,7 +564,11 @@ pub enum Decoded {
     Probes(RecordBatch),
     /// `is_counter[k]`: whether the k-th decoded metric (in message order) is a counter
     /// sample or a probe result: the two batches' rows interleaved as they came.
-    Telemetry { probes: RecordBatch, counters: RecordBatch, is_counter: Vec<bool> },
+    Telemetry {
+        probes: RecordBatch,
+        counters: RecordBatch,
+        is_counter: Vec<bool>,
+    },
 }
 
 impl Decoded {

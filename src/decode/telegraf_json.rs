@@ -141,8 +141,7 @@ fn first_tag<'m>(m: &'m Metric<'_>, names: &[&str]) -> &'m str {
 }
 
 fn counters(m: &Metric<'_>, limits: &DecodeLimits, push: &mut impl FnMut(&CounterRecord<'_>)) -> Result<(), RejectReason> {
-    let Some(&(in_name, out_name, bits)) =
-        OCTET_FIELDS.iter().find(|(i, o, _)| m.fields.contains_key(*i) || m.fields.contains_key(*o))
+    let Some(&(in_name, out_name, bits)) = OCTET_FIELDS.iter().find(|(i, o, _)| m.fields.contains_key(*i) || m.fields.contains_key(*o))
     else {
         return Err(RejectReason::UnsupportedMeasurement);
     };
@@ -155,7 +154,15 @@ fn counters(m: &Metric<'_>, limits: &DecodeLimits, push: &mut impl FnMut(&Counte
     if interface.is_empty() || (device.is_empty() && site.is_empty()) {
         return Err(RejectReason::WrongSchema);
     }
-    push(&CounterRecord { event_time_ns: limits.check_time(t)?, site_id: site, device, interface, in_octets, out_octets, counter_bits: bits });
+    push(&CounterRecord {
+        event_time_ns: limits.check_time(t)?,
+        site_id: site,
+        device,
+        interface,
+        in_octets,
+        out_octets,
+        counter_bits: bits,
+    });
     Ok(())
 }
 
@@ -204,7 +211,8 @@ mod tests {
     fn decode_all(doc: &str) -> (RecordBatch, RecordBatch, Vec<Result<(), RejectReason>>) {
         let (mut probes, mut counters) = (ProbeColumns::default(), CounterColumns::default());
         let mut order = Vec::new();
-        let outcomes = decode_document(doc.as_bytes(), &limits(), &mut Output { probes: &mut probes, counters: &mut counters, order: &mut order });
+        let outcomes =
+            decode_document(doc.as_bytes(), &limits(), &mut Output { probes: &mut probes, counters: &mut counters, order: &mut order });
         assert_eq!(order.len(), probes.len() + counters.len());
         (probes.finish(), counters.finish(), outcomes)
     }
@@ -232,7 +240,13 @@ mod tests {
         let got = (0..c.num_rows())
             .map(|i| {
                 let opt = |a: &PrimitiveArray<UInt64Type>| a.is_valid(i).then(|| a.value(i));
-                (s("device").value(i).to_string(), s("interface").value(i).to_string(), opt(&u("in_octets")), opt(&u("out_octets")), bits.value(i))
+                (
+                    s("device").value(i).to_string(),
+                    s("interface").value(i).to_string(),
+                    opt(&u("in_octets")),
+                    opt(&u("out_octets")),
+                    bits.value(i),
+                )
             })
             .collect();
         (got, outcomes)

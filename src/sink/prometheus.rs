@@ -164,7 +164,11 @@ impl SiteMetrics {
             inventory,
             window_secs,
             labels: Arc::new(labels),
-            state: Arc::new(RwLock::new(State { flows: TableState::default(), probes: TableState::default(), interfaces: LabelledRows::default() })),
+            state: Arc::new(RwLock::new(State {
+                flows: TableState::default(),
+                probes: TableState::default(),
+                interfaces: LabelledRows::default(),
+            })),
         }
     }
 
@@ -269,7 +273,11 @@ impl SiteMetrics {
         ));
 
         let mut last_end = Vec::new();
-        let ends = [("flows", state.flows.last_window_end_ns), ("probes", state.probes.last_window_end_ns), ("interfaces", state.interfaces.last_window_end_ns)];
+        let ends = [
+            ("flows", state.flows.last_window_end_ns),
+            ("probes", state.probes.last_window_end_ns),
+            ("interfaces", state.interfaces.last_window_end_ns),
+        ];
         for (name, end) in ends {
             if let Some(end) = end {
                 last_end.push(gauge_metric(vec![label("table", name)], end as f64 / 1e9));

@@ -115,7 +115,8 @@ fn version_names_the_build_and_the_metric_carries_it() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["version"], env!("CARGO_PKG_VERSION"));
-    let head = std::process::Command::new("git").args(["rev-parse", "--short=12", "HEAD"]).current_dir(crate::support::repo()).output().unwrap();
+    let head =
+        std::process::Command::new("git").args(["rev-parse", "--short=12", "HEAD"]).current_dir(crate::support::repo()).output().unwrap();
     let head = String::from_utf8_lossy(&head.stdout).trim().to_string();
     assert_eq!(v["commit"], head.as_str(), "the commit the binary was built from");
     assert!(v["rustc"].as_str().unwrap().starts_with("rustc "), "{v}");

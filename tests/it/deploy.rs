@@ -245,7 +245,10 @@ fn dockerfile_default_configuration_passes_siteflow_check_in_the_image_layout() 
     siteflow_check(&config_path);
 
     let runtime = |k: &str| ins.iter().filter(|i| i.stage == last && i.keyword == k).map(|i| i.args.clone()).collect::<Vec<_>>();
-    assert!(runtime("COPY").iter().any(|a| a.starts_with("--from=builder") && a.ends_with(" /usr/local/bin/siteflow")), "binary in /usr/local/bin");
+    assert!(
+        runtime("COPY").iter().any(|a| a.starts_with("--from=builder") && a.ends_with(" /usr/local/bin/siteflow")),
+        "binary in /usr/local/bin"
+    );
     assert_eq!(runtime("USER"), ["siteflow:siteflow"], "runs as the non-root user");
     let run_lines = runtime("RUN").join("\n");
     assert!(run_lines.contains("--uid 10001") && run_lines.contains("--gid 10001"), "uid/gid 10001:\n{run_lines}");
@@ -269,7 +272,8 @@ fn dockerfile_healthcheck_probes_a_running_siteflow() {
     let argv: Vec<String> = serde_json::from_str(json).unwrap();
     assert_eq!(argv[0], "bash", "debian:bookworm-slim has bash, not curl");
     let addr = free_addr();
-    let argv: Vec<String> = argv.iter().map(|a| a.replace("/dev/tcp/127.0.0.1/9898", &format!("/dev/tcp/127.0.0.1/{}", addr.port()))).collect();
+    let argv: Vec<String> =
+        argv.iter().map(|a| a.replace("/dev/tcp/127.0.0.1/9898", &format!("/dev/tcp/127.0.0.1/{}", addr.port()))).collect();
     let probe = || Command::new(&argv[0]).args(&argv[1..]).output().unwrap().status.success();
 
     assert!(!probe(), "healthy with nothing listening");
@@ -476,10 +480,8 @@ fn compose_telegraf_pings_addresses_of_sites() {
     let telegraf = telegraf_conf();
     let mut sites = csv::Reader::from_path(repo().join("pipelines/hagiang/sites.csv")).unwrap();
     let col = sites.headers().unwrap().iter().position(|h| h == "prefix").unwrap();
-    let prefixes: Vec<ipnet::IpNet> = sites
-        .records()
-        .flat_map(|r| r.unwrap()[col].split_whitespace().map(|p| p.parse().unwrap()).collect::<Vec<_>>())
-        .collect();
+    let prefixes: Vec<ipnet::IpNet> =
+        sites.records().flat_map(|r| r.unwrap()[col].split_whitespace().map(|p| p.parse().unwrap()).collect::<Vec<_>>()).collect();
     let ping = &telegraf["inputs"]["ping"][0];
     let urls = ping["urls"].as_array().unwrap();
     assert!(!urls.is_empty());
@@ -573,16 +575,8 @@ fn compose_nfacctd_config_is_accepted_by_nfacctd() {
     std::fs::write(&path, conf).unwrap();
     let log = dir.path().join("nfacctd.log");
     let file = std::fs::File::create(&log).unwrap();
-    let _nfacctd = Group(
-        Command::new(nfacctd)
-            .arg("-f")
-            .arg(&path)
-            .stdout(file.try_clone().unwrap())
-            .stderr(file)
-            .process_group(0)
-            .spawn()
-            .unwrap(),
-    );
+    let _nfacctd =
+        Group(Command::new(nfacctd).arg("-f").arg(&path).stdout(file.try_clone().unwrap()).stderr(file).process_group(0).spawn().unwrap());
     let started = Instant::now();
     loop {
         let text = std::fs::read_to_string(&log).unwrap_or_default();
@@ -634,7 +628,8 @@ fn kubernetes_manifests_match_the_kubernetes_schemas() {
     // --strict rejects unknown fields.
     let bad = tempfile::tempdir().unwrap();
     let misspelt = bad.path().join("statefulset.yaml");
-    std::fs::write(&misspelt, read(&deploy("kubernetes/statefulset.yaml")).replace("readOnlyRootFilesystem:", "readOnlyRootFileSystem:")).unwrap();
+    std::fs::write(&misspelt, read(&deploy("kubernetes/statefulset.yaml")).replace("readOnlyRootFilesystem:", "readOnlyRootFileSystem:"))
+        .unwrap();
     fails(Command::new(&validate).args(["--strict", "-k", KUBERNETES_VERSIONS[1]]).arg(&misspelt));
 }
 
@@ -738,7 +733,9 @@ fn kubernetes_configmap_config_passes_siteflow_check_where_the_statefulset_mount
     assert_eq!(ckpt_volume["persistentVolumeClaim"]["claimName"], pvc["metadata"]["name"]);
     assert_eq!(pvc["spec"]["accessModes"][0].as_str(), Some("ReadWriteMany"), "shared by all pods");
     let history = mount_of(s(&config["history"]["dir"])).expect("history dir on a volume");
-    assert!(sts["spec"]["volumeClaimTemplates"].as_sequence().unwrap().iter().any(|t| t["metadata"]["name"].as_str() == Some(history.as_str())));
+    assert!(
+        sts["spec"]["volumeClaimTemplates"].as_sequence().unwrap().iter().any(|t| t["metadata"]["name"].as_str() == Some(history.as_str()))
+    );
 
     // The image's user, read-only root, nothing to escalate.
     assert_eq!(pod["securityContext"]["runAsUser"].as_u64(), Some(10001));
@@ -756,13 +753,18 @@ fn kubernetes_configmap_config_passes_siteflow_check_where_the_statefulset_mount
     assert!(selects(&pm["spec"]["selector"]["matchLabels"]));
     assert_eq!(labels[s(&pm["spec"]["jobLabel"])].as_str(), Some("siteflow"), "job=\"siteflow\" as the rules expect");
     assert_eq!(pm["spec"]["podMetricsEndpoints"][0]["port"].as_str(), Some("http"));
-    let services: Vec<Value> = kubernetes_files().iter().flat_map(|p| yaml_docs(p)).filter(|d| d["kind"].as_str() == Some("Service")).collect();
+    let services: Vec<Value> =
+        kubernetes_files().iter().flat_map(|p| yaml_docs(p)).filter(|d| d["kind"].as_str() == Some("Service")).collect();
     assert_eq!(services.len(), 2);
     for svc in &services {
         assert!(selects(&svc["spec"]["selector"]));
         assert_eq!(svc["spec"]["ports"][0]["port"].as_u64(), Some(u64::from(port)));
     }
-    assert!(services.iter().any(|svc| svc["metadata"]["name"] == sts["spec"]["serviceName"] && svc["spec"]["clusterIP"].as_str() == Some("None")));
+    assert!(
+        services
+            .iter()
+            .any(|svc| svc["metadata"]["name"] == sts["spec"]["serviceName"] && svc["spec"]["clusterIP"].as_str() == Some("None"))
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -786,7 +788,10 @@ fn systemd_unit_verifies_and_is_sandboxed() {
     let parsed = siteflow_config(&config);
     let state = s(&parsed["checkpoint"]["dir"]);
     let state_dir = unit.lines().find_map(|l| l.strip_prefix("StateDirectory=")).unwrap();
-    assert!(state.starts_with(&format!("/var/lib/{state_dir}/")), "checkpoints in the StateDirectory (writable under ProtectSystem=strict)");
+    assert!(
+        state.starts_with(&format!("/var/lib/{state_dir}/")),
+        "checkpoints in the StateDirectory (writable under ProtectSystem=strict)"
+    );
     assert!(s(&parsed["history"]["dir"]).starts_with(&format!("/var/lib/{state_dir}/")));
 
     // systemd-analyze verify needs the binary and the files to exist: point the unit at the
@@ -818,7 +823,9 @@ fn systemd_unit_verifies_and_is_sandboxed() {
         .parse()
         .unwrap();
     assert!(score <= 2.0, "exposure level {score} (≤ 2.0 expected):\n{out}");
-    for key in ["User=siteflow", "Type=simple", "KillSignal=SIGTERM", "Restart=on-failure", "NoNewPrivileges=yes", "CapabilityBoundingSet=\n"] {
+    for key in
+        ["User=siteflow", "Type=simple", "KillSignal=SIGTERM", "Restart=on-failure", "NoNewPrivileges=yes", "CapabilityBoundingSet=\n"]
+    {
         assert!(unit.contains(key), "{key}");
     }
 }

@@ -1,7 +1,6 @@
 //! siteflow against a real Kafka-protocol broker (Tansu): exact window totals through
 //! crashes, scale-out, malformed input and a broker outage.
 
-
 /// The softflowd → nfacctd → broker → siteflow chain (a `kafka::` test: run one at a time).
 #[path = "kafka_chain.rs"]
 mod chain;
@@ -371,8 +370,22 @@ fn every_format_read_from_the_broker_gives_the_right_windows() {
     // restarts from zero halfway (a reboot), and a 32-bit SNMP counter that wraps several times.
     let mut interface_bytes = InterfaceBytes::new();
     let gateway = format!("{}.{}.{}.1", traffic.sites[1].net[0], traffic.sites[1].net[1], traffic.sites[1].net[2]);
-    let mut eth1 = Interface { site: traffic.sites[0].id.clone(), name: "eth1".into(), counters: [5_000_000_000, 7], bits: 64, reported: [true, true], samples: 0 };
-    let mut wan = Interface { site: traffic.sites[1].id.clone(), name: "3".into(), counters: [u64::from(u32::MAX) - 3_000_000, 0], bits: 32, reported: [true, false], samples: 0 };
+    let mut eth1 = Interface {
+        site: traffic.sites[0].id.clone(),
+        name: "eth1".into(),
+        counters: [5_000_000_000, 7],
+        bits: 64,
+        reported: [true, true],
+        samples: 0,
+    };
+    let mut wan = Interface {
+        site: traffic.sites[1].id.clone(),
+        name: "3".into(),
+        counters: [u64::from(u32::MAX) - 3_000_000, 0],
+        bits: 32,
+        reported: [true, false],
+        samples: 0,
+    };
     for i in 0..n {
         t += 50 * 1_000_000; // 50 ms, on whole milliseconds (pmacct prints microseconds)
         let f = traffic.flow(t);

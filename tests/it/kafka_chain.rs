@@ -80,14 +80,27 @@ impl Pcap {
         for (_, f) in &self.frames {
             let (src, dst) = (&f[26..30], &f[30..34]);
             let ip_bytes = (f.len() - 14) as u64;
-            let dir = if dst == inside { "in" } else if src == inside { "out" } else { continue };
+            let dir = if dst == inside {
+                "in"
+            } else if src == inside {
+                "out"
+            } else {
+                continue;
+            };
             *self.truth.entry((site.to_string(), dir.to_string())).or_default() += ip_bytes;
         }
     }
 
     fn write(&self, path: &Path) {
         let mut out = Vec::new();
-        for v in [0xa1b2c3d4u32.to_le_bytes().as_slice(), &2u16.to_le_bytes(), &4u16.to_le_bytes(), &[0; 8], &65535u32.to_le_bytes(), &1u32.to_le_bytes()] {
+        for v in [
+            0xa1b2c3d4u32.to_le_bytes().as_slice(),
+            &2u16.to_le_bytes(),
+            &4u16.to_le_bytes(),
+            &[0; 8],
+            &65535u32.to_le_bytes(),
+            &1u32.to_le_bytes(),
+        ] {
             out.extend_from_slice(v);
         }
         let mut frames = self.frames.clone();

@@ -99,7 +99,8 @@ async fn every_example_of_the_sql_guide_gives_the_independently_computed_answer(
     for ((s, d, _), t) in &run.truth.flows {
         per_site_windows.entry((site_id(*s), *d)).or_default().push(t.bytes);
     }
-    let mbps_peak = |site: &str, d: Direction| per_site_windows.get(&(site.to_string(), d)).into_iter().flatten().max().copied().unwrap_or(0);
+    let mbps_peak =
+        |site: &str, d: Direction| per_site_windows.get(&(site.to_string(), d)).into_iter().flatten().max().copied().unwrap_or(0);
     for (n, question, sql) in examples {
         let got = run_query(&engine, &sql).await;
         match n {
@@ -109,9 +110,7 @@ async fn every_example_of_the_sql_guide_gives_the_independently_computed_answer(
                     .sites()
                     .iter()
                     .filter(|s| s.district == "Mèo Vạc" && s.level == "commune")
-                    .filter(|s| {
-                        Direction::ALL.iter().any(|d| mbps_peak(&s.id, *d) as f64 / window_secs / s.capacity_bytes_per_sec() > 0.8)
-                    })
+                    .filter(|s| Direction::ALL.iter().any(|d| mbps_peak(&s.id, *d) as f64 / window_secs / s.capacity_bytes_per_sec() > 0.8))
                     .map(|s| s.id.clone())
                     .collect();
                 let communes = inv.sites().iter().filter(|s| s.district == "Mèo Vạc" && s.level == "commune").count();
@@ -133,7 +132,8 @@ async fn every_example_of_the_sql_guide_gives_the_independently_computed_answer(
                 assert_eq!(got, expected, "{question}");
             }
             3 => {
-                let with_traffic: BTreeSet<String> = run.truth.flows.iter().filter(|(_, t)| t.bytes > 0).map(|((s, _, _), _)| site_id(*s)).collect();
+                let with_traffic: BTreeSet<String> =
+                    run.truth.flows.iter().filter(|(_, t)| t.bytes > 0).map(|((s, _, _), _)| site_id(*s)).collect();
                 let expected: BTreeSet<String> = inv.sites().iter().map(|s| s.id.clone()).filter(|s| !with_traffic.contains(s)).collect();
                 assert_eq!(expected, BTreeSet::from(["dong-van.ta-lung".to_string()]), "the scenario's outage");
                 assert_eq!(strings(&got, "site").into_iter().collect::<BTreeSet<_>>(), expected, "{question}");
@@ -241,7 +241,10 @@ async fn writes_and_file_access_are_refused_and_limits_give_clear_errors() {
     small.sql.memory_limit_mb = 1;
     small.sql.max_rows = 10_000_000;
     let (_, tight) = simulate_with_sql(&small, Scenario::default()).await;
-    let e = tight.query("SELECT value % 3000000 AS k, count(*) AS n FROM range(6000000) GROUP BY value % 3000000").await.expect_err("over 1 MiB");
+    let e = tight
+        .query("SELECT value % 3000000 AS k, count(*) AS n FROM range(6000000) GROUP BY value % 3000000")
+        .await
+        .expect_err("over 1 MiB");
     assert!(matches!(e, SqlError::Memory { .. }) && e.to_string().contains("sql.memory_limit_mb"), "{e}");
     // Time limit.
     let mut quick = config.clone();
@@ -381,10 +384,12 @@ fn history_survives_a_restart_without_duplicates_and_the_api_serves_every_format
     let (status, _, body) = demo.post("SELECT * FROM range(200000)", None, None, Some(TOKEN));
     assert_eq!(status, 413);
     assert!(error(status, &body, "too_many_rows").contains("sql.max_rows"));
-    let (status, _, body) = demo.post("SELECT count(*) FROM (SELECT value % 3000000 AS k, count(*) FROM range(6000000) GROUP BY 1)", None, None, Some(TOKEN));
+    let (status, _, body) =
+        demo.post("SELECT count(*) FROM (SELECT value % 3000000 AS k, count(*) FROM range(6000000) GROUP BY 1)", None, None, Some(TOKEN));
     assert_eq!(status, 413, "{}", String::from_utf8_lossy(&body));
     assert!(error(status, &body, "memory_limit").contains("sql.memory_limit_mb"));
-    let (status, _, body) = demo.post("SELECT count(*) FROM range(2000000000) WHERE sqrt(CAST(value AS DOUBLE)) > 1", None, None, Some(TOKEN));
+    let (status, _, body) =
+        demo.post("SELECT count(*) FROM range(2000000000) WHERE sqrt(CAST(value AS DOUBLE)) > 1", None, None, Some(TOKEN));
     assert_eq!(status, 408, "{}", String::from_utf8_lossy(&body));
     assert!(error(status, &body, "timeout").contains("sql.timeout_secs"));
     // After refused and failed queries, the service still serves.
@@ -393,7 +398,11 @@ fn history_survives_a_restart_without_duplicates_and_the_api_serves_every_format
 
     // The CLI: same answer as the API, as a table, CSV and JSON.
     let cli = |args: &[&str]| {
-        let out = crate::support::siteflow().args(["sql", "--url", &format!("http://{}", demo.addr), "--token", TOKEN]).args(args).output().unwrap();
+        let out = crate::support::siteflow()
+            .args(["sql", "--url", &format!("http://{}", demo.addr), "--token", TOKEN])
+            .args(args)
+            .output()
+            .unwrap();
         assert!(out.status.success(), "siteflow sql {args:?}: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8(out.stdout).unwrap()
     };

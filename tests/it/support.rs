@@ -118,7 +118,8 @@ pub async fn simulate(config: &Config, scenario: Scenario) -> SimRun {
 /// As [`simulate`], also keeping closed windows, verdicts and recent flows for SQL (memory only).
 pub async fn simulate_with_sql(config: &Config, scenario: Scenario) -> (SimRun, siteflow::sql::SqlEngine) {
     use siteflow::history::{History, HistoryOptions};
-    let history = History::open(HistoryOptions { dir: None, retention_days: 30, compact_min_files: 24, max_memory_rows: usize::MAX }).unwrap();
+    let history =
+        History::open(HistoryOptions { dir: None, retention_days: 30, compact_min_files: 24, max_memory_rows: usize::MAX }).unwrap();
     let recent = siteflow::sql::RecentFlows::new(config.sql.recent_flows_max_rows, config.sql.recent_flows_max_mb << 20);
     let run = simulate_with(config, scenario, Some((history.clone(), recent.clone()))).await;
     let inventory = Resources::load(config).unwrap().inventory;
