@@ -1,16 +1,18 @@
 //! goflow2 JSON (`goflow2 -format=json`), one flow per record. Schema: `schemas/goflow2-flow.schema.json`.
 //!
-//! Deserialised into a struct that borrows its strings from the message, so a record costs no
-//! allocation; fields siteflow does not use are skipped by the parser.
+//! Read into a struct that borrows its strings from the message, so a record costs no
+//! allocation. The usual record goes through the flat-object scanner ([`super::flat_json`]);
+//! any other goes through serde_json, which has the last word on what is valid.
 
 use std::borrow::Cow;
 
 use serde::Deserialize;
 use serde::de::{self, Deserializer, Visitor};
 
-use super::{DecodeLimits, FlowRecord, Proto, RejectReason, parse_addr};
+use super::flat_json::{self, Scalar};
+use super::{DecodeLimits, FlowRecord, Proto, RejectReason, parse_addr, protocol_number};
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 struct Goflow2Flow<'a> {
     #[serde(default)]
     time_received_ns: Counter,
@@ -73,7 +75,85 @@ fn counter(c: Counter, max: u64) -> Result<u64, RejectReason> {
 
 /// Decodes one goflow2 JSON record.
 pub fn decode_record(rec: &[u8], limits: &DecodeLimits) -> Result<FlowRecord, RejectReason> {
-    let f: Goflow2Flow = serde_json::from_slice(rec).map_err(|e| RejectReason::of_json_error(&e))?;
+    // Checking UTF-8 once here spares serde_json a check per string.
+    let text = std::str::from_utf8(rec).map_err(|_| RejectReason::NotJson)?;
+    match scan_flow(text) {
+        Some(f) => flow_record(f, limits),
+        None => decode_with_serde(text, limits),
+    }
+}
+
+/// The reference decoder: serde_json alone (what the fast path must agree with).
+fn decode_with_serde(text: &str, limits: &DecodeLimits) -> Result<FlowRecord, RejectReason> {
+    let f: Goflow2Flow = serde_json::from_str(text).map_err(|e| RejectReason::of_json_error(&e))?;
+    flow_record(f, limits)
+}
+
+/// The fields of a flat record, or `None` where serde_json must judge: a field of the wrong type,
+/// a field twice, a required field missing, or anything [`flat_json::scan`] does not take.
+fn scan_flow(text: &str) -> Option<Goflow2Flow<'_>> {
+    const REQUIRED: u32 = (1 << 3) | (1 << 4) | (1 << 5) | (1 << 6) | (1 << 7);
+    let mut f = Goflow2Flow::default();
+    let mut seen = 0u32;
+    flat_json::scan(text, |key, value| {
+        let bit = match key {
+            "time_received_ns" => 0,
+            "time_flow_end_ns" => 1,
+            "sampling_rate" => 2,
+            "sampler_address" => 3,
+            "bytes" => 4,
+            "packets" => 5,
+            "src_addr" => 6,
+            "dst_addr" => 7,
+            "proto" => 8,
+            "src_port" => 9,
+            "dst_port" => 10,
+            "in_if" => 11,
+            "out_if" => 12,
+            _ => return true,
+        };
+        if seen & (1 << bit) != 0 {
+            return false;
+        }
+        seen |= 1 << bit;
+        match (bit, value) {
+            (0, Scalar::Int(v)) => f.time_received_ns = Counter(v),
+            (1, Scalar::Int(v)) => f.time_flow_end_ns = Counter(v),
+            (2, Scalar::Int(v)) => f.sampling_rate = Counter(v),
+            (3, Scalar::Str(s)) => f.sampler_address = Cow::Borrowed(s),
+            (4, Scalar::Int(v)) => f.bytes = Counter(v),
+            (5, Scalar::Int(v)) => f.packets = Counter(v),
+            (6, Scalar::Str(s)) => f.src_addr = Cow::Borrowed(s),
+            (7, Scalar::Str(s)) => f.dst_addr = Cow::Borrowed(s),
+            (8, Scalar::Str(s)) => f.proto = Proto(protocol_number(s)),
+            (8, Scalar::Int(v)) => match u8::try_from(v) {
+                Ok(p) => f.proto = Proto(p),
+                Err(_) => return false,
+            },
+            (9, Scalar::Int(v)) => match u16::try_from(v) {
+                Ok(p) => f.src_port = p,
+                Err(_) => return false,
+            },
+            (10, Scalar::Int(v)) => match u16::try_from(v) {
+                Ok(p) => f.dst_port = p,
+                Err(_) => return false,
+            },
+            (11, Scalar::Int(v)) => match u32::try_from(v) {
+                Ok(i) => f.in_if = i,
+                Err(_) => return false,
+            },
+            (12, Scalar::Int(v)) => match u32::try_from(v) {
+                Ok(i) => f.out_if = i,
+                Err(_) => return false,
+            },
+            _ => return false,
+        }
+        true
+    })?;
+    (seen & REQUIRED == REQUIRED).then_some(f)
+}
+
+fn flow_record(f: Goflow2Flow<'_>, limits: &DecodeLimits) -> Result<FlowRecord, RejectReason> {
     // Event time: when the flow ended at the router; the collector's receive time if absent.
     let end = if f.time_flow_end_ns.0 != 0 { f.time_flow_end_ns } else { f.time_received_ns };
     let event_time_ns = i64::try_from(end.0).map_err(|_| RejectReason::BadTimestamp)?;
@@ -132,6 +212,90 @@ pub(crate) mod tests {
         assert_eq!(bad(&GOOD.replace("\"bytes\":1500", "\"bytes\":99999999999999999")), RejectReason::AbsurdCounter);
         let no_time = GOOD.replace("1764000000400000000", "0").replace("1764000000500000000", "0");
         assert_eq!(bad(&no_time), RejectReason::BadTimestamp);
+    }
+
+    /// The fast path and serde_json give the same answer on every record: the simulator's, and
+    /// mutations of it at the level of fields (missing, twice, another type or value) and bytes.
+    #[test]
+    fn the_fast_path_agrees_with_serde_json() {
+        use proptest::prelude::*;
+        const VALUES: [&str; 22] = [
+            "0",
+            "-0",
+            "1",
+            "-1",
+            "255",
+            "256",
+            "65536",
+            "4294967296",
+            "1.5",
+            "1e3",
+            "18446744073709551615",
+            "18446744073709551616",
+            "-9223372036854775808",
+            "-9223372036854775809",
+            "null",
+            "true",
+            "\"TCP\"",
+            "\"17\"",
+            "\"10.2.21.5\"",
+            "\"::ffff:10.2.21.5\"",
+            "\"a\\u0041\"",
+            "[1]",
+        ];
+        const BYTES: &[u8] = b"\"\\{}[],:-+0129.eE \t\nx\x01\xc3\xa9";
+        let fields: Vec<(String, String)> = {
+            let mut out = Vec::new();
+            flat_json::scan(GOOD, |k, _| {
+                out.push((k.to_string(), String::new()));
+                true
+            })
+            .unwrap();
+            let values: serde_json::Map<String, serde_json::Value> = serde_json::from_str(GOOD).unwrap();
+            out.iter().map(|(k, _)| (k.clone(), values[k].to_string())).collect()
+        };
+        let field_op = (0..4u8, 0..fields.len(), 0..VALUES.len());
+        let byte_op = (0..3u8, 0..1000usize, 0..BYTES.len());
+        let strategy = (proptest::collection::vec(field_op, 0..4), proptest::collection::vec(byte_op, 0..3));
+        let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig { cases: 4000, ..Default::default() });
+        runner
+            .run(&strategy, |(field_ops, byte_ops)| {
+                let mut members = fields.clone();
+                for (op, i, v) in field_ops {
+                    let i = i % members.len().max(1);
+                    match op {
+                        0 if !members.is_empty() => drop(members.remove(i)),
+                        1 if !members.is_empty() => members.insert(i, members[i].clone()),
+                        _ if !members.is_empty() => members[i].1 = VALUES[v].to_string(),
+                        _ => {}
+                    }
+                }
+                let body: Vec<String> = members.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
+                let mut rec = format!("{{{}}}", body.join(",")).into_bytes();
+                for (op, at, b) in byte_ops {
+                    let at = at % (rec.len() + 1);
+                    match op {
+                        0 if at < rec.len() => rec[at] = BYTES[b],
+                        1 => rec.insert(at, BYTES[b]),
+                        _ if at < rec.len() => drop(rec.remove(at)),
+                        _ => {}
+                    }
+                }
+                let fast = decode_record(&rec, &limits());
+                let reference = match std::str::from_utf8(&rec) {
+                    Ok(text) => decode_with_serde(text, &limits()),
+                    Err(_) => Err(RejectReason::NotJson),
+                };
+                prop_assert_eq!(fast, reference, "{}", String::from_utf8_lossy(&rec));
+                Ok(())
+            })
+            .unwrap();
+    }
+
+    #[test]
+    fn the_fast_path_takes_the_usual_record() {
+        assert!(scan_flow(GOOD).is_some());
+        assert!(scan_flow(&GOOD.replace("\"bytes\":1500", "\"bytes\":1.5e3")).is_none());
     }
 
     #[test]

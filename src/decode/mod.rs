@@ -4,6 +4,7 @@
 //! every record it could not use with a [`RejectReason`]; a bad record never fails the batch.
 //! Every JSON format also accepts newline-delimited batches: one message, many records.
 
+mod flat_json;
 pub mod fuzz;
 pub mod goflow2_json;
 pub mod goflow2_pb;
@@ -254,14 +255,14 @@ pub fn for_each_record(msgs: &Messages, limits: &DecodeLimits, stats: &mut Decod
             continue;
         }
         let mut start = 0;
-        for line in msg.split(|&b| b == b'\n') {
-            let range = start..start + line.len();
-            start = range.end + 1;
-            if line.iter().all(u8::is_ascii_whitespace) {
-                continue;
+        while start <= msg.len() {
+            let end = memchr::memchr(b'\n', &msg[start..]).map_or(msg.len(), |n| start + n);
+            let line = &msg[start..end];
+            if !line.iter().all(u8::is_ascii_whitespace) {
+                stats.at(i, start..end);
+                f(line, stats);
             }
-            stats.at(i, range);
-            f(line, stats);
+            start = end + 1;
         }
     }
 }
