@@ -208,6 +208,9 @@ pub struct Pipeline {
     durable: Option<Durable>,
     /// The newest enriched flow records, for SQL (`flows_recent`).
     recent_flows: Option<Arc<RecentFlows>>,
+    /// Whether flows also feed the conversations table (`sql.top_talkers` > 0): it costs about
+    /// as much as decoding, so `0` turns it off (BENCHMARKS.md).
+    top_talkers: bool,
 }
 
 /// A partition this instance owns.
@@ -271,6 +274,7 @@ impl Pipeline {
             summary: RunSummary::default(),
             durable: None,
             recent_flows: None,
+            top_talkers: config.sql.top_talkers > 0,
         })
     }
 
@@ -430,9 +434,13 @@ impl Pipeline {
         let (enriched, ordinals): (Vec<(TableId, (RecordBatch, EnrichStats))>, Vec<Vec<u32>>) = match decoded {
             Decoded::Flows(b) => {
                 let (rows, stats) = self.enricher.enrich_flows(&b);
-                // Conversations aggregate the same rows; their records are counted once, as flows.
-                let conversations = (rows.clone(), EnrichStats::default());
-                (vec![(self.tables.flows, (rows, stats)), (self.tables.conversations, conversations)], Vec::new())
+                let mut tables = Vec::with_capacity(2);
+                if self.top_talkers {
+                    // Conversations aggregate the same rows; their records are counted once, as flows.
+                    tables.push((self.tables.conversations, (rows.clone(), EnrichStats::default())));
+                }
+                tables.insert(0, (self.tables.flows, (rows, stats)));
+                (tables, Vec::new())
             }
             Decoded::Probes(b) => (vec![(self.tables.probes, self.enricher.enrich_probes(&b))], Vec::new()),
             Decoded::Telemetry { probes, counters, is_counter } => {

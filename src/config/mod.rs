@@ -222,7 +222,8 @@ pub struct SqlConfig {
     pub recent_flows_max_rows: usize,
     /// ... and by memory, in MiB (whichever bound is hit first).
     pub recent_flows_max_mb: usize,
-    /// Conversations kept per site, direction and window in table `top_talkers`.
+    /// Conversations kept per site, direction and window in table `top_talkers`; 0 turns the
+    /// conversations aggregation off (it costs about as much per record as decoding).
     pub top_talkers: usize,
 }
 

@@ -111,3 +111,30 @@ async fn the_prometheus_counters_sum_the_closed_windows() {
     assert_eq!(exported as u64, total_bytes);
     assert_eq!(text.lines().filter(|l| l.starts_with("siteflow_site_throughput_bytes_per_second{")).count(), 484);
 }
+
+/// `sql.top_talkers: 0` turns the conversations aggregation off: its windows stay empty while
+/// the per-site totals are unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_top_talkers_the_conversations_table_stays_empty_and_totals_hold() {
+    let mut config = fast_config(60, 30);
+    let with = simulate(&config, Scenario::default()).await;
+    config.sql.top_talkers = 0;
+    let without = simulate(&config, Scenario::default()).await;
+    let rows = |run: &crate::support::SimRun, table: &str| -> usize {
+        run.windows.iter().filter(|w| &*w.table == table).map(|w| w.rows.num_rows()).sum()
+    };
+    assert!(rows(&with, "conversations") > 0, "the default aggregates conversations");
+    assert_eq!(rows(&without, "conversations"), 0);
+    let totals = |run: &crate::support::SimRun| -> BTreeMap<Key, i64> {
+        let mut out = BTreeMap::new();
+        for w in run.windows.iter().filter(|w| &*w.table == "flows") {
+            let (sites, dirs, bytes) = (column_str(&w.rows, "site"), column_str(&w.rows, "direction"), column_i64(&w.rows, "bytes"));
+            for i in 0..w.rows.num_rows() {
+                out.insert((sites[i].clone(), dirs[i].clone(), w.start_ns), bytes[i]);
+            }
+        }
+        out
+    };
+    assert!(!totals(&without).is_empty());
+    assert_eq!(totals(&with), totals(&without));
+}
