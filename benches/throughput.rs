@@ -68,6 +68,9 @@ enum Command {
         /// Messages per micro-batch (the Kafka source's kafka.batch_max_messages).
         #[arg(long, default_value_t = 10_000)]
         batch: usize,
+        /// Payload bytes per micro-batch (kafka.batch_max_bytes).
+        #[arg(long, default_value_t = 4 << 20)]
+        batch_bytes: usize,
         /// Run the whole file this many times (fresh pipeline each time); the best run is printed too.
         #[arg(long, default_value_t = 3)]
         repeat: usize,
@@ -97,6 +100,9 @@ enum Command {
         /// Produce the file this many times (to reach a record count larger than the file).
         #[arg(long, default_value_t = 1)]
         times: usize,
+        /// A librdkafka property for the producer, `key=value` (repeatable).
+        #[arg(long = "property", value_name = "KEY=VALUE")]
+        properties: Vec<String>,
     },
     /// Read a topic from the beginning until `messages` messages arrived, with a bare consumer.
     Consume {
@@ -138,10 +144,10 @@ fn main() -> anyhow::Result<()> {
     }
     match Cli::parse().command {
         Command::Generate { records, rate, out } => generate(records, rate, &out),
-        Command::Pipeline { input, format, per_message, batch, repeat, no_top_talkers } => {
+        Command::Pipeline { input, format, per_message, batch, batch_bytes, repeat, no_top_talkers } => {
             let top_talkers = !no_top_talkers;
             let records = read_records(&input, format)?;
-            let batches = batches(&records, format, per_message, batch);
+            let batches = batches(&records, format, per_message, batch, batch_bytes);
             let bytes: usize = records.iter().map(Vec::len).sum();
             let mut best = f64::MAX;
             for run in 1..=repeat {
@@ -188,8 +194,8 @@ fn main() -> anyhow::Result<()> {
             report(&[("bench", "\"serde_loop_best\"".into()), ("records_per_sec", format!("{:.0}", records as f64 / best))]);
             Ok(())
         }
-        Command::Produce { brokers, topic, input, format, per_message, times } => {
-            produce(&brokers, &topic, &read_records(&input, format)?, format, per_message, times)
+        Command::Produce { brokers, topic, input, format, per_message, times, properties } => {
+            produce(&brokers, &topic, &read_records(&input, format)?, format, per_message, times, &properties)
         }
         Command::Consume { brokers, topic, messages, properties } => consume(&brokers, &topic, messages, &properties),
     }
@@ -380,14 +386,21 @@ fn payloads(records: &[Vec<u8>], format: BenchFormat, per_message: usize) -> Vec
         .collect()
 }
 
-fn batches(records: &[Vec<u8>], format: BenchFormat, per_message: usize, batch: usize) -> Vec<SourceBatch> {
-    payloads(records, format, per_message)
-        .chunks(batch.max(1))
-        .map(|chunk| {
-            let mut messages = Messages::with_capacity(chunk.len(), chunk.iter().map(Vec::len).sum());
-            chunk.iter().for_each(|m| messages.push(m));
-            SourceBatch { partition: 0, format: format.format(), messages, received: Instant::now(), offsets: Vec::new() }
-        })
+/// Micro-batches cut as the Kafka source cuts them: at `batch` messages or `max_bytes` of payload.
+fn batches(records: &[Vec<u8>], format: BenchFormat, per_message: usize, batch: usize, max_bytes: usize) -> Vec<SourceBatch> {
+    let mut out = Vec::new();
+    let mut messages = Messages::default();
+    for payload in payloads(records, format, per_message) {
+        messages.push(&payload);
+        if messages.len() >= batch || messages.total_bytes() >= max_bytes {
+            out.push(std::mem::take(&mut messages));
+        }
+    }
+    if !messages.is_empty() {
+        out.push(messages);
+    }
+    out.into_iter()
+        .map(|messages| SourceBatch { partition: 0, format: format.format(), messages, received: Instant::now(), offsets: Vec::new() })
         .collect()
 }
 
@@ -445,14 +458,24 @@ fn serde_loop(data: &[u8]) -> (u64, HashMap<(&str, u64), (u64, u64)>) {
     (records, sums)
 }
 
-fn produce(brokers: &str, topic: &str, records: &[Vec<u8>], format: BenchFormat, per_message: usize, times: usize) -> anyhow::Result<()> {
-    let producer: BaseProducer = ClientConfig::new()
+fn produce(
+    brokers: &str,
+    topic: &str,
+    records: &[Vec<u8>],
+    format: BenchFormat,
+    per_message: usize,
+    times: usize,
+    properties: &[String],
+) -> anyhow::Result<()> {
+    let mut config = ClientConfig::new();
+    config
         .set("bootstrap.servers", brokers)
         .set("linger.ms", "20")
         .set("batch.size", "1000000")
         .set("queue.buffering.max.messages", "1000000")
-        .set("queue.buffering.max.kbytes", "1048576")
-        .create()?;
+        .set("queue.buffering.max.kbytes", "1048576");
+    set_properties(&mut config, properties)?;
+    let producer: BaseProducer = config.create()?;
     let messages = payloads(records, format, per_message);
     let start = Instant::now();
     let mut sent = 0u64;
@@ -487,6 +510,15 @@ fn produce(brokers: &str, topic: &str, records: &[Vec<u8>], format: BenchFormat,
     Ok(())
 }
 
+/// Applies `key=value` librdkafka properties from the command line.
+fn set_properties(config: &mut ClientConfig, properties: &[String]) -> anyhow::Result<()> {
+    for p in properties {
+        let (k, v) = p.split_once('=').ok_or_else(|| anyhow::anyhow!("--property {p}: expected KEY=VALUE"))?;
+        config.set(k, v);
+    }
+    Ok(())
+}
+
 /// Reads every partition of `topic` from the start until `messages` messages arrived; the
 /// clock starts at the first message (the group join is not part of the rate).
 fn consume(brokers: &str, topic: &str, messages: u64, properties: &[String]) -> anyhow::Result<()> {
@@ -496,10 +528,7 @@ fn consume(brokers: &str, topic: &str, messages: u64, properties: &[String]) -> 
         .set("group.id", format!("raw-consume-{}", std::process::id()))
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false");
-    for p in properties {
-        let (k, v) = p.split_once('=').ok_or_else(|| anyhow::anyhow!("--property {p}: expected KEY=VALUE"))?;
-        config.set(k, v);
-    }
+    set_properties(&mut config, properties)?;
     let consumer: BaseConsumer = config.create()?;
     consumer.subscribe(&[topic])?;
     let (mut got, mut bytes, mut first) = (0u64, 0u64, None);
@@ -532,7 +561,7 @@ fn consume(brokers: &str, topic: &str, messages: u64, properties: &[String]) -> 
 fn self_check() -> anyhow::Result<()> {
     for (format, records) in records_in_every_format(20_000, 50_000) {
         for per_message in [1, 100] {
-            let (_, counted) = run_pipeline(batches(&records, format, per_message, 1000), per_message == 1)?;
+            let (_, counted) = run_pipeline(batches(&records, format, per_message, 1000, 1 << 20), per_message == 1)?;
             anyhow::ensure!(counted == records.len() as u64, "{}: counted {counted} of {}", format.format().as_str(), records.len());
         }
         if format == BenchFormat::Goflow2Json {

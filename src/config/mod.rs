@@ -164,6 +164,10 @@ pub struct KafkaConfig {
     pub properties: BTreeMap<String, String>,
     /// Most messages per micro-batch.
     pub batch_max_messages: usize,
+    /// Most payload bytes per micro-batch: with many records per message, a batch of
+    /// `batch_max_messages` could hold millions of records, and very large batches are slower
+    /// to aggregate (BENCHMARKS.md).
+    pub batch_max_bytes: usize,
     /// Longest wait to fill a micro-batch, in milliseconds.
     pub batch_linger_ms: u64,
     /// Micro-batches waiting for the pipeline before partitions are paused (back-pressure).
@@ -181,6 +185,7 @@ impl Default for KafkaConfig {
             topics: Vec::new(),
             properties: BTreeMap::new(),
             batch_max_messages: 10_000,
+            batch_max_bytes: 4 << 20,
             batch_linger_ms: 100,
             max_queued_batches: 4,
             dead_letter_topic: None,
@@ -472,8 +477,11 @@ impl Config {
                     "must be set when source.kind is kafka (window totals are exactly-once only with checkpoints)".into(),
                 );
             }
-            if self.kafka.batch_max_messages == 0 || self.kafka.max_queued_batches == 0 {
-                return invalid("kafka.batch_max_messages", "batch_max_messages and max_queued_batches must be at least 1".into());
+            if self.kafka.batch_max_messages == 0 || self.kafka.max_queued_batches == 0 || self.kafka.batch_max_bytes == 0 {
+                return invalid(
+                    "kafka.batch_max_messages",
+                    "batch_max_messages, batch_max_bytes and max_queued_batches must be at least 1".into(),
+                );
             }
             if let Some(key) =
                 self.kafka.properties.keys().find(|k| ["enable.auto.commit", "group.id", "bootstrap.servers"].contains(&k.as_str()))

@@ -221,6 +221,7 @@ impl KafkaSource {
             formats,
             metrics,
             max_messages: config.batch_max_messages,
+            max_bytes: config.batch_max_bytes,
             linger: Duration::from_millis(config.batch_linger_ms),
             stopping: stopping.clone(),
             delivered: Default::default(),
@@ -270,6 +271,7 @@ struct Poller {
     formats: Vec<Format>,
     metrics: Arc<PipelineMetrics>,
     max_messages: usize,
+    max_bytes: usize,
     linger: Duration,
     stopping: Arc<AtomicBool>,
     /// Per partition delivered since its assignment: the offset after the last delivered
@@ -317,7 +319,7 @@ impl Poller {
                             paused = true;
                         }
                         // Keep serving the group (heartbeats, rebalances) while paused.
-                        held = match self.collect(Duration::from_millis(50), 1) {
+                        held = match self.collect(Duration::from_millis(50), 1, usize::MAX) {
                             Some((extra, g)) if g == generation => Some((b.into_iter().chain(extra).collect(), generation)),
                             // A revocation came in between: the held batch is stale, the new one is not.
                             Some((extra, g)) => Some((extra, g)),
@@ -328,7 +330,7 @@ impl Poller {
                     Err(_) => return,
                 }
             }
-            held = self.collect(self.linger, self.max_messages);
+            held = self.collect(self.linger, self.max_messages, self.max_bytes);
         }
     }
 
@@ -381,14 +383,14 @@ impl Poller {
         d.0.insert((key.topic.clone(), key.partition), last_offset + 1);
     }
 
-    /// Polls for up to `linger` or `max` messages; returns one batch per partition, and the
-    /// revocation count they belong to.
-    fn collect(&self, linger: Duration, max: usize) -> Option<(Vec<SourceBatch>, u64)> {
+    /// Polls for up to `linger`, `max` messages or `max_bytes` of payload; returns one batch per
+    /// partition, and the revocation count they belong to.
+    fn collect(&self, linger: Duration, max: usize, max_bytes: usize) -> Option<(Vec<SourceBatch>, u64)> {
         let deadline = Instant::now() + linger;
         let mut generation = self.generation();
         let mut pending: Vec<Pending> = Vec::new();
-        let mut count = 0;
-        while count < max {
+        let (mut count, mut bytes) = (0, 0);
+        while count < max && bytes < max_bytes {
             let now = Instant::now();
             let wait = if count == 0 { deadline.saturating_duration_since(now) } else { Duration::ZERO };
             let Some(result) = self.consumer.poll(wait) else {
@@ -403,7 +405,7 @@ impl Poller {
                 // A revocation ran inside poll: what was collected belongs to released partitions.
                 generation = self.generation();
                 pending.clear();
-                count = 0;
+                (count, bytes) = (0, 0);
             }
             let msg = match result {
                 Ok(m) => m,
@@ -426,9 +428,11 @@ impl Poller {
                 }
             };
             let p = &mut pending[i];
-            p.messages.push(msg.payload().unwrap_or_default());
+            let payload = msg.payload().unwrap_or_default();
+            p.messages.push(payload);
             p.offsets.push(msg.offset());
             count += 1;
+            bytes += payload.len();
             if Instant::now() >= deadline {
                 break;
             }
