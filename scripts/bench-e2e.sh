@@ -33,6 +33,8 @@
 #   --partitions P       partitions of each topic (default 2) [BENCH_PARTITIONS]
 #   --skip-kafka         in-process step only [BENCH_SKIP_KAFKA=1]
 #   --skip-inprocess     Kafka step only [BENCH_SKIP_INPROCESS=1]
+#   --cases "1 100"      records per message of the Kafka cases to run (default both) [BENCH_CASES]
+#   --top-talkers N      siteflow's sql.top_talkers in the Kafka step (default 10; 0 = off) [BENCH_TOP_TALKERS]
 #   --keep DIR           work in DIR and keep it (configs, logs, results.jsonl) [BENCH_KEEP]
 #   --core C             the one core of the in-process step (default 1) [BENCH_CORE]
 #   --rate R             event-time records/s of the generated data (default 50000: 10 s
@@ -58,6 +60,8 @@ kafka_records="${BENCH_KAFKA_RECORDS:-5000000}"
 partitions="${BENCH_PARTITIONS:-2}"
 skip_kafka="${BENCH_SKIP_KAFKA:-0}"
 skip_inprocess="${BENCH_SKIP_INPROCESS:-0}"
+cases="${BENCH_CASES:-1 100}"
+top_talkers="${BENCH_TOP_TALKERS:-10}"
 keep="${BENCH_KEEP:-}"
 core="${BENCH_CORE:-1}"
 rate="${BENCH_RATE:-50000}"
@@ -72,6 +76,8 @@ while (($#)); do
     --partitions) partitions="$2"; shift 2 ;;
     --skip-kafka) skip_kafka=1; shift ;;
     --skip-inprocess) skip_inprocess=1; shift ;;
+    --cases) cases="$2"; shift 2 ;;
+    --top-talkers) top_talkers="$2"; shift 2 ;;
     --keep) keep="$2"; shift 2 ;;
     --core) core="$2"; shift 2 ;;
     --rate) rate="$2"; shift 2 ;;
@@ -630,6 +636,7 @@ kafka_case() { # records_per_message
     echo "  topics: [{name: $topic, format: goflow2_json}]"
     [ -z "$fetch_wait_ms" ] || echo "  properties: {fetch.wait.max.ms: \"$fetch_wait_ms\"}"
     echo "checkpoint: {dir: \"$dir/checkpoints\"}"
+    echo "sql: {top_talkers: $top_talkers}"
     echo "http: {listen: \"127.0.0.1:$http_port\"}"
   } > "$cfg"
   "$siteflow" check --config "$cfg" > "$dir/check.log" 2>&1 || die "siteflow check --config $cfg: $(cat "$dir/check.log")"
@@ -674,8 +681,10 @@ kafka_case() { # records_per_message
 }
 
 if [ "$skip_kafka" = 0 ]; then
-  kafka_case 1
-  kafka_case 100
+  for per in $cases; do
+    [[ "$per" =~ ^[0-9]+$ ]] || die "--cases: records per message are integers, got $per"
+    kafka_case "$per"
+  done
 fi
 
 # --- 4. summary ----------------------------------------------------------------------------------

@@ -533,6 +533,10 @@ impl Pipeline {
             }
         }
         let closed = closed.windows;
+        if !closed.is_empty() {
+            // Before the sinks see the window: whoever sees it on /metrics also sees /readyz ready.
+            self.ready.store(true, Ordering::Release);
+        }
         for w in &closed {
             for sink in &mut self.sinks {
                 sink.on_window(w);
@@ -558,9 +562,6 @@ impl Pipeline {
                 self.summary.windows_closed += 1;
                 self.summary.windows_flushed_at_end += u64::from(flushing);
             }
-        }
-        if !closed.is_empty() {
-            self.ready.store(true, Ordering::Release);
         }
         self.metrics.windows_open.set(self.windows.open_window_count() as i64);
         if let Some(wm) = self.windows.watermark_ns() {
