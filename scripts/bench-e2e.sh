@@ -21,11 +21,12 @@
 #      records.
 #   4. Cleans up: stops the broker and siteflow, removes its temporary files (unless --keep).
 #
-# How long: with the defaults about 25-35 minutes on the 2-core reference machine once the
-# release build is cached (a cold release build adds 10-20 minutes, installing Tansu once
-# 10-20 more): in-process 2-3 minutes; Kafka dominated by Tansu, which serves ~20-45k
-# records/s at 1 record per message (each of the three readers reads the whole topic).
-# Disk: ~1 GB per million cached records, plus the broker's SQLite file while a case runs.
+# How long, on the 2-core reference machine with the release build cached (a cold build adds
+# 10-20 minutes, installing Tansu once 10-20 more): in-process 3-5 minutes; `--cases 100` about
+# 7 minutes. The 1-record-per-message case takes over an hour for 5M records on Tansu 0.6.0
+# (one message per producer batch: ~6k messages/s to produce, under 10k/s to read; see the
+# storage note below and BENCHMARKS.md), so `--cases 100` is the usual run.
+# Disk: ~1 GB per million cached records; the broker keeps its topic in memory (~2.6 GB per 5M).
 #
 # Options (or the environment variable in brackets):
 #   --records N          records for the in-process step (default 1000000) [BENCH_RECORDS]
