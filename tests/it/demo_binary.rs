@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use crate::support::{free_addr, http_get, repo, siteflow};
+use crate::support::{KillOnDrop, free_addr, http_get, repo, siteflow};
 
 /// Sites with a positive throughput in both directions.
 fn sites_with_throughput(metrics: &str) -> BTreeSet<String> {
@@ -25,15 +25,18 @@ fn demo_serves_all_242_sites_within_a_minute_and_stops_cleanly() {
     let addr = free_addr();
     let log = tempfile::NamedTempFile::new().unwrap();
     let started = Instant::now();
-    let mut child = siteflow()
-        .args(["demo", "--listen", &addr.to_string()])
-        .current_dir(repo())
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::null())
-        .stderr(log.reopen().unwrap())
-        .spawn()
-        .unwrap();
+    // Killed if an assertion fails before the SIGTERM below.
+    let mut child = KillOnDrop(
+        siteflow()
+            .args(["demo", "--listen", &addr.to_string()])
+            .current_dir(repo())
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(log.reopen().unwrap())
+            .spawn()
+            .unwrap(),
+    );
 
     let mut last = String::new();
     let mut complete = false;
@@ -57,7 +60,7 @@ fn demo_serves_all_242_sites_within_a_minute_and_stops_cleanly() {
     }
     let stderr = || std::fs::read_to_string(log.path()).unwrap();
     if !complete {
-        let _ = child.kill();
+        let _ = child.0.kill();
         panic!(
             "after 60 s only {} sites had throughput\n--- metrics excerpt ---\n{}\n--- log ---\n{}",
             sites_with_throughput(&last).len(),
@@ -71,11 +74,11 @@ fn demo_serves_all_242_sites_within_a_minute_and_stops_cleanly() {
     assert_eq!(http_get(addr, "/readyz").unwrap().0, 200);
 
     // SIGTERM: open windows are flushed, the process exits 0.
-    let status = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let status = std::process::Command::new("kill").args(["-TERM", &child.0.id().to_string()]).status().unwrap();
     assert!(status.success());
     let deadline = Instant::now() + Duration::from_secs(30);
     let exit = loop {
-        if let Some(s) = child.try_wait().unwrap() {
+        if let Some(s) = child.0.try_wait().unwrap() {
             break s;
         }
         assert!(Instant::now() < deadline, "siteflow did not stop within 30 s of SIGTERM\n{}", stderr());
