@@ -52,6 +52,8 @@
 # Results: one JSON object per figure in DIR/results.jsonl; a summary table at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/install-lib.sh
+source scripts/install-lib.sh
 repo_root="$PWD"
 
 usage() { sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$0"; }
@@ -426,50 +428,16 @@ python3 -c 'import ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 if [ "$skip_kafka" = 0 ]; then
   command -v kcat >/dev/null || need_apt+=(kcat)
 fi
-if ((${#need_apt[@]})); then
-  echo "== installing ${need_apt[*]}"
-  sudo_cmd=""; [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
-  $sudo_cmd apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
-fi
+apt_install "${need_apt[@]}"
 taskset -c "$core" true 2>/dev/null || die "cannot run on core $core (--core)"
 
 # DuckDB, the SQL-engine baseline: a venv reused while its pinned version matches.
 duckdb_requirements="duckdb==1.4.2"
-if [ "$(cat "$bench_venv/.siteflow-requirements" 2>/dev/null)" != "$duckdb_requirements" ]; then
-  echo "== installing $duckdb_requirements into $bench_venv"
-  python3 -m venv "$bench_venv"
-  "$bench_venv/bin/pip" install --quiet --disable-pip-version-check $duckdb_requirements
-  echo "$duckdb_requirements" > "$bench_venv/.siteflow-requirements"
-fi
+pinned_venv "$bench_venv" $duckdb_requirements
 
 if [ "$skip_kafka" = 0 ]; then
-  # Tansu, a Kafka-protocol broker (Apache Kafka cannot be installed here): built once per machine.
-  if ! command -v tansu >/dev/null; then
-    echo "== installing the Tansu broker (cargo install, about 10-20 minutes once per machine)"
-    CARGO_TARGET_DIR="$HOME/.cache/siteflow/tansu-build" \
-      cargo install tansu --locked --version 0.6.0 --features dynostore,libsql
-  fi
-  # Debian's librdkafka (2.0) cannot talk to Tansu; kcat runs with the newer one that the
-  # confluent-kafka wheel carries.
-  if [ ! -e "$librdkafka_dir/librdkafka.so.1" ]; then
-    echo "== fetching a current librdkafka.so.1 (confluent-kafka wheel, PyPI)"
-    wheels="$HOME/.cache/siteflow/wheels"
-    mkdir -p "$wheels" "$librdkafka_dir"
-    python3 -m pip download --quiet --no-deps --only-binary=:all: -d "$wheels" "confluent-kafka==2.16.1"
-    python3 - "$wheels" "$librdkafka_dir" <<'PY'
-import glob, os, shutil, sys, zipfile
-wheel = sorted(glob.glob(os.path.join(sys.argv[1], "confluent_kafka-2.16.1-*.whl")))[-1]
-with zipfile.ZipFile(wheel) as z:
-    for name in z.namelist():
-        if name.startswith("confluent_kafka.libs/") and not name.endswith("/"):
-            target = os.path.join(sys.argv[2], os.path.basename(name))
-            with z.open(name) as src, open(target, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-            if os.path.basename(name).startswith("librdkafka"):
-                shutil.copy(target, os.path.join(sys.argv[2], "librdkafka.so.1"))
-PY
-  fi
+  install_tansu
+  fetch_librdkafka "$librdkafka_dir"
 fi
 
 # --- 1. build and data ---------------------------------------------------------------------------

@@ -434,12 +434,10 @@ impl Pipeline {
         let (enriched, ordinals): (Vec<(TableId, (RecordBatch, EnrichStats))>, Vec<Vec<u32>>) = match decoded {
             Decoded::Flows(b) => {
                 let (rows, stats) = self.enricher.enrich_flows(&b);
-                let mut tables = Vec::with_capacity(2);
-                if self.top_talkers {
-                    // Conversations aggregate the same rows; their records are counted once, as flows.
-                    tables.push((self.tables.conversations, (rows.clone(), EnrichStats::default())));
-                }
-                tables.insert(0, (self.tables.flows, (rows, stats)));
+                // Conversations aggregate the same rows; their records are counted once, as flows.
+                let conversations = self.top_talkers.then(|| (self.tables.conversations, (rows.clone(), EnrichStats::default())));
+                let mut tables = vec![(self.tables.flows, (rows, stats))];
+                tables.extend(conversations);
                 (tables, Vec::new())
             }
             Decoded::Probes(b) => (vec![(self.tables.probes, self.enricher.enrich_probes(&b))], Vec::new()),

@@ -20,9 +20,9 @@ pub(crate) enum Scalar<'a> {
 }
 
 /// Scans `rec`, calling `field(key, value)` for each member in order. Returns `None` as soon as
-/// the record leaves the supported shape or `field` returns `false` (the caller's "I cannot take
+/// the record leaves the supported shape or `field` returns `None` (the caller's "I cannot take
 /// this value here"); `Some(())` when the whole input was one such object.
-pub(crate) fn scan<'a>(rec: &'a str, mut field: impl FnMut(&'a str, Scalar<'a>) -> bool) -> Option<()> {
+pub(crate) fn scan<'a>(rec: &'a str, mut field: impl FnMut(&'a str, Scalar<'a>) -> Option<()>) -> Option<()> {
     let b = rec.as_bytes();
     // A control character is only valid JSON as whitespace between tokens; rather than tell
     // where it stands, leave any record that has one to serde_json. (Written as a fold so that
@@ -59,9 +59,7 @@ pub(crate) fn scan<'a>(rec: &'a str, mut field: impl FnMut(&'a str, Scalar<'a>) 
             b'n' => (Scalar::Literal, literal(b, i, b"null")?),
             _ => return None,
         };
-        if !field(key, value) {
-            return None;
-        }
+        field(key, value)?;
         i = skip_ws(b, next);
         match b.get(i) {
             Some(b',') => i = skip_ws(b, i + 1),
@@ -150,7 +148,7 @@ mod tests {
         let mut out = Vec::new();
         scan(s, |k, v| {
             out.push((k, v));
-            true
+            Some(())
         })
         .map(|()| out)
     }

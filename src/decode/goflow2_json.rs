@@ -110,10 +110,10 @@ fn scan_flow(text: &str) -> Option<Goflow2Flow<'_>> {
             "dst_port" => 10,
             "in_if" => 11,
             "out_if" => 12,
-            _ => return true,
+            _ => return Some(()),
         };
         if seen & (1 << bit) != 0 {
-            return false;
+            return None;
         }
         seen |= 1 << bit;
         match (bit, value) {
@@ -126,29 +126,14 @@ fn scan_flow(text: &str) -> Option<Goflow2Flow<'_>> {
             (6, Scalar::Str(s)) => f.src_addr = Cow::Borrowed(s),
             (7, Scalar::Str(s)) => f.dst_addr = Cow::Borrowed(s),
             (8, Scalar::Str(s)) => f.proto = Proto(protocol_number(s)),
-            (8, Scalar::Int(v)) => match u8::try_from(v) {
-                Ok(p) => f.proto = Proto(p),
-                Err(_) => return false,
-            },
-            (9, Scalar::Int(v)) => match u16::try_from(v) {
-                Ok(p) => f.src_port = p,
-                Err(_) => return false,
-            },
-            (10, Scalar::Int(v)) => match u16::try_from(v) {
-                Ok(p) => f.dst_port = p,
-                Err(_) => return false,
-            },
-            (11, Scalar::Int(v)) => match u32::try_from(v) {
-                Ok(i) => f.in_if = i,
-                Err(_) => return false,
-            },
-            (12, Scalar::Int(v)) => match u32::try_from(v) {
-                Ok(i) => f.out_if = i,
-                Err(_) => return false,
-            },
-            _ => return false,
+            (8, Scalar::Int(v)) => f.proto = Proto(u8::try_from(v).ok()?),
+            (9, Scalar::Int(v)) => f.src_port = u16::try_from(v).ok()?,
+            (10, Scalar::Int(v)) => f.dst_port = u16::try_from(v).ok()?,
+            (11, Scalar::Int(v)) => f.in_if = u32::try_from(v).ok()?,
+            (12, Scalar::Int(v)) => f.out_if = u32::try_from(v).ok()?,
+            _ => return None,
         }
-        true
+        Some(())
     })?;
     (seen & REQUIRED == REQUIRED).then_some(f)
 }
@@ -248,7 +233,7 @@ pub(crate) mod tests {
             let mut out = Vec::new();
             flat_json::scan(GOOD, |k, _| {
                 out.push((k.to_string(), String::new()));
-                true
+                Some(())
             })
             .unwrap();
             let values: serde_json::Map<String, serde_json::Value> = serde_json::from_str(GOOD).unwrap();
