@@ -326,7 +326,8 @@ fn records_in_every_format(records: u64, rate: u64) -> Vec<(BenchFormat, Vec<Vec
     let (mut pmacct, mut pb) = (Vec::with_capacity(json.len()), Vec::with_capacity(json.len()));
     for line in &json {
         // The simulator's too-late and unmatched records are valid records; every one decodes.
-        let r = goflow2_json::decode_record(line, &limits()).expect("simulator records decode");
+        let mut r = goflow2_json::decode_record(line, &limits()).expect("simulator records decode");
+        r.event_time_ns = r.times.end_ns;
         pmacct.push(pmacct_line(&r).into_bytes());
         pb.push(flow_message(&r).encode_length_delimited_to_vec());
     }
@@ -400,7 +401,14 @@ fn batches(records: &[Vec<u8>], format: BenchFormat, per_message: usize, batch: 
         out.push(messages);
     }
     out.into_iter()
-        .map(|messages| SourceBatch { partition: 0, format: format.format(), messages, received: Instant::now(), offsets: Vec::new() })
+        .map(|messages| SourceBatch {
+            partition: 0,
+            format: format.format(),
+            event_time: Default::default(),
+            messages,
+            received: Instant::now(),
+            offsets: Vec::new(),
+        })
         .collect()
 }
 

@@ -6,11 +6,15 @@
 //! Which site and direction a flow belongs to:
 //! 1. the exporter is a site's interface on a shared router → that site; into the site when the
 //!    flow left the router through that interface;
-//! 2. the exporter is a site's own router → that site; into the site when the destination is in
-//!    the site's prefixes, out of it when the source is;
+//! 2. the exporter is a site's own router → that site, whatever the flow's addresses (transit,
+//!    NAT, non-IP); into the site when the destination is in the site's prefixes, out of it when
+//!    the source is; otherwise into the site when the flow entered the router through its
+//!    `uplink_ifindex`, out when it left through it; failing all that, into the site (counted
+//!    in [`EnrichStats::direction_defaulted`]);
 //! 3. the exporter is unknown → the site of the destination (into), else of the source (out).
 //!
-//! Anything else (transit through a site's router, addresses of no site) is counted as unmatched.
+//! Anything else is not counted toward a site: flows without addresses (non-IP) as
+//! [`EnrichStats::not_ip`] with their bytes, the others (addresses of no site) as unmatched.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -19,7 +23,7 @@ use datafusion::arrow::array::{Array, ArrayRef, AsArray, DictionaryArray, Primit
 use datafusion::arrow::compute::take;
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, UInt8Type, UInt16Type, UInt32Type, UInt64Type};
 
-use crate::decode::{flow_schema, probe_schema};
+use crate::decode::{NO_ADDR, flow_schema, probe_schema};
 use crate::inventory::{Addr, ExporterMatch, Inventory, SiteIdx};
 use crate::rates::interface_traffic_schema;
 
@@ -97,8 +101,26 @@ pub fn enriched_interface_schema() -> SchemaRef {
 /// Counts from one enriched batch.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct EnrichStats {
-    /// Records that belong to no site.
+    /// Records with addresses that belong to no site.
     pub unmatched: u64,
+    /// Flows without addresses (non-IP) from an exporter of no site.
+    pub not_ip: u64,
+    /// ... and their bytes, corrected for sampling.
+    pub not_ip_bytes: u64,
+    /// Flows of a site's router whose direction neither the site's prefixes nor its uplink
+    /// interface tell: counted into the site.
+    pub direction_defaulted: u64,
+}
+
+/// Where a flow belongs (see the module's rules).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    Site(SiteIdx, Direction),
+    /// A site's router exported it, and nothing tells its direction: into the site.
+    DefaultDirection(SiteIdx),
+    /// No addresses (a non-IP flow) and an exporter of no site.
+    NotIp,
+    Unmatched,
 }
 
 /// Sampling correction settings.
@@ -146,23 +168,40 @@ impl Enricher {
     }
 
     /// The site and direction of one flow, if it belongs to a site.
-    #[inline]
     pub fn classify(&self, exporter: Addr, src: Addr, dst: Addr, in_if: u32, out_if: u32) -> Option<(SiteIdx, Direction)> {
+        match self.place(exporter, src, dst, in_if, out_if) {
+            Placement::Site(site, dir) => Some((site, dir)),
+            Placement::DefaultDirection(site) => Some((site, Direction::In)),
+            Placement::NotIp | Placement::Unmatched => None,
+        }
+    }
+
+    /// Where one flow belongs ([`NO_ADDR`] for an address it does not have).
+    #[inline]
+    pub fn place(&self, exporter: Addr, src: Addr, dst: Addr, in_if: u32, out_if: u32) -> Placement {
         let inv = &self.inventory;
+        let site_of = |addr: Addr| if addr == NO_ADDR { None } else { inv.site_of_addr(addr) };
         match inv.site_of_exporter(exporter, in_if, out_if) {
-            Some(ExporterMatch::Interface { site, into_site }) => Some((site, if into_site { Direction::In } else { Direction::Out })),
+            Some(ExporterMatch::Interface { site, into_site }) => {
+                Placement::Site(site, if into_site { Direction::In } else { Direction::Out })
+            }
             Some(ExporterMatch::Site(site)) => {
-                if inv.site_of_addr(dst) == Some(site) {
-                    Some((site, Direction::In))
-                } else if inv.site_of_addr(src) == Some(site) {
-                    Some((site, Direction::Out))
+                if site_of(dst) == Some(site) {
+                    Placement::Site(site, Direction::In)
+                } else if site_of(src) == Some(site) {
+                    Placement::Site(site, Direction::Out)
                 } else {
-                    None
+                    match inv.site(site).uplink_ifindex {
+                        Some(uplink) if in_if == uplink => Placement::Site(site, Direction::In),
+                        Some(uplink) if out_if == uplink => Placement::Site(site, Direction::Out),
+                        _ => Placement::DefaultDirection(site),
+                    }
                 }
             }
-            None => match inv.site_of_addr(dst) {
-                Some(site) => Some((site, Direction::In)),
-                None => inv.site_of_addr(src).map(|site| (site, Direction::Out)),
+            None if src == NO_ADDR && dst == NO_ADDR => Placement::NotIp,
+            None => match site_of(dst) {
+                Some(site) => Placement::Site(site, Direction::In),
+                None => site_of(src).map_or(Placement::Unmatched, |site| Placement::Site(site, Direction::Out)),
             },
         }
     }
@@ -194,16 +233,30 @@ impl Enricher {
         let mut scaled_packets: Vec<u64> = Vec::with_capacity(n);
         let mut applied_rates: Vec<u32> = Vec::with_capacity(n);
         let has_overrides = !self.sampling.overrides.is_empty();
+        let mut stats = EnrichStats::default();
         for i in 0..n {
             let exp = addr_at(&exporter, i);
-            let Some((site, dir)) = self.classify(exp, addr_at(&src, i), addr_at(&dst, i), in_if[i], out_if[i]) else {
-                continue;
-            };
             let override_rate = if has_overrides { self.sampling.overrides.get(&exp).copied() } else { None };
             let rate = match (override_rate, rates[i]) {
                 (Some(r), _) => r,
                 (None, 0) => self.sampling.default_rate,
                 (None, r) => r,
+            };
+            let (site, dir) = match self.place(exp, addr_at(&src, i), addr_at(&dst, i), in_if[i], out_if[i]) {
+                Placement::Site(site, dir) => (site, dir),
+                Placement::DefaultDirection(site) => {
+                    stats.direction_defaulted += 1;
+                    (site, Direction::In)
+                }
+                Placement::NotIp => {
+                    stats.not_ip += 1;
+                    stats.not_ip_bytes += bytes[i].saturating_mul(u64::from(rate));
+                    continue;
+                }
+                Placement::Unmatched => {
+                    stats.unmatched += 1;
+                    continue;
+                }
             };
             keep.push(i as u32);
             site_keys.push(site);
@@ -212,7 +265,6 @@ impl Enricher {
             scaled_packets.push(packets[i].saturating_mul(u64::from(rate)));
             applied_rates.push(rate);
         }
-        let stats = EnrichStats { unmatched: (n - keep.len()) as u64 };
 
         let all_kept = keep.len() == n;
         let keep = UInt32Array::from(keep);
@@ -288,7 +340,7 @@ impl Enricher {
                 site_keys.push(site);
             }
         }
-        let stats = EnrichStats { unmatched: (ids.len() - keep.len()) as u64 };
+        let stats = EnrichStats { unmatched: (ids.len() - keep.len()) as u64, ..Default::default() };
         let indices = UInt32Array::from(keep.clone());
         let mut columns: Vec<ArrayRef> = self.site_columns(site_keys).into();
         for (field, column) in batch.schema().fields().iter().zip(batch.columns()) {
@@ -328,9 +380,37 @@ mod tests {
         // Unknown exporter: destination site first, then source site.
         assert_eq!(e.classify(a("192.0.2.1"), a("10.2.21.9"), a("10.100.2.7"), 0, 0), Some((ubnd, Direction::In)));
         assert_eq!(e.classify(a("192.0.2.1"), a("10.2.21.9"), a("203.0.113.1"), 0, 0), Some((ta_lung, Direction::Out)));
-        // Neither side is a site; transit through a site's router.
+        // Neither side is a site.
         assert_eq!(e.classify(a("192.0.2.1"), a("198.51.100.1"), a("203.0.113.1"), 0, 0), None);
-        assert_eq!(e.classify(a("172.16.2.21"), a("198.51.100.1"), a("10.100.2.7"), 0, 0), None);
+        // Through a site's router, whatever the addresses: the router's site, into it by default.
+        assert_eq!(e.place(a("172.16.2.21"), a("198.51.100.1"), a("10.100.2.7"), 0, 0), Placement::DefaultDirection(ta_lung));
+        assert_eq!(e.place(a("172.16.2.21"), NO_ADDR, NO_ADDR, 3, 4), Placement::DefaultDirection(ta_lung));
+        // No addresses and no site's exporter: not IP; addresses of no site: unmatched.
+        assert_eq!(e.place(a("192.0.2.1"), NO_ADDR, NO_ADDR, 0, 0), Placement::NotIp);
+        assert_eq!(e.place(a("192.0.2.1"), NO_ADDR, a("203.0.113.1"), 0, 0), Placement::Unmatched);
+        assert_eq!(e.place(a("192.0.2.1"), NO_ADDR, a("10.2.21.9"), 0, 0), Placement::Site(ta_lung, Direction::In));
+    }
+
+    #[test]
+    fn routers_as_sites_take_their_direction_from_the_uplink() {
+        let csv = "site_id,name,level,kind,parent_id,district,admin_code,link_mbps,prefix,exporter,exporter_ifindex,uplink_ifindex\n\
+                   r1,R1,commune,commune,,D,1,20,,172.16.0.1,,2\n\
+                   r2,R2,commune,commune,,D,2,20,10.9.0.0/24,172.16.0.2,,\n\
+                   r3,R3,commune,commune,,D,3,20,,172.16.0.3,7,\n";
+        let inv = Arc::new(Inventory::from_csv_str(csv, "s.csv").unwrap());
+        let e = Enricher::new(inv, Sampling { default_rate: 1, overrides: HashMap::new() });
+        let (r1, r2, r3) = (a("172.16.0.1"), a("172.16.0.2"), a("172.16.0.3"));
+        let (x, y) = (a("198.51.100.1"), a("203.0.113.1"));
+        assert_eq!(e.place(r1, x, y, 2, 1), Placement::Site(0, Direction::In));
+        assert_eq!(e.place(r1, x, y, 1, 2), Placement::Site(0, Direction::Out));
+        assert_eq!(e.place(r1, NO_ADDR, NO_ADDR, 1, 2), Placement::Site(0, Direction::Out));
+        assert_eq!(e.place(r1, x, y, 1, 3), Placement::DefaultDirection(0));
+        // The site's own prefixes come first; then no uplink: the default.
+        assert_eq!(e.place(r2, a("10.9.0.5"), y, 2, 1), Placement::Site(1, Direction::Out));
+        assert_eq!(e.place(r2, x, y, 2, 1), Placement::DefaultDirection(1));
+        // A site on an interface of a shared router: by the interface.
+        assert_eq!(e.place(r3, NO_ADDR, NO_ADDR, 1, 7), Placement::Site(2, Direction::In));
+        assert_eq!(e.place(r3, x, y, 7, 1), Placement::Site(2, Direction::Out));
     }
 
     #[test]
@@ -349,10 +429,11 @@ mod tests {
             ..Default::default()
         };
         cols.push(&base);
-        cols.push(&FlowRecord { dst_addr: a("198.51.100.1"), ..base });
+        cols.push(&FlowRecord { exporter: a("192.0.2.1"), src_addr: a("198.51.100.2"), dst_addr: a("198.51.100.1"), ..base });
         cols.push(&FlowRecord { sampling_rate: 0, ..base });
+        cols.push(&FlowRecord { exporter: a("192.0.2.1"), src_addr: NO_ADDR, dst_addr: NO_ADDR, bytes: 7, ..base });
         let (out, stats) = e.enrich_flows(&cols.finish());
-        assert_eq!(stats.unmatched, 1);
+        assert_eq!(stats, EnrichStats { unmatched: 1, not_ip: 1, not_ip_bytes: 700, direction_defaulted: 0 });
         assert_eq!(out.num_rows(), 2);
         let bytes: Vec<u64> = out.column_by_name("bytes").unwrap().as_primitive::<UInt64Type>().values().to_vec();
         assert_eq!(bytes, vec![1000, 10]);

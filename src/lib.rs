@@ -12,6 +12,7 @@ pub mod config;
 pub mod dead_letter;
 pub mod decode;
 pub mod enrich;
+pub mod event_time;
 pub mod history;
 pub mod http;
 pub mod inventory;

@@ -387,14 +387,29 @@ async fn check(args: &CheckArgs) -> anyhow::Result<()> {
     let scenario = load_scenario(&config, &res)?;
     let (windows, tables) = plan_windows(window_spec(&config), &res).await?;
     println!("{}: ok", args.config.display());
-    println!("  inventory: {} sites", res.inventory.len());
+    let sites = res.inventory.sites();
+    let by_exporter = sites.iter().filter(|s| s.prefixes.is_empty()).count();
+    let guessing = sites.iter().filter(|s| s.prefixes.is_empty() && s.exporter_ifindex.is_none() && s.uplink_ifindex.is_none()).count();
+    print!("  inventory: {} sites", res.inventory.len());
+    if by_exporter > 0 {
+        print!(" ({by_exporter} by exporter alone; {guessing} without uplink_ifindex count their router's flows as `in`)");
+    }
+    println!();
     println!("  flows SQL: {} → columns {}", res.flows_sql.origin, column_list(&windows, tables.flows));
     println!("  probes SQL: {} → columns {}", res.probes_sql.origin, column_list(&windows, tables.probes));
     println!("  interfaces SQL: {} → columns {}", res.interfaces_sql.origin, column_list(&windows, tables.interfaces));
     println!("  windows: {} s, allowed lateness {} ms", config.window.size_secs, config.window.allowed_lateness_ms);
     println!("  source: {:?}; scenario: {} fault(s)", config.source.kind, scenario.faults.len());
     if config.source.kind == SourceKind::Kafka {
-        let topics: Vec<String> = config.kafka.topics.iter().map(|t| format!("{} ({})", t.name, t.format.as_str())).collect();
+        let topics: Vec<String> = config
+            .kafka
+            .topics
+            .iter()
+            .map(|t| match t.event_time {
+                siteflow::event_time::EventTime::FlowEnd => format!("{} ({})", t.name, t.format.as_str()),
+                e => format!("{} ({}, event_time {})", t.name, t.format.as_str(), e.as_str()),
+            })
+            .collect();
         println!("  kafka: {} group {}: {}", config.kafka.brokers, config.kafka.group_id, topics.join(", "));
         if let Some(dir) = &config.checkpoint.dir {
             println!("  checkpoints: {} every {} s", resolve(dir).display(), config.checkpoint.interval_secs);

@@ -16,6 +16,12 @@ pub struct PipelineMetrics {
     pub records_unmatched: IntCounterVec,
     pub records_late: IntCounterVec,
     pub flows_missing_sampling_rate: IntCounter,
+    pub records_skipped: IntCounterVec,
+    pub records_skipped_bytes: IntCounterVec,
+    pub flows_event_time_fallback: IntCounterVec,
+    pub flows_spread_rows: IntCounter,
+    pub flows_spread_clamped: IntCounter,
+    pub flows_direction_defaulted: IntCounter,
     pub interface_counter_samples: IntCounterVec,
     pub watermark_timestamp: Gauge,
     pub watermark_lag: Gauge,
@@ -77,6 +83,45 @@ impl PipelineMetrics {
             "siteflow_records_late_total",
             "Records that arrived after their window had closed (counted, not aggregated).",
             &["table"],
+        );
+        let records_skipped = counter_vec(
+            r,
+            "siteflow_records_skipped_total",
+            "Flow records decoded but counted toward no site, by reason: no_traffic (no bytes nor packets: NAT/firewall events, options records), not_ip (no addresses, from an exporter of no site). Not rejections.",
+            &["format", "reason"],
+        );
+        let records_skipped_bytes = counter_vec(
+            r,
+            "siteflow_records_skipped_bytes_total",
+            "Bytes (corrected for sampling) of the flow records in siteflow_records_skipped_total{reason=\"not_ip\"}.",
+            &["format", "reason"],
+        );
+        let flows_event_time_fallback = counter_vec(
+            r,
+            "siteflow_flows_event_time_fallback_total",
+            "Flow records without the time their source's event_time asks for (or, for spread, a believable start), placed by another of their times.",
+            &["format"],
+        );
+        let flows_spread_rows = register(
+            r,
+            IntCounter::new("siteflow_flows_spread_rows_total", "Rows added by event_time: spread (a flow over three windows adds two).")
+                .expect("valid metric"),
+        );
+        let flows_spread_clamped = register(
+            r,
+            IntCounter::new(
+                "siteflow_flows_spread_clamped_total",
+                "Flows whose start was after their end or more than decode.max_spread_windows windows before it: spread over the last windows only.",
+            )
+            .expect("valid metric"),
+        );
+        let flows_direction_defaulted = register(
+            r,
+            IntCounter::new(
+                "siteflow_flows_direction_defaulted_total",
+                "Flows of a site's router whose direction neither the site's prefixes nor its uplink_ifindex tell; counted into the site (direction in).",
+            )
+            .expect("valid metric"),
         );
         let windows_closed = counter_vec(r, "siteflow_windows_closed_total", "Windows closed and published to the sinks.", &["table"]);
         let flows_missing_sampling_rate = IntCounter::new(
@@ -221,13 +266,20 @@ impl PipelineMetrics {
         #[cfg(target_os = "linux")]
         r.register(Box::new(prometheus::process_collector::ProcessCollector::for_self())).expect("registered once");
 
-        for f in formats {
-            let f = f.as_str();
+        for format in formats {
+            let f = format.as_str();
             records_received.with_label_values(&[f]);
             message_bytes_received.with_label_values(&[f]);
             records_decoded.with_label_values(&[f]);
             for reason in RejectReason::ALL {
                 records_rejected.with_label_values(&[f, reason.as_str()]);
+            }
+            if format.is_flows() {
+                for reason in ["no_traffic", "not_ip"] {
+                    records_skipped.with_label_values(&[f, reason]);
+                }
+                records_skipped_bytes.with_label_values(&[f, "not_ip"]);
+                flows_event_time_fallback.with_label_values(&[f]);
             }
         }
         for t in tables {
@@ -244,6 +296,12 @@ impl PipelineMetrics {
             records_unmatched,
             records_late,
             flows_missing_sampling_rate,
+            records_skipped,
+            records_skipped_bytes,
+            flows_event_time_fallback,
+            flows_spread_rows,
+            flows_spread_clamped,
+            flows_direction_defaulted,
             interface_counter_samples,
             watermark_timestamp,
             watermark_lag,
@@ -277,6 +335,28 @@ impl PipelineMetrics {
             self.records_rejected.with_label_values(&[f, reason.as_str()]).inc_by(*n);
         }
         self.flows_missing_sampling_rate.inc_by(stats.missing_sampling_rate);
+        if stats.no_traffic > 0 {
+            self.records_skipped.with_label_values(&[f, "no_traffic"]).inc_by(stats.no_traffic);
+        }
+        if stats.event_time_fallback > 0 {
+            self.flows_event_time_fallback.with_label_values(&[f]).inc_by(stats.event_time_fallback);
+        }
+    }
+
+    /// Records what enrichment left out or had to guess, for one table's rows of one batch.
+    pub fn record_enrich(&self, format: Format, table: &str, stats: &crate::enrich::EnrichStats) {
+        self.records_unmatched.with_label_values(&[table]).inc_by(stats.unmatched);
+        if stats.not_ip > 0 {
+            self.records_skipped.with_label_values(&[format.as_str(), "not_ip"]).inc_by(stats.not_ip);
+            self.records_skipped_bytes.with_label_values(&[format.as_str(), "not_ip"]).inc_by(stats.not_ip_bytes);
+        }
+        self.flows_direction_defaulted.inc_by(stats.direction_defaulted);
+    }
+
+    /// Records what spreading flows over windows did to one batch.
+    pub fn record_spread(&self, stats: &crate::event_time::SpreadStats) {
+        self.flows_spread_rows.inc_by(stats.extra_rows);
+        self.flows_spread_clamped.inc_by(stats.clamped);
     }
 
     /// Records what happened to interface counter samples.

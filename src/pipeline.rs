@@ -15,7 +15,7 @@ use tokio::time::MissedTickBehavior;
 use crate::checkpoint::{CheckpointStore, PartitionCheckpoint, PartitionKey};
 use crate::config::{Config, resolve};
 use crate::dead_letter::DeadLetters;
-use crate::decode::{DecodeLimits, Decoded, Format, decode};
+use crate::decode::{DecodeLimits, Decoded, Format, decode_with};
 use crate::enrich::{EnrichStats, Enricher, Sampling, enriched_flow_schema, enriched_interface_schema, enriched_probe_schema};
 use crate::inventory::{Inventory, InventoryError, addr_from_ip};
 use crate::metrics::PipelineMetrics;
@@ -192,6 +192,8 @@ pub struct RunSummary {
 pub struct Pipeline {
     limits: DecodeLimits,
     max_future_ns: i64,
+    /// Spreads flows of `event_time: spread` sources over the windows they cover.
+    spreader: crate::event_time::Spreader,
     enricher: Enricher,
     windows: WindowOperator,
     tables: Tables,
@@ -260,6 +262,7 @@ impl Pipeline {
                 max_time_ns: i64::MAX,
             },
             max_future_ns: (config.decode.max_future_secs as i64).saturating_mul(1_000_000_000),
+            spreader: crate::event_time::Spreader::new(config.window_size(), config.decode.max_spread_windows),
             enricher: Enricher::new(res.inventory.clone(), sampling),
             readiness: SharedReadiness::new(
                 ReadinessEngine::new(res.inventory.clone(), res.policy.clone(), spec.size_ns()),
@@ -412,7 +415,7 @@ impl Pipeline {
             return Ok(());
         }
         self.limits.max_time_ns = unix_now_ns().saturating_add(self.max_future_ns);
-        let (decoded, stats) = decode(batch.format, &batch.messages, &self.limits);
+        let (decoded, stats) = decode_with(batch.format, batch.event_time, &batch.messages, &self.limits);
         self.metrics.record_decode(batch.format, batch.messages.total_bytes(), &stats);
         if let Some(durable) = self.durable.as_mut()
             && let Some(owned) = durable.owned.get_mut(&batch.partition)
@@ -433,6 +436,7 @@ impl Pipeline {
         self.summary.records += stats.records;
         let (enriched, ordinals): (Vec<(TableId, (RecordBatch, EnrichStats))>, Vec<Vec<u32>>) = match decoded {
             Decoded::Flows(b) => {
+                let b = self.spreader.apply(batch.event_time, b, &self.metrics);
                 let (rows, stats) = self.enricher.enrich_flows(&b);
                 // Conversations aggregate the same rows; their records are counted once, as flows.
                 let conversations = self.top_talkers.then(|| (self.tables.conversations, (rows.clone(), EnrichStats::default())));
@@ -473,7 +477,7 @@ impl Pipeline {
     ) -> anyhow::Result<()> {
         let (mut inputs, mut input_ordinals) = (Vec::with_capacity(enriched.len()), Vec::with_capacity(enriched.len()));
         for (i, (table, (rows, stats))) in enriched.iter().enumerate() {
-            self.metrics.records_unmatched.with_label_values(&[Self::TABLES[*table]]).inc_by(stats.unmatched);
+            self.metrics.record_enrich(batch.format, Self::TABLES[*table], stats);
             if *table == self.tables.flows
                 && let Some(ring) = &self.recent_flows
             {

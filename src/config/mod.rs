@@ -95,11 +95,15 @@ pub struct DecodeConfig {
     pub max_bytes_per_record: u64,
     /// Event times further than this in the future are rejected as `bad_timestamp`, in seconds.
     pub max_future_secs: u64,
+    /// With `event_time: spread`, most windows one flow is spread over; a flow that started
+    /// earlier (a long flow, a broken start time) is spread over the last ones only and counted
+    /// in `siteflow_flows_spread_clamped_total`.
+    pub max_spread_windows: u32,
 }
 
 impl Default for DecodeConfig {
     fn default() -> Self {
-        Self { max_message_bytes: 1 << 20, max_bytes_per_record: 1 << 40, max_future_secs: 86_400 }
+        Self { max_message_bytes: 1 << 20, max_bytes_per_record: 1 << 40, max_future_secs: 86_400, max_spread_windows: 360 }
     }
 }
 
@@ -146,6 +150,10 @@ pub struct TopicConfig {
     /// `goflow2_json`, `goflow2_protobuf` (varint-length-delimited), `goflow2_protobuf_plain`,
     /// `pmacct_json`, `telegraf_json` or `siteflow_probe_json`.
     pub format: crate::decode::Format,
+    /// Which time of a flow places it in a window: `flow_end` (default), `flow_start`, `arrival`
+    /// (the collector's receipt) or `spread` (over the windows from the flow's start to its end).
+    #[serde(default)]
+    pub event_time: crate::event_time::EventTime,
 }
 
 /// The Kafka source: a consumer group over several topics.
@@ -308,6 +316,9 @@ pub struct SimulatorConfig {
     pub probe_interval_secs: u64,
     /// Fault scenario (YAML, see `pipelines/hagiang/scenarios/`). Unset: all sites healthy.
     pub scenario: Option<RelativePathBuf>,
+    /// Which time of its flows is the event time, as `kafka.topics[].event_time`. Its flows last
+    /// 2 s and end at the event time the ground truth of tests counts: `flow_end`.
+    pub event_time: crate::event_time::EventTime,
 }
 
 impl Default for SimulatorConfig {
@@ -325,6 +336,7 @@ impl Default for SimulatorConfig {
             unmatched_ratio: 0.005,
             probe_interval_secs: 5,
             scenario: None,
+            event_time: crate::event_time::EventTime::FlowEnd,
         }
     }
 }
@@ -438,6 +450,9 @@ impl Config {
         }
         if self.decode.max_message_bytes == 0 {
             return invalid("decode.max_message_bytes", "must be at least 1".into());
+        }
+        if self.decode.max_spread_windows == 0 {
+            return invalid("decode.max_spread_windows", "must be at least 1".into());
         }
         let sim = &self.simulator;
         if sim.records_per_sec == 0 {

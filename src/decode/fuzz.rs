@@ -1,5 +1,5 @@
 //! The invariants every decoder keeps on any input, shared by the fuzz targets (`fuzz/`) and
-//! the property tests: no panic, every record decoded or rejected with a reason, one output row
+//! the property tests: no panic, every record decoded, rejected with a reason or counted as no traffic, one output row
 //! per decoded record, and every rejection pointing at bytes of a real message.
 
 use super::{DecodeLimits, Format, decode};
@@ -21,7 +21,12 @@ pub fn check(format: Format, data: &[u8]) {
     };
     let (decoded, stats) = decode(format, &msgs, &limits);
     assert_eq!(decoded.num_rows() as u64, stats.decoded, "{}: rows != decoded records", format.as_str());
-    assert_eq!(stats.decoded + stats.rejected_total(), stats.records, "{}: a record neither decoded nor rejected", format.as_str());
+    assert_eq!(
+        stats.decoded + stats.rejected_total() + stats.no_traffic,
+        stats.records,
+        "{}: a record neither decoded, rejected nor counted as no traffic",
+        format.as_str()
+    );
     assert_eq!(stats.bad.len() as u64, stats.rejected_total(), "{}: a rejection without its location", format.as_str());
     for bad in &stats.bad {
         assert!(

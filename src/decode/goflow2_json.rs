@@ -10,23 +10,28 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer, Visitor};
 
 use super::flat_json::{self, Scalar};
-use super::{DecodeLimits, FlowRecord, Proto, RejectReason, parse_addr, protocol_number};
+use super::{DecodeLimits, FlowRecord, FlowTimes, Proto, RejectReason, parse_addr, parse_flow_addr, protocol_number};
 
 #[derive(Deserialize, Default)]
 struct Goflow2Flow<'a> {
     #[serde(default)]
     time_received_ns: Counter,
     #[serde(default)]
+    time_flow_start_ns: Counter,
+    #[serde(default)]
     time_flow_end_ns: Counter,
     #[serde(default)]
     sampling_rate: Counter,
     #[serde(borrow)]
     sampler_address: Cow<'a, str>,
+    // Options and event records carry no counters; non-IP flows no addresses.
+    #[serde(default)]
     bytes: Counter,
+    #[serde(default)]
     packets: Counter,
-    #[serde(borrow)]
+    #[serde(borrow, default)]
     src_addr: Cow<'a, str>,
-    #[serde(borrow)]
+    #[serde(borrow, default)]
     dst_addr: Cow<'a, str>,
     #[serde(default)]
     proto: Proto,
@@ -92,7 +97,7 @@ fn decode_with_serde(text: &str, limits: &DecodeLimits) -> Result<FlowRecord, Re
 /// The fields of a flat record, or `None` where serde_json must judge: a field of the wrong type,
 /// a field twice, a required field missing, or anything [`flat_json::scan`] does not take.
 fn scan_flow(text: &str) -> Option<Goflow2Flow<'_>> {
-    const REQUIRED: u32 = (1 << 3) | (1 << 4) | (1 << 5) | (1 << 6) | (1 << 7);
+    const REQUIRED: u32 = 1 << 3;
     let mut f = Goflow2Flow::default();
     let mut seen = 0u32;
     flat_json::scan(text, |key, value| {
@@ -110,6 +115,7 @@ fn scan_flow(text: &str) -> Option<Goflow2Flow<'_>> {
             "dst_port" => 10,
             "in_if" => 11,
             "out_if" => 12,
+            "time_flow_start_ns" => 13,
             _ => return Some(()),
         };
         if seen & (1 << bit) != 0 {
@@ -131,6 +137,7 @@ fn scan_flow(text: &str) -> Option<Goflow2Flow<'_>> {
             (10, Scalar::Int(v)) => f.dst_port = u16::try_from(v).ok()?,
             (11, Scalar::Int(v)) => f.in_if = u32::try_from(v).ok()?,
             (12, Scalar::Int(v)) => f.out_if = u32::try_from(v).ok()?,
+            (13, Scalar::Int(v)) => f.time_flow_start_ns = Counter(v),
             _ => return None,
         }
         Some(())
@@ -138,16 +145,24 @@ fn scan_flow(text: &str) -> Option<Goflow2Flow<'_>> {
     (seen & REQUIRED == REQUIRED).then_some(f)
 }
 
+/// A time field: beyond `i64` it cannot be a time (negative ones are rejected if used).
+fn time(c: Counter) -> Result<i64, RejectReason> {
+    i64::try_from(c.0).map_err(|_| RejectReason::BadTimestamp)
+}
+
 fn flow_record(f: Goflow2Flow<'_>, limits: &DecodeLimits) -> Result<FlowRecord, RejectReason> {
-    // Event time: when the flow ended at the router; the collector's receive time if absent.
-    let end = if f.time_flow_end_ns.0 != 0 { f.time_flow_end_ns } else { f.time_received_ns };
-    let event_time_ns = i64::try_from(end.0).map_err(|_| RejectReason::BadTimestamp)?;
+    let times = FlowTimes {
+        start_ns: time(f.time_flow_start_ns)?,
+        end_ns: time(f.time_flow_end_ns)?,
+        arrival_ns: time(f.time_received_ns)?,
+        stamp_ns: 0,
+    };
     let sampling_rate = counter(f.sampling_rate, u64::from(u32::MAX))? as u32;
     Ok(FlowRecord {
-        event_time_ns: limits.check_time(event_time_ns)?,
+        times,
         exporter: parse_addr(&f.sampler_address)?,
-        src_addr: parse_addr(&f.src_addr)?,
-        dst_addr: parse_addr(&f.dst_addr)?,
+        src_addr: parse_flow_addr(&f.src_addr)?,
+        dst_addr: parse_flow_addr(&f.dst_addr)?,
         src_port: f.src_port,
         dst_port: f.dst_port,
         proto: f.proto.0,
@@ -157,6 +172,7 @@ fn flow_record(f: Goflow2Flow<'_>, limits: &DecodeLimits) -> Result<FlowRecord, 
         packets: counter(f.packets, limits.max_bytes_per_record)?,
         flows: 1,
         sampling_rate,
+        ..FlowRecord::default()
     })
 }
 
@@ -179,7 +195,13 @@ pub(crate) mod tests {
     #[test]
     fn decodes_a_goflow2_record() {
         let r = decode_record(GOOD.as_bytes(), &limits()).unwrap();
-        assert_eq!(r.event_time_ns, 1_764_000_000_400_000_000);
+        let times = FlowTimes {
+            start_ns: 1_764_000_000_000_000_000,
+            end_ns: 1_764_000_000_400_000_000,
+            arrival_ns: 1_764_000_000_500_000_000,
+            stamp_ns: 0,
+        };
+        assert_eq!(r.times, times);
         assert_eq!(r.exporter, addr_from_ip("172.16.2.21".parse().unwrap()));
         assert_eq!((r.bytes, r.packets, r.sampling_rate, r.proto, r.dst_port), (1500, 3, 100, 6, 443));
     }
@@ -191,12 +213,30 @@ pub(crate) mod tests {
         assert_eq!(bad("{\"bytes\": 1"), RejectReason::NotJson);
         assert_eq!(bad("hello"), RejectReason::NotJson);
         assert_eq!(bad(&GOOD.replace("\"bytes\":1500", "\"bytes\":\"x\"")), RejectReason::WrongSchema);
-        assert_eq!(bad(&GOOD.replace("\"src_addr\":\"10.2.21.5\",", "")), RejectReason::WrongSchema);
+        assert_eq!(bad(&GOOD.replace("\"sampler_address\":\"172.16.2.21\",", "")), RejectReason::WrongSchema);
         assert_eq!(bad(&GOOD.replace("10.2.21.5", "10.2.21.500")), RejectReason::BadAddress);
         assert_eq!(bad(&GOOD.replace("\"bytes\":1500", "\"bytes\":-1500")), RejectReason::NegativeCounter);
         assert_eq!(bad(&GOOD.replace("\"bytes\":1500", "\"bytes\":99999999999999999")), RejectReason::AbsurdCounter);
-        let no_time = GOOD.replace("1764000000400000000", "0").replace("1764000000500000000", "0");
-        assert_eq!(bad(&no_time), RejectReason::BadTimestamp);
+        assert_eq!(bad(&GOOD.replace("1764000000400000000", "18446744073709551615")), RejectReason::BadTimestamp);
+        // Without any time the record cannot be placed (when it is pushed).
+        let no_time = GOOD.replace("1764000000400000000", "0").replace("1764000000500000000", "0").replace("1764000000000000000", "0");
+        let r = decode_record(no_time.as_bytes(), &l).unwrap();
+        assert_eq!(r.placed(crate::event_time::EventTime::FlowEnd, &l), Err(RejectReason::BadTimestamp));
+    }
+
+    #[test]
+    fn non_ip_and_counterless_records_decode() {
+        let l = limits();
+        for empty in ["\"\"", "\"<nil>\""] {
+            let s = GOOD.replace("\"10.2.21.5\"", empty).replace("\"203.0.113.9\"", empty);
+            let r = decode_record(s.as_bytes(), &l).unwrap();
+            assert_eq!((r.src_addr, r.dst_addr, r.bytes), (super::super::NO_ADDR, super::super::NO_ADDR, 1500));
+        }
+        let s = GOOD.replace("\"src_addr\":\"10.2.21.5\",", "").replace("\"dst_addr\":\"203.0.113.9\",", "");
+        assert_eq!(decode_record(s.as_bytes(), &l).unwrap().src_addr, super::super::NO_ADDR);
+        let s = GOOD.replace("\"bytes\":1500,", "").replace("\"packets\":3,", "");
+        assert_eq!(decode_record(s.as_bytes(), &l).map(|r| (r.bytes, r.packets)), Ok((0, 0)));
+        assert!(scan_flow(&s).is_some(), "the fast path takes them");
     }
 
     /// The fast path and serde_json give the same answer on every record: the simulator's, and
@@ -287,8 +327,8 @@ pub(crate) mod tests {
     fn numeric_protocol_and_receive_time_fallback() {
         let s =
             GOOD.replace("\"proto\":\"TCP\"", "\"proto\":47").replace("\"time_flow_end_ns\":1764000000400000000", "\"time_flow_end_ns\":0");
-        let r = decode_record(s.as_bytes(), &limits()).unwrap();
+        let (r, fell_back) = decode_record(s.as_bytes(), &limits()).unwrap().placed(Default::default(), &limits()).unwrap();
         assert_eq!(r.proto, 47);
-        assert_eq!(r.event_time_ns, 1_764_000_000_500_000_000);
+        assert_eq!((r.event_time_ns, fell_back), (1_764_000_000_500_000_000, true));
     }
 }

@@ -2,7 +2,7 @@
 //! varint-length-delimited (goflow2's Kafka default; one or more messages per Kafka message)
 //! or plain (exactly one message per Kafka message).
 
-use super::{DecodeLimits, FlowRecord, RejectReason};
+use super::{DecodeLimits, FlowRecord, FlowTimes, NO_ADDR, RejectReason};
 use crate::inventory::Addr;
 
 /// goflow2's `FlowMessage`, the fields siteflow reads (tags are goflow2's field numbers).
@@ -44,9 +44,10 @@ pub struct FlowMessage {
     pub etype: u32,
 }
 
-/// A raw address: 4 bytes (IPv4, stored IPv4-mapped) or 16 (IPv6).
+/// A raw address: 4 bytes (IPv4, stored IPv4-mapped) or 16 (IPv6); none for a non-IP flow.
 fn addr(raw: &[u8]) -> Result<Addr, RejectReason> {
     match raw.len() {
+        0 => Ok(NO_ADDR),
         4 => Ok((0xffff_u128 << 32) | u128::from(u32::from_be_bytes(raw.try_into().expect("4 bytes")))),
         16 => Ok(u128::from_be_bytes(raw.try_into().expect("16 bytes"))),
         _ => Err(RejectReason::BadAddress),
@@ -54,15 +55,16 @@ fn addr(raw: &[u8]) -> Result<Addr, RejectReason> {
 }
 
 fn record(m: &FlowMessage, limits: &DecodeLimits) -> Result<FlowRecord, RejectReason> {
-    let end = if m.time_flow_end_ns != 0 { m.time_flow_end_ns } else { m.time_received_ns };
-    let event_time_ns = i64::try_from(end).map_err(|_| RejectReason::BadTimestamp)?;
+    let time = |t: u64| i64::try_from(t).map_err(|_| RejectReason::BadTimestamp);
+    let times =
+        FlowTimes { start_ns: time(m.time_flow_start_ns)?, end_ns: time(m.time_flow_end_ns)?, arrival_ns: time(m.time_received_ns)?, stamp_ns: 0 };
     let too_big = |v: u64| v > limits.max_bytes_per_record;
     if too_big(m.bytes) || too_big(m.packets) {
         return Err(RejectReason::AbsurdCounter);
     }
     Ok(FlowRecord {
-        event_time_ns: limits.check_time(event_time_ns)?,
-        exporter: if m.sampler_address.is_empty() { 0 } else { addr(&m.sampler_address)? },
+        times,
+        exporter: addr(&m.sampler_address)?,
         src_addr: addr(&m.src_addr)?,
         dst_addr: addr(&m.dst_addr)?,
         src_port: u16::try_from(m.src_port).map_err(|_| RejectReason::WrongSchema)?,
@@ -74,6 +76,7 @@ fn record(m: &FlowMessage, limits: &DecodeLimits) -> Result<FlowRecord, RejectRe
         packets: m.packets,
         flows: 1,
         sampling_rate: u32::try_from(m.sampling_rate).map_err(|_| RejectReason::AbsurdCounter)?,
+        ..FlowRecord::default()
     })
 }
 
@@ -138,7 +141,8 @@ pub(crate) mod tests {
         assert_eq!((got[0].bytes, got[1].bytes), (1500, 99));
         assert_eq!(got[0].exporter, addr_from_ip("172.16.2.21".parse().unwrap()));
         assert_eq!(got[0].dst_addr, addr_from_ip("2001:db8::9".parse().unwrap()));
-        assert_eq!((got[0].event_time_ns, got[0].sampling_rate, got[0].proto), (1_764_000_000_400_000_000, 100, 6));
+        assert_eq!((got[0].times.end_ns, got[0].sampling_rate, got[0].proto), (1_764_000_000_400_000_000, 100, 6));
+        assert_eq!((got[0].times.start_ns, got[0].times.arrival_ns), (1_764_000_000_000_000_000, 1_764_000_000_500_000_000));
     }
 
     #[test]
@@ -148,8 +152,14 @@ pub(crate) mod tests {
         assert_eq!(decode_plain(&[0xff, 0xff, 0xff], &limits()), Err(RejectReason::NotProtobuf));
         let bad_addr = FlowMessage { src_addr: vec![1, 2, 3], ..sample() }.encode_to_vec();
         assert_eq!(decode_plain(&bad_addr, &limits()), Err(RejectReason::BadAddress));
-        let no_time = FlowMessage { time_flow_end_ns: 0, time_received_ns: 0, ..sample() }.encode_to_vec();
-        assert_eq!(decode_plain(&no_time, &limits()), Err(RejectReason::BadTimestamp));
+        let no_time = FlowMessage { time_flow_end_ns: 0, time_received_ns: 0, time_flow_start_ns: 0, ..sample() }.encode_to_vec();
+        assert_eq!(decode_plain(&no_time, &limits()).unwrap().placed(Default::default(), &limits()), Err(RejectReason::BadTimestamp));
+        let huge = FlowMessage { time_flow_end_ns: u64::MAX, ..sample() }.encode_to_vec();
+        assert_eq!(decode_plain(&huge, &limits()), Err(RejectReason::BadTimestamp));
+        // A non-IP flow: no addresses.
+        let non_ip = FlowMessage { src_addr: vec![], dst_addr: vec![], etype: 0x8847, ..sample() }.encode_to_vec();
+        let r = decode_plain(&non_ip, &limits()).unwrap();
+        assert_eq!((r.src_addr, r.dst_addr, r.bytes), (crate::decode::NO_ADDR, crate::decode::NO_ADDR, 1500));
         // A truncated frame: the first message decodes, the rest is rejected once.
         let mut buf = Vec::new();
         sample().encode_length_delimited(&mut buf).unwrap();

@@ -11,7 +11,7 @@ use std::borrow::Cow;
 use serde::Deserialize;
 use serde::de::{self, Deserializer, Visitor};
 
-use super::{DecodeLimits, FlowRecord, Proto, RejectReason, parse_addr};
+use super::{DecodeLimits, FlowRecord, FlowTimes, Proto, RejectReason, parse_addr, parse_flow_addr};
 
 #[derive(Deserialize)]
 struct PmacctFlow<'a> {
@@ -41,7 +41,10 @@ struct PmacctFlow<'a> {
     stamp_updated: Stamp,
     #[serde(default)]
     stamp_inserted: Stamp,
+    // NAT and firewall events (NEL/NSEL) carry no counters.
+    #[serde(default)]
     packets: i64,
+    #[serde(default)]
     bytes: i64,
     #[serde(default = "one")]
     flows: i64,
@@ -132,21 +135,23 @@ pub fn decode_record(rec: &[u8], limits: &DecodeLimits) -> Result<FlowRecord, Re
         // A timestamp string that does not parse is a bad timestamp, not a schema problem.
         if e.to_string().contains("bad timestamp") { RejectReason::BadTimestamp } else { RejectReason::of_json_error(&e) }
     })?;
-    let event_time_ns = [f.timestamp_end, f.timestamp_start, f.timestamp_arrival, f.stamp_updated, f.stamp_inserted]
-        .into_iter()
-        .map(|s| s.0)
-        .find(|&t| t != 0)
-        .ok_or(RejectReason::BadTimestamp)?;
+    let times = FlowTimes {
+        start_ns: f.timestamp_start.0,
+        end_ns: f.timestamp_end.0,
+        arrival_ns: f.timestamp_arrival.0,
+        stamp_ns: if f.stamp_updated.0 != 0 { f.stamp_updated.0 } else { f.stamp_inserted.0 },
+    };
     let exporter = match f.peer_ip_src.as_deref() {
         Some(s) if !s.is_empty() => parse_addr(s)?,
         // Without peer_src_ip in `aggregate:`, the site comes from the addresses alone.
         _ => 0,
     };
     Ok(FlowRecord {
-        event_time_ns: limits.check_time(event_time_ns)?,
+        times,
         exporter,
-        src_addr: parse_addr(&f.ip_src)?,
-        dst_addr: parse_addr(&f.ip_dst)?,
+        // Non-IP flows (EoMPLS, `aggregate` with etype) have empty addresses.
+        src_addr: parse_flow_addr(&f.ip_src)?,
+        dst_addr: parse_flow_addr(&f.ip_dst)?,
         src_port: f.port_src,
         dst_port: f.port_dst,
         proto: f.ip_proto.0,
@@ -156,6 +161,7 @@ pub fn decode_record(rec: &[u8], limits: &DecodeLimits) -> Result<FlowRecord, Re
         packets: counter(f.packets, limits.max_bytes_per_record)?,
         flows: counter(f.flows, limits.max_bytes_per_record)?,
         sampling_rate: counter(f.sampling_rate, u64::from(u32::MAX))? as u32,
+        ..FlowRecord::default()
     })
 }
 
@@ -170,7 +176,13 @@ mod tests {
     #[test]
     fn decodes_a_pmacct_record() {
         let r = decode_record(GOOD.as_bytes(), &limits()).unwrap();
-        assert_eq!(r.event_time_ns, 1_764_000_000_400_000_000);
+        let times = FlowTimes {
+            start_ns: 1_764_000_000_000_000_000,
+            end_ns: 1_764_000_000_400_000_000,
+            arrival_ns: 1_764_000_001_000_000_000,
+            stamp_ns: 0,
+        };
+        assert_eq!(r.times, times);
         assert_eq!((r.bytes, r.packets, r.flows, r.proto, r.src_port, r.sampling_rate), (1500, 3, 1, 6, 443, 0));
         assert_eq!(r.exporter, addr_from_ip("172.16.2.21".parse().unwrap()));
     }
@@ -183,7 +195,7 @@ mod tests {
         assert_eq!(parse_stamp("2025-11-24 16:00:00.250"), Some(1_764_000_000_250_000_000));
         assert_eq!(parse_stamp("yesterday"), None);
         let ints = GOOD.replace("\"1764000000.400000\"", "1764000000");
-        assert_eq!(decode_record(ints.as_bytes(), &limits()).unwrap().event_time_ns, 1_764_000_000_000_000_000);
+        assert_eq!(decode_record(ints.as_bytes(), &limits()).unwrap().times.end_ns, 1_764_000_000_000_000_000);
     }
 
     #[test]
@@ -193,10 +205,23 @@ mod tests {
         assert_eq!(bad(GOOD.replace("\"1764000000.400000\"", "\"soon\"")), RejectReason::BadTimestamp);
         assert_eq!(bad(GOOD.replace("\"bytes\":1500", "\"bytes\":-5")), RejectReason::NegativeCounter);
         assert_eq!(bad(GOOD.replace("203.0.113.9", "203.0.113")), RejectReason::BadAddress);
-        assert_eq!(bad(GOOD.replace("\"packets\":3,", "")), RejectReason::WrongSchema);
+        assert_eq!(bad(GOOD.replace("\"ip_dst\":\"10.2.21.5\",", "")), RejectReason::WrongSchema);
         assert_eq!(bad(GOOD[..40].to_string()), RejectReason::NotJson);
         let no_time =
             GOOD.replace("\"1764000000.000000\"", "\"\"").replace("\"1764000000.400000\"", "\"\"").replace("\"1764000001.000000\"", "\"\"");
-        assert_eq!(bad(no_time), RejectReason::BadTimestamp);
+        let r = decode_record(no_time.as_bytes(), &l).unwrap();
+        assert_eq!(r.placed(crate::event_time::EventTime::FlowEnd, &l), Err(RejectReason::BadTimestamp));
+    }
+
+    /// EoMPLS records print empty addresses; NAT events (NEL) carry no counters.
+    #[test]
+    fn non_ip_flows_and_nat_events_decode() {
+        let l = limits();
+        let eompls = GOOD.replace("\"203.0.113.9\"", "\"\"").replace("\"10.2.21.5\"", "\"\"");
+        let r = decode_record(eompls.as_bytes(), &l).unwrap();
+        assert_eq!((r.src_addr, r.dst_addr, r.bytes), (crate::decode::NO_ADDR, crate::decode::NO_ADDR, 1500));
+        let nat = r#"{"event_type":"purge","peer_ip_src":"172.16.2.21","ip_src":"10.2.21.5","ip_dst":"203.0.113.9","post_nat_ip_src":"203.0.113.1","nat_event":1,"timestamp_start":"1764000000.000000"}"#;
+        let r = decode_record(nat.as_bytes(), &l).unwrap();
+        assert_eq!((r.bytes, r.packets), (0, 0));
     }
 }

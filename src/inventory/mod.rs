@@ -2,8 +2,10 @@
 //!
 //! Loaded from a CSV file with the columns of `pipelines/hagiang/sites.csv`:
 //! `site_id,name,level,kind,parent_id,district,admin_code,link_mbps,prefix,exporter`, plus an
-//! optional `exporter_ifindex` column for sites reached through an interface of a shared router.
-//! `prefix` may hold several IPv4/IPv6 prefixes separated by spaces or `;`.
+//! optional `exporter_ifindex` column for sites reached through an interface of a shared router
+//! and an optional `uplink_ifindex` column: the interface of a site's own router that faces the
+//! rest of the network. `prefix` may hold several IPv4/IPv6 prefixes separated by spaces or `;`,
+//! or none for a site known by its exporter alone (a router as a site).
 
 pub mod lpm;
 
@@ -44,6 +46,9 @@ pub struct Site {
     pub prefixes: Vec<IpNet>,
     pub exporter: Option<IpAddr>,
     pub exporter_ifindex: Option<u32>,
+    /// The interface of the site's own router towards the rest of the network: flows that
+    /// enter the router through it go into the site, flows that leave through it go out.
+    pub uplink_ifindex: Option<u32>,
 }
 
 impl Site {
@@ -78,11 +83,14 @@ struct Row {
     #[serde(default)]
     admin_code: String,
     link_mbps: u32,
+    #[serde(default)]
     prefix: String,
     #[serde(default)]
     exporter: String,
     #[serde(default)]
     exporter_ifindex: Option<u32>,
+    #[serde(default)]
+    uplink_ifindex: Option<u32>,
 }
 
 /// Where a flow belongs, as decided by the exporter that sent it.
@@ -246,15 +254,18 @@ fn parse_site(row: Row) -> Result<Site, String> {
         }
         prefixes.push(net);
     }
-    if prefixes.is_empty() {
-        return Err("field prefix: empty; every site needs at least one prefix".into());
-    }
     let exporter = match row.exporter.as_str() {
         "" => None,
         text => Some(text.parse::<IpAddr>().map_err(|e| format!("field exporter: {text:?} is not an IP address ({e})"))?),
     };
+    if prefixes.is_empty() && exporter.is_none() {
+        return Err("field prefix: empty and no exporter; a site needs a prefix or an exporter to match flows".into());
+    }
     if row.exporter_ifindex.is_some() && exporter.is_none() {
         return Err("field exporter_ifindex: set without an exporter".into());
+    }
+    if row.uplink_ifindex.is_some() && (exporter.is_none() || row.exporter_ifindex.is_some()) {
+        return Err("field uplink_ifindex: needs the site's own router in `exporter` (and no exporter_ifindex)".into());
     }
     let district = if row.district.is_empty() { PROVINCE_DISTRICT_LABEL.to_string() } else { row.district };
     Ok(Site {
@@ -269,6 +280,7 @@ fn parse_site(row: Row) -> Result<Site, String> {
         prefixes,
         exporter,
         exporter_ifindex: row.exporter_ifindex,
+        uplink_ifindex: row.uplink_ifindex,
     })
 }
 
@@ -310,6 +322,27 @@ mod tests {
         let csv = format!("{HEADER}a,A,commune,commune,,D,1,twenty,10.1.1.0/24,\n");
         let err = Inventory::from_csv_str(&csv, "s.csv").unwrap_err().to_string();
         assert!(err.contains("line 2") && err.contains("column 8"), "{err}");
+    }
+
+    #[test]
+    fn a_site_may_have_an_exporter_and_no_prefix() {
+        let csv = "site_id,name,level,kind,parent_id,district,admin_code,link_mbps,prefix,exporter,uplink_ifindex\n\
+                   r1,R1,commune,commune,,D,1,20,,172.16.0.1,2\n\
+                   r2,R2,commune,commune,,D,2,20,,2001:db8::1,\n";
+        let inv = Inventory::from_csv_str(csv, "s.csv").unwrap();
+        assert!(inv.site(0).prefixes.is_empty());
+        assert_eq!(inv.site(0).uplink_ifindex, Some(2));
+        assert_eq!(inv.site_of_exporter(addr_from_ip("2001:db8::1".parse().unwrap()), 0, 0), Some(ExporterMatch::Site(1)));
+        // Neither prefix nor exporter: no flow could ever match it.
+        let err = Inventory::from_csv_str(&format!("{HEADER}a,A,commune,commune,,D,1,20,,\n"), "s.csv").unwrap_err().to_string();
+        assert!(err.contains("line 2") && err.contains("a prefix or an exporter"), "{err}");
+        let err = Inventory::from_csv_str(
+            "site_id,name,level,kind,link_mbps,prefix,exporter,exporter_ifindex,uplink_ifindex\na,A,commune,c,20,,172.16.0.1,3,2\n",
+            "s.csv",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("uplink_ifindex"), "{err}");
     }
 
     #[test]

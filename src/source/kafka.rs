@@ -29,6 +29,7 @@ use super::{Messages, PartitionId, SourceBatch};
 use crate::checkpoint::{CheckpointStore, PartitionKey};
 use crate::config::KafkaConfig;
 use crate::decode::Format;
+use crate::event_time::EventTime;
 use crate::metrics::PipelineMetrics;
 
 /// What the consumer thread tells the pipeline, in order.
@@ -201,7 +202,7 @@ impl KafkaSource {
         let (events, receiver) = mpsc::channel(config.max_queued_batches.max(1));
         let stopping = Arc::new(AtomicBool::new(false));
         let topics: HashMap<String, usize> = config.topics.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
-        let formats: Vec<Format> = config.topics.iter().map(|t| t.format).collect();
+        let formats: Vec<(Format, EventTime)> = config.topics.iter().map(|t| (t.format, t.event_time)).collect();
         let context = Context {
             topics,
             store,
@@ -268,7 +269,8 @@ impl Drop for KafkaSource {
 struct Poller {
     consumer: Arc<BaseConsumer<Context>>,
     events: mpsc::Sender<KafkaEvent>,
-    formats: Vec<Format>,
+    /// Format and event time of each topic.
+    formats: Vec<(Format, EventTime)>,
     metrics: Arc<PipelineMetrics>,
     max_messages: usize,
     max_bytes: usize,
@@ -288,6 +290,7 @@ type Positions = HashMap<(String, i32), i64>;
 struct Pending {
     key: PartitionKey,
     format: Format,
+    event_time: EventTime,
     messages: Messages,
     offsets: Vec<i64>,
 }
@@ -420,7 +423,8 @@ impl Poller {
                 None => {
                     pending.push(Pending {
                         key: PartitionKey { topic: msg.topic().to_string(), partition: msg.partition() },
-                        format: self.formats[index],
+                        format: self.formats[index].0,
+                        event_time: self.formats[index].1,
                         messages: Messages::with_capacity(max.min(4096), 64 * 1024),
                         offsets: Vec::new(),
                     });
@@ -452,6 +456,7 @@ impl Poller {
                 .map(|p| SourceBatch {
                     partition: partition_id(topics[&p.key.topic], p.key.partition),
                     format: p.format,
+                    event_time: p.event_time,
                     messages: p.messages,
                     received,
                     offsets: p.offsets,

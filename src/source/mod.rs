@@ -7,6 +7,7 @@ pub mod simulator;
 use std::time::Instant;
 
 use crate::decode::Format;
+use crate::event_time::EventTime;
 
 /// Messages stored back to back in one buffer: no allocation per message.
 #[derive(Debug, Default, Clone)]
@@ -62,6 +63,8 @@ pub type PartitionId = u32;
 pub struct SourceBatch {
     pub partition: PartitionId,
     pub format: Format,
+    /// Which time of a flow is its event time (the topic's `event_time`).
+    pub event_time: EventTime,
     pub messages: Messages,
     /// When the batch left the source: the start of its processing latency.
     pub received: Instant,

@@ -33,6 +33,9 @@ const NS: i64 = 1_000_000_000;
 pub const PARTITION: PartitionId = 0;
 /// Exporter of flows between addresses of no site.
 const STRAY_EXPORTER: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 250);
+/// Hosts of sites without prefixes (RFC 6598 shared address space). Their routers' flows enter
+/// from the rest of the network through interface 2 and leave through it (`uplink_ifindex: 2`).
+const BEHIND_ROUTERS: IpNet = IpNet::V4(ipnet::Ipv4Net::new_assert(Ipv4Addr::new(100, 64, 0, 0), 10));
 /// The province's conference MCU (in the Department of Information and Communications' prefix).
 const MCU: Ipv4Addr = Ipv4Addr::new(10, 100, 19, 10);
 /// Sampling rates handed out to exporters in turn.
@@ -261,15 +264,17 @@ impl Simulator {
 
         let outbound = self.next_out[usize::from(site_idx)];
         self.next_out[usize::from(site_idx)] = !outbound;
-        let local = host_in(&site.prefixes[0], self.rng.u32(..));
-        let remote = if self.rng.f64() < 0.2 && !site.prefixes[0].contains(&std::net::IpAddr::V4(MCU)) {
+        // A site without prefixes (a router as a site) gets hosts of the shared address space.
+        let prefix = site.prefixes.first().copied().unwrap_or(BEHIND_ROUTERS);
+        let local = host_in(&prefix, self.rng.u32(..));
+        let remote = if self.rng.f64() < 0.2 && !prefix.contains(&std::net::IpAddr::V4(MCU)) {
             MCU
         } else {
             Ipv4Addr::new(203, 0, 113, self.rng.u8(1..255))
         };
         // A top talker is one conversation: the peer and one local host (the site's first + 9).
         let (local, remote) = match talker {
-            Some(peer) => (host_in(&site.prefixes[0], 9), peer),
+            Some(peer) => (host_in(&prefix, 9), peer),
             None => (local, remote),
         };
         let (exporter, src, dst) = if stray {
@@ -330,6 +335,7 @@ impl Simulator {
                 return Some(SourceBatch {
                     partition: PARTITION,
                     format: Format::SiteflowProbeJson,
+                    event_time: self.cfg.event_time,
                     messages,
                     received: Instant::now(),
                     offsets: Vec::new(),
@@ -368,6 +374,7 @@ impl Simulator {
             return Some(SourceBatch {
                 partition: PARTITION,
                 format: Format::Goflow2Json,
+                event_time: self.cfg.event_time,
                 messages,
                 received: Instant::now(),
                 offsets: Vec::new(),
