@@ -8,19 +8,31 @@ use siteflow::source::Messages;
 
 use crate::support::repo;
 
-fn check_golden(format: Format, name: &str) {
-    let dir = repo().join("tests/golden");
-    let input = std::fs::read(dir.join(format!("{name}.jsonl"))).unwrap();
-    // The whole file is one newline-delimited message, as collectors batch them.
+const LIMITS: DecodeLimits = DecodeLimits {
+    max_message_bytes: 1 << 20,
+    max_bytes_per_record: 1 << 40,
+    min_time_ns: DecodeLimits::MIN_TIME_NS,
+    max_time_ns: i64::MAX,
+};
+
+/// The input file as one newline-delimited message, as collectors batch them.
+fn input(name: &str) -> Messages {
     let mut msgs = Messages::default();
-    msgs.push(&input);
-    let limits = DecodeLimits {
-        max_message_bytes: 1 << 20,
-        max_bytes_per_record: 1 << 40,
-        min_time_ns: DecodeLimits::MIN_TIME_NS,
-        max_time_ns: i64::MAX,
-    };
-    let (decoded, stats) = decode(format, &msgs, &limits);
+    msgs.push(&std::fs::read(repo().join("tests/golden").join(format!("{name}.jsonl"))).unwrap());
+    msgs
+}
+
+fn compare(name: &str, actual: &str) {
+    let expected_path = repo().join("tests/golden").join(format!("{name}.expected"));
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(&expected_path, actual).unwrap();
+    }
+    let expected = std::fs::read_to_string(&expected_path).unwrap_or_default();
+    assert_eq!(actual, expected, "golden {name} differs (UPDATE_GOLDEN=1 to rewrite)");
+}
+
+fn check_golden(format: Format, name: &str) {
+    let (decoded, stats) = decode(format, &input(name), &LIMITS);
     let batches = match decoded {
         Decoded::Flows(b) | Decoded::Probes(b) => vec![b],
         Decoded::Telemetry { probes, counters, .. } => vec![probes, counters],
@@ -29,19 +41,44 @@ fn check_golden(format: Format, name: &str) {
     let mut rejected = stats.rejected.clone();
     rejected.sort();
     let actual = format!(
-        "{}\nrecords: {}, decoded: {}, missing sampling rate: {}\nrejected: {}\n",
+        "{}\nrecords: {}, decoded: {}, no traffic: {}, missing sampling rate: {}\nrejected: {}\n",
         tables.join("\n"),
         stats.records,
         stats.decoded,
+        stats.no_traffic,
         stats.missing_sampling_rate,
         rejected.iter().map(|(r, n)| format!("{}={n}", r.as_str())).collect::<Vec<_>>().join(", ")
     );
-    let expected_path = dir.join(format!("{name}.expected"));
-    if std::env::var_os("UPDATE_GOLDEN").is_some() {
-        std::fs::write(&expected_path, &actual).unwrap();
+    compare(name, &actual);
+}
+
+/// Each event-time mode on each JSON flow decoder's golden input: the event time and start of
+/// every decoded record, and how many fell back (the protobuf decoder's are unit tests).
+#[test]
+fn event_time_modes() {
+    use datafusion::arrow::array::AsArray;
+    use datafusion::arrow::datatypes::{TimestampNanosecondType, UInt64Type};
+    use siteflow::decode::decode_with;
+    use siteflow::event_time::EventTime;
+    let mut actual = String::new();
+    for (format, name) in [(Format::Goflow2Json, "goflow2_json"), (Format::PmacctJson, "pmacct_json")] {
+        for mode in [EventTime::FlowEnd, EventTime::FlowStart, EventTime::Arrival, EventTime::Spread] {
+            let (Decoded::Flows(b), stats) = decode_with(format, mode, &input(name), &LIMITS) else { unreachable!() };
+            let ns = |c: &str| b.column_by_name(c).unwrap().as_primitive::<TimestampNanosecondType>().values().to_vec();
+            let bytes = b.column_by_name("bytes").unwrap().as_primitive::<UInt64Type>().values().to_vec();
+            let rows: Vec<String> =
+                ns("event_time").iter().zip(ns("flow_start")).zip(bytes).map(|((t, s), b)| format!("{t}/{s}/{b}")).collect();
+            actual += &format!(
+                "{name} {}: decoded {}, fell back {}, rejected {}: {}\n",
+                mode.as_str(),
+                stats.decoded,
+                stats.event_time_fallback,
+                stats.rejected_total(),
+                rows.join(" ")
+            );
+        }
     }
-    let expected = std::fs::read_to_string(&expected_path).unwrap_or_default();
-    assert_eq!(actual, expected, "golden {name} differs (UPDATE_GOLDEN=1 to rewrite)");
+    compare("event_time_modes", &actual);
 }
 
 #[test]

@@ -247,3 +247,141 @@ fn softflowd_to_nfacctd_to_siteflow_gives_the_pcap_bytes_per_site() {
     // Background traffic belongs to no site: counted as unmatched, never dropped silently.
     assert!(a.metric("siteflow_records_unmatched_total", "table=\"flows\"").unwrap_or(0.0) >= 16.0, "{}", a.log_summary());
 }
+
+/// Long flows in `event_time: spread`: two sites' 90 s conversations at a steady rate go through
+/// softflowd (IPFIX, absolute times) and nfacctd to the broker. softflowd reading a pcap does not
+/// apply its active timeout (`-t maxlife`, measured: one 90 s flow either way), so the capture
+/// is cut into 20 s pieces, one softflowd run each, which exports what a 20 s active timeout
+/// would; one site's conversation is left whole (one record per direction over 9+ windows).
+/// Per window, siteflow's bytes equal those of the pcap's packets in that window within a
+/// packet at each piece's edges; placed by their end (`flow_end`) they would be far off.
+#[test]
+fn softflowd_long_flows_spread_over_their_windows_match_the_pcap_per_window() {
+    let dir = super::test_dir();
+    let broker = Broker::start(dir.path());
+    broker.create_topic("pmacct.flows", 1);
+    let port = crate::support::free_addr().port();
+    let (host, kafka_port) = (broker.addr.ip(), broker.addr.port());
+    let conf = write(
+        dir.path(),
+        "nfacctd.conf",
+        &format!(
+            "nfacctd_ip: 127.0.0.1\nnfacctd_port: {port}\ntimestamps_since_epoch: true\n\
+             aggregate[k]: peer_src_ip, src_host, dst_host, src_port, dst_port, proto, timestamp_start, timestamp_end\n\
+             plugins: kafka[k]\nkafka_output[k]: json\nkafka_topic[k]: pmacct.flows\n\
+             kafka_broker_host[k]: {host}\nkafka_broker_port[k]: {kafka_port}\nkafka_refresh_time[k]: 1\n"
+        ),
+    );
+    let nfacctd_log = std::fs::File::create(dir.path().join("nfacctd.log")).unwrap();
+    let _nfacctd = ProcessGroup(
+        Command::new("nfacctd")
+            .args(["-f", conf.to_str().unwrap()])
+            .env("LD_LIBRARY_PATH", librdkafka_dir())
+            .process_group(0)
+            .stdout(Stdio::from(nfacctd_log.try_clone().unwrap()))
+            .stderr(Stdio::from(nfacctd_log))
+            .spawn()
+            .expect("nfacctd (pmacct) is installed by scripts/test.sh"),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+
+    // Two sites, each one TCP conversation of 90 s with an outside host: a segment every 0.1 s,
+    // alternating directions, fixed sizes per direction. Starts 3 s into a window.
+    let all = sites();
+    let chosen = [&all[10], &all[150]];
+    let now = chrono::Utc::now().timestamp() as f64;
+    let t0 = (now / 10.0).floor() * 10.0 - 600.0 + 3.0;
+    let mut conversations = Vec::new();
+    for (s, site) in chosen.iter().enumerate() {
+        let inside = [site.net[0], site.net[1], site.net[2], 20 + s as u8];
+        let mut p = Pcap::new();
+        p.conversation(inside, [203, 0, 113, 40 + s as u8], t0 + s as f64 * 0.02, 1800, |i| if i % 2 == 0 { 500 } else { 1000 });
+        conversations.push((site.id.clone(), inside, p));
+    }
+    // The pcap's bytes per (site, direction, window).
+    let mut truth: BTreeMap<(String, String, i64), u64> = BTreeMap::new();
+    for (site, inside, p) in &conversations {
+        for (t, f) in &p.frames {
+            let dir = if f[30..34] == inside[..] { "in" } else { "out" };
+            let w = (t / 10.0).floor() as i64 * 10;
+            *truth.entry((site.clone(), dir.to_string(), w)).or_default() += (f.len() - 14) as u64;
+        }
+    }
+    // Site 0 in 20 s pieces (what a 20 s active timeout exports), site 1 whole.
+    let mut runs: Vec<Pcap> = Vec::new();
+    for piece in 0..5 {
+        let mut p = Pcap::new();
+        let (from, to) = (t0 + f64::from(piece) * 20.0, t0 + f64::from(piece + 1) * 20.0);
+        p.frames = conversations[0].2.frames.iter().filter(|(t, _)| *t >= from && *t < to).cloned().collect();
+        if piece == 0 {
+            p.frames.extend(conversations[1].2.frames.iter().cloned());
+        }
+        runs.push(p);
+    }
+    for (k, p) in runs.iter().enumerate() {
+        let path = dir.path().join(format!("piece{k}.pcap"));
+        p.write(&path);
+        let out = Command::new("softflowd")
+            .args(["-r", path.to_str().unwrap(), "-n", &format!("127.0.0.1:{port}"), "-v", "10", "-A", "milli", "-D"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success() && text.contains("netflow packets"), "softflowd: {text}");
+        std::thread::sleep(Duration::from_millis(1500));
+    }
+    let expected_records = 5 * 2 + 2;
+    let published = broker.read_all("pmacct.flows", expected_records, Duration::from_secs(60));
+    let nfacctd_log = || std::fs::read_to_string(dir.path().join("nfacctd.log")).unwrap_or_default();
+    assert_eq!(published.len(), expected_records, "records published by nfacctd; its log:\n{}", nfacctd_log());
+
+    // A sentinel an hour later closes every window.
+    let producer = broker.producer();
+    let sentinel = format!(
+        r#"{{"peer_ip_src":"127.0.0.1","ip_src":"203.0.113.1","ip_dst":"198.51.100.1","timestamp_end":"{}.000000","packets":1,"bytes":1}}"#,
+        now as i64 + 3600
+    );
+    crate::kafka_support::send(&producer, "pmacct.flows", 0, sentinel.as_bytes());
+    crate::kafka_support::flush(&producer);
+
+    // The lateness covers the longest flow: its early pieces arrive with its record.
+    let checkpoints = dir.path().join("ckpt");
+    let a = Instance::start_with_env(
+        dir.path(),
+        "a",
+        &broker,
+        &[("pmacct.flows", "pmacct_json, event_time: spread")],
+        &checkpoints,
+        "",
+        &[("SITEFLOW_WINDOW__ALLOWED_LATENESS_MS", "120000")],
+    );
+    let got = || -> BTreeMap<(String, String, i64), u64> {
+        read_flow_results(&checkpoints).into_iter().filter(|((_, _, w), _)| *w < now as i64).map(|(k, v)| (k, v.0)).collect()
+    };
+    let total = |m: &BTreeMap<(String, String, i64), u64>| m.values().sum::<u64>();
+    let ok = wait_until(Duration::from_secs(120), || total(&got()) == total(&truth));
+    let got = got();
+    assert!(ok, "siteflow's bytes: {got:?}\npcap's: {truth:?}\n{}", a.log_summary());
+    // Within two packets (1040 IP bytes at most) per window: the edges of the pieces.
+    let tolerance = 2 * 1040;
+    for key in truth.keys().chain(got.keys()) {
+        let (want, have) = (truth.get(key).copied().unwrap_or(0), got.get(key).copied().unwrap_or(0));
+        assert!(want.abs_diff(have) <= tolerance, "{key:?}: siteflow {have}, pcap {want}\n{got:?}");
+    }
+    // Placed by their end, the same records would be off by whole windows of traffic.
+    let mut by_end: BTreeMap<(String, String, i64), u64> = BTreeMap::new();
+    for (payload, _) in &published {
+        for line in String::from_utf8_lossy(payload).lines() {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            let end: f64 = v["timestamp_end"].as_str().unwrap().parse().unwrap();
+            let dst: Vec<u8> = v["ip_dst"].as_str().unwrap().split('.').map(|x| x.parse().unwrap()).collect();
+            for (site, inside, _) in &conversations {
+                let src: Vec<u8> = v["ip_src"].as_str().unwrap().split('.').map(|x| x.parse().unwrap()).collect();
+                let dir = if dst == inside { "in" } else if src == inside { "out" } else { continue };
+                *by_end.entry((site.clone(), dir.to_string(), (end / 10.0).floor() as i64 * 10)).or_default() += v["bytes"].as_u64().unwrap();
+            }
+        }
+    }
+    let worst_by_end = truth.keys().map(|k| truth[k].abs_diff(by_end.get(k).copied().unwrap_or(0))).max().unwrap();
+    assert!(worst_by_end > 20 * tolerance, "flow_end's worst window is off by {worst_by_end} bytes");
+    assert!(a.metric("siteflow_flows_spread_rows_total", "").unwrap_or(0.0) >= 20.0, "{}", a.log_summary());
+}
