@@ -13,7 +13,7 @@ pub mod scenario;
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -279,12 +279,9 @@ impl Simulator {
         };
         let (exporter, src, dst) = if stray {
             // Between two addresses of no site (never the MCU, which is a site's address).
-            (STRAY_EXPORTER, Ipv4Addr::new(198, 51, 100, self.rng.u8(1..255)), Ipv4Addr::new(203, 0, 113, self.rng.u8(1..255)))
+            (IpAddr::V4(STRAY_EXPORTER), Ipv4Addr::new(198, 51, 100, self.rng.u8(1..255)), Ipv4Addr::new(203, 0, 113, self.rng.u8(1..255)))
         } else {
-            let exporter = match site.exporter {
-                Some(std::net::IpAddr::V4(e)) => e,
-                _ => STRAY_EXPORTER,
-            };
+            let exporter = site.exporter.unwrap_or(IpAddr::V4(STRAY_EXPORTER));
             if outbound { (exporter, local, remote) } else { (exporter, remote, local) }
         };
         let (in_if, out_if) = if outbound { (1, 2) } else { (2, 1) };
