@@ -10,6 +10,7 @@ mod kafka_support;
 mod pipeline_sql;
 mod prometheus_e2e;
 mod readiness;
+mod replay;
 mod sql;
 mod support;
 mod window_totals;
