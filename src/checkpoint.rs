@@ -66,6 +66,10 @@ struct Header {
     /// Last interface counter samples (absent in checkpoints of older versions).
     #[serde(default)]
     counters: Vec<CounterBaseline>,
+    /// Per-exporter clocks: exporter address (as text) → largest event time (absent in
+    /// checkpoints of older versions: one clock for the partition).
+    #[serde(default)]
+    clocks: Vec<(String, i64)>,
 }
 
 /// One partition's saved state.
@@ -80,6 +84,8 @@ pub struct PartitionCheckpoint {
     pub states: Vec<Vec<RecordBatch>>,
     /// The partition's last interface counter samples (the baselines of the next deltas).
     pub counters: Vec<CounterBaseline>,
+    /// The partition's event-time clocks: (exporter, largest event time).
+    pub clocks: Vec<(crate::window::ExporterKey, i64)>,
 }
 
 /// The checkpoint directory.
@@ -178,6 +184,11 @@ impl CheckpointStore {
             results_len,
             states,
             counters: header.counters,
+            clocks: header
+                .clocks
+                .iter()
+                .filter_map(|(e, t)| e.parse::<std::net::Ipv6Addr>().ok().map(|a| (u128::from(a), *t)))
+                .collect(),
         }))
     }
 
@@ -193,6 +204,7 @@ impl CheckpointStore {
             tables: self.tables.clone(),
             written_unix_ms: chrono::Utc::now().timestamp_millis(),
             counters: ckpt.counters.clone(),
+            clocks: ckpt.clocks.iter().map(|(e, t)| (std::net::Ipv6Addr::from(*e).to_string(), *t)).collect(),
         };
         let header = serde_json::to_vec(&header).expect("header serialises");
         let mut bytes = Vec::with_capacity(4096);
@@ -287,7 +299,14 @@ mod tests {
         let counters =
             vec![CounterBaseline { device: "r1".into(), interface: "eth0".into(), direction: "in".into(), time_ns: 9, value: 1 << 40 }];
         let ckpt =
-            PartitionCheckpoint { next_offset: 42, max_event_ns: Some(7), results_len: vec![len1], states: vec![vec![batch(5)]], counters };
+            PartitionCheckpoint {
+            next_offset: 42,
+            max_event_ns: Some(7),
+            results_len: vec![len1],
+            states: vec![vec![batch(5)]],
+            counters,
+            clocks: vec![(0xac10_0215, 7), (0, 5)],
+        };
         store.save(&key, &ckpt, &[batch(1).schema()]).unwrap();
         let len2 = store.append_results(0, &key, &batch(20)).unwrap();
         assert!(len2 > len1);
@@ -295,6 +314,7 @@ mod tests {
         assert_eq!((back.next_offset, back.max_event_ns, back.results_len.clone()), (42, Some(7), vec![len1]));
         assert_eq!(back.states[0], vec![batch(5)]);
         assert_eq!(back.counters, ckpt.counters);
+        assert_eq!(back.clocks, ckpt.clocks);
         assert_eq!(store.next_offset(&key).unwrap(), Some(42));
         store.truncate_results(0, &key, back.results_len[0]).unwrap();
         let text = fs::read_to_string(store.results_path(0, &key)).unwrap();

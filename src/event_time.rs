@@ -31,6 +31,8 @@ pub enum EventTime {
 }
 
 impl EventTime {
+    pub const ALL: [EventTime; 4] = [EventTime::FlowEnd, EventTime::FlowStart, EventTime::Arrival, EventTime::Spread];
+
     pub fn as_str(self) -> &'static str {
         match self {
             EventTime::FlowEnd => "flow_end",

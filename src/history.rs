@@ -4,8 +4,10 @@
 //! rows are written to Parquet, one file per table and date, and leave memory in the same step
 //! (under one lock), so a query's snapshot sees each window exactly once: in memory or on disk,
 //! never both, never neither. Layout: `<dir>/<table>/date=YYYY-MM-DD/<first>-<last>.parquet`
-//! (window starts in ns). Dates older than the retention are deleted; a past date with many
-//! small files is compacted into one. Without a directory, windows stay in memory only, bounded
+//! (window starts in ns). Dates older than the retention are deleted once their files were
+//! also written longer ago than the retention (a replay of last year's flows stays queryable
+//! for the retention); a past date with many small files is compacted into one. A published
+//! window that is corrected has its rows replaced, in memory or on disk. Without a directory, windows stay in memory only, bounded
 //! by `max_memory_rows` per table (the oldest rows go first).
 
 use std::collections::BTreeMap;
@@ -224,6 +226,49 @@ impl History {
         }
     }
 
+    /// Replaces the rows of one window (a correction of a published window): its rows leave
+    /// memory and the files that hold it are rewritten without them, then the new rows join
+    /// memory — all under the lock, so a query sees the window exactly once.
+    pub fn replace_window(&self, table: &str, start_ns: i64, rows: &RecordBatch) -> anyhow::Result<()> {
+        let rows = normalise(rows);
+        let mut inner = self.inner.lock().expect("history lock");
+        let t = inner.tables.entry(table.to_string()).or_default();
+        t.schema.get_or_insert_with(|| rows.schema());
+        let mut kept = Vec::with_capacity(t.memory.len());
+        for batch in t.memory.drain(..) {
+            let rest = without_window(&batch, start_ns)?;
+            if rest.num_rows() > 0 {
+                kept.push(rest);
+            }
+        }
+        t.memory = kept;
+        if let Some(files) = t.files.get_mut(&date_of(start_ns)) {
+            let mut emptied = Vec::new();
+            for path in files.iter().filter(|p| file_may_hold(p, start_ns)) {
+                let batches: Vec<RecordBatch> =
+                    ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(path)?)?.build()?.collect::<Result<_, _>>()?;
+                let before: usize = batches.iter().map(RecordBatch::num_rows).sum();
+                let rest: Vec<RecordBatch> =
+                    batches.iter().map(|b| without_window(b, start_ns)).filter(|b| b.as_ref().is_ok_and(|b| b.num_rows() > 0)).collect::<Result<_, _>>()?;
+                if rest.iter().map(RecordBatch::num_rows).sum::<usize>() == before {
+                    continue;
+                }
+                if rest.is_empty() {
+                    std::fs::remove_file(path)?;
+                    emptied.push(path.clone());
+                } else {
+                    write_parquet(path, &rest)?;
+                }
+            }
+            files.retain(|p| !emptied.contains(p));
+        }
+        if rows.num_rows() > 0 {
+            t.memory.push(rows);
+        }
+        t.memory_rows = t.memory.iter().map(RecordBatch::num_rows).sum();
+        Ok(())
+    }
+
     /// Every table's rows at this instant.
     pub fn snapshot(&self) -> BTreeMap<String, TableSnapshot> {
         let inner = self.inner.lock().expect("history lock");
@@ -273,7 +318,9 @@ impl History {
         Ok(written)
     }
 
-    /// Deletes dates past the retention; compacts past dates with many files.
+    /// Deletes dates past the retention whose files were also all written longer ago than the
+    /// retention (so a replay of old data keeps what it just wrote); compacts past dates with
+    /// many files.
     pub fn retain_and_compact(&self, now: chrono::DateTime<chrono::Utc>) -> anyhow::Result<()> {
         let Some(dir) = self.options.dir.clone() else { return Ok(()) };
         let oldest_kept = (now - chrono::Duration::days(i64::from(self.options.retention_days))).format("%Y-%m-%d").to_string();
@@ -283,7 +330,17 @@ impl History {
         {
             let mut inner = self.inner.lock().expect("history lock");
             for (name, t) in inner.tables.iter_mut() {
-                let expired: Vec<String> = t.files.keys().filter(|d| **d < oldest_kept).cloned().collect();
+                let retention = std::time::Duration::from_secs(u64::from(self.options.retention_days) * 86_400);
+                let written_within = |files: &Vec<PathBuf>| {
+                    files.iter().any(|f| {
+                        std::fs::metadata(f).and_then(|m| m.modified()).map_or(true, |m| {
+                            let age = std::time::SystemTime::from(now).duration_since(m).unwrap_or_default();
+                            age < retention
+                        })
+                    })
+                };
+                let expired: Vec<String> =
+                    t.files.iter().filter(|(d, files)| **d < oldest_kept && !written_within(files)).map(|(d, _)| d.clone()).collect();
                 for date in expired {
                     t.files.remove(&date);
                     let _ = std::fs::remove_dir_all(dir.join(name).join(format!("date={date}")));
@@ -336,6 +393,26 @@ fn merge_parquet(parts: &[PathBuf], target: &Path) -> anyhow::Result<()> {
     std::fs::rename(&tmp, target)?;
     std::fs::File::open(dir).and_then(|d| d.sync_all())?;
     Ok(())
+}
+
+/// The rows of `batch` not of the window starting at `start_ns`.
+fn without_window(batch: &RecordBatch, start_ns: i64) -> Result<RecordBatch, datafusion::arrow::error::ArrowError> {
+    let Some(starts) = batch.column_by_name("window_start").and_then(|c| c.as_primitive_opt::<TimestampNanosecondType>()) else {
+        return Ok(batch.clone());
+    };
+    let keep = datafusion::arrow::array::BooleanArray::from_iter(starts.values().iter().map(|&s| Some(s != start_ns)));
+    datafusion::arrow::compute::filter_record_batch(batch, &keep)
+}
+
+/// Whether a history file can hold the window starting at `start_ns`: flushed files are named
+/// `<first>-<last>[-n].parquet` by window start; compacted ones hold a whole date.
+fn file_may_hold(path: &Path, start_ns: i64) -> bool {
+    let name = path.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+    let mut parts = name.splitn(3, '-').map(str::parse::<i64>);
+    match (parts.next(), parts.next()) {
+        (Some(Ok(first)), Some(Ok(last))) => (first..=last).contains(&start_ns),
+        _ => true,
+    }
 }
 
 /// A path not yet taken (a second flush within the same windows gets a suffix).
@@ -419,10 +496,14 @@ impl HistorySink {
 
 impl WindowSink for HistorySink {
     fn on_window(&mut self, window: &ClosedWindow) {
-        match sql_table_name(&window.table) {
-            Some(TOP_TALKERS_TABLE) => self.history.append(TOP_TALKERS_TABLE, &top_n(&window.rows, self.top_talkers)),
-            Some(name) => self.history.append(name, &window.rows),
-            None => {}
+        let Some(name) = sql_table_name(&window.table) else { return };
+        let rows = if name == TOP_TALKERS_TABLE { top_n(&window.rows, self.top_talkers) } else { window.rows.clone() };
+        if window.previous.is_none() {
+            return self.history.append(name, &rows);
+        }
+        // A correction: one row per key and window in SQL, with the corrected values.
+        if let Err(e) = self.history.replace_window(name, window.start_ns, &rows) {
+            tracing::error!(table = name, window_start = window.start_ns, "history: correcting a window failed: {e:#}");
         }
     }
 
@@ -494,29 +575,51 @@ mod tests {
         let now = chrono::Utc::now();
         let today = now.timestamp_nanos_opt().unwrap() / DAY_NS * DAY_NS;
         let h = History::open(options.clone()).unwrap();
-        // 40 days ago (expires), 2 days ago in four flushes (compacted), today (kept as is).
+        // 40 days ago (a replay of old data: kept, it was just written), 2 days ago in four
+        // flushes (compacted), today (kept as is).
         h.append("site_windows", &windows(&[today - 40 * DAY_NS]));
         h.flush().unwrap();
+        assert_eq!(rows(&h), (0, 1), "what was just written is not deleted, however old its windows");
         for i in 0..4 {
             h.append("site_windows", &windows(&[today - 2 * DAY_NS + i, today - 2 * DAY_NS + 100 + i]));
             h.flush().unwrap();
         }
         h.append("site_windows", &windows(&[today + 5]));
-        assert_eq!(rows(&h), (1, 8), "flushed rows left memory; the expired date is already gone");
+        assert_eq!(rows(&h), (1, 9), "flushed rows left memory");
         h.flush().unwrap();
-        assert_eq!(rows(&h), (0, 9));
+        assert_eq!(rows(&h), (0, 10));
         let snap = &h.snapshot()["site_windows"];
-        let dates: Vec<String> =
-            snap.files.iter().map(|f| f.parent().unwrap().file_name().unwrap().to_string_lossy().to_string()).collect();
         // Three files were compacted into one as soon as there were three; the fourth came after.
         let two_days_ago = snap.files.iter().filter(|f| f.parent().unwrap().ends_with(format!("date={}", date_of(today - 2 * DAY_NS))));
         let names: Vec<String> = two_days_ago.map(|f| f.file_name().unwrap().to_string_lossy().to_string()).collect();
         assert_eq!(names.len(), 2, "{names:?}");
         assert!(names.iter().any(|n| n.starts_with("compacted-")), "{names:?}");
-        assert!(!dates.contains(&format!("date={}", date_of(today - 40 * DAY_NS))), "expired: {dates:?}");
-        assert!(!dir.path().join("site_windows").join(format!("date={}", date_of(today - 40 * DAY_NS))).exists());
         // Reopened (a restart): the same files and rows.
         let again = History::open(options).unwrap();
-        assert_eq!(rows(&again), (0, 9));
+        assert_eq!(rows(&again), (0, 10));
+        // 29 days on, every file is younger than the retention: nothing goes. 31 days on, the
+        // dates past the retention whose files are older than it go.
+        h.retain_and_compact(now + chrono::Duration::days(29)).unwrap();
+        assert_eq!(rows(&h), (0, 10));
+        h.retain_and_compact(now + chrono::Duration::days(31)).unwrap();
+        assert_eq!(rows(&h), (0, 0));
+        assert!(!dir.path().join("site_windows").join(format!("date={}", date_of(today - 40 * DAY_NS))).exists());
+    }
+
+    #[test]
+    fn a_corrected_window_replaces_its_rows_in_memory_and_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = HistoryOptions { dir: Some(dir.path().to_path_buf()), retention_days: 30, compact_min_files: 100, max_memory_rows: 0 };
+        let today = chrono::Utc::now().timestamp_nanos_opt().unwrap() / DAY_NS * DAY_NS;
+        let h = History::open(options).unwrap();
+        h.append("site_windows", &windows(&[today, today + 10]));
+        h.flush().unwrap();
+        h.append("site_windows", &windows(&[today + 20]));
+        // On disk (window `today`) and in memory (window `today + 20`): each replaced once.
+        h.replace_window("site_windows", today, &windows(&[today, today])).unwrap();
+        h.replace_window("site_windows", today + 20, &windows(&[today + 20, today + 20, today + 20])).unwrap();
+        assert_eq!(rows(&h), (5, 1), "window today+10 stays on disk; the corrected rows are in memory");
+        h.flush().unwrap();
+        assert_eq!(rows(&h), (0, 6));
     }
 }

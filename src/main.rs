@@ -19,6 +19,8 @@ use siteflow::http::{AppState, SqlFormat, router};
 use siteflow::metrics::PipelineMetrics;
 use siteflow::pipeline::{Pipeline, Resources, plan_windows};
 use siteflow::sink::prometheus::SiteMetrics;
+use siteflow::decode::Format;
+use siteflow::source::file::FileSource;
 use siteflow::source::kafka::KafkaSource;
 use siteflow::source::simulator::{Scenario, Simulator};
 use siteflow::sql::{RecentFlows, SqlEngine, SqlLimits};
@@ -53,7 +55,7 @@ struct Cli {
 enum Command {
     /// Run the pipeline on the built-in simulator: no Kafka, no configuration needed.
     #[command(
-        after_help = "Example:\n  siteflow demo --listen 127.0.0.1:9900 --rate 20000\n\nThen open http://127.0.0.1:9900/metrics; the first windows close after window.size_secs + allowed lateness (15 s by default)."
+        after_help = "Example:\n  siteflow demo --listen 127.0.0.1:9900 --rate 20000\n\nThen open http://127.0.0.1:9900/metrics; the first windows are published window.size_secs + window.publish_delay_ms after they start (15 s by default)."
     )]
     Demo(DemoArgs),
     /// Run the pipeline as configured (the simulator, or Kafka topics with checkpoints).
@@ -67,6 +69,9 @@ enum Command {
     /// Print the version, commit, compiler and target of this binary.
     #[command(after_help = "Example:\n  siteflow version --json")]
     Version(VersionArgs),
+    /// Replay recorded messages from files through the pipeline (no Kafka), then print per-site totals.
+    #[command(after_help = REPLAY_EXAMPLES)]
+    Replay(ReplayArgs),
     /// Ask a running siteflow a read-only SQL question (or query a Parquet history directly).
     #[command(after_help = SQL_EXAMPLES)]
     Sql(SqlArgs),
@@ -87,6 +92,43 @@ Examples:
 
   # Straight from the Parquet history directory, no server needed:
   siteflow sql --data /var/lib/siteflow/history \"SELECT count(*) FROM site_windows\"";
+
+const REPLAY_EXAMPLES: &str = "\
+Files hold one message per line (JSON formats) or varint length-delimited FlowMessages
+(goflow2_protobuf, as `goflow2 -format=bin` writes them). Each file is its own stream with its
+own event-time clocks. Windows follow the data's event time, not the wall clock: a capture
+from last year gives last year's windows. At the end every open window is flushed.
+
+Examples:
+  # Per-site totals of a goflow2 capture, with the built-in Ha Giang inventory:
+  siteflow replay --format goflow2_json flows-2025-11-03.json
+
+  # Your own inventory and settings; keep the windows for SQL afterwards:
+  siteflow replay --config siteflow.yaml --history-dir /tmp/replay --format pmacct_json nfacctd.json
+  siteflow sql --data /tmp/replay \"SELECT site, sum(bytes) FROM site_windows GROUP BY site\"";
+
+#[derive(Args)]
+struct ReplayArgs {
+    /// Files of recorded messages, all of one format.
+    #[arg(required = true, value_name = "FILE")]
+    files: Vec<PathBuf>,
+    /// Their format: goflow2_json, goflow2_protobuf, pmacct_json, siteflow_probe_json or telegraf_json.
+    #[arg(long, value_name = "FORMAT")]
+    format: String,
+    /// Which time of a flow places it in a window: flow_end, flow_start, arrival or spread
+    /// (as `kafka.topics[].event_time`).
+    #[arg(long, value_name = "MODE", default_value = "flow_end")]
+    event_time: String,
+    /// Optional configuration (inventory, pipeline SQL, window, decode limits).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Also write every window to this Parquet history directory (`siteflow sql --data DIR`).
+    #[arg(long, value_name = "DIR")]
+    history_dir: Option<PathBuf>,
+    /// Output of the per-site totals.
+    #[arg(long, value_enum, default_value = "table")]
+    output: OutputFormat,
+}
 
 #[derive(Args)]
 struct VersionArgs {
@@ -172,11 +214,7 @@ fn init_logging(config: &Config) {
 }
 
 fn window_spec(config: &Config) -> WindowSpec {
-    WindowSpec {
-        size: config.window_size(),
-        allowed_lateness: std::time::Duration::from_millis(config.window.allowed_lateness_ms),
-        idle_partition_timeout: std::time::Duration::from_secs(config.window.idle_partition_timeout_secs),
-    }
+    config.window_spec()
 }
 
 fn load_scenario(config: &Config, res: &Resources) -> anyhow::Result<Scenario> {
@@ -328,6 +366,11 @@ async fn sql(args: &SqlArgs) -> anyhow::Result<()> {
             let options =
                 HistoryOptions { dir: Some(dir.clone()), retention_days: u32::MAX, compact_min_files: usize::MAX, max_memory_rows: 0 };
             let history = History::open(options)?;
+            anyhow::ensure!(
+                history.snapshot().values().any(|t| !t.files.is_empty()),
+                "{}: the history is empty: no window has been written there yet (siteflow writes every history.flush_interval_secs and at shutdown)",
+                dir.display()
+            );
             let limits = SqlLimits::from_config(&siteflow::config::SqlConfig::default());
             let engine = SqlEngine::new(Arc::new(siteflow::inventory::Inventory::embedded()), history, None, limits, 10.0);
             engine.query(&args.query).await.map_err(|e| anyhow::anyhow!("{e}"))?
@@ -339,18 +382,23 @@ async fn sql(args: &SqlArgs) -> anyhow::Result<()> {
             tokio::task::spawn_blocking(move || ask_server(&url, &query, token.as_deref())).await??
         }
     };
+    print_batches(args.format, &schema, &batches)
+}
+
+/// Prints query results as a table (with a row count), CSV or JSON.
+fn print_batches(format: OutputFormat, schema: &datafusion::arrow::datatypes::SchemaRef, batches: &[datafusion::arrow::array::RecordBatch]) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
-    match args.format {
+    match format {
         OutputFormat::Table => {
             use std::io::Write;
             let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
-            let table = datafusion::arrow::util::pretty::pretty_format_batches(&batches)?;
+            let table = datafusion::arrow::util::pretty::pretty_format_batches(batches)?;
             writeln!(out, "{table}")?;
             writeln!(out, "({rows} row{})", if rows == 1 { "" } else { "s" })?;
         }
-        OutputFormat::Csv => std::io::Write::write_all(&mut out, &siteflow::http::encode_batches(SqlFormat::Csv, &schema, &batches)?)?,
+        OutputFormat::Csv => std::io::Write::write_all(&mut out, &siteflow::http::encode_batches(SqlFormat::Csv, schema, batches)?)?,
         OutputFormat::Json => {
-            std::io::Write::write_all(&mut out, &siteflow::http::encode_batches(SqlFormat::Json, &schema, &batches)?)?;
+            std::io::Write::write_all(&mut out, &siteflow::http::encode_batches(SqlFormat::Json, schema, batches)?)?;
             std::io::Write::write_all(&mut out, b"\n")?;
         }
     }
@@ -381,6 +429,66 @@ fn ask_server(url: &str, query: &str, token: Option<&str>) -> anyhow::Result<Bat
     Ok((schema, batches))
 }
 
+/// `siteflow replay`: files through the pipeline, every window flushed at the end, per-site totals.
+async fn replay(args: &ReplayArgs) -> anyhow::Result<()> {
+    let format = Format::ALL.into_iter().find(|f| f.as_str() == args.format).filter(|f| *f != Format::Goflow2ProtobufPlain).with_context(|| {
+        format!(
+            "--format {}: not a replayable format (one of goflow2_json, goflow2_protobuf, pmacct_json, siteflow_probe_json, telegraf_json)",
+            args.format
+        )
+    })?;
+    let config = Config::load(args.config.as_deref())?;
+    init_logging(&config);
+    let res = Resources::load(&config)?;
+    let event_time = siteflow::event_time::EventTime::ALL
+        .into_iter()
+        .find(|m| m.as_str() == args.event_time)
+        .with_context(|| format!("--event-time {}: one of flow_end, flow_start, arrival, spread", args.event_time))?;
+    let source = FileSource::open(&args.files, format, event_time, 1_000)?;
+    let messages = source.total_messages();
+    let metrics = Arc::new(PipelineMetrics::new(&Pipeline::FORMATS, &Pipeline::TABLES));
+    let dir = args.history_dir.clone();
+    let history = History::open(HistoryOptions { dir: dir.clone(), max_memory_rows: usize::MAX, ..HistoryOptions::from_config(&config.history) })?;
+    let sinks: Vec<Box<dyn siteflow::sink::WindowSink>> = vec![Box::new(HistorySink::new(history.clone(), config.sql.top_talkers))];
+    let pipeline = Pipeline::build(&config, &res, metrics.clone(), sinks).await?;
+    siteflow::history::declare_tables(&history, pipeline.windows(), config.sql.top_talkers);
+    tracing::info!(files = args.files.len(), messages, format = format.as_str(), "replaying");
+    let (_stop, stop_rx) = watch::channel(false);
+    let summary = siteflow::pipeline::run(source, pipeline, stop_rx).await?;
+    let f = format.as_str();
+    let rejected: u64 = siteflow::decode::RejectReason::ALL.iter().map(|r| metrics.records_rejected.with_label_values(&[f, r.as_str()]).get()).sum();
+    let table_count = |c: &prometheus::IntCounterVec| -> u64 { Pipeline::TABLES.iter().map(|t| c.with_label_values(&[t]).get()).sum() };
+    eprintln!(
+        "replayed {messages} messages: {} records decoded, {rejected} rejected, {} unmatched, {} late; {} windows ({} corrected)",
+        metrics.records_decoded.with_label_values(&[f]).get(),
+        table_count(&metrics.records_unmatched),
+        table_count(&metrics.records_late),
+        summary.windows_closed,
+        metrics.windows_corrected.with_label_values(&["flows"]).get(),
+    );
+    for reason in siteflow::decode::RejectReason::ALL {
+        let n = metrics.records_rejected.with_label_values(&[f, reason.as_str()]).get();
+        if n > 0 {
+            eprintln!("  rejected as {}: {n}", reason.as_str());
+        }
+    }
+    if dir.is_some() {
+        let rows = history.flush()?;
+        eprintln!("{rows} rows written to {}", args.history_dir.as_ref().expect("set").display());
+    }
+    let limits = SqlLimits::from_config(&config.sql);
+    let engine = SqlEngine::new(res.inventory.clone(), history, None, limits, config.window.size_secs as f64);
+    let (schema, batches) = engine
+        .query(
+            "SELECT site, direction, count(*) AS windows, min(window_start) AS first_window, max(window_start) AS last_window, \
+             sum(bytes) AS bytes, sum(packets) AS packets, sum(records) AS records \
+             FROM site_windows GROUP BY site, direction ORDER BY site, direction",
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("per-site totals: {e}"))?;
+    print_batches(args.output, &schema, &batches)
+}
+
 async fn check(args: &CheckArgs) -> anyhow::Result<()> {
     let config = Config::load(Some(&args.config))?;
     let res = Resources::load(&config)?;
@@ -398,7 +506,11 @@ async fn check(args: &CheckArgs) -> anyhow::Result<()> {
     println!("  flows SQL: {} → columns {}", res.flows_sql.origin, column_list(&windows, tables.flows));
     println!("  probes SQL: {} → columns {}", res.probes_sql.origin, column_list(&windows, tables.probes));
     println!("  interfaces SQL: {} → columns {}", res.interfaces_sql.origin, column_list(&windows, tables.interfaces));
-    println!("  windows: {} s, allowed lateness {} ms", config.window.size_secs, config.window.allowed_lateness_ms);
+    let w = &config.window;
+    println!(
+        "  windows: {} s, published after {} ms, allowed lateness {} ms per exporter, corrections for {} s, exporter skew {} s",
+        w.size_secs, w.publish_delay_ms, w.allowed_lateness_ms, w.correction_horizon_secs, w.max_exporter_skew_secs
+    );
     println!("  source: {:?}; scenario: {} fault(s)", config.source.kind, scenario.faults.len());
     if config.source.kind == SourceKind::Kafka {
         let topics: Vec<String> = config
@@ -436,6 +548,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Check(args) => check(&args).await,
             Command::Sql(args) => sql(&args).await,
+            Command::Replay(args) => replay(&args).await,
             Command::Version(args) => {
                 let build = &siteflow::build_info::BUILD;
                 if args.json {

@@ -26,6 +26,10 @@ pub struct PipelineMetrics {
     pub watermark_timestamp: Gauge,
     pub watermark_lag: Gauge,
     pub windows_closed: IntCounterVec,
+    /// Published windows corrected by records that were on time for their own exporter.
+    pub windows_corrected: IntCounterVec,
+    /// Published windows kept for corrections.
+    pub windows_correctable: IntGauge,
     pub windows_open: IntGauge,
     pub window_close_latency: Histogram,
     /// The same latency at full resolution, for exact p50/p99 in logs and benchmarks (µs).
@@ -124,6 +128,17 @@ impl PipelineMetrics {
             .expect("valid metric"),
         );
         let windows_closed = counter_vec(r, "siteflow_windows_closed_total", "Windows closed and published to the sinks.", &["table"]);
+        let windows_corrected = counter_vec(
+            r,
+            "siteflow_windows_corrected_total",
+            "Published windows corrected by records on time for their own exporter that arrived after publication (a lagging exporter, records beyond the publish delay).",
+            &["table"],
+        );
+        let windows_correctable = register(
+            r,
+            IntGauge::new("siteflow_windows_correctable", "Published windows kept in memory for corrections (window.correction_horizon_secs).")
+                .expect("valid metric"),
+        );
         let flows_missing_sampling_rate = IntCounter::new(
             "siteflow_flows_missing_sampling_rate_total",
             "Flow records that carried no sampling rate; scaled by sampling.default_rate.",
@@ -152,7 +167,7 @@ impl PipelineMetrics {
         r.register(Box::new(window_close_latency.clone())).expect("registered once");
         let window_late_contributions = register(r, IntCounter::new(
             "siteflow_window_late_contributions_total",
-            "Partition states that closed after their window was published (a partition catching up after a takeover or idleness); they reach the results logs, not /metrics.",
+            "Partition states that closed after their window left the correction horizon (a partition restored far behind the others); they reach the results logs, not /metrics or SQL.",
         ).expect("valid metric"));
         let kafka_consumer_lag = register(
             r,
@@ -286,6 +301,7 @@ impl PipelineMetrics {
             records_unmatched.with_label_values(&[t]);
             records_late.with_label_values(&[t]);
             windows_closed.with_label_values(&[t]);
+            windows_corrected.with_label_values(&[t]);
         }
         Self {
             registry,
@@ -306,6 +322,8 @@ impl PipelineMetrics {
             watermark_timestamp,
             watermark_lag,
             windows_closed,
+            windows_corrected,
+            windows_correctable,
             windows_open,
             window_close_latency,
             window_close_latency_exact: Mutex::new(hdrhistogram::Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid bounds")),

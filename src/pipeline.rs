@@ -238,11 +238,7 @@ impl Pipeline {
         metrics: Arc<PipelineMetrics>,
         sinks: Vec<Box<dyn WindowSink>>,
     ) -> Result<Self, BuildError> {
-        let spec = WindowSpec {
-            size: config.window_size(),
-            allowed_lateness: Duration::from_millis(config.window.allowed_lateness_ms),
-            idle_partition_timeout: Duration::from_secs(config.window.idle_partition_timeout_secs),
-        };
+        let spec = config.window_spec();
         if res.policy.period_secs < config.window.size_secs {
             return Err(BuildError::Other(format!(
                 "readiness policy: period_secs ({}) must be at least window.size_secs ({})",
@@ -311,14 +307,14 @@ impl Pipeline {
         let durable = self.durable.as_mut().ok_or_else(|| anyhow::anyhow!("checkpoints are not enabled"))?;
         for (id, key) in partitions {
             let ckpt = durable.store.load(key, &schemas)?;
-            let (next_offset, max_event, lens, states, counters) = match ckpt {
-                Some(c) => (c.next_offset, c.max_event_ns, c.results_len, c.states, c.counters),
-                None => (0, None, vec![0; schemas.len()], vec![Vec::new(); schemas.len()], Vec::new()),
+            let (next_offset, max_event, lens, states, counters, clocks) = match ckpt {
+                Some(c) => (c.next_offset, c.max_event_ns, c.results_len, c.states, c.counters, c.clocks),
+                None => (0, None, vec![0; schemas.len()], vec![Vec::new(); schemas.len()], Vec::new(), Vec::new()),
             };
             for (table, len) in lens.iter().enumerate() {
                 durable.store.truncate_results(table, key, *len)?;
             }
-            self.windows.restore_partition(*id, max_event, states, now)?;
+            self.windows.restore_partition(*id, max_event, &clocks, states, now)?;
             self.counter_rates.restore_partition(*id, &counters);
             tracing::info!(partition = %key, next_offset, "partition restored from its checkpoint");
             durable.owned.insert(*id, Owned { key: key.clone(), next_offset });
@@ -363,6 +359,7 @@ impl Pipeline {
                     results_len,
                     states: self.windows.partition_states(*id),
                     counters: self.counter_rates.partition_baselines(*id),
+                    clocks: self.windows.watermarks().partition_clocks(*id),
                 };
                 durable.store.save(&owned.key, &ckpt, &schemas)?;
                 offsets.push((owned.key.clone(), owned.next_offset));
@@ -534,37 +531,42 @@ impl Pipeline {
                 durable.store.append_results(c.table, &owned.key, &c.rows)?;
             }
         }
-        let closed = closed.windows;
-        if !closed.is_empty() {
+        let Closed { windows, completed, .. } = closed;
+        if !completed.is_empty() {
             // Before the sinks see the window: whoever sees it on /metrics also sees /readyz ready.
             self.ready.store(true, Ordering::Release);
         }
-        for w in &closed {
+        let mut completed = completed.into_iter().peekable();
+        for (i, w) in windows.iter().enumerate() {
             for sink in &mut self.sinks {
                 sink.on_window(w);
             }
-            {
+            let correction = w.previous.is_some();
+            let is_flows = w.table.as_ref() == Self::TABLES[self.tables.flows];
+            if correction {
+                self.metrics.windows_corrected.with_label_values(&[&w.table]).inc();
+            } else {
+                if is_flows {
+                    self.readiness.engine.write().expect("readiness lock").observe_flow_window(&w.rows, w.end_ns);
+                    self.summary.windows_closed += 1;
+                    self.summary.windows_flushed_at_end += u64::from(flushing);
+                }
+                self.metrics.windows_closed.with_label_values(&[&w.table]).inc();
+                if !flushing {
+                    self.metrics.record_close_latency(w.closed_by.elapsed());
+                }
+            }
+            // Once every table of a completed window is with the sinks: judge the sites.
+            let last_of_window = windows.get(i + 1).is_none_or(|next| next.start_ns != w.start_ns);
+            if last_of_window && let Some((start, end)) = completed.next_if(|(s, _)| *s == w.start_ns) {
                 let mut engine = self.readiness.engine.write().expect("readiness lock");
-                if w.table.as_ref() == "flows" {
-                    engine.observe_flow_window(&w.rows, w.end_ns);
+                engine.evaluate(start, end);
+                for sink in &mut self.sinks {
+                    sink.on_readiness(start, end, engine.latest());
                 }
-                // Tables close in order for each window: after the last one, judge the sites.
-                if w.table.as_ref() == Self::TABLES[Self::TABLES.len() - 1] {
-                    engine.evaluate(w.start_ns, w.end_ns);
-                    for sink in &mut self.sinks {
-                        sink.on_readiness(w.start_ns, w.end_ns, engine.latest());
-                    }
-                }
-            }
-            self.metrics.windows_closed.with_label_values(&[&w.table]).inc();
-            if !flushing {
-                self.metrics.record_close_latency(w.closed_by.elapsed());
-            }
-            if w.table.as_ref() == "flows" {
-                self.summary.windows_closed += 1;
-                self.summary.windows_flushed_at_end += u64::from(flushing);
             }
         }
+        self.metrics.windows_correctable.set(self.windows.correctable_window_count() as i64);
         self.metrics.windows_open.set(self.windows.open_window_count() as i64);
         if let Some(wm) = self.windows.watermark_ns() {
             self.metrics.watermark_timestamp.set(wm as f64 / 1e9);
@@ -577,6 +579,7 @@ impl Pipeline {
 /// Runs `source` through `pipeline` until the source ends or `shutdown` turns true, then
 /// flushes the open windows.
 pub async fn run<S: Source>(mut source: S, mut pipeline: Pipeline, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<RunSummary> {
+    pipeline.windows.register_partitions(&source.partitions(), Instant::now());
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {

@@ -71,16 +71,35 @@ pub struct PipelineConfig {
 pub struct WindowConfig {
     /// Length of each tumbling window, in seconds.
     pub size_secs: u64,
-    /// How long after the newest event time a window stays open for out-of-order records, in
-    /// milliseconds. Records arriving later are counted in `siteflow_records_late_total`.
+    /// How far behind the newest record of its own exporter a record may be and still count,
+    /// in milliseconds (120 s covers a collector that publishes its cache every 60 s plus
+    /// NetFlow's 15 s inactive timeout). Records later than this are counted in
+    /// `siteflow_records_late_total` and left out.
     pub allowed_lateness_ms: u64,
-    /// A partition that delivered nothing for this long stops holding the watermark back, in seconds.
+    /// How long after a window's end (by event time) it is first published, in milliseconds.
+    /// Records within the lateness that arrive after that correct the published window.
+    pub publish_delay_ms: u64,
+    /// An exporter whose clock is further behind the leading exporter's than this does not hold
+    /// publication back (its figures arrive as corrections), in seconds.
+    pub max_exporter_skew_secs: u64,
+    /// Published windows stay correctable this long (by event time, behind each partition's
+    /// newest record), in seconds; older records are late. Memory grows with it.
+    pub correction_horizon_secs: u64,
+    /// An exporter or partition that delivered nothing for this long stops holding windows
+    /// open, in seconds.
     pub idle_partition_timeout_secs: u64,
 }
 
 impl Default for WindowConfig {
     fn default() -> Self {
-        Self { size_secs: 10, allowed_lateness_ms: 5_000, idle_partition_timeout_secs: 30 }
+        Self {
+            size_secs: 10,
+            allowed_lateness_ms: 120_000,
+            publish_delay_ms: 5_000,
+            max_exporter_skew_secs: 15,
+            correction_horizon_secs: 600,
+            idle_partition_timeout_secs: 30,
+        }
     }
 }
 
@@ -439,6 +458,15 @@ impl Config {
         if self.window.size_secs == 0 {
             return invalid("window.size_secs", "must be at least 1".into());
         }
+        if self.window.correction_horizon_secs.saturating_mul(1000) < self.window.allowed_lateness_ms {
+            return invalid(
+                "window.correction_horizon_secs",
+                format!(
+                    "must cover window.allowed_lateness_ms ({} ms): published windows are kept that long for on-time records",
+                    self.window.allowed_lateness_ms
+                ),
+            );
+        }
         if self.window.idle_partition_timeout_secs == 0 {
             return invalid("window.idle_partition_timeout_secs", "must be at least 1".into());
         }
@@ -528,6 +556,19 @@ impl Config {
     pub fn window_size(&self) -> Duration {
         Duration::from_secs(self.window.size_secs)
     }
+
+    /// The window stage's timing, from `window.*`.
+    pub fn window_spec(&self) -> crate::window::WindowSpec {
+        let w = &self.window;
+        crate::window::WindowSpec {
+            size: Duration::from_secs(w.size_secs),
+            allowed_lateness: Duration::from_millis(w.allowed_lateness_ms),
+            publish_delay: Duration::from_millis(w.publish_delay_ms),
+            max_exporter_skew: Duration::from_secs(w.max_exporter_skew_secs),
+            correction_horizon: Duration::from_secs(w.correction_horizon_secs),
+            idle_partition_timeout: Duration::from_secs(w.idle_partition_timeout_secs),
+        }
+    }
 }
 
 /// Resolves a configured path (relative to the file that set it).
@@ -547,8 +588,16 @@ mod tests {
     #[test]
     fn lateness_must_cover_out_of_order() {
         let mut c = Config::default();
-        c.simulator.max_out_of_order_ms = 6_000;
+        c.simulator.max_out_of_order_ms = 120_000;
         let e = c.validate("x.yaml").unwrap_err().to_string();
         assert!(e.starts_with("x.yaml: simulator.max_out_of_order_ms: must be below"), "{e}");
+    }
+
+    #[test]
+    fn the_correction_horizon_must_cover_the_lateness() {
+        let mut c = Config::default();
+        c.window.correction_horizon_secs = 60;
+        let e = c.validate("x.yaml").unwrap_err().to_string();
+        assert!(e.starts_with("x.yaml: window.correction_horizon_secs: must cover window.allowed_lateness_ms"), "{e}");
     }
 }

@@ -180,8 +180,13 @@ impl SiteMetrics {
         l
     }
 
-    /// Applies a closed window of the interfaces table: its rows replace the previous ones.
+    /// Applies a closed window of the interfaces table: its rows replace the previous ones
+    /// (a window older than the one shown, or a correction of it, changes no gauge unless it is
+    /// the one shown).
     fn apply_interfaces(&self, w: &ClosedWindow) {
+        if self.state.read().expect("metrics lock").interfaces.last_window_end_ns.is_some_and(|e| w.end_ns < e) {
+            return;
+        }
         let columns = numeric_columns(&w.rows);
         let as_strings = |name: &str| w.rows.column_by_name(name).and_then(|c| cast(c, &DataType::Utf8).ok());
         let sites = as_strings("site");
@@ -208,10 +213,11 @@ impl SiteMetrics {
         t.columns = columns;
         t.last = last;
         t.last_window_end_ns = Some(w.end_ns);
-        t.windows += 1;
+        t.windows += u64::from(w.previous.is_none());
     }
 
-    /// Applies one closed window.
+    /// Applies one closed window. Counters add the window's rows (for a correction: the
+    /// difference from the rows published before); gauges show the newest window only.
     fn apply(&self, w: &ClosedWindow) {
         if &*w.table == "interfaces" {
             return self.apply_interfaces(w);
@@ -224,23 +230,30 @@ impl SiteMetrics {
         };
         table.columns = numeric_columns(&w.rows);
         let rows = read_rows(&self.inventory, &w.rows, &table.columns);
-        let is_flows = &*w.table == "flows";
-        table.last.clear();
-        for (key, values) in rows {
-            if is_flows {
-                let totals = table.totals.entry(key).or_insert_with(|| vec![0.0; COUNTER_COLUMNS.len()]);
-                for (col, value) in table.columns.iter().zip(&values) {
-                    if let Some(idx) = COUNTER_COLUMNS.iter().position(|c| c == col)
-                        && value.is_finite()
-                    {
-                        totals[idx] += value;
+        if &*w.table == "flows" {
+            let mut add = |rows: &[(Key, Vec<f64>)], sign: f64| {
+                for (key, values) in rows {
+                    let totals = table.totals.entry(*key).or_insert_with(|| vec![0.0; COUNTER_COLUMNS.len()]);
+                    for (col, value) in table.columns.iter().zip(values) {
+                        if let Some(idx) = COUNTER_COLUMNS.iter().position(|c| c == col)
+                            && value.is_finite()
+                        {
+                            totals[idx] += sign * value;
+                        }
                     }
                 }
+            };
+            add(&rows, 1.0);
+            if let Some(previous) = &w.previous {
+                add(&read_rows(&self.inventory, previous, &table.columns), -1.0);
             }
-            table.last.insert(key, values);
         }
+        if table.last_window_end_ns.is_some_and(|e| w.end_ns < e) {
+            return;
+        }
+        table.last = rows.into_iter().collect();
         table.last_window_end_ns = Some(w.end_ns);
-        table.windows += 1;
+        table.windows += u64::from(w.previous.is_none());
     }
 
     /// Every site key of a table: all sites, with both directions for flows.
@@ -381,7 +394,7 @@ mod tests {
             ],
         )
         .unwrap();
-        let window = ClosedWindow { table: "interfaces".into(), start_ns: 0, end_ns: 10, rows, closed_by: std::time::Instant::now() };
+        let window = ClosedWindow { table: "interfaces".into(), start_ns: 0, end_ns: 10, rows, closed_by: std::time::Instant::now(), previous: None };
         metrics.apply(&window);
         let families = metrics.collect();
         let rate = families.iter().find(|f| f.name() == "siteflow_site_interface_bytes_per_second").expect("rate family");

@@ -1,6 +1,7 @@
 //! Sources: where message bytes come from. Each yields [`SourceBatch`]es of raw messages in one
 //! format, tagged with the partition they came from (for per-partition watermarks).
 
+pub mod file;
 pub mod kafka;
 pub mod simulator;
 
@@ -49,6 +50,13 @@ impl Messages {
         self.data.len()
     }
 
+    /// The `i`-th message.
+    pub fn get(&self, i: usize) -> Option<&[u8]> {
+        let end = *self.ends.get(i)?;
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        Some(&self.data[start..end])
+    }
+
     pub fn iter(&self) -> impl Iterator<Item = &[u8]> {
         let starts = std::iter::once(0).chain(self.ends.iter().copied());
         starts.zip(self.ends.iter().copied()).map(|(s, e)| &self.data[s..e])
@@ -75,6 +83,11 @@ pub struct SourceBatch {
 /// A source of message batches. `None` means the source is exhausted.
 pub trait Source: Send {
     fn next_batch(&mut self) -> impl std::future::Future<Output = Option<SourceBatch>> + Send;
+
+    /// The partitions the source will deliver, when known before the first batch.
+    fn partitions(&self) -> Vec<PartitionId> {
+        Vec::new()
+    }
 }
 
 #[cfg(test)]

@@ -67,6 +67,10 @@ pub struct SplitAggregate {
     states: Arc<Slot>,
     partial: Arc<dyn ExecutionPlan>,
     final_plan: Arc<dyn ExecutionPlan>,
+    /// States in, states out (one row per group): keeps a published window's states small
+    /// while it may still be corrected.
+    reduce_input: Arc<Slot>,
+    reduce_plan: Arc<dyn ExecutionPlan>,
     task: Arc<TaskContext>,
     state_window_column: usize,
     group_keys: Vec<String>,
@@ -122,6 +126,7 @@ impl SplitAggregate {
 
         let mut partial: Option<Arc<dyn ExecutionPlan>> = None;
         let mut states: Option<Arc<Slot>> = None;
+        let mut reduce: Option<(Arc<Slot>, Arc<dyn ExecutionPlan>)> = None;
         let mut problem: Option<String> = None;
         let final_plan = plan
             .transform_down(|node| {
@@ -171,6 +176,24 @@ impl SplitAggregate {
                     leaf,
                     p.input_schema(),
                 )?);
+                let reduce_slot = Slot::new(partial_node.schema());
+                let reduce_leaf = Arc::new(StreamingTableExec::try_new(
+                    partial_node.schema(),
+                    vec![reduce_slot.clone() as Arc<dyn PartitionStream>],
+                    None,
+                    vec![],
+                    false,
+                    None,
+                )?);
+                let reduce_node: Arc<dyn ExecutionPlan> = Arc::new(AggregateExec::try_new(
+                    AggregateMode::PartialReduce,
+                    p.group_expr().as_final(),
+                    p.aggr_expr().to_vec(),
+                    p.filter_expr().to_vec(),
+                    reduce_leaf,
+                    p.input_schema(),
+                )?);
+                reduce = Some((reduce_slot, reduce_node));
                 partial = Some(partial_node);
                 states = Some(slot);
                 Ok(Transformed::new(final_node, true, TreeNodeRecursion::Jump))
@@ -179,7 +202,7 @@ impl SplitAggregate {
         if let Some(problem) = problem {
             return Err(PlanError::Shape(problem));
         }
-        let (Some(partial), Some(states)) = (partial, states) else {
+        let (Some(partial), Some(states), Some((reduce_input, reduce_plan))) = (partial, states, reduce) else {
             return Err(PlanError::Shape(format!("the query has no GROUP BY aggregation; group by {WINDOW_START} and the keys to report")));
         };
         if count_aggregates(&final_plan) != 1 {
@@ -198,7 +221,7 @@ impl SplitAggregate {
             return Err(PlanError::Shape(format!("the query must select {WINDOW_START}")));
         }
         let group_keys = keys.iter().map(|k| k.to_string()).collect();
-        Ok(Self { input, states, partial, final_plan, task: ctx.task_ctx(), state_window_column, group_keys })
+        Ok(Self { input, states, partial, final_plan, reduce_input, reduce_plan, task: ctx.task_ctx(), state_window_column, group_keys })
     }
 
     /// Names of the GROUP BY keys.
@@ -231,6 +254,12 @@ impl SplitAggregate {
     pub async fn finish(&self, states: Vec<RecordBatch>) -> Result<Vec<RecordBatch>, DataFusionError> {
         self.states.fill(states);
         collect(self.final_plan.clone(), self.task.clone()).await
+    }
+
+    /// Merges states into fewer states (one row per group), to be finished or merged later.
+    pub async fn reduce(&self, states: Vec<RecordBatch>) -> Result<Vec<RecordBatch>, DataFusionError> {
+        self.reduce_input.fill(states);
+        collect(self.reduce_plan.clone(), self.task.clone()).await
     }
 
     /// The plans, for `siteflow check` and debugging.

@@ -248,12 +248,17 @@ impl Traffic {
     /// goflow2 JSON of a flow, exported by an unknown router: the site is the destination's
     /// (inbound) or the source's (outbound).
     pub fn goflow2_json(&mut self, f: &Flow) -> String {
+        self.goflow2_json_from(f, "192.0.2.1")
+    }
+
+    /// As [`Traffic::goflow2_json`], exported by the router at `exporter` (not a site's).
+    pub fn goflow2_json_from(&mut self, f: &Flow, exporter: &str) -> String {
         let n = self.sites[f.site].net;
         let inside = format!("{}.{}.{}.{}", n[0], n[1], n[2], self.rng.u8(2..250));
         let outside = format!("203.0.113.{}", self.rng.u8(1..250));
         let (src, dst) = if f.inbound { (outside, inside) } else { (inside, outside) };
         format!(
-            r#"{{"type":"NETFLOW_V9","time_received_ns":{},"sampling_rate":{},"sampler_address":"192.0.2.1","time_flow_start_ns":{},"time_flow_end_ns":{},"bytes":{},"packets":{},"src_addr":"{src}","dst_addr":"{dst}","etype":"IPv4","proto":"TCP","src_port":51000,"dst_port":443}}"#,
+            r#"{{"type":"NETFLOW_V9","time_received_ns":{},"sampling_rate":{},"sampler_address":"{exporter}","time_flow_start_ns":{},"time_flow_end_ns":{},"bytes":{},"packets":{},"src_addr":"{src}","dst_addr":"{dst}","etype":"IPv4","proto":"TCP","src_port":51000,"dst_port":443}}"#,
             f.t_ns + 5_000_000,
             f.sampling,
             f.t_ns - 1_000_000_000,

@@ -11,6 +11,7 @@ mod pipeline_sql;
 mod prometheus_e2e;
 mod readiness;
 mod records;
+mod replay;
 mod sql;
 mod support;
 mod window_totals;

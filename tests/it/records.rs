@@ -58,9 +58,11 @@ fn flow_totals(windows: &[ClosedWindow]) -> Totals {
     use datafusion::arrow::array::AsArray;
     use datafusion::arrow::compute::cast;
     use datafusion::arrow::datatypes::{DataType, Int64Type};
+    // A correction replaces the rows published before for its window.
+    let latest: BTreeMap<i64, &datafusion::arrow::array::RecordBatch> =
+        windows.iter().filter(|w| &*w.table == "flows").map(|w| (w.start_ns, &w.rows)).collect();
     let mut out = Totals::new();
-    for w in windows.iter().filter(|w| &*w.table == "flows") {
-        let r = &w.rows;
+    for (start, r) in latest {
         let s = |n: &str| -> Vec<String> {
             let c = cast(r.column_by_name(n).unwrap(), &DataType::Utf8).unwrap();
             c.as_string::<i32>().iter().map(|v| v.unwrap().to_string()).collect()
@@ -70,7 +72,7 @@ fn flow_totals(windows: &[ClosedWindow]) -> Totals {
         };
         let (sites, dirs, bytes, packets, flows) = (s("site"), s("direction"), i("bytes"), i("packets"), i("flows"));
         for k in 0..r.num_rows() {
-            let prev = out.insert((sites[k].clone(), dirs[k].clone(), w.start_ns), (bytes[k] as u64, packets[k] as u64, flows[k] as u64));
+            let prev = out.insert((sites[k].clone(), dirs[k].clone(), start), (bytes[k] as u64, packets[k] as u64, flows[k] as u64));
             assert!(prev.is_none(), "one row per site, direction and window");
         }
     }

@@ -93,11 +93,7 @@ pub fn fast_config(duration_secs: u64, records_per_sec: u64) -> Config {
 }
 
 pub fn window_spec(c: &Config) -> WindowSpec {
-    WindowSpec {
-        size: c.window_size(),
-        allowed_lateness: Duration::from_millis(c.window.allowed_lateness_ms),
-        idle_partition_timeout: Duration::from_secs(c.window.idle_partition_timeout_secs),
-    }
+    c.window_spec()
 }
 
 /// Everything a simulated run produced.

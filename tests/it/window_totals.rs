@@ -24,6 +24,16 @@ fn column_str(rows: &RecordBatch, name: &str) -> Vec<String> {
     c.as_string::<i32>().iter().map(|s| s.unwrap().to_string()).collect()
 }
 
+/// Each window's rows as last published: a correction replaces the rows published before.
+fn latest_rows(run: &crate::support::SimRun, table: &str) -> BTreeMap<i64, RecordBatch> {
+    let mut latest = BTreeMap::new();
+    for w in run.windows.iter().filter(|w| &*w.table == table) {
+        let before = latest.insert(w.start_ns, w.rows.clone());
+        assert_eq!(before.is_some(), w.previous.is_some(), "only a published window is corrected, and it says what it replaces");
+    }
+    latest
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn window_totals_equal_the_simulators_ground_truth() {
     // 15 minutes of event time: 90 windows of 10 s, ~270k flow records, with many more
@@ -36,15 +46,14 @@ async fn window_totals_equal_the_simulators_ground_truth() {
     let run = simulate(&config, Scenario::default()).await;
 
     let mut got: BTreeMap<Key, (i64, i64, i64)> = BTreeMap::new();
-    let mut flow_windows = 0;
-    for w in run.windows.iter().filter(|w| &*w.table == "flows") {
-        flow_windows += 1;
-        let r = &w.rows;
+    let flow_windows = run.windows.iter().filter(|w| &*w.table == "flows" && w.previous.is_none()).count();
+    for (&start, r) in &latest_rows(&run, "flows") {
+        let w_start = start;
         let starts = r.column_by_name("window_start").unwrap().as_primitive::<TimestampNanosecondType>().values().to_vec();
         let (sites, dirs) = (column_str(r, "site"), column_str(r, "direction"));
         let (bytes, packets, records) = (column_i64(r, "bytes"), column_i64(r, "packets"), column_i64(r, "records"));
         for i in 0..r.num_rows() {
-            assert_eq!(starts[i], w.start_ns, "rows of a window carry its start");
+            assert_eq!(starts[i], w_start, "rows of a window carry its start");
             let prev = got.insert((sites[i].clone(), dirs[i].clone(), starts[i]), (bytes[i], packets[i], records[i]));
             assert!(prev.is_none(), "one row per (site, direction, window)");
         }
@@ -83,9 +92,9 @@ async fn window_totals_equal_the_simulators_ground_truth() {
 
     // Probe results: one count per (site, window), as emitted.
     let mut probe_counts: BTreeMap<(String, i64), i64> = BTreeMap::new();
-    for w in run.windows.iter().filter(|w| &*w.table == "probes") {
-        for (site, n) in column_str(&w.rows, "site").into_iter().zip(column_i64(&w.rows, "results")) {
-            probe_counts.insert((site, w.start_ns), n);
+    for (&start, rows) in &latest_rows(&run, "probes") {
+        for (site, n) in column_str(rows, "site").into_iter().zip(column_i64(rows, "results")) {
+            probe_counts.insert((site, start), n);
         }
     }
     let probe_truth: BTreeMap<(String, i64), i64> =
@@ -127,10 +136,10 @@ async fn without_top_talkers_the_conversations_table_stays_empty_and_totals_hold
     assert_eq!(rows(&without, "conversations"), 0);
     let totals = |run: &crate::support::SimRun| -> BTreeMap<Key, i64> {
         let mut out = BTreeMap::new();
-        for w in run.windows.iter().filter(|w| &*w.table == "flows") {
-            let (sites, dirs, bytes) = (column_str(&w.rows, "site"), column_str(&w.rows, "direction"), column_i64(&w.rows, "bytes"));
-            for i in 0..w.rows.num_rows() {
-                out.insert((sites[i].clone(), dirs[i].clone(), w.start_ns), bytes[i]);
+        for (start, rows) in latest_rows(run, "flows") {
+            let (sites, dirs, bytes) = (column_str(&rows, "site"), column_str(&rows, "direction"), column_i64(&rows, "bytes"));
+            for i in 0..rows.num_rows() {
+                out.insert((sites[i].clone(), dirs[i].clone(), start), bytes[i]);
             }
         }
         out

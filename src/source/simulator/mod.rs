@@ -73,6 +73,9 @@ pub struct Simulator {
     turn: usize,
     /// Direction each site's next record goes (they alternate).
     next_out: Vec<bool>,
+    /// Ground truth's view of event time: each exporter's newest flow end, and the newest of all.
+    exporter_clocks: std::collections::HashMap<IpAddr, i64>,
+    newest_flow_ns: i64,
     /// Per-site traffic factor in [0.6, 1].
     site_factor: Vec<f64>,
     start_ns: i64,
@@ -129,6 +132,8 @@ impl Simulator {
         };
         Self {
             next_out: vec![false; inventory.len()],
+            exporter_clocks: std::collections::HashMap::new(),
+            newest_flow_ns: i64::MIN,
             window,
             scenario,
             rng,
@@ -249,10 +254,8 @@ impl Simulator {
         // Event time: mostly now; some out of order within the lateness; a few far too late.
         let lateness = self.window.allowed_lateness.as_nanos() as i64;
         let mut event_t = t;
-        let mut too_late = false;
         if i > 1_000 && self.rng.f64() < self.cfg.too_late_ratio {
             event_t = t - (lateness + self.window.size_ns() + NS + self.rng.i64(0..30 * NS));
-            too_late = true;
         } else if self.rng.f64() < self.cfg.out_of_order_ratio {
             event_t = t - self.rng.i64(0..(self.cfg.max_out_of_order_ms as i64 * 1_000_000).max(1));
         }
@@ -304,9 +307,21 @@ impl Simulator {
 
         if let Some(truth) = truth {
             truth.flow_records += 1;
+            // The lateness rule, from its definition: behind its own exporter's newest record by
+            // more than the lateness, or behind the newest record of all by the horizon.
+            let end = window_start(event_t, self.window.size_ns()) + self.window.size_ns();
+            let own = self.exporter_clocks.get(&exporter).copied();
+            let horizon = self.window.correction_horizon.max(self.window.allowed_lateness).as_nanos() as i64;
+            let late = own.is_some_and(|m| end <= m - lateness)
+                || (self.newest_flow_ns != i64::MIN && end <= self.newest_flow_ns.saturating_sub(horizon));
+            if !stray {
+                let clock = self.exporter_clocks.entry(exporter).or_insert(event_t);
+                *clock = (*clock).max(event_t);
+                self.newest_flow_ns = self.newest_flow_ns.max(event_t);
+            }
             if stray {
                 truth.unmatched_flows += 1;
-            } else if too_late {
+            } else if late {
                 truth.late_flows += 1;
             } else {
                 let direction = if outbound { Direction::Out } else { Direction::In };
@@ -394,6 +409,9 @@ mod tests {
         WindowSpec {
             size: Duration::from_secs(10),
             allowed_lateness: Duration::from_secs(5),
+            publish_delay: Duration::from_secs(5),
+            max_exporter_skew: Duration::from_secs(60),
+            correction_horizon: Duration::from_secs(600),
             idle_partition_timeout: Duration::from_secs(30),
         }
     }
