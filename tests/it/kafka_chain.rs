@@ -256,6 +256,7 @@ fn softflowd_to_nfacctd_to_siteflow_gives_the_pcap_bytes_per_site() {
 /// Per window, siteflow's bytes equal those of the pcap's packets in that window within a
 /// packet at each piece's edges; placed by their end (`flow_end`) they would be far off.
 #[test]
+#[ignore = "written and compiled, not yet run: the Tansu broker was not installed in time; run with --ignored"]
 fn softflowd_long_flows_spread_over_their_windows_match_the_pcap_per_window() {
     let dir = super::test_dir();
     let broker = Broker::start(dir.path());
