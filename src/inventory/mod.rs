@@ -197,6 +197,17 @@ impl Inventory {
         self.by_id.get(id).copied()
     }
 
+    /// The level names of the sites, in the order they first appear.
+    pub fn level_names(&self) -> Vec<&str> {
+        let mut out: Vec<&str> = Vec::new();
+        for s in &self.sites {
+            if !out.contains(&s.level.as_str()) {
+                out.push(&s.level);
+            }
+        }
+        out
+    }
+
     /// Sites of a district and/or a level (`None` matches any), in inventory order.
     pub fn select(&self, district: Option<&str>, level: Option<&str>) -> Vec<SiteIdx> {
         (0..self.sites.len() as SiteIdx)

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use super::hysteresis::{Level, target_level};
 use super::policy::{Metric, Policy};
-use super::{Reason, SiteReadiness, Verdict};
+use super::{Cause, Reason, SiteReadiness, Verdict};
 use crate::inventory::{Inventory, SiteIdx};
 
 /// Longest meeting accepted: a week.
@@ -214,8 +214,15 @@ pub fn participant(site: &SiteReadiness, need: f64, policy: &Policy) -> Particip
             let ratio = sin.min(sout) / need;
             let level = target_level(Metric::SpareCapacity, ratio, &t, policy.hysteresis_ratio, None);
             if level > Level::Ready {
-                let threshold = if level == Level::NotReady { t.not_ready } else { t.degraded };
-                reasons.push(Reason { metric: Metric::SpareCapacity, level, value: ratio, threshold });
+                reasons.push(Reason {
+                    metric: Metric::SpareCapacity,
+                    level,
+                    value: ratio,
+                    threshold: t.of(level),
+                    cause: Cause::OverThreshold,
+                    clear: Some(t.clear_of(Metric::SpareCapacity, policy.hysteresis_ratio, level)),
+                    detail: String::new(),
+                });
             }
             worst = worst.max(level);
         }
