@@ -69,6 +69,18 @@ pub enum Cause {
     Missing,
 }
 
+impl Cause {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Cause::OverThreshold => "over_threshold",
+            Cause::Hysteresis => "hysteresis",
+            Cause::Hold => "hold",
+            Cause::Stale => "stale",
+            Cause::Missing => "missing",
+        }
+    }
+}
+
 /// Why a row is not ready: which metric, its value, the threshold of its level, whether it is
 /// over that threshold or held (hysteresis, hold time), and the level it must pass to clear.
 #[derive(Debug, Clone, PartialEq, Serialize)]

@@ -53,6 +53,7 @@ pub fn collect(shared: &Arc<SharedReadiness>) -> Vec<MetricFamily> {
 
     let mut states = Vec::new();
     let mut reasons = Vec::new();
+    let mut clear_levels = Vec::new();
     let mut utilisation = Vec::new();
     let mut spare = Vec::new();
     let mut rtt_q = Vec::new();
@@ -73,7 +74,11 @@ pub fn collect(shared: &Arc<SharedReadiness>) -> Vec<MetricFamily> {
                 crate::readiness::Level::NotReady => 2.0,
                 _ => 1.0,
             };
-            reasons.push(gauge_metric(with(labels.clone(), "metric", r.metric.as_str()), severity));
+            let l = with(labels.clone(), "metric", r.metric.as_str());
+            reasons.push(gauge_metric(with(l.clone(), "cause", r.cause.as_str()), severity));
+            if let Some(clear) = r.clear {
+                clear_levels.push(gauge_metric(l, clear));
+            }
         }
         if let Some(t) = &s.traffic {
             for d in Direction::ALL {
@@ -103,8 +108,13 @@ pub fn collect(shared: &Arc<SharedReadiness>) -> Vec<MetricFamily> {
     out.push(gauge("siteflow_site_readiness", "Readiness of the site for a video conference: 1 for the current state.", states));
     out.push(gauge(
         "siteflow_site_readiness_reason",
-        "Policy rows that are not ready: 1 = degraded, 2 = not ready (or stale telemetry).",
+        "Policy rows that are not ready: 1 = degraded, 2 = not ready (or stale telemetry); cause: over_threshold, hysteresis, hold, stale or missing.",
         reasons,
+    ));
+    out.push(gauge(
+        "siteflow_site_readiness_clear_level",
+        "The value each not-ready row must pass to improve (its level's clear level).",
+        clear_levels,
     ));
     out.push(gauge("siteflow_site_utilisation_ratio", "Mean throughput / capacity over the rolling period.", utilisation));
     out.push(gauge(

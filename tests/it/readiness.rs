@@ -48,6 +48,24 @@ async fn the_fault_scenario_gives_exactly_the_expected_verdicts() {
     assert!(probes.mos_p5 < 3.6, "{probes:?}");
     drop(engine);
 
+    // On /metrics, its RTT row says why (over the threshold) and where it clears.
+    let families = siteflow::sink::readiness::collect(&run.readiness);
+    let series = |name: &str| -> Vec<(BTreeMap<String, String>, f64)> {
+        let f = families.iter().find(|f| f.name() == name).unwrap_or_else(|| panic!("{name}"));
+        f.get_metric()
+            .iter()
+            .map(|m| (m.get_label().iter().map(|l| (l.name().to_string(), l.value().to_string())).collect(), m.get_gauge().get_value()))
+            .collect()
+    };
+    let of = |name: &str| -> Vec<(BTreeMap<String, String>, f64)> {
+        series(name).into_iter().filter(|(l, _)| l["site"] == "yen-minh.thang-mo" && l["metric"] == "rtt").collect()
+    };
+    let reason = of("siteflow_site_readiness_reason");
+    assert_eq!(reason.len(), 1, "{reason:?}");
+    assert_eq!((reason[0].0["cause"].as_str(), reason[0].1), ("over_threshold", 2.0));
+    let clear = of("siteflow_site_readiness_clear_level");
+    assert!((clear[0].1 - 0.27).abs() < 1e-9, "not ready clears at 0.3 × 0.9: {clear:?}");
+
     // A meeting of the whole of Mèo Vạc plus the province's office: the communes are at risk.
     let spec: MeetingSpec = serde_json::from_value(serde_json::json!({
         "id": "giao-ban", "title": "Giao ban", "start": "2025-11-29T10:10:00+07:00", "duration_mins": 60,
