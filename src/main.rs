@@ -387,7 +387,7 @@ async fn check(args: &CheckArgs) -> anyhow::Result<()> {
     let scenario = load_scenario(&config, &res)?;
     let (windows, tables) = plan_windows(window_spec(&config), &res).await?;
     println!("{}: ok", args.config.display());
-    println!("  inventory: {} sites", res.inventory.len());
+    println!("  inventory: {} sites; levels {}", res.inventory.len(), res.inventory.levels().join(" → "));
     println!("  flows SQL: {} → columns {}", res.flows_sql.origin, column_list(&windows, tables.flows));
     println!("  probes SQL: {} → columns {}", res.probes_sql.origin, column_list(&windows, tables.probes));
     println!("  interfaces SQL: {} → columns {}", res.interfaces_sql.origin, column_list(&windows, tables.interfaces));

@@ -473,6 +473,36 @@ impl ReadinessEngine {
     pub fn counts(&self, district: Option<&str>) -> [(Verdict, usize); 4] {
         Verdict::ALL.map(|v| (v, self.latest.iter().filter(|s| s.verdict == v && district.is_none_or(|d| s.district == d)).count()))
     }
+
+    /// Roll-ups along the hierarchy: for every site with sites below it, those sites (any
+    /// depth) per level and verdict — "7 of 20 communes under meo-vac.ubnd not ready".
+    pub fn rollups(&self) -> Vec<Rollup> {
+        let inv = &self.inventory;
+        inv.parents_with_children()
+            .into_iter()
+            .map(|p| {
+                let mut levels: Vec<(String, [(Verdict, usize); 4])> = Vec::new();
+                for level in inv.levels() {
+                    let below: Vec<SiteIdx> = inv.select(None, Some(level), Some(p));
+                    if below.is_empty() {
+                        continue;
+                    }
+                    let count = |v: Verdict| below.iter().filter(|&&s| self.latest[usize::from(s)].verdict == v).count();
+                    levels.push((level.clone(), Verdict::ALL.map(|v| (v, count(v)))));
+                }
+                let site = inv.site(p);
+                Rollup { parent: site.id.clone(), parent_level: site.level.clone(), levels }
+            })
+            .collect()
+    }
+}
+
+/// The sites below one site, per level, in each verdict.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Rollup {
+    pub parent: String,
+    pub parent_level: String,
+    pub levels: Vec<(String, [(Verdict, usize); 4])>,
 }
 
 /// The reason of a row shown at `level`: over its threshold, held by hysteresis (back within

@@ -203,7 +203,7 @@ pub struct Policy {
     /// Bandwidth need of each profile, bytes per second each way, IP overhead included.
     pub profiles: BTreeMap<String, f64>,
     pub thresholds: Thresholds,
-    /// Overrides per level (`province`, `district`, `commune`).
+    /// Overrides per level of the inventory's hierarchy (e.g. `province`, `district`, `commune`).
     pub levels: BTreeMap<String, ThresholdOverrides>,
     /// Overrides per site id (win over levels).
     pub sites: BTreeMap<String, ThresholdOverrides>,
@@ -370,8 +370,8 @@ impl Policy {
         if let Some(id) = self.sites.keys().find(|id| inventory.by_id(id).is_none()) {
             return Err(format!("sites.{id}: not a site of the inventory"));
         }
-        let levels = inventory.level_names();
-        if let Some(level) = self.levels.keys().find(|l| !levels.contains(&l.as_str())) {
+        let levels = inventory.levels();
+        if let Some(level) = self.levels.keys().find(|l| inventory.level_depth(l).is_none()) {
             return Err(format!("levels.{level}: not a level of the inventory ({})", levels.join(", ")));
         }
         let need = self.default_need();

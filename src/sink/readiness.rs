@@ -1,6 +1,6 @@
 //! Readiness metrics: verdicts as state sets, reasons, utilisation and spare capacity, probe
-//! quality (histograms on the policy thresholds and rolling quantiles), roll-ups per district
-//! and province, and meeting counts. Rendered at scrape time from the engine's latest verdicts.
+//! quality (histograms on the policy thresholds and rolling quantiles), roll-ups per district,
+//! along the inventory's hierarchy and for the province, and meeting counts. Rendered at scrape time from the engine's latest verdicts.
 //! Names and labels: docs/metrics.md.
 
 use std::sync::Arc;
@@ -150,6 +150,27 @@ pub fn collect(shared: &Arc<SharedReadiness>) -> Vec<MetricFamily> {
         }
     }
     out.push(gauge("siteflow_district_sites", "Sites of the district in each readiness state.", by_district));
+    let mut by_parent = Vec::new();
+    for r in engine.rollups() {
+        for (level, counts) in &r.levels {
+            for (v, n) in counts {
+                let labels = vec![
+                    label("parent", &r.parent),
+                    label("parent_level", &r.parent_level),
+                    label("level", level),
+                    label("state", v.as_str()),
+                ];
+                by_parent.push(gauge_metric(labels, *n as f64));
+            }
+        }
+    }
+    if !by_parent.is_empty() {
+        out.push(gauge(
+            "siteflow_parent_sites",
+            "Sites below a site of the hierarchy (any depth), per level, in each readiness state.",
+            by_parent,
+        ));
+    }
     let province = engine.counts(None).iter().map(|(v, n)| gauge_metric(vec![label("state", v.as_str())], *n as f64)).collect();
     out.push(gauge("siteflow_province_sites", "Sites of the province in each readiness state.", province));
 

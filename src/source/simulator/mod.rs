@@ -177,10 +177,15 @@ impl Simulator {
         let mut msgs = Messages::with_capacity(self.inventory.len(), self.inventory.len() * 160);
         let window_start_ns = window_start(t, self.window.size_ns());
         for s in 0..self.inventory.len() as SiteIdx {
-            let (mut rtt, mut jitter, mut loss) = match self.inventory.site(s).level.as_str() {
-                "province" => (3.0, 0.8, 0.0),
-                "district" => (12.0, 2.0, 0.0),
-                _ => (28.0, 4.0, 0.0),
+            // Baselines by position in the hierarchy: the top level (province) is next to the
+            // MCU, the bottom one (communes) furthest, any level between like districts.
+            let depth = self.inventory.level_depth(&self.inventory.site(s).level).unwrap_or(0);
+            let (mut rtt, mut jitter, mut loss) = if depth == 0 {
+                (3.0, 0.8, 0.0)
+            } else if depth + 1 == self.inventory.levels().len() {
+                (28.0, 4.0, 0.0)
+            } else {
+                (12.0, 2.0, 0.0)
             };
             rtt *= 0.8 + 0.4 * self.rng.f64();
             jitter *= 0.5 + self.rng.f64();

@@ -5,7 +5,7 @@
 //! description: Congestion in Mèo Vạc, one commune down
 //! faults:
 //!   - kind: congestion        # links run at `utilisation` of capacity (default 0.97)
-//!     district: Mèo Vạc       # select by district, level and/or site ids
+//!     district: Mèo Vạc       # select by district, level, `under` (a site) and/or site ids
 //!     level: commune
 //!     direction: in           # in, out or both (default)
 //!     start_secs: 60          # seconds after the simulation starts (default 0)
@@ -50,6 +50,8 @@ struct FaultSpec {
     sites: Vec<String>,
     district: Option<String>,
     level: Option<String>,
+    /// Every site below this one in the inventory's hierarchy.
+    under: Option<String>,
     #[serde(default)]
     start_secs: u64,
     duration_secs: Option<u64>,
@@ -139,15 +141,14 @@ impl Scenario {
             for id in &f.sites {
                 sites.push(inventory.by_id(id).ok_or_else(|| at(format!("unknown site {id:?}")))?);
             }
-            if f.district.is_some() || f.level.is_some() {
-                let matched = inventory.select(f.district.as_deref(), f.level.as_deref());
-                if matched.is_empty() {
-                    return Err(at(format!("no site has district {:?} and level {:?}", f.district, f.level)));
-                }
-                sites.extend(matched);
+            if f.district.is_some() || f.level.is_some() || f.under.is_some() {
+                sites.extend(
+                    crate::readiness::meetings::select(inventory, f.district.as_deref(), f.level.as_deref(), f.under.as_deref())
+                        .map_err(at)?,
+                );
             }
             if sites.is_empty() {
-                return Err(at("select sites with `sites`, `district` or `level`".into()));
+                return Err(at("select sites with `sites`, `district`, `level` or `under`".into()));
             }
             sites.sort_unstable();
             sites.dedup();
