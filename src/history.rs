@@ -514,7 +514,7 @@ impl WindowSink for HistorySink {
             .map(|s| {
                 s.reasons
                     .iter()
-                    .map(|r| format!("{}={:.4} (threshold {})", r.metric.as_str(), r.value, r.threshold))
+                    .map(ToString::to_string)
                     .collect::<Vec<_>>()
                     .join("; ")
             })

@@ -498,7 +498,7 @@ async fn check(args: &CheckArgs) -> anyhow::Result<()> {
     let sites = res.inventory.sites();
     let by_exporter = sites.iter().filter(|s| s.prefixes.is_empty()).count();
     let guessing = sites.iter().filter(|s| s.prefixes.is_empty() && s.exporter_ifindex.is_none() && s.uplink_ifindex.is_none()).count();
-    print!("  inventory: {} sites", res.inventory.len());
+    print!("  inventory: {} sites; levels {}", res.inventory.len(), res.inventory.levels().join(" → "));
     if by_exporter > 0 {
         print!(" ({by_exporter} by exporter alone; {guessing} without uplink_ifindex count their router's flows as `in`)");
     }

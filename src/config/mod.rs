@@ -365,7 +365,7 @@ impl Default for SimulatorConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct ReadinessConfig {
     /// Policy file (thresholds, period, hold time, profiles). Unset: the built-in
-    /// `pipelines/hagiang/policy.yaml` (DESIGN.md's table).
+    /// `pipelines/hagiang/policy.yaml`.
     pub policy: Option<RelativePathBuf>,
     /// Meeting schedule (YAML, `meetings: [...]`). Unset: none; meetings can also be posted to
     /// `/api/meetings`.

@@ -6,6 +6,12 @@
 //! and an optional `uplink_ifindex` column: the interface of a site's own router that faces the
 //! rest of the network. `prefix` may hold several IPv4/IPv6 prefixes separated by spaces or `;`,
 //! or none for a site known by its exporter alone (a router as a site).
+//!
+//! The hierarchy is data: `level` is any name, `parent_id` another site's id. The levels' order
+//! (top first) follows the parents — a parent's level is above its site's — with levels that no
+//! parent relates kept in the order they first appear; so `province → district → commune` and
+//! the post-2025 `province → commune` both work, with any names. A site without a `district`
+//! inherits its nearest ancestor's, else [`PROVINCE_DISTRICT_LABEL`].
 
 pub mod lpm;
 
@@ -24,9 +30,6 @@ pub const EMBEDDED_HAGIANG_CSV: &str = include_str!("../../pipelines/hagiang/sit
 /// Index of a site in the inventory (fits the 242 sites of a province with room to spare).
 pub type SiteIdx = u16;
 
-/// Levels of the administrative hierarchy a site can sit at.
-pub const LEVELS: [&str; 3] = ["province", "district", "commune"];
-
 /// `district` label of sites that belong to the province itself rather than a district.
 pub const PROVINCE_DISTRICT_LABEL: &str = "province";
 
@@ -35,7 +38,7 @@ pub const PROVINCE_DISTRICT_LABEL: &str = "province";
 pub struct Site {
     pub id: String,
     pub name: String,
-    /// `province`, `district` or `commune`.
+    /// Its level in the inventory's hierarchy (e.g. `province`, `district`, `commune`).
     pub level: String,
     pub kind: String,
     pub parent_id: String,
@@ -110,6 +113,10 @@ pub struct Inventory {
     exporters: HashMap<Addr, SiteIdx>,
     exporter_interfaces: HashMap<(Addr, u32), SiteIdx>,
     by_id: HashMap<String, SiteIdx>,
+    /// Level names, top first.
+    levels: Vec<String>,
+    /// Each site's parent.
+    parents: Vec<Option<SiteIdx>>,
 }
 
 impl Inventory {
@@ -135,7 +142,10 @@ impl Inventory {
             exporters: HashMap::new(),
             exporter_interfaces: HashMap::new(),
             by_id: HashMap::new(),
+            levels: Vec::new(),
+            parents: Vec::new(),
         };
+        let mut lines = Vec::new();
         let headers =
             reader.headers().map_err(|e| InventoryError::File { file: file.to_string(), message: format!("bad header: {e}") })?.clone();
         for result in reader.records() {
@@ -178,11 +188,123 @@ impl Inventory {
                 return Err(row_error(line, format!("field site_id: duplicate site id {:?}", site.id)));
             }
             inventory.sites.push(site);
+            lines.push(line);
         }
         if inventory.sites.is_empty() {
             return Err(InventoryError::File { file: file.to_string(), message: "no sites".into() });
         }
+        inventory.link_hierarchy().map_err(|(i, message)| InventoryError::Row { file: file.to_string(), line: lines[i], message })?;
         Ok(inventory)
+    }
+
+    /// Resolves parents, checks the hierarchy (no cycles, a parent's level above its site's),
+    /// orders the levels and fills inherited districts. Errors name the site's index.
+    fn link_hierarchy(&mut self) -> Result<(), (usize, String)> {
+        let n = self.sites.len();
+        self.parents = Vec::with_capacity(n);
+        for (i, s) in self.sites.iter().enumerate() {
+            let parent = match s.parent_id.as_str() {
+                "" => None,
+                id => Some(self.by_id(id).ok_or_else(|| (i, format!("field parent_id: {id:?} is not a site of the inventory")))?),
+            };
+            if parent == Some(i as SiteIdx) {
+                return Err((i, "field parent_id: a site cannot be its own parent".into()));
+            }
+            self.parents.push(parent);
+        }
+        for i in 0..n {
+            let mut at = self.parents[i];
+            for _ in 0..n {
+                match at {
+                    Some(p) if usize::from(p) == i => {
+                        return Err((i, format!("field parent_id: {:?} is its own ancestor (a cycle)", self.sites[i].id)));
+                    }
+                    Some(p) => at = self.parents[usize::from(p)],
+                    None => break,
+                }
+            }
+        }
+        // Levels in order of first appearance; `above[a]` holds the levels directly below a.
+        let mut names: Vec<&str> = Vec::new();
+        for s in &self.sites {
+            if !names.contains(&s.level.as_str()) {
+                names.push(&s.level);
+            }
+        }
+        let pos = |l: &str| names.iter().position(|n| *n == l).expect("listed");
+        let mut below: Vec<Vec<usize>> = vec![Vec::new(); names.len()];
+        for (i, p) in self.parents.iter().enumerate() {
+            let Some(p) = p else { continue };
+            let (pl, cl) = (pos(&self.sites[usize::from(*p)].level), pos(&self.sites[i].level));
+            if pl == cl {
+                return Err((
+                    i,
+                    format!("field parent_id: parent {:?} is at the same level ({})", self.sites[usize::from(*p)].id, names[cl]),
+                ));
+            }
+            if !below[pl].contains(&cl) {
+                below[pl].push(cl);
+            }
+        }
+        // Topological order, earliest-appearing level first among those free to go.
+        let mut incoming = vec![0; names.len()];
+        for b in &below {
+            for &c in b {
+                incoming[c] += 1;
+            }
+        }
+        let mut order = Vec::new();
+        while let Some(next) = (0..names.len()).find(|&l| incoming[l] == 0 && !order.contains(&l)) {
+            order.push(next);
+            for &c in &below[next] {
+                incoming[c] -= 1;
+            }
+        }
+        if order.len() < names.len() {
+            let stuck: Vec<&str> = (0..names.len()).filter(|l| !order.contains(l)).map(|l| names[l]).collect();
+            let i = self.sites.iter().position(|s| s.level == stuck[0]).unwrap_or(0);
+            return Err((i, format!("field parent_id: levels {} are each above the other through parents", stuck.join(", "))));
+        }
+        self.levels = order.into_iter().map(|l| names[l].to_string()).collect();
+        // Districts: the site's own, else its nearest ancestor's, else the province's label.
+        for i in 0..n {
+            if !self.sites[i].district.is_empty() {
+                continue;
+            }
+            let inherited = self.ancestors(i as SiteIdx).map(|a| &self.sites[usize::from(a)].district).find(|d| !d.is_empty()).cloned();
+            self.sites[i].district = inherited.unwrap_or_else(|| PROVINCE_DISTRICT_LABEL.to_string());
+        }
+        Ok(())
+    }
+
+    /// Level names, top first (e.g. `province`, `district`, `commune`).
+    pub fn levels(&self) -> &[String] {
+        &self.levels
+    }
+
+    /// Position of a level from the top (0), if the inventory has it.
+    pub fn level_depth(&self, level: &str) -> Option<usize> {
+        self.levels.iter().position(|l| l == level)
+    }
+
+    /// The site's parent, if it has one.
+    pub fn parent(&self, site: SiteIdx) -> Option<SiteIdx> {
+        self.parents[usize::from(site)]
+    }
+
+    /// The site's ancestors, nearest first.
+    pub fn ancestors(&self, site: SiteIdx) -> impl Iterator<Item = SiteIdx> + '_ {
+        std::iter::successors(self.parent(site), |&p| self.parent(p))
+    }
+
+    /// Whether `site` is below `ancestor` (at any depth).
+    pub fn is_under(&self, site: SiteIdx, ancestor: SiteIdx) -> bool {
+        self.ancestors(site).any(|a| a == ancestor)
+    }
+
+    /// Sites that have sites below them, in inventory order.
+    pub fn parents_with_children(&self) -> Vec<SiteIdx> {
+        (0..self.sites.len() as SiteIdx).filter(|&s| self.parents.contains(&Some(s))).collect()
     }
 
     pub fn sites(&self) -> &[Site] {
@@ -205,12 +327,14 @@ impl Inventory {
         self.by_id.get(id).copied()
     }
 
-    /// Sites of a district and/or a level (`None` matches any), in inventory order.
-    pub fn select(&self, district: Option<&str>, level: Option<&str>) -> Vec<SiteIdx> {
+    /// Sites of a district, a level and/or below a site (`None` matches any), in inventory order.
+    pub fn select(&self, district: Option<&str>, level: Option<&str>, under: Option<SiteIdx>) -> Vec<SiteIdx> {
         (0..self.sites.len() as SiteIdx)
             .filter(|&s| {
                 let site = self.site(s);
-                district.is_none_or(|d| site.district == d) && level.is_none_or(|l| site.level == l)
+                district.is_none_or(|d| site.district == d)
+                    && level.is_none_or(|l| site.level == l)
+                    && under.is_none_or(|u| self.is_under(s, u))
             })
             .collect()
     }
@@ -240,8 +364,8 @@ fn parse_site(row: Row) -> Result<Site, String> {
     if row.site_id.is_empty() {
         return Err("field site_id: empty".into());
     }
-    if !LEVELS.contains(&row.level.as_str()) {
-        return Err(format!("field level: {:?} is not one of {}", row.level, LEVELS.join(", ")));
+    if row.level.is_empty() {
+        return Err("field level: empty; name the site's level in the hierarchy (e.g. province, commune)".into());
     }
     if row.link_mbps == 0 {
         return Err("field link_mbps: must be greater than 0".into());
@@ -267,14 +391,14 @@ fn parse_site(row: Row) -> Result<Site, String> {
     if row.uplink_ifindex.is_some() && (exporter.is_none() || row.exporter_ifindex.is_some()) {
         return Err("field uplink_ifindex: needs the site's own router in `exporter` (and no exporter_ifindex)".into());
     }
-    let district = if row.district.is_empty() { PROVINCE_DISTRICT_LABEL.to_string() } else { row.district };
     Ok(Site {
         id: row.site_id,
         name: row.name,
         level: row.level,
         kind: row.kind,
         parent_id: row.parent_id,
-        district,
+        // Empty: inherited from the nearest ancestor once parents are known.
+        district: row.district,
         admin_code: row.admin_code,
         link_mbps: row.link_mbps,
         prefixes,
@@ -322,6 +446,47 @@ mod tests {
         let csv = format!("{HEADER}a,A,commune,commune,,D,1,twenty,10.1.1.0/24,\n");
         let err = Inventory::from_csv_str(&csv, "s.csv").unwrap_err().to_string();
         assert!(err.contains("line 2") && err.contains("column 8"), "{err}");
+    }
+
+    /// Levels come from the data: the Hà Giang three levels, the post-2025 two levels, any
+    /// names; parents are checked.
+    #[test]
+    fn the_hierarchy_is_data() {
+        let inv = Inventory::embedded();
+        assert_eq!(inv.levels(), ["province", "district", "commune"]);
+        let ubnd = inv.by_id("meo-vac.ubnd").unwrap();
+        let pai_lung = inv.by_id("meo-vac.pai-lung").unwrap();
+        assert_eq!(inv.parent(pai_lung), Some(ubnd));
+        assert!(inv.is_under(pai_lung, ubnd) && !inv.is_under(ubnd, pai_lung));
+        assert_eq!(inv.select(None, Some("commune"), Some(ubnd)), inv.select(Some("Mèo Vạc"), Some("commune"), None));
+
+        // Two levels with other names, listed bottom first; districts inherited or "province".
+        let csv = format!(
+            "{HEADER}x1,Xã 1,xa,commune,t,,1,20,10.1.1.0/24,\nx2,Xã 2,xa,commune,t,,2,20,10.1.2.0/24,\nt,Tỉnh,tinh,office,,,0,100,10.1.0.0/24,\n"
+        );
+        let inv = Inventory::from_csv_str(&csv, "s.csv").unwrap();
+        assert_eq!(inv.levels(), ["tinh", "xa"]);
+        assert_eq!(inv.level_depth("xa"), Some(1));
+        assert!(inv.sites().iter().all(|s| s.district == PROVINCE_DISTRICT_LABEL));
+        assert_eq!(inv.parents_with_children(), vec![2]);
+        // Four levels: a hamlet inherits its commune's district.
+        let csv = format!(
+            "{HEADER}p,P,province,o,,,0,100,10.1.0.0/24,\nd,D,district,o,p,Dist,0,50,10.1.1.0/24,\nc,C,commune,o,d,Dist,0,20,10.1.2.0/24,\nh,H,hamlet,o,c,,0,10,10.1.3.0/24,\n"
+        );
+        let inv = Inventory::from_csv_str(&csv, "s.csv").unwrap();
+        assert_eq!(inv.levels(), ["province", "district", "commune", "hamlet"]);
+        assert_eq!(inv.site(3).district, "Dist");
+        assert_eq!(inv.ancestors(3).collect::<Vec<_>>(), vec![2, 1, 0]);
+
+        let bad = |rows: &str| Inventory::from_csv_str(&format!("{HEADER}{rows}"), "s.csv").unwrap_err().to_string();
+        let e = bad("a,A,commune,c,nowhere,,0,20,10.1.1.0/24,\n");
+        assert!(e.contains("s.csv: line 2: field parent_id: \"nowhere\" is not a site of the inventory"), "{e}");
+        let e = bad("a,A,commune,c,b,,0,20,10.1.1.0/24,\nb,B,district,c,a,,0,20,10.1.2.0/24,\n");
+        assert!(e.contains("is its own ancestor (a cycle)"), "{e}");
+        let e = bad("a,A,commune,c,,,0,20,10.1.1.0/24,\nb,B,commune,c,a,,0,20,10.1.2.0/24,\n");
+        assert!(e.contains("line 3: field parent_id: parent \"a\" is at the same level (commune)"), "{e}");
+        let e = bad("a,A,,c,,,0,20,10.1.1.0/24,\n");
+        assert!(e.contains("field level: empty"), "{e}");
     }
 
     #[test]

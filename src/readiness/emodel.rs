@@ -1,5 +1,9 @@
 //! The simplified E-model (ITU-T G.107) used by common VoIP monitors: MOS from RTT, jitter, loss.
 
+/// The best MOS the model gives (no delay, jitter or loss: R = 92.95), rounded up: no site
+/// can clear a MOS row above it.
+pub const MOS_MAX: f64 = 4.405;
+
 /// MOS (1–4.5) from round-trip time and jitter in milliseconds and loss in percent.
 pub fn mos(rtt_ms: f64, jitter_ms: f64, loss_pct: f64) -> f64 {
     let effective = rtt_ms + 2.0 * jitter_ms + 10.0;
@@ -22,7 +26,7 @@ mod tests {
         (a - b).abs() < 1e-3
     }
 
-    /// Worked by hand from the formula in DESIGN.md.
+    /// Worked by hand from the formula above.
     #[test]
     fn worked_examples() {
         // Healthy commune: eff = 28 + 8 + 10 = 46 → R = 93.2 − 1.15 = 92.05
@@ -45,5 +49,11 @@ mod tests {
         assert!(mos(40.0, 15.0, 0.5) < base);
         assert!(mos(40.0, 5.0, 3.0) < base);
         assert!(mos(0.0, 0.0, 0.0) <= 4.5);
+    }
+
+    #[test]
+    fn mos_max_is_the_model_best() {
+        let best = mos(0.0, 0.0, 0.0);
+        assert!(best <= MOS_MAX && best > MOS_MAX - 0.001, "{best}");
     }
 }

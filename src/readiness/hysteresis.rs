@@ -33,15 +33,9 @@ pub fn level_of(metric: Metric, value: f64, t: &Threshold) -> Level {
 }
 
 /// The level `value` reaches with the clear thresholds (the way back to healthy).
-fn clear_level_of(metric: Metric, value: f64, t: &Threshold, hysteresis_ratio: f64) -> Level {
-    let toward_healthy = |x: f64| if metric.higher_is_worse() { x * (1.0 - hysteresis_ratio) } else { x * (1.0 + hysteresis_ratio) };
-    let clear = Threshold {
-        degraded: t.clear_degraded.unwrap_or_else(|| toward_healthy(t.degraded)),
-        not_ready: t.clear_not_ready.unwrap_or_else(|| toward_healthy(t.not_ready)),
-        clear_degraded: None,
-        clear_not_ready: None,
-    };
-    level_of(metric, value, &clear)
+pub fn clear_level_of(metric: Metric, value: f64, t: &Threshold, hysteresis_ratio: f64) -> Level {
+    let (degraded, not_ready) = t.clear_levels(metric, hysteresis_ratio);
+    level_of(metric, value, &Threshold { degraded, not_ready, clear_degraded: None, clear_not_ready: None })
 }
 
 /// The level a row should move to from `current`, given a new value.
@@ -63,6 +57,11 @@ pub struct HeldLevel {
 impl HeldLevel {
     pub fn current(&self) -> Option<Level> {
         self.current
+    }
+
+    /// The level waiting for its hold time, and since when (event time, ns).
+    pub fn pending(&self) -> Option<(Level, i64)> {
+        self.pending
     }
 
     /// Moves toward `target` at event time `now_ns`; a missing value (no data) clears at once.

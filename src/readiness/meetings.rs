@@ -12,6 +12,7 @@
 //!       - level: district          # every district office
 //!       - district: Mèo Vạc        # all communes of Mèo Vạc
 //!         level: commune
+//!       - under: meo-vac.ubnd      # every site below this one in the inventory's hierarchy
 //! ```
 
 use std::collections::BTreeSet;
@@ -22,13 +23,14 @@ use serde::{Deserialize, Serialize};
 
 use super::hysteresis::{Level, target_level};
 use super::policy::{Metric, Policy};
-use super::{Reason, SiteReadiness, Verdict};
+use super::{Cause, Reason, SiteReadiness, Verdict};
 use crate::inventory::{Inventory, SiteIdx};
 
 /// Longest meeting accepted: a week.
 const MAX_DURATION_MINS: u64 = 7 * 24 * 60;
 
-/// Which sites join: explicit ids, and/or every site of a district and/or level.
+/// Which sites join: explicit ids, and/or every site of a district, a level and/or below a
+/// site of the hierarchy (`under`, any depth); the criteria given must all match.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Selector {
@@ -38,6 +40,8 @@ pub struct Selector {
     pub district: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub level: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub under: Option<String>,
 }
 
 /// A meeting as written in the schedule or posted to `/api/meetings`.
@@ -124,14 +128,12 @@ impl Meeting {
             for id in &sel.sites {
                 set.insert(inventory.by_id(id).ok_or_else(|| at(format!("participants[{i}]: unknown site {id:?}")))?);
             }
-            if sel.district.is_some() || sel.level.is_some() {
-                let matched = inventory.select(sel.district.as_deref(), sel.level.as_deref());
-                if matched.is_empty() {
-                    return Err(at(format!("participants[{i}]: no site has district {:?} and level {:?}", sel.district, sel.level)));
-                }
+            if sel.district.is_some() || sel.level.is_some() || sel.under.is_some() {
+                let matched = select(inventory, sel.district.as_deref(), sel.level.as_deref(), sel.under.as_deref())
+                    .map_err(|e| at(format!("participants[{i}]: {e}")))?;
                 set.extend(matched);
             } else if sel.sites.is_empty() {
-                return Err(at(format!("participants[{i}]: select sites with `sites`, `district` or `level`")));
+                return Err(at(format!("participants[{i}]: select sites with `sites`, `district`, `level` or `under`")));
             }
         }
         if set.is_empty() {
@@ -159,6 +161,28 @@ impl Meeting {
             Phase::Upcoming
         }
     }
+}
+
+/// The sites a selector's `district`, `level` and `under` pick; an error if none, or if the
+/// level or the `under` site is not in the inventory.
+pub fn select(inventory: &Inventory, district: Option<&str>, level: Option<&str>, under: Option<&str>) -> Result<Vec<SiteIdx>, String> {
+    if let Some(l) = level.filter(|l| inventory.level_depth(l).is_none()) {
+        return Err(format!("level {l:?} is not a level of the inventory ({})", inventory.levels().join(", ")));
+    }
+    let under = match under {
+        Some(id) => Some(inventory.by_id(id).ok_or_else(|| format!("under: unknown site {id:?}"))?),
+        None => None,
+    };
+    let matched = inventory.select(district, level, under);
+    if matched.is_empty() {
+        let criteria = [
+            district.map(|d| format!("district {d:?}")),
+            level.map(|l| format!("level {l:?}")),
+            under.map(|u| format!("under {:?}", inventory.site(u).id)),
+        ];
+        return Err(format!("no site matches {}", criteria.into_iter().flatten().collect::<Vec<_>>().join(" and ")));
+    }
+    Ok(matched)
 }
 
 /// Loads a schedule file of meetings.
@@ -214,8 +238,15 @@ pub fn participant(site: &SiteReadiness, need: f64, policy: &Policy) -> Particip
             let ratio = sin.min(sout) / need;
             let level = target_level(Metric::SpareCapacity, ratio, &t, policy.hysteresis_ratio, None);
             if level > Level::Ready {
-                let threshold = if level == Level::NotReady { t.not_ready } else { t.degraded };
-                reasons.push(Reason { metric: Metric::SpareCapacity, level, value: ratio, threshold });
+                reasons.push(Reason {
+                    metric: Metric::SpareCapacity,
+                    level,
+                    value: ratio,
+                    threshold: t.of(level),
+                    cause: Cause::OverThreshold,
+                    clear: Some(t.clear_of(Metric::SpareCapacity, policy.hysteresis_ratio, level)),
+                    detail: String::new(),
+                });
             }
             worst = worst.max(level);
         }
@@ -269,7 +300,26 @@ mod tests {
     }
 
     fn sel(sites: &[&str], district: Option<&str>, level: Option<&str>) -> Selector {
-        Selector { sites: sites.iter().map(|s| s.to_string()).collect(), district: district.map(Into::into), level: level.map(Into::into) }
+        Selector {
+            sites: sites.iter().map(|s| s.to_string()).collect(),
+            district: district.map(Into::into),
+            level: level.map(Into::into),
+            under: None,
+        }
+    }
+
+    /// `under` follows the hierarchy: the district office's communes, at any depth.
+    #[test]
+    fn participants_under_a_site() {
+        let inv = Inventory::embedded();
+        let policy = Policy::default();
+        let under = Selector { under: Some("meo-vac.ubnd".into()), ..sel(&[], None, None) };
+        let m = Meeting::resolve(spec(vec![under.clone()]), &inv, &policy).unwrap();
+        assert_eq!(m.participants, inv.select(Some("Mèo Vạc"), Some("commune"), None));
+        let e = Meeting::resolve(spec(vec![Selector { under: Some("nowhere".into()), ..under }]), &inv, &policy).unwrap_err();
+        assert!(e.contains("participants[0]: under: unknown site \"nowhere\""), "{e}");
+        let e = Meeting::resolve(spec(vec![sel(&[], None, Some("hamlet"))]), &inv, &policy).unwrap_err();
+        assert!(e.contains("level \"hamlet\" is not a level of the inventory (province, district, commune)"), "{e}");
     }
 
     #[test]
@@ -297,10 +347,10 @@ mod tests {
         let e = Meeting::resolve(spec(vec![sel(&["nowhere"], None, None)]), &inv, &policy).unwrap_err();
         assert!(e.contains("unknown site \"nowhere\""), "{e}");
         let e = Meeting::resolve(spec(vec![sel(&[], Some("Atlantis"), None)]), &inv, &policy).unwrap_err();
-        assert!(e.contains("no site has district"), "{e}");
+        assert!(e.contains("no site matches district"), "{e}");
         // A misspelt district next to explicit sites is still an error.
         let e = Meeting::resolve(spec(vec![sel(&["tinh.vp-ubnd"], Some("Meo Vac"), None)]), &inv, &policy).unwrap_err();
-        assert!(e.contains("no site has district"), "{e}");
+        assert!(e.contains("no site matches district"), "{e}");
         // A selector that only repeats sites already selected is fine.
         Meeting::resolve(spec(vec![sel(&[], None, Some("district")), sel(&[], Some("Mèo Vạc"), Some("district"))]), &inv, &policy).unwrap();
         let mut long = spec(vec![sel(&["tinh.vp-ubnd"], None, None)]);

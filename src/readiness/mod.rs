@@ -53,13 +53,67 @@ impl Verdict {
     }
 }
 
-/// Why a row is not ready: which metric, its value, the threshold it crossed.
+/// Why a row is shown at its level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Cause {
+    /// The value is past the level's threshold.
+    OverThreshold,
+    /// The value is back within the threshold but not yet past the clear level.
+    Hysteresis,
+    /// The value is past the clear level; the change waits out the hold time.
+    Hold,
+    /// Freshness: telemetry older than the limit.
+    Stale,
+    /// Freshness: a kind of telemetry is missing from the period.
+    Missing,
+}
+
+impl Cause {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Cause::OverThreshold => "over_threshold",
+            Cause::Hysteresis => "hysteresis",
+            Cause::Hold => "hold",
+            Cause::Stale => "stale",
+            Cause::Missing => "missing",
+        }
+    }
+}
+
+/// Why a row is not ready: which metric, its value, the threshold of its level, whether it is
+/// over that threshold or held (hysteresis, hold time), and the level it must pass to clear.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Reason {
     pub metric: Metric,
     pub level: Level,
+    /// The row's value; for freshness, the staler telemetry's age in seconds (null if never seen).
     pub value: f64,
     pub threshold: f64,
+    pub cause: Cause,
+    /// The value the row must pass to improve (none for freshness).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub clear: Option<f64>,
+    /// In words: what is missing or stale, or how much of the hold time has run.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub detail: String,
+}
+
+impl std::fmt::Display for Reason {
+    /// `metric=value`, then why: e.g. `rtt=0.4500 over not_ready threshold 0.3, clears at 0.27`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let m = self.metric.as_str();
+        let level = if self.level == Level::NotReady { "not_ready" } else { "degraded" };
+        let clear = self.clear.map_or(String::new(), |c| format!(", clears at {}", policy::num(c)));
+        let threshold = policy::num(self.threshold);
+        match self.cause {
+            Cause::OverThreshold => write!(f, "{m}={:.4} over {level} threshold {threshold}{clear}", self.value),
+            Cause::Hysteresis => write!(f, "{m}={:.4} held by hysteresis (within {level} threshold {threshold}{clear})", self.value),
+            Cause::Hold => write!(f, "{m}={:.4} held by the hold time ({}{clear})", self.value, self.detail),
+            Cause::Stale => write!(f, "{m}: {} (limit {threshold} s)", self.detail),
+            Cause::Missing => write!(f, "{m}: missing {}", self.detail),
+        }
+    }
 }
 
 /// Probe statistics over the rolling period.
@@ -132,7 +186,7 @@ impl Buckets {
     }
 }
 
-/// RTT histogram bounds: the policy's thresholds (DESIGN.md).
+/// RTT histogram bounds: the shipped policy's thresholds and the quiet and congested bands around them.
 pub const RTT_BUCKETS: [f64; 5] = [0.05, 0.1, 0.15, 0.3, 0.4];
 /// Jitter histogram bounds.
 pub const JITTER_BUCKETS: [f64; 3] = [0.015, 0.03, 0.05];
@@ -171,14 +225,22 @@ pub struct ReadinessEngine {
 struct Scratch {
     rtt_us: hdrhistogram::Histogram<u32>,
     jitter_us: hdrhistogram::Histogram<u32>,
-    mos_milli: hdrhistogram::Histogram<u32>,
+    /// MOS of each sample: its 5th percentile is taken exactly, since hdrhistogram's 1 % steps
+    /// (0.03 MOS) are as wide as the row's hysteresis band and round up.
+    mos: Vec<f64>,
 }
 
 impl Default for Scratch {
     fn default() -> Self {
         let us = || hdrhistogram::Histogram::new_with_bounds(1, 120_000_000, 2).expect("valid bounds");
-        Self { rtt_us: us(), jitter_us: us(), mos_milli: hdrhistogram::Histogram::new_with_bounds(1, 10_000, 2).expect("valid bounds") }
+        Self { rtt_us: us(), jitter_us: us(), mos: Vec::new() }
     }
+}
+
+/// The nearest-rank quantile `q` of `values` (not empty), as hdrhistogram counts ranks.
+fn nearest_rank(values: &mut [f64], q: f64) -> f64 {
+    let rank = ((q * values.len() as f64).ceil() as usize).clamp(1, values.len());
+    *values.select_nth_unstable_by(rank - 1, f64::total_cmp).1
 }
 
 fn percentile(h: &hdrhistogram::Histogram<u32>, q: f64, scale: f64) -> f64 {
@@ -345,12 +407,12 @@ impl ReadinessEngine {
             let mut rows_without_spare = Vec::new();
             for ((metric, value), (_, held)) in values.iter().zip(state.rows.iter_mut()) {
                 let t = thresholds.get(*metric).expect("every row but freshness has thresholds");
-                let target = value.map(|v| hysteresis::target_level(*metric, v, t, self.policy.hysteresis_ratio, held.current()));
+                let h = self.policy.hysteresis_ratio;
+                let target = value.map(|v| hysteresis::target_level(*metric, v, t, h, held.current()));
                 let Some(level) = held.update(target, end_ns, hold_ns) else { continue };
                 let value = value.expect("a level comes from a value");
                 if level > Level::Ready {
-                    let threshold = if level == Level::NotReady { t.not_ready } else { t.degraded };
-                    reasons.push(Reason { metric: *metric, level, value, threshold });
+                    reasons.push(row_reason(*metric, level, value, t, h, held.pending(), end_ns, self.policy.hold_secs));
                 }
                 if *metric != Metric::SpareCapacity {
                     rows_without_spare.push((*metric, level));
@@ -358,14 +420,9 @@ impl ReadinessEngine {
                 worst = worst.max(level);
             }
             // Both kinds of telemetry must be fresh: quality without traffic, or traffic without
-            // quality, cannot say a link is ready. The reason carries the staler one's age.
+            // quality, cannot say a link is ready. The reason says which is stale or missing.
             let verdict = if probe_age >= stale_secs || flow_age >= stale_secs || probes.is_none() || traffic.is_none() {
-                reasons.push(Reason {
-                    metric: Metric::Freshness,
-                    level: Level::NotReady,
-                    value: probe_age.max(flow_age),
-                    threshold: stale_secs,
-                });
+                reasons.push(freshness_reason(probe_age, flow_age, stale_secs, probes.is_none(), traffic.is_none(), first_window));
                 Verdict::Unknown
             } else {
                 Verdict::of(worst)
@@ -404,6 +461,9 @@ impl ReadinessEngine {
                 level: Level::NotReady,
                 value: silent.as_secs_f64(),
                 threshold: limit.as_secs_f64(),
+                cause: Cause::Stale,
+                clear: None,
+                detail: format!("no window has closed for {:.0} s (the source stalled)", silent.as_secs_f64()),
             });
             s.rows_without_spare.clear();
         }
@@ -413,17 +473,106 @@ impl ReadinessEngine {
     pub fn counts(&self, district: Option<&str>) -> [(Verdict, usize); 4] {
         Verdict::ALL.map(|v| (v, self.latest.iter().filter(|s| s.verdict == v && district.is_none_or(|d| s.district == d)).count()))
     }
+
+    /// Roll-ups along the hierarchy: for every site with sites below it, those sites (any
+    /// depth) per level and verdict — "7 of 20 communes under meo-vac.ubnd not ready".
+    pub fn rollups(&self) -> Vec<Rollup> {
+        let inv = &self.inventory;
+        inv.parents_with_children()
+            .into_iter()
+            .map(|p| {
+                let mut levels: Vec<(String, [(Verdict, usize); 4])> = Vec::new();
+                for level in inv.levels() {
+                    let below: Vec<SiteIdx> = inv.select(None, Some(level), Some(p));
+                    if below.is_empty() {
+                        continue;
+                    }
+                    let count = |v: Verdict| below.iter().filter(|&&s| self.latest[usize::from(s)].verdict == v).count();
+                    levels.push((level.clone(), Verdict::ALL.map(|v| (v, count(v)))));
+                }
+                let site = inv.site(p);
+                Rollup { parent: site.id.clone(), parent_level: site.level.clone(), levels }
+            })
+            .collect()
+    }
+}
+
+/// The sites below one site, per level, in each verdict.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Rollup {
+    pub parent: String,
+    pub parent_level: String,
+    pub levels: Vec<(String, [(Verdict, usize); 4])>,
+}
+
+/// The reason of a row shown at `level`: over its threshold, held by hysteresis (back within
+/// the threshold, not past the clear level), or held by the hold time (past the clear level).
+#[allow(clippy::too_many_arguments)]
+fn row_reason(
+    metric: Metric,
+    level: Level,
+    value: f64,
+    t: &policy::Threshold,
+    hysteresis_ratio: f64,
+    pending: Option<(Level, i64)>,
+    now_ns: i64,
+    hold_secs: u64,
+) -> Reason {
+    let cause = if hysteresis::level_of(metric, value, t) >= level {
+        Cause::OverThreshold
+    } else if hysteresis::clear_level_of(metric, value, t, hysteresis_ratio) >= level {
+        Cause::Hysteresis
+    } else {
+        Cause::Hold
+    };
+    let detail = match (cause, pending) {
+        (Cause::Hold, Some((_, since))) => {
+            format!("past the clear level for {} s of the {hold_secs} s hold", (now_ns - since) / 1_000_000_000)
+        }
+        _ => String::new(),
+    };
+    Reason { metric, level, value, threshold: t.of(level), cause, clear: Some(t.clear_of(metric, hysteresis_ratio, level)), detail }
+}
+
+/// The freshness reason of an `unknown` verdict: what is stale (and how old), or missing.
+fn freshness_reason(probe_age: f64, flow_age: f64, stale_secs: f64, no_probes: bool, no_traffic: bool, first_window: bool) -> Reason {
+    let mut stale = Vec::new();
+    let mut missing = Vec::new();
+    for (what, age, none) in [("probe results", probe_age, no_probes), ("flow records", flow_age, no_traffic)] {
+        if age.is_finite() && age >= stale_secs {
+            stale.push(format!("{what} {age:.0} s old"));
+        } else if age.is_infinite() {
+            missing.push(format!("{what} (none received yet)"));
+        } else if none && what == "probe results" {
+            missing.push("probe results in the period".to_string());
+        } else if none {
+            let why = if first_window { "the run's first window is partial" } else { "none closed in the period" };
+            missing.push(format!("a complete traffic window ({why})"));
+        }
+    }
+    let age = probe_age.max(flow_age);
+    let cause = if stale.is_empty() { Cause::Missing } else { Cause::Stale };
+    let detail = stale.into_iter().chain(missing).collect::<Vec<_>>().join(", ");
+    Reason {
+        metric: Metric::Freshness,
+        level: Level::NotReady,
+        value: if age.is_finite() { age } else { f64::NAN },
+        threshold: stale_secs,
+        cause,
+        clear: None,
+        detail,
+    }
 }
 
 fn probe_stats(samples: &[ProbeSample], h: &mut Scratch) -> ProbeStats {
     h.rtt_us.reset();
     h.jitter_us.reset();
-    h.mos_milli.reset();
+    h.mos.clear();
     let mut loss_max: f64 = 0.0;
     for s in samples {
         h.rtt_us.saturating_record((s.rtt_s * 1e6).round().max(1.0) as u64);
         h.jitter_us.saturating_record((s.jitter_s * 1e6).round().max(1.0) as u64);
-        h.mos_milli.saturating_record((emodel::mos(s.rtt_s * 1e3, s.jitter_s * 1e3, s.loss * 100.0) * 1e3).round() as u64);
+        h.mos.push(emodel::mos(s.rtt_s * 1e3, s.jitter_s * 1e3, s.loss * 100.0));
         loss_max = loss_max.max(s.loss);
     }
     ProbeStats {
@@ -433,7 +582,7 @@ fn probe_stats(samples: &[ProbeSample], h: &mut Scratch) -> ProbeStats {
         rtt_p99_seconds: percentile(&h.rtt_us, 0.99, 1e6),
         jitter_p95_seconds: percentile(&h.jitter_us, 0.95, 1e6),
         loss_max_ratio: loss_max,
-        mos_p5: percentile(&h.mos_milli, 0.05, 1e3),
+        mos_p5: nearest_rank(&mut h.mos, 0.05),
     }
 }
 
@@ -561,5 +710,55 @@ mod tests {
         assert_eq!(b.verdict, Verdict::Unknown, "{:?}", b.reasons);
         assert_eq!(b.reasons.last().unwrap().metric, Metric::Freshness);
         assert_eq!(e.counts(None), [(Verdict::Ready, 0), (Verdict::Degraded, 0), (Verdict::NotReady, 1), (Verdict::Unknown, 1)]);
+    }
+
+    /// Reasons say whether a row is over its threshold, held by hysteresis or by the hold
+    /// time, with the clear level; the first window's unknown says what is missing.
+    #[test]
+    fn reasons_say_over_threshold_or_held() {
+        let inv = Arc::new(Inventory::from_csv_str(CSV, "t.csv").unwrap());
+        // One window per period, so each value below is the row's value at once.
+        let policy = Policy { period_secs: 10, hold_secs: 20, ..Policy::default() };
+        let mut e = ReadinessEngine::new(inv, policy, 10 * S);
+        let mut t = 1_764_000_000 * S;
+        let mut step = |rtt: f64| {
+            e.observe_probes(&probes(0, t + 5 * S, rtt));
+            e.observe_flow_window(&flows("a", 1_000), t + 10 * S);
+            e.evaluate(t, t + 10 * S);
+            t += 10 * S;
+            e.latest()[0].clone()
+        };
+        let first = step(0.2);
+        assert_eq!(first.verdict, Verdict::Unknown);
+        let r = first.reasons.last().unwrap();
+        assert_eq!((r.metric, r.cause), (Metric::Freshness, Cause::Missing));
+        assert_eq!(r.to_string(), "freshness: missing a complete traffic window (the run's first window is partial)");
+        for _ in 0..3 {
+            step(0.2);
+        }
+        let over = step(0.2);
+        assert_eq!(over.verdict, Verdict::Degraded);
+        // Values are hdrhistogram's p95 (2 significant digits): 0.2 reads 0.2007.
+        let text = over.reasons[0].to_string();
+        assert!(text.starts_with("rtt=0.20") && text.ends_with(" over degraded threshold 0.1, clears at 0.09"), "{text}");
+        assert!((over.reasons[0].clear.unwrap() - 0.09).abs() < 1e-12);
+        // 0.095: back within the 0.1 threshold, not past the 0.09 clear level.
+        let held = step(0.095);
+        assert_eq!(held.verdict, Verdict::Degraded);
+        assert_eq!(held.reasons[0].cause, Cause::Hysteresis);
+        let text = held.reasons[0].to_string();
+        assert!(
+            text.starts_with("rtt=0.09") && text.ends_with(" held by hysteresis (within degraded threshold 0.1, clears at 0.09)"),
+            "{text}"
+        );
+        // 0.05: past the clear level; the row waits out the 20 s hold.
+        let hold = step(0.05);
+        assert_eq!((hold.verdict, hold.reasons[0].cause), (Verdict::Degraded, Cause::Hold));
+        let text = hold.reasons[0].to_string();
+        assert!(text.ends_with(" held by the hold time (past the clear level for 0 s of the 20 s hold, clears at 0.09)"), "{text}");
+        assert!(step(0.05).reasons[0].detail.contains("for 10 s of the 20 s hold"));
+        let ready = step(0.05);
+        assert_eq!(ready.verdict, Verdict::Ready, "{:?}", ready.reasons);
+        assert!(ready.reasons.is_empty());
     }
 }

@@ -1,6 +1,6 @@
 //! The readiness policy: thresholds per metric, evaluation period, hold time, hysteresis,
-//! bandwidth profiles, and per-level or per-site overrides. Defaults are DESIGN.md's table;
-//! `pipelines/hagiang/policy.yaml` spells them out.
+//! bandwidth profiles, and per-level or per-site overrides. `pipelines/hagiang/policy.yaml`
+//! spells the defaults out and says where each value comes from.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -55,6 +55,59 @@ impl Metric {
     pub fn higher_is_worse(self) -> bool {
         !matches!(self, Metric::Mos | Metric::SpareCapacity)
     }
+
+    /// The row's key in the policy file.
+    pub fn row_name(self) -> &'static str {
+        match self {
+            Metric::Rtt => "rtt_p95_seconds",
+            Metric::Jitter => "jitter_p95_seconds",
+            Metric::Loss => "loss_max_ratio",
+            Metric::Mos => "mos_p5",
+            Metric::Utilisation => "utilisation_mean_ratio",
+            Metric::SpareCapacity => "spare_capacity_need_ratio",
+            Metric::Freshness => "freshness_windows",
+        }
+    }
+
+    /// The values the metric can take: a threshold or clear level outside them is never
+    /// crossed (or never cleared). MOS tops out at the E-model's best (no delay, jitter or
+    /// loss, 4.40); spare capacity over need has no fixed top (it is checked per site against
+    /// its link in [`Policy::check_sites`]).
+    pub fn range(self) -> (f64, f64) {
+        match self {
+            Metric::Rtt | Metric::Jitter => (0.0, 60.0),
+            Metric::Loss | Metric::Utilisation => (0.0, 1.0),
+            Metric::Mos => (1.0, super::emodel::MOS_MAX),
+            Metric::SpareCapacity => (0.0, f64::INFINITY),
+            Metric::Freshness => (0.0, f64::INFINITY),
+        }
+    }
+}
+
+impl Threshold {
+    /// The threshold of a level (`Ready` has none: 0).
+    pub fn of(&self, level: super::Level) -> f64 {
+        match level {
+            super::Level::NotReady => self.not_ready,
+            _ => self.degraded,
+        }
+    }
+
+    /// The clear levels `(degraded, not_ready)`: explicit, or the threshold moved by
+    /// `hysteresis_ratio` towards healthy.
+    pub fn clear_levels(&self, metric: Metric, hysteresis_ratio: f64) -> (f64, f64) {
+        let toward_healthy = |x: f64| if metric.higher_is_worse() { x * (1.0 - hysteresis_ratio) } else { x * (1.0 + hysteresis_ratio) };
+        (
+            self.clear_degraded.unwrap_or_else(|| toward_healthy(self.degraded)),
+            self.clear_not_ready.unwrap_or_else(|| toward_healthy(self.not_ready)),
+        )
+    }
+
+    /// The clear level a row at `level` must pass to improve.
+    pub fn clear_of(&self, metric: Metric, hysteresis_ratio: f64, level: super::Level) -> f64 {
+        let (d, n) = self.clear_levels(metric, hysteresis_ratio);
+        if level == super::Level::NotReady { n } else { d }
+    }
 }
 
 /// Thresholds of every row; rows left out keep their defaults.
@@ -82,7 +135,9 @@ impl Default for Thresholds {
             rtt_p95_seconds: t(0.100, 0.300),
             jitter_p95_seconds: t(0.030, 0.050),
             loss_max_ratio: t(0.01, 0.05),
-            mos_p5: t(4.0, 3.6),
+            // Explicit clear levels: 4.0 × (1 + hysteresis) = 4.4 is above what a healthy
+            // commune's MOS reaches (about 4.38), so it would never clear.
+            mos_p5: Threshold { clear_degraded: Some(4.1), clear_not_ready: Some(3.7), ..t(4.0, 3.6) },
             utilisation_mean_ratio: Threshold { clear_not_ready: Some(0.87), ..t(0.70, 0.90) },
             spare_capacity_need_ratio: t(1.2, 1.0),
         }
@@ -148,7 +203,7 @@ pub struct Policy {
     /// Bandwidth need of each profile, bytes per second each way, IP overhead included.
     pub profiles: BTreeMap<String, f64>,
     pub thresholds: Thresholds,
-    /// Overrides per level (`province`, `district`, `commune`).
+    /// Overrides per level of the inventory's hierarchy (e.g. `province`, `district`, `commune`).
     pub levels: BTreeMap<String, ThresholdOverrides>,
     /// Overrides per site id (win over levels).
     pub sites: BTreeMap<String, ThresholdOverrides>,
@@ -170,6 +225,15 @@ impl Default for Policy {
             sites: BTreeMap::new(),
         }
     }
+}
+
+/// A number as a person writes it: `4.4`, not `4.4000000000000004`.
+pub fn num(v: f64) -> String {
+    if !v.is_finite() {
+        return v.to_string();
+    }
+    let s = format!("{v:.6}");
+    s.trim_end_matches('0').trim_end_matches('.').to_string()
 }
 
 /// The built-in policy file.
@@ -214,27 +278,84 @@ impl Policy {
         if let Some((name, need)) = self.profiles.iter().find(|(_, n)| n.is_nan() || **n <= 0.0) {
             return Err(format!("profiles.{name}: need must be positive (got {need})"));
         }
-        for level in self.levels.keys() {
-            if !crate::inventory::LEVELS.contains(&level.as_str()) {
-                return Err(format!("levels.{level}: not one of {}", crate::inventory::LEVELS.join(", ")));
+        let mut all = vec![("thresholds".to_string(), self.thresholds.clone())];
+        for (scope, overrides) in [("levels", &self.levels), ("sites", &self.sites)] {
+            for (k, o) in overrides {
+                let mut t = self.thresholds.clone();
+                t.apply(o);
+                all.push((format!("{scope}.{k}"), t));
             }
         }
-        let mut all = vec![("thresholds".to_string(), self.thresholds.clone())];
-        for (k, o) in self.levels.iter().chain(self.sites.iter()) {
-            let mut t = self.thresholds.clone();
-            t.apply(o);
-            all.push((k.clone(), t));
+        for (name, t) in &all {
+            self.check_rows(name, t)?;
         }
-        for (name, t) in all {
-            for m in Metric::ALL {
-                let Some(th) = t.get(m) else { continue };
-                let ordered = if m.higher_is_worse() { th.degraded <= th.not_ready } else { th.degraded >= th.not_ready };
-                if !ordered {
+        Ok(())
+    }
+
+    /// Every row of one set of thresholds: in range, in order, and clearable by a healthy site.
+    fn check_rows(&self, scope: &str, t: &Thresholds) -> Result<(), String> {
+        for m in Metric::ALL {
+            let Some(th) = t.get(m) else { continue };
+            let row = format!("{scope}.{}", m.row_name());
+            let (lo, hi) = m.range();
+            let (clear_d, clear_n) = th.clear_levels(m, self.hysteresis_ratio);
+            let derived = |explicit: Option<f64>| explicit.is_none().then_some(());
+            for (what, v, note) in [
+                ("degraded", th.degraded, None),
+                ("not_ready", th.not_ready, None),
+                ("clear_degraded", clear_d, derived(th.clear_degraded)),
+                ("clear_not_ready", clear_n, derived(th.clear_not_ready)),
+            ] {
+                if !(lo..=hi).contains(&v) {
+                    let note = note.map_or(String::new(), |()| {
+                        format!(" (its threshold moved by hysteresis_ratio {}; set {what} explicitly)", self.hysteresis_ratio)
+                    });
+                    return Err(format!("{row}: {what} {}{note} is outside the range of {} ({lo} to {hi})", num(v), m.as_str()));
+                }
+            }
+            let healthy_side = |clear: f64, threshold: f64| if m.higher_is_worse() { clear <= threshold } else { clear >= threshold };
+            let ordered = if m.higher_is_worse() { th.degraded <= th.not_ready } else { th.degraded >= th.not_ready };
+            if !ordered {
+                return Err(format!(
+                    "{row}: {} thresholds out of order (degraded {}, not_ready {})",
+                    m.as_str(),
+                    th.degraded,
+                    th.not_ready
+                ));
+            }
+            for (what, clear, threshold) in [("clear_degraded", clear_d, th.degraded), ("clear_not_ready", clear_n, th.not_ready)] {
+                if !healthy_side(clear, threshold) {
                     return Err(format!(
-                        "{name}: {} thresholds out of order (degraded {}, not_ready {})",
-                        m.as_str(),
-                        th.degraded,
-                        th.not_ready
+                        "{row}: {what} {} is on the wrong side of its threshold {threshold}: it must be as healthy or healthier",
+                        num(clear)
+                    ));
+                }
+            }
+            // MOS is computed from RTT, jitter and loss: a site that one of those rows calls just
+            // clear (at its clear level, the other two perfect) must be able to clear MOS too,
+            // or a site healthy by every input row can stay degraded for good.
+            if m == Metric::Mos {
+                let (rtt, _) = t.rtt_p95_seconds.clear_levels(Metric::Rtt, self.hysteresis_ratio);
+                let (jitter, _) = t.jitter_p95_seconds.clear_levels(Metric::Jitter, self.hysteresis_ratio);
+                let (loss, _) = t.loss_max_ratio.clear_levels(Metric::Loss, self.hysteresis_ratio);
+                let emodel = super::emodel::mos;
+                let reachable = emodel(rtt * 1e3, 0.0, 0.0).min(emodel(0.0, jitter * 1e3, 0.0)).min(emodel(0.0, 0.0, loss * 100.0));
+                let unreachable = [("clear_degraded", clear_d, th.clear_degraded), ("clear_not_ready", clear_n, th.clear_not_ready)]
+                    .into_iter()
+                    .find(|(_, c, _)| *c > reachable);
+                if let Some((what, clear, explicit)) = unreachable {
+                    let derived = if explicit.is_none() {
+                        format!(" (its threshold moved by hysteresis_ratio {})", self.hysteresis_ratio)
+                    } else {
+                        String::new()
+                    };
+                    return Err(format!(
+                        "{row}: {what} {}{derived} is unreachable by a healthy site: a site at the clear level of the rtt, \
+                         jitter or loss row ({} s, {} s, {}) has MOS down to {reachable:.3}; set {what} at or below it",
+                        num(clear),
+                        num(rtt),
+                        num(jitter),
+                        num(loss)
                     ));
                 }
             }
@@ -242,12 +363,41 @@ impl Policy {
         Ok(())
     }
 
-    /// Checks that per-site overrides name sites of the inventory.
+    /// Checks the policy against the inventory: per-site overrides name its sites, per-level
+    /// overrides its levels, and every site can clear the spare capacity row when its link is
+    /// idle (spare capacity = the link's capacity).
     pub fn check_sites(&self, inventory: &crate::inventory::Inventory) -> Result<(), String> {
-        match self.sites.keys().find(|id| inventory.by_id(id).is_none()) {
-            Some(id) => Err(format!("sites.{id}: not a site of the inventory")),
-            None => Ok(()),
+        if let Some(id) = self.sites.keys().find(|id| inventory.by_id(id).is_none()) {
+            return Err(format!("sites.{id}: not a site of the inventory"));
         }
+        let levels = inventory.levels();
+        if let Some(level) = self.levels.keys().find(|l| inventory.level_depth(l).is_none()) {
+            return Err(format!("levels.{level}: not a level of the inventory ({})", levels.join(", ")));
+        }
+        let need = self.default_need();
+        for site in inventory.sites() {
+            let t = self.thresholds_for(&site.id, &site.level).spare_capacity_need_ratio;
+            let best = site.capacity_bytes_per_sec() / need;
+            let (clear, _) = t.clear_levels(Metric::SpareCapacity, self.hysteresis_ratio);
+            if clear > best {
+                let scope = if self.sites.contains_key(&site.id) {
+                    format!("sites.{}", site.id)
+                } else if self.levels.contains_key(&site.level) {
+                    format!("levels.{}", site.level)
+                } else {
+                    "thresholds".into()
+                };
+                return Err(format!(
+                    "{scope}.spare_capacity_need_ratio: clear_degraded {} is unreachable by site {}: its idle {} Mbit/s link \
+                     gives {best:.2} × the {} profile's need",
+                    num(clear),
+                    site.id,
+                    site.link_mbps,
+                    self.default_profile
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Thresholds for a site: defaults, then its level's overrides, then its own.
@@ -297,9 +447,60 @@ mod tests {
     fn bad_policies_are_named() {
         let e = Policy::parse("thresholds_typo: 1\n", "p.yaml").unwrap_err();
         assert!(e.contains("p.yaml") && e.contains("thresholds_typo"), "{e}");
-        let e = Policy::parse("levels:\n  village: {}\n", "p.yaml").unwrap_err();
-        assert!(e.contains("levels.village"), "{e}");
-        let e = Policy::parse("levels:\n  commune:\n    mos_p5: {degraded: 3.0, not_ready: 3.5}\n", "p.yaml").unwrap_err();
+        let e =
+            Policy::parse("levels:\n  village: {}\n", "p.yaml").unwrap().check_sites(&crate::inventory::Inventory::embedded()).unwrap_err();
+        assert!(e.contains("levels.village: not a level of the inventory (province, district, commune)"), "{e}");
+        let e =
+            Policy::parse("levels:\n  commune:\n    mos_p5: {degraded: 3.0, not_ready: 3.5, clear_degraded: 3.1}\n", "p.yaml").unwrap_err();
         assert!(e.contains("mos thresholds out of order"), "{e}");
+    }
+
+    fn refused(yaml: &str) -> String {
+        Policy::parse(yaml, "p.yaml").unwrap_err()
+    }
+
+    /// The MOS row's clear level derived from the hysteresis (4.0 × 1.1 = 4.4) is above what a
+    /// site clear of the RTT, jitter and loss rows reaches: refused, naming the row.
+    #[test]
+    fn clear_levels_a_healthy_site_cannot_reach_are_refused() {
+        let e = refused("thresholds:\n  mos_p5: {degraded: 4.0, not_ready: 3.6}\n");
+        assert!(e.starts_with("p.yaml: thresholds.mos_p5: clear_degraded 4.4 (its threshold moved by hysteresis_ratio 0.1)"), "{e}");
+        assert!(e.contains("unreachable by a healthy site") && e.contains("has MOS down to 4.356"), "{e}");
+        let e = refused("levels:\n  commune:\n    mos_p5: {degraded: 4.0, not_ready: 3.6, clear_degraded: 4.38}\n");
+        assert!(e.contains("levels.commune.mos_p5: clear_degraded 4.38 is unreachable"), "{e}");
+        // Relaxing RTT for a far site moves the reachable MOS down with it.
+        let e = refused("sites:\n  x:\n    rtt_p95_seconds: {degraded: 0.3, not_ready: 0.5}\n");
+        assert!(e.contains("sites.x.mos_p5: clear_degraded 4.1 is unreachable") && e.contains("(0.27 s, 0.027 s, 0.009)"), "{e}");
+        let e = refused("thresholds:\n  mos_p5: {degraded: 4.0, not_ready: 3.6, clear_degraded: 4.5}\n");
+        assert!(e.contains("thresholds.mos_p5: clear_degraded 4.5 is outside the range of mos (1 to 4.405)"), "{e}");
+        let e = refused("thresholds:\n  loss_max_ratio: {degraded: 0.01, not_ready: 0.05, clear_not_ready: 1.5}\n");
+        assert!(e.contains("thresholds.loss_max_ratio: clear_not_ready 1.5 is outside the range of loss (0 to 1)"), "{e}");
+        let e = refused("sites:\n  x:\n    utilisation_mean_ratio: {degraded: 0.9, not_ready: 1.2}\n");
+        assert!(e.contains("sites.x.utilisation_mean_ratio: not_ready 1.2 is outside the range"), "{e}");
+        let e = refused("thresholds:\n  rtt_p95_seconds: {degraded: 0.1, not_ready: 0.3, clear_degraded: 0.2}\n");
+        assert!(e.contains("thresholds.rtt_p95_seconds: clear_degraded 0.2 is on the wrong side of its threshold 0.1"), "{e}");
+        // A spare-capacity clear level above what an idle 20 Mbit/s commune link gives.
+        let p = Policy::parse("thresholds:\n  spare_capacity_need_ratio: {degraded: 9, not_ready: 5}\n", "p.yaml").unwrap();
+        let e = p.check_sites(&crate::inventory::Inventory::embedded()).unwrap_err();
+        assert!(e.contains("thresholds.spare_capacity_need_ratio: clear_degraded 9.9 is unreachable by site"), "{e}");
+    }
+
+    /// Why the shipped values recover: every clear level sits below what healthy sites of each
+    /// level measure (the simulator's baselines: province 3 ms RTT, district 12 ms, commune
+    /// 28 ms ± 20 %, jitter up to 1.5 × 0.8/2/4 ms, 0.5 % loss in 2 % of rounds).
+    #[test]
+    fn shipped_clear_levels_are_reached_by_healthy_sites_of_every_level() {
+        let p = Policy::embedded();
+        let t = &p.thresholds;
+        for (rtt_ms, jitter_ms) in [(3.6, 1.2), (14.4, 3.0), (33.6, 6.0)] {
+            let mos = super::super::emodel::mos(rtt_ms, jitter_ms, 0.5);
+            let (clear, _) = t.mos_p5.clear_levels(Metric::Mos, p.hysteresis_ratio);
+            assert!(mos > clear + 0.2, "worst healthy MOS {mos} against clear level {clear}");
+            assert!(rtt_ms / 1e3 < t.rtt_p95_seconds.clear_levels(Metric::Rtt, p.hysteresis_ratio).0);
+            assert!(jitter_ms / 1e3 < t.jitter_p95_seconds.clear_levels(Metric::Jitter, p.hysteresis_ratio).0);
+        }
+        assert!(0.005 < t.loss_max_ratio.clear_levels(Metric::Loss, p.hysteresis_ratio).0);
+        assert_eq!(t.mos_p5.clear_levels(Metric::Mos, p.hysteresis_ratio), (4.1, 3.7));
+        p.check_sites(&crate::inventory::Inventory::embedded()).unwrap();
     }
 }

@@ -1,6 +1,6 @@
 //! Readiness metrics: verdicts as state sets, reasons, utilisation and spare capacity, probe
-//! quality (histograms on the policy thresholds and rolling quantiles), roll-ups per district
-//! and province, and meeting counts. Rendered at scrape time from the engine's latest verdicts.
+//! quality (histograms on the policy thresholds and rolling quantiles), roll-ups per district,
+//! along the inventory's hierarchy and for the province, and meeting counts. Rendered at scrape time from the engine's latest verdicts.
 //! Names and labels: docs/metrics.md.
 
 use std::sync::Arc;
@@ -53,6 +53,7 @@ pub fn collect(shared: &Arc<SharedReadiness>) -> Vec<MetricFamily> {
 
     let mut states = Vec::new();
     let mut reasons = Vec::new();
+    let mut clear_levels = Vec::new();
     let mut utilisation = Vec::new();
     let mut spare = Vec::new();
     let mut rtt_q = Vec::new();
@@ -73,7 +74,11 @@ pub fn collect(shared: &Arc<SharedReadiness>) -> Vec<MetricFamily> {
                 crate::readiness::Level::NotReady => 2.0,
                 _ => 1.0,
             };
-            reasons.push(gauge_metric(with(labels.clone(), "metric", r.metric.as_str()), severity));
+            let l = with(labels.clone(), "metric", r.metric.as_str());
+            reasons.push(gauge_metric(with(l.clone(), "cause", r.cause.as_str()), severity));
+            if let Some(clear) = r.clear {
+                clear_levels.push(gauge_metric(l, clear));
+            }
         }
         if let Some(t) = &s.traffic {
             for d in Direction::ALL {
@@ -103,8 +108,13 @@ pub fn collect(shared: &Arc<SharedReadiness>) -> Vec<MetricFamily> {
     out.push(gauge("siteflow_site_readiness", "Readiness of the site for a video conference: 1 for the current state.", states));
     out.push(gauge(
         "siteflow_site_readiness_reason",
-        "Policy rows that are not ready: 1 = degraded, 2 = not ready (or stale telemetry).",
+        "Policy rows that are not ready: 1 = degraded, 2 = not ready (or stale telemetry); cause: over_threshold, hysteresis, hold, stale or missing.",
         reasons,
+    ));
+    out.push(gauge(
+        "siteflow_site_readiness_clear_level",
+        "The value each not-ready row must pass to improve (its level's clear level).",
+        clear_levels,
     ));
     out.push(gauge("siteflow_site_utilisation_ratio", "Mean throughput / capacity over the rolling period.", utilisation));
     out.push(gauge(
@@ -140,6 +150,27 @@ pub fn collect(shared: &Arc<SharedReadiness>) -> Vec<MetricFamily> {
         }
     }
     out.push(gauge("siteflow_district_sites", "Sites of the district in each readiness state.", by_district));
+    let mut by_parent = Vec::new();
+    for r in engine.rollups() {
+        for (level, counts) in &r.levels {
+            for (v, n) in counts {
+                let labels = vec![
+                    label("parent", &r.parent),
+                    label("parent_level", &r.parent_level),
+                    label("level", level),
+                    label("state", v.as_str()),
+                ];
+                by_parent.push(gauge_metric(labels, *n as f64));
+            }
+        }
+    }
+    if !by_parent.is_empty() {
+        out.push(gauge(
+            "siteflow_parent_sites",
+            "Sites below a site of the hierarchy (any depth), per level, in each readiness state.",
+            by_parent,
+        ));
+    }
     let province = engine.counts(None).iter().map(|(v, n)| gauge_metric(vec![label("state", v.as_str())], *n as f64)).collect();
     out.push(gauge("siteflow_province_sites", "Sites of the province in each readiness state.", province));
 

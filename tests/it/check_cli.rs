@@ -130,3 +130,22 @@ fn version_names_the_build_and_the_metric_carries_it() {
     assert_eq!(labels["commit"], head);
     assert_eq!(family.get_metric()[0].get_gauge().get_value(), 1.0);
 }
+
+/// A policy whose clear level no healthy site can reach is refused, naming the row: the MOS row
+/// without explicit clear levels (4.0 × 1.1 = 4.4, above a healthy commune's MOS), and a loss
+/// ratio clear level beyond 1.
+#[test]
+fn a_policy_with_an_unreachable_clear_level_is_refused_naming_the_row() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "mos.yaml", "thresholds:\n  mos_p5: {degraded: 4.0, not_ready: 3.6}\n");
+    let f = write(dir.path(), "c.yaml", "readiness:\n  policy: mos.yaml\n");
+    assert_rejected(&f, &[], &["mos.yaml", "thresholds.mos_p5: clear_degraded 4.4", "unreachable by a healthy site"]);
+    write(dir.path(), "loss.yaml", "levels:\n  commune:\n    loss_max_ratio: {degraded: 0.01, not_ready: 0.05, clear_not_ready: 1.5}\n");
+    let f = write(dir.path(), "c2.yaml", "readiness:\n  policy: loss.yaml\n");
+    assert_rejected(&f, &[], &["loss.yaml", "levels.commune.loss_max_ratio: clear_not_ready 1.5", "outside the range"]);
+    // The shipped policy, written out, passes.
+    std::fs::copy(repo().join("pipelines/hagiang/policy.yaml"), dir.path().join("ok.yaml")).unwrap();
+    let f = write(dir.path(), "c3.yaml", "readiness:\n  policy: ok.yaml\n");
+    let (ok, _, err) = check(&f, &[]);
+    assert!(ok, "{err}");
+}

@@ -5,6 +5,7 @@ mod demo_binary;
 mod deploy;
 mod files;
 mod golden;
+mod hierarchy;
 mod kafka;
 mod kafka_support;
 mod pipeline_sql;

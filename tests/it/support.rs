@@ -108,7 +108,12 @@ pub struct SimRun {
 
 /// Runs the real pipeline over the simulator to the end, collecting every closed window.
 pub async fn simulate(config: &Config, scenario: Scenario) -> SimRun {
-    simulate_with(config, scenario, None).await
+    simulate_with(config, scenario, None, Vec::new()).await
+}
+
+/// As [`simulate`], also feeding `extra` sinks (e.g. to see every evaluation's verdicts).
+pub async fn simulate_with_sinks(config: &Config, scenario: Scenario, extra: Vec<Box<dyn siteflow::sink::WindowSink>>) -> SimRun {
+    simulate_with(config, scenario, None, extra).await
 }
 
 /// As [`simulate`], also keeping closed windows, verdicts and recent flows for SQL (memory only).
@@ -117,7 +122,7 @@ pub async fn simulate_with_sql(config: &Config, scenario: Scenario) -> (SimRun, 
     let history =
         History::open(HistoryOptions { dir: None, retention_days: 30, compact_min_files: 24, max_memory_rows: usize::MAX }).unwrap();
     let recent = siteflow::sql::RecentFlows::new(config.sql.recent_flows_max_rows, config.sql.recent_flows_max_mb << 20);
-    let run = simulate_with(config, scenario, Some((history.clone(), recent.clone()))).await;
+    let run = simulate_with(config, scenario, Some((history.clone(), recent.clone())), Vec::new()).await;
     let inventory = Resources::load(config).unwrap().inventory;
     let limits = siteflow::sql::SqlLimits::from_config(&config.sql);
     (run, siteflow::sql::SqlEngine::new(inventory, history, Some(recent), limits, config.window.size_secs as f64))
@@ -127,6 +132,7 @@ async fn simulate_with(
     config: &Config,
     scenario: Scenario,
     sql: Option<(siteflow::history::History, Arc<siteflow::sql::RecentFlows>)>,
+    extra: Vec<Box<dyn siteflow::sink::WindowSink>>,
 ) -> SimRun {
     config.validate("test").unwrap();
     let res = Resources::load(config).unwrap();
@@ -134,6 +140,7 @@ async fn simulate_with(
     let collect = CollectSink::default();
     let sites = SiteMetrics::new(res.inventory.clone(), config.window.size_secs as f64);
     let mut sinks: Vec<Box<dyn siteflow::sink::WindowSink>> = vec![Box::new(collect.clone()), Box::new(sites.clone())];
+    sinks.extend(extra);
     if let Some((history, _)) = &sql {
         sinks.push(Box::new(siteflow::history::HistorySink::new(history.clone(), config.sql.top_talkers)));
     }

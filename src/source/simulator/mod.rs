@@ -185,29 +185,46 @@ impl Simulator {
         let mut msgs = Messages::with_capacity(self.inventory.len(), self.inventory.len() * 160);
         let window_start_ns = window_start(t, self.window.size_ns());
         for s in 0..self.inventory.len() as SiteIdx {
-            let (mut rtt, mut jitter, mut loss) = match self.inventory.site(s).level.as_str() {
-                "province" => (3.0, 0.8, 0.0),
-                "district" => (12.0, 2.0, 0.0),
-                _ => (28.0, 4.0, 0.0),
+            // Baselines by position in the hierarchy: the top level (province) is next to the
+            // MCU, the bottom one (communes) furthest, any level between like districts.
+            let depth = self.inventory.level_depth(&self.inventory.site(s).level).unwrap_or(0);
+            let (mut rtt, mut jitter, mut loss) = if depth == 0 {
+                (3.0, 0.8, 0.0)
+            } else if depth + 1 == self.inventory.levels().len() {
+                (28.0, 4.0, 0.0)
+            } else {
+                (12.0, 2.0, 0.0)
             };
             rtt *= 0.8 + 0.4 * self.rng.f64();
             jitter *= 0.5 + self.rng.f64();
             if self.rng.f64() < 0.02 {
                 loss = 0.5;
             }
+            // Congestion's queueing multiplies the baseline; a value a fault sets (high_rtt,
+            // jitter, loss) replaces it, the last active fault in file order winning.
             let mut silent = false;
+            let (mut set_rtt, mut set_jitter, mut set_loss) = (None, None, None);
             for effect in self.scenario.active(s, t - self.start_ns) {
                 match *effect {
-                    Effect::Outage => silent = true,
-                    Effect::HighRtt { rtt_ms } => rtt = rtt_ms * (0.9 + 0.2 * self.rng.f64()),
-                    Effect::Jitter { jitter_ms } => jitter = jitter_ms * (0.9 + 0.2 * self.rng.f64()),
-                    Effect::Loss { loss_pct } => loss = loss_pct,
+                    Effect::Outage | Effect::ProbeOutage => silent = true,
+                    Effect::HighRtt { rtt_ms } => set_rtt = Some(rtt_ms),
+                    Effect::Jitter { jitter_ms } => set_jitter = Some(jitter_ms),
+                    Effect::Loss { loss_pct } => set_loss = Some(loss_pct),
                     Effect::Congestion { .. } => {
                         rtt *= 4.0;
                         jitter *= 3.0;
                     }
                     Effect::TopTalker { .. } => {}
                 }
+            }
+            if let Some(v) = set_rtt {
+                rtt = v * (0.9 + 0.2 * self.rng.f64());
+            }
+            if let Some(v) = set_jitter {
+                jitter = v * (0.9 + 0.2 * self.rng.f64());
+            }
+            if let Some(v) = set_loss {
+                loss = v;
             }
             if silent {
                 continue;
@@ -236,10 +253,13 @@ impl Simulator {
         let mut utilisation = daily_utilisation(t) * self.site_factor[usize::from(site_idx)];
         let mut noise = 0.5 + 0.5 * self.rng.f64();
         let mut talker = None;
+        // The direction this record goes (records of a site alternate in and out).
+        let outbound = self.next_out[usize::from(site_idx)];
+        let direction = if outbound { Direction::Out } else { Direction::In };
         for effect in self.effects(site_idx, t) {
             match *effect {
                 Effect::Outage => return,
-                Effect::Congestion { utilisation: u } => {
+                Effect::Congestion { utilisation: u, direction: d } if d.is_none_or(|d| d == direction) => {
                     utilisation = u;
                     noise = 0.97 + 0.03 * noise;
                 }
@@ -265,7 +285,6 @@ impl Simulator {
         let bytes = (true_bytes / u64::from(sampling)).max(1);
         let packets = (true_bytes / 1_000 / u64::from(sampling)).max(1);
 
-        let outbound = self.next_out[usize::from(site_idx)];
         self.next_out[usize::from(site_idx)] = !outbound;
         // A site without prefixes (a router as a site) gets hosts of the shared address space.
         let prefix = site.prefixes.first().copied().unwrap_or(BEHIND_ROUTERS);
@@ -324,7 +343,6 @@ impl Simulator {
             } else if late {
                 truth.late_flows += 1;
             } else {
-                let direction = if outbound { Direction::Out } else { Direction::In };
                 let tally = truth.flows.entry((site_idx, direction, window_start(event_t, self.window.size_ns()))).or_default();
                 tally.bytes += bytes * u64::from(sampling);
                 tally.packets += packets * u64::from(sampling);
@@ -447,6 +465,28 @@ mod tests {
         assert_eq!(a, b);
         assert_ne!(a, c);
         assert!(a.len() > 10_000 * 300, "20 s at 500/s plus probes");
+    }
+
+    /// A probe-only outage keeps the site's flows and drops its probes; one-direction
+    /// congestion fills that direction only (23:00 in Vietnam: the other stays near idle).
+    #[tokio::test]
+    async fn probe_outage_and_one_direction_congestion() {
+        let inv = Arc::new(Inventory::embedded());
+        let text = "faults:\n  - {kind: probe_outage, sites: [dong-van.lung-cu]}\n  - {kind: congestion, sites: [meo-vac.pai-lung], direction: in, utilisation: 0.95}\n";
+        let scenario = Scenario::parse(text, "s.yaml", &inv).unwrap();
+        let mut sim = Simulator::new(fast(7), spec(), inv.clone(), scenario);
+        let truth = sim.track_truth();
+        while sim.next().await.is_some() {}
+        let truth = truth.lock().unwrap();
+        let (lung_cu, pai_lung) = (inv.by_id("dong-van.lung-cu").unwrap(), inv.by_id("meo-vac.pai-lung").unwrap());
+        assert!(!truth.probes.keys().any(|(s, _)| *s == lung_cu), "no probe results from the probe outage");
+        assert!(truth.probes.keys().any(|(s, _)| *s == pai_lung));
+        let bytes = |site, d| truth.flows.iter().filter(|((s, dir, _), _)| *s == site && *dir == d).map(|(_, t)| t.bytes).sum::<u64>();
+        assert!(bytes(lung_cu, Direction::In) > 0 && bytes(lung_cu, Direction::Out) > 0, "flows continue");
+        let capacity_20s = inv.site(pai_lung).capacity_bytes_per_sec() * 20.0;
+        let (rin, rout) = (bytes(pai_lung, Direction::In) as f64 / capacity_20s, bytes(pai_lung, Direction::Out) as f64 / capacity_20s);
+        assert!((0.8..1.05).contains(&rin), "congested direction at {rin} of capacity");
+        assert!(rout < 0.1, "the other direction stays at the night's level: {rout}");
     }
 
     #[test]

@@ -1,15 +1,19 @@
-//! Fault scenarios for the simulator: which sites misbehave, how, and when.
+//! Fault scenarios for the simulator: which sites misbehave, how, and when. Every field, the
+//! spread applied to values and how overlapping faults combine: docs/scenarios.md.
 //!
 //! ```yaml
 //! description: Congestion in Mèo Vạc, one commune down
 //! faults:
 //!   - kind: congestion        # links run at `utilisation` of capacity (default 0.97)
-//!     district: Mèo Vạc       # select by district, level and/or site ids
+//!     district: Mèo Vạc       # select by district, level, `under` (a site) and/or site ids
 //!     level: commune
+//!     direction: in           # in, out or both (default)
 //!     start_secs: 60          # seconds after the simulation starts (default 0)
 //!     duration_secs: 600      # default: until the end
 //!   - kind: outage            # silence: no flows, no probe results
 //!     sites: [dong-van.ta-lung]
+//!   - kind: probe_outage      # probe results stop, flows continue
+//!     sites: [dong-van.lung-cu]
 //!   - {kind: high_rtt, sites: [yen-minh.lao-va-chai], rtt_ms: 450}
 //!   - {kind: jitter, sites: [yen-minh.sung-thai], jitter_ms: 80}
 //!   - {kind: loss, sites: [yen-minh.huu-vinh], loss_pct: 8}
@@ -20,6 +24,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
+use crate::enrich::Direction;
 use crate::inventory::{Inventory, SiteIdx};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -27,6 +32,8 @@ use crate::inventory::{Inventory, SiteIdx};
 pub enum FaultKind {
     Congestion,
     Outage,
+    /// Probe results stop while flows continue (a probe agent or its path down).
+    ProbeOutage,
     HighRtt,
     Jitter,
     Loss,
@@ -43,6 +50,8 @@ struct FaultSpec {
     sites: Vec<String>,
     district: Option<String>,
     level: Option<String>,
+    /// Every site below this one in the inventory's hierarchy.
+    under: Option<String>,
     #[serde(default)]
     start_secs: u64,
     duration_secs: Option<u64>,
@@ -52,6 +61,16 @@ struct FaultSpec {
     loss_pct: Option<f64>,
     peer: Option<std::net::Ipv4Addr>,
     share: Option<f64>,
+    /// Congestion only: which direction runs at `utilisation` (default both).
+    direction: Option<DirectionSpec>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum DirectionSpec {
+    In,
+    Out,
+    Both,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -65,11 +84,13 @@ struct ScenarioFile {
 /// What a fault does to a site.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Effect {
-    /// Traffic at this share of capacity.
+    /// Traffic at this share of capacity, in one direction (`None`: both).
     Congestion {
         utilisation: f64,
+        direction: Option<Direction>,
     },
     Outage,
+    ProbeOutage,
     HighRtt {
         rtt_ms: f64,
     },
@@ -120,15 +141,14 @@ impl Scenario {
             for id in &f.sites {
                 sites.push(inventory.by_id(id).ok_or_else(|| at(format!("unknown site {id:?}")))?);
             }
-            if f.district.is_some() || f.level.is_some() {
-                let matched = inventory.select(f.district.as_deref(), f.level.as_deref());
-                if matched.is_empty() {
-                    return Err(at(format!("no site has district {:?} and level {:?}", f.district, f.level)));
-                }
-                sites.extend(matched);
+            if f.district.is_some() || f.level.is_some() || f.under.is_some() {
+                sites.extend(
+                    crate::readiness::meetings::select(inventory, f.district.as_deref(), f.level.as_deref(), f.under.as_deref())
+                        .map_err(at)?,
+                );
             }
             if sites.is_empty() {
-                return Err(at("select sites with `sites`, `district` or `level`".into()));
+                return Err(at("select sites with `sites`, `district`, `level` or `under`".into()));
             }
             sites.sort_unstable();
             sites.dedup();
@@ -139,9 +159,20 @@ impl Scenario {
                 }
                 Ok(v)
             };
+            if f.direction.is_some() && f.kind != FaultKind::Congestion {
+                return Err(at("`direction` applies to congestion only".into()));
+            }
             let effect = match f.kind {
-                FaultKind::Congestion => Effect::Congestion { utilisation: need(f.utilisation.or(Some(0.97)), "utilisation", 1.0)? },
+                FaultKind::Congestion => Effect::Congestion {
+                    utilisation: need(f.utilisation.or(Some(0.97)), "utilisation", 1.0)?,
+                    direction: match f.direction {
+                        Some(DirectionSpec::In) => Some(Direction::In),
+                        Some(DirectionSpec::Out) => Some(Direction::Out),
+                        Some(DirectionSpec::Both) | None => None,
+                    },
+                },
                 FaultKind::Outage => Effect::Outage,
+                FaultKind::ProbeOutage => Effect::ProbeOutage,
                 FaultKind::HighRtt => Effect::HighRtt { rtt_ms: need(f.rtt_ms, "rtt_ms", 60_000.0)? },
                 FaultKind::Jitter => Effect::Jitter { jitter_ms: need(f.jitter_ms, "jitter_ms", 60_000.0)? },
                 FaultKind::Loss => Effect::Loss { loss_pct: need(f.loss_pct, "loss_pct", 100.0)? },
@@ -177,7 +208,22 @@ mod tests {
         let f = &s.faults[0];
         assert!(!f.sites.is_empty());
         assert!(f.sites.iter().all(|&i| inv.site(i).district == "Mèo Vạc" && inv.site(i).level == "commune"));
-        assert_eq!(f.effect, Effect::Congestion { utilisation: 0.97 });
+        assert_eq!(f.effect, Effect::Congestion { utilisation: 0.97, direction: None });
+    }
+
+    #[test]
+    fn direction_and_probe_outage() {
+        let inv = Inventory::embedded();
+        let text = "faults:\n  - {kind: congestion, sites: [tinh.vp-ubnd], direction: out, utilisation: 0.9}\n  - {kind: probe_outage, sites: [tinh.vp-ubnd], start_secs: 10, duration_secs: 20}\n";
+        let s = Scenario::parse(text, "s.yaml", &inv).unwrap();
+        assert_eq!(s.faults[0].effect, Effect::Congestion { utilisation: 0.9, direction: Some(Direction::Out) });
+        assert_eq!(s.faults[1].effect, Effect::ProbeOutage);
+        assert_eq!((s.faults[1].start_offset_ns, s.faults[1].end_offset_ns), (10_000_000_000, 30_000_000_000));
+        let e =
+            Scenario::parse("faults:\n  - {kind: loss, sites: [tinh.vp-ubnd], loss_pct: 3, direction: in}\n", "s.yaml", &inv).unwrap_err();
+        assert!(e.contains("faults[0] (Loss): `direction` applies to congestion only"), "{e}");
+        let e = Scenario::parse("faults:\n  - {kind: congestion, sites: [tinh.vp-ubnd], direction: up}\n", "s.yaml", &inv).unwrap_err();
+        assert!(e.contains("unknown variant `up`"), "{e}");
     }
 
     #[test]
