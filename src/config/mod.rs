@@ -259,7 +259,7 @@ impl Default for SqlConfig {
             max_concurrent: 4,
             queue_timeout_ms: 2_000,
             max_query_bytes: 256 << 10,
-            max_expression_depth: 500,
+            max_expression_depth: 256,
             max_expression_nodes: 20_000,
             max_set_operations: 200,
         }

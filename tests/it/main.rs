@@ -11,5 +11,6 @@ mod pipeline_sql;
 mod prometheus_e2e;
 mod readiness;
 mod sql;
+mod sql_hostile;
 mod support;
 mod window_totals;
