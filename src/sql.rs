@@ -347,13 +347,6 @@ fn spawn_worker(idle: Arc<Mutex<Vec<WorkerHandle>>>) -> std::io::Result<WorkerHa
     let (tx, rx) = std::sync::mpsc::channel::<(Job, OwnedSemaphorePermit)>();
     let me = tx.clone();
     std::thread::Builder::new().name("siteflow-sql".into()).stack_size(SQL_STACK_BYTES).spawn(move || {
-        // Queries yield the CPU to the pipeline and /metrics (nice 10, this thread only; a
-        // sandbox that forbids it leaves the priority as is).
-        #[cfg(target_os = "linux")]
-        // SAFETY: changes this thread's own scheduling priority; no memory is touched.
-        unsafe {
-            libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 10);
-        }
         let rt = match tokio::runtime::Builder::new_current_thread().enable_time().thread_stack_size(SQL_STACK_BYTES).build() {
             Ok(rt) => rt,
             Err(e) => return tracing::error!("cannot start a SQL runtime: {e}"),

@@ -30,7 +30,7 @@ impl Instance {
         let mut cmd = siteflow();
         cmd.args(["demo", "--listen", &addr.to_string(), "--rate", "500"])
             .env("SITEFLOW_SQL__MEMORY_LIMIT_MB", MEMORY_MB.to_string())
-            .env("SITEFLOW_SQL__TIMEOUT_SECS", "5")
+            .env("SITEFLOW_SQL__TIMEOUT_SECS", "10")
             .env("SITEFLOW_HTTP__HEADER_TIMEOUT_SECS", "2")
             .env("NO_COLOR", "1")
             .stdout(std::process::Stdio::null())
