@@ -70,20 +70,33 @@ struct BodyLimits {
 }
 
 /// Reads the whole request body before any handler runs: a client that trickles its body is
-/// cut off after the timeout (408), one that sends too much after the limit (413).
+/// cut off after the timeout (408), one that sends too much gets 413. The rest of an oversized
+/// body is read and dropped (up to 16 times the limit) so the client gets the answer instead of
+/// a reset connection.
 async fn read_body(State(limits): State<BodyLimits>, request: Request, next: Next) -> axum::response::Response {
-    let too_large =
-        || sql_error(413, "body_too_large", format!("the request body is larger than {} bytes (http.max_body_bytes)", limits.max_bytes));
-    let declared = request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limits.max_bytes as u64) {
-        return too_large();
-    }
+    use futures::StreamExt;
     let (parts, body) = request.into_parts();
-    match tokio::time::timeout(limits.timeout, axum::body::to_bytes(body, limits.max_bytes)).await {
+    let read = async {
+        let (mut kept, mut seen) = (Vec::new(), 0usize);
+        let mut frames = body.into_data_stream();
+        while let Some(frame) = frames.next().await {
+            let frame = frame.map_err(|e| format!("cannot read the request body: {e}"))?;
+            seen += frame.len();
+            if seen <= limits.max_bytes {
+                kept.extend_from_slice(&frame);
+            } else if seen > limits.max_bytes.saturating_mul(16) {
+                break;
+            }
+        }
+        Ok::<_, String>((kept, seen))
+    };
+    match tokio::time::timeout(limits.timeout, read).await {
         Err(_) => sql_error(408, "body_timeout", format!("the request body did not arrive within {:?} (http.body_timeout_secs)", limits.timeout)),
-        Ok(Err(e)) if e.to_string().contains("length limit") => too_large(),
-        Ok(Err(e)) => sql_error(400, "bad_request", format!("cannot read the request body: {e}")),
-        Ok(Ok(bytes)) => next.run(Request::from_parts(parts, Body::from(bytes))).await,
+        Ok(Err(e)) => sql_error(400, "bad_request", e),
+        Ok(Ok((_, seen))) if seen > limits.max_bytes => {
+            sql_error(413, "body_too_large", format!("the request body is larger than {} bytes (http.max_body_bytes)", limits.max_bytes))
+        }
+        Ok(Ok((kept, _))) => next.run(Request::from_parts(parts, Body::from(kept))).await,
     }
 }
 

@@ -14,6 +14,14 @@ use crate::support::{KillOnDrop, free_addr, http_get, run_siteflow, siteflow};
 /// `sql.memory_limit_mb` of the instances below.
 const MEMORY_MB: u64 = 64;
 
+/// The tests below time `/metrics` against a 1 s budget: they run one at a time, not against
+/// each other's load.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 struct Instance {
     child: KillOnDrop,
     addr: SocketAddr,
@@ -172,6 +180,7 @@ fn union(n: usize) -> String {
 
 #[test]
 fn hostile_sql_gets_typed_errors_and_the_service_goes_on() {
+    let _serial = serial();
     let mut sf = Instance::start(&[]);
     let prober = Prober::start(sf.addr);
     let baseline = sf.peak_rss_mib();
@@ -242,6 +251,7 @@ fn hostile_sql_gets_typed_errors_and_the_service_goes_on() {
 
 #[test]
 fn concurrent_sql_is_admitted_or_refused_quickly_and_metrics_keep_answering() {
+    let _serial = serial();
     let sf = Instance::start(&[]);
     let prober = Prober::start(sf.addr);
     let sf = Arc::new(sf);
@@ -297,6 +307,7 @@ fn concurrent_sql_is_admitted_or_refused_quickly_and_metrics_keep_answering() {
 
 #[test]
 fn half_open_connections_do_not_starve_metrics_and_are_closed() {
+    let _serial = serial();
     let mut sf = Instance::start(&[("SITEFLOW_HTTP__BODY_TIMEOUT_SECS", "2")]);
     let prober = Prober::start(sf.addr);
     // 3,000 connections: most send nothing, some half a request line, some headers and half a body.
