@@ -2,17 +2,22 @@
 //! readiness API: `GET /api/readiness`, `GET|POST /api/meetings`, `GET /api/meetings/{id}/readiness`,
 //! and SQL: `POST /api/sql` (see docs/sql.md).
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use axum::Json;
 use axum::Router;
-use axum::extract::{Path, Query, State};
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Extension, Path, Query, Request, State};
+use axum::middleware::Next;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use prometheus::TextEncoder;
 
+use crate::config::{ApiConfig, HttpConfig};
 use crate::metrics::PipelineMetrics;
 use crate::readiness::SharedReadiness;
 use crate::sink::prometheus::SiteMetrics;
@@ -32,16 +37,130 @@ pub struct AppState {
     pub sql: Option<(SqlEngine, Option<String>)>,
 }
 
+/// The router with the default API and HTTP limits.
 pub fn router(state: AppState) -> Router {
+    router_with(state, ApiConfig::default(), &HttpConfig::default())
+}
+
+/// The router: every request body is read within `http.body_timeout_secs` and
+/// `http.max_body_bytes`; every error is JSON `{"error": …}`.
+pub fn router_with(state: AppState, api: ApiConfig, http: &HttpConfig) -> Router {
+    let body = BodyLimits { timeout: Duration::from_secs(http.body_timeout_secs), max_bytes: http.max_body_bytes };
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/api/readiness", get(readiness))
         .route("/api/meetings", get(list_meetings).post(add_meeting))
+        .route("/api/meetings/{id}", axum::routing::delete(delete_meeting))
         .route("/api/meetings/{id}/readiness", get(meeting_readiness))
         .route("/api/sql", axum::routing::post(sql_query))
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint; see docs/operations.md".into()) })
+        .method_not_allowed_fallback(|| async { error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this endpoint".into()) })
+        .layer(axum::extract::DefaultBodyLimit::max(http.max_body_bytes))
+        .layer(axum::middleware::from_fn_with_state(body, read_body))
+        .layer(axum::Extension(Arc::new(api)))
         .with_state(state)
+}
+
+#[derive(Debug, Clone, Copy)]
+struct BodyLimits {
+    timeout: Duration,
+    max_bytes: usize,
+}
+
+/// Reads the whole request body before any handler runs: a client that trickles its body is
+/// cut off after the timeout (408), one that sends too much gets 413. The rest of an oversized
+/// body is read and dropped (up to 16 times the limit) so the client gets the answer instead of
+/// a reset connection.
+async fn read_body(State(limits): State<BodyLimits>, request: Request, next: Next) -> axum::response::Response {
+    use futures::StreamExt;
+    let (parts, body) = request.into_parts();
+    let read = async {
+        let (mut kept, mut seen) = (Vec::new(), 0usize);
+        let mut frames = body.into_data_stream();
+        while let Some(frame) = frames.next().await {
+            let frame = frame.map_err(|e| format!("cannot read the request body: {e}"))?;
+            seen += frame.len();
+            if seen <= limits.max_bytes {
+                kept.extend_from_slice(&frame);
+            } else if seen > limits.max_bytes.saturating_mul(16) {
+                break;
+            }
+        }
+        Ok::<_, String>((kept, seen))
+    };
+    match tokio::time::timeout(limits.timeout, read).await {
+        Err(_) => sql_error(408, "body_timeout", format!("the request body did not arrive within {:?} (http.body_timeout_secs)", limits.timeout)),
+        Ok(Err(e)) => sql_error(400, "bad_request", e),
+        Ok(Ok((_, seen))) if seen > limits.max_bytes => {
+            sql_error(413, "body_too_large", format!("the request body is larger than {} bytes (http.max_body_bytes)", limits.max_bytes))
+        }
+        Ok(Ok((kept, _))) => next.run(Request::from_parts(parts, Body::from(kept))).await,
+    }
+}
+
+/// Limits of the HTTP server itself.
+#[derive(Debug, Clone, Copy)]
+pub struct ServerLimits {
+    pub max_connections: usize,
+    pub header_timeout: Duration,
+}
+
+impl ServerLimits {
+    pub fn from_config(c: &HttpConfig) -> Self {
+        Self { max_connections: c.max_connections, header_timeout: Duration::from_secs(c.header_timeout_secs) }
+    }
+}
+
+/// Serves `app` until `shutdown` resolves. At most `max_connections` connections are open at
+/// once (the next wait in the kernel's backlog, never failing the accept loop for lack of file
+/// descriptors); a connection that does not send its request headers within `header_timeout`
+/// is closed, idle keep-alive ones included. Each connection is its own task, so `/metrics`
+/// is answered whatever the SQL API is doing.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    limits: ServerLimits,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            _ = &mut shutdown => break,
+            p = slots.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+        };
+        let (stream, peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors, or a connection reset before accept: wait a little.
+                    tracing::warn!("cannot accept a connection: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let app = app.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |mut request: axum::http::Request<hyper::body::Incoming>| {
+                request.extensions_mut().insert(axum::extract::ConnectInfo(peer));
+                tower::ServiceExt::oneshot(app.clone(), request.map(Body::new))
+            });
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_timeout)
+                .max_buf_size(64 << 10)
+                .serve_connection(TokioIo::new(stream), service);
+            let _ = connection.await;
+            drop(permit);
+        });
+    }
+    Ok(())
 }
 
 /// Renders the pipeline's own metrics and the per-site snapshot in one response.
@@ -49,6 +168,9 @@ pub fn render(state: &AppState) -> Result<String, prometheus::Error> {
     let mut families = state.metrics.registry.gather();
     families.extend(state.sites.collect());
     families.extend(crate::sink::readiness::collect(&state.readiness));
+    if let Some((engine, _)) = &state.sql {
+        families.extend(engine.collect());
+    }
     // The text format has no way to say "a family with no series yet" (e.g. no reasons while
     // every site is ready): leave such families out.
     families.retain(|f| !f.get_metric().is_empty());
@@ -133,18 +255,71 @@ async fn list_meetings(State(state): State<AppState>) -> axum::response::Respons
     Json(serde_json::json!({ "meetings": list })).into_response()
 }
 
+/// Who may write: the bearer `api.token` when set, loopback clients when not.
+fn may_write(api: &ApiConfig, headers: &axum::http::HeaderMap, peer: Option<SocketAddr>) -> Result<(), axum::response::Response> {
+    match &api.token {
+        Some(token) => {
+            let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+            if given.is_some_and(|g| same_secret(g.as_bytes(), token.as_bytes())) {
+                Ok(())
+            } else {
+                Err(error(StatusCode::UNAUTHORIZED, "writes require `Authorization: Bearer <token>` (api.token)".into()))
+            }
+        }
+        None if peer.is_none_or(|p| p.ip().is_loopback()) => Ok(()),
+        None => Err(error(StatusCode::FORBIDDEN, "writes are accepted from loopback only unless api.token is set".into())),
+    }
+}
+
 async fn add_meeting(
     State(state): State<AppState>,
+    Extension(api): Extension<Arc<ApiConfig>>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    headers: axum::http::HeaderMap,
     body: Result<Json<crate::readiness::MeetingSpec>, axum::extract::rejection::JsonRejection>,
 ) -> axum::response::Response {
+    if let Err(refused) = may_write(&api, &headers, peer.map(|Extension(ConnectInfo(p))| p)) {
+        return refused;
+    }
     let Json(spec) = match body {
         Ok(b) => b,
         Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
     };
+    if spec.id.len() > api.max_meeting_id_bytes {
+        return error(StatusCode::BAD_REQUEST, format!("id: longer than {} bytes (api.max_meeting_id_bytes)", api.max_meeting_id_bytes));
+    }
+    if spec.title.len() > api.max_meeting_title_bytes {
+        return error(StatusCode::BAD_REQUEST, format!("title: longer than {} bytes (api.max_meeting_title_bytes)", api.max_meeting_title_bytes));
+    }
+    if state.readiness.meetings.read().expect("meetings lock").len() >= api.max_meetings {
+        return error(
+            StatusCode::CONFLICT,
+            format!("already {} meetings (api.max_meetings); delete past ones with DELETE /api/meetings/{{id}}", api.max_meetings),
+        );
+    }
     match state.readiness.add_meeting(spec) {
         Ok(m) => (StatusCode::CREATED, Json(serde_json::json!({ "meeting": m, "participants": m.participants.len() }))).into_response(),
         Err(e) => error(StatusCode::BAD_REQUEST, e),
     }
+}
+
+async fn delete_meeting(
+    State(state): State<AppState>,
+    Extension(api): Extension<Arc<ApiConfig>>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    headers: axum::http::HeaderMap,
+    Path(id): Path<String>,
+) -> axum::response::Response {
+    if let Err(refused) = may_write(&api, &headers, peer.map(|Extension(ConnectInfo(p))| p)) {
+        return refused;
+    }
+    let mut meetings = state.readiness.meetings.write().expect("meetings lock");
+    let before = meetings.len();
+    meetings.retain(|m| m.spec.id != id);
+    if meetings.len() == before {
+        return error(StatusCode::NOT_FOUND, format!("no meeting {id:?}"));
+    }
+    StatusCode::NO_CONTENT.into_response()
 }
 
 async fn meeting_readiness(State(state): State<AppState>, Path(id): Path<String>) -> axum::response::Response {
@@ -240,9 +415,16 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
 async fn sql_query(
     State(state): State<AppState>,
     headers: axum::http::HeaderMap,
-    Query(params): Query<SqlRequest>,
-    body: String,
+    params: Result<Query<SqlRequest>, axum::extract::rejection::QueryRejection>,
+    body: axum::body::Bytes,
 ) -> axum::response::Response {
+    let Query(params) = match params {
+        Ok(p) => p,
+        Err(e) => return sql_error(400, "bad_request", format!("{}; parameters: query, format", e.body_text())),
+    };
+    let Ok(body) = String::from_utf8(body.to_vec()) else {
+        return sql_error(400, "bad_request", "the body is not valid UTF-8".into());
+    };
     let Some((engine, token)) = &state.sql else {
         return sql_error(404, "disabled", "the SQL API is not enabled on this instance".into());
     };
@@ -282,18 +464,27 @@ async fn sql_query(
         }
     };
     let started = std::time::Instant::now();
-    match engine.query(&query).await {
-        Ok((schema, batches)) => {
+    // Encoded on the query thread: a large result is work too.
+    let encoded = engine
+        .query_then(&query, move |schema, batches| {
             let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+            encode_batches(format, &schema, &batches)
+                .map(|bytes| (rows, bytes))
+                .map_err(|e| crate::sql::SqlError::Invalid(format!("cannot encode the result as {format:?}: {e}")))
+        })
+        .await;
+    match encoded {
+        Ok((rows, bytes)) => {
             tracing::info!(rows, seconds = started.elapsed().as_secs_f64(), "sql query answered");
-            match encode_batches(format, &schema, &batches) {
-                Ok(bytes) => ([(header::CONTENT_TYPE, format.content_type())], bytes).into_response(),
-                Err(e) => sql_error(500, "encoding", format!("cannot encode the result: {e}")),
-            }
+            ([(header::CONTENT_TYPE, format.content_type())], bytes).into_response()
         }
         Err(e) => {
             tracing::info!(kind = e.kind(), error = %e, "sql query refused or failed");
-            sql_error(e.status(), e.kind(), e.to_string())
+            let mut response = sql_error(e.status(), e.kind(), e.to_string());
+            if matches!(e, crate::sql::SqlError::Busy(_)) {
+                response.headers_mut().insert(header::RETRY_AFTER, axum::http::HeaderValue::from_static("1"));
+            }
+            response
         }
     }
 }

@@ -15,7 +15,7 @@ use siteflow::checkpoint::CheckpointStore;
 use siteflow::config::{Config, LogFormat, Pace, SourceKind, resolve};
 use siteflow::dead_letter::DeadLetters;
 use siteflow::history::{History, HistoryOptions, HistorySink};
-use siteflow::http::{AppState, SqlFormat, router};
+use siteflow::http::{AppState, SqlFormat};
 use siteflow::metrics::PipelineMetrics;
 use siteflow::pipeline::{Pipeline, Resources, plan_windows};
 use siteflow::sink::prometheus::SiteMetrics;
@@ -326,13 +326,21 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         }
     };
     let (server_stop_tx, mut server_stop_rx) = watch::channel(false);
-    let server = tokio::spawn(async move {
-        axum::serve(listener, router(state))
-            .with_graceful_shutdown(async move {
-                let _ = server_stop_rx.wait_for(|s| *s).await;
-            })
-            .await
-    });
+    let mut server_limits = siteflow::http::ServerLimits::from_config(&config.http);
+    let files = raise_open_file_limit();
+    // Each connection is a file descriptor: leave room for Kafka, checkpoints and history.
+    if files > 0 && server_limits.max_connections as u64 + 256 > files {
+        server_limits.max_connections = files.saturating_sub(256).max(16) as usize;
+        tracing::warn!(
+            open_files = files,
+            max_connections = server_limits.max_connections,
+            "http.max_connections lowered to fit the open-file limit (raise LimitNOFILE / ulimit -n)"
+        );
+    }
+    let app = siteflow::http::router_with(state, config.api.clone(), &config.http);
+    let server = tokio::spawn(siteflow::http::serve(listener, app, server_limits, async move {
+        let _ = server_stop_rx.wait_for(|s| *s).await;
+    }));
     let mut pipeline_task = pipeline_run;
 
     // The pipeline ends on a signal, or by itself when a finite simulation is done.
@@ -541,8 +549,38 @@ fn column_list(windows: &siteflow::window::WindowOperator, table: usize) -> Stri
     windows.output_schema(table).fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>().join(", ")
 }
 
+/// Raises the soft open-file limit to the hard one (as Go programs do) and returns it (0: unknown).
+fn raise_open_file_limit() -> u64 {
+    #[cfg(unix)]
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed.
+    unsafe {
+        let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 0;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit.rlim_cur = limit.rlim_max;
+            }
+        }
+        limit.rlim_cur as u64
+    }
+    #[cfg(not(unix))]
+    0
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Check(_) | Command::Sql(_) | Command::Version(_)) {
+        // Commands that print: a closed pipe (`siteflow check … | head -1`) ends them quietly,
+        // as it ends `cat`, instead of a panic in println!.
+        #[cfg(unix)]
+        // SAFETY: restores the default disposition of SIGPIPE before any thread starts.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     let result = runtime.block_on(async {
         match cli.command {

@@ -32,6 +32,7 @@ pub struct Config {
     pub checkpoint: CheckpointConfig,
     pub readiness: ReadinessConfig,
     pub http: HttpConfig,
+    pub api: ApiConfig,
     pub sql: SqlConfig,
     pub history: HistoryConfig,
     pub log: LogConfig,
@@ -249,6 +250,7 @@ pub struct SqlConfig {
     pub memory_limit_mb: usize,
     /// When set, `/api/sql` requires `Authorization: Bearer <token>`. Prefer the environment:
     /// `SITEFLOW_SQL__TOKEN`.
+    #[serde(deserialize_with = "secret")]
     pub token: Option<String>,
     /// Raw flow records kept for table `flows_recent` (the newest), by count.
     pub recent_flows_max_rows: usize,
@@ -257,6 +259,18 @@ pub struct SqlConfig {
     /// Conversations kept per site, direction and window in table `top_talkers`; 0 turns the
     /// conversations aggregation off (it costs about as much per record as decoding).
     pub top_talkers: usize,
+    /// Queries running at once; more wait up to `queue_timeout_ms`, then get 503.
+    pub max_concurrent: usize,
+    /// How long a query waits for a free slot, in milliseconds.
+    pub queue_timeout_ms: u64,
+    /// Longest query text, in bytes.
+    pub max_query_bytes: usize,
+    /// Deepest expression nesting (`1+1+…+1` nests one level per term).
+    pub max_expression_depth: usize,
+    /// Most expressions in one query.
+    pub max_expression_nodes: usize,
+    /// Most UNION / INTERSECT / EXCEPT operators in one query.
+    pub max_set_operations: usize,
 }
 
 impl Default for SqlConfig {
@@ -269,6 +283,12 @@ impl Default for SqlConfig {
             recent_flows_max_rows: 200_000,
             recent_flows_max_mb: 64,
             top_talkers: 10,
+            max_concurrent: 4,
+            queue_timeout_ms: 2_000,
+            max_query_bytes: 256 << 10,
+            max_expression_depth: 256,
+            max_expression_nodes: 20_000,
+            max_set_operations: 200,
         }
     }
 }
@@ -378,11 +398,48 @@ pub struct ReadinessConfig {
 pub struct HttpConfig {
     /// Address to listen on. Loopback by default; set `0.0.0.0:9898` to be scraped from elsewhere.
     pub listen: SocketAddr,
+    /// Connections open at once; more wait in the kernel's backlog. Keep it below the open-file
+    /// limit (systemd `LimitNOFILE`).
+    pub max_connections: usize,
+    /// A client must send its request headers within this many seconds, or is disconnected.
+    pub header_timeout_secs: u64,
+    /// ... and its request body within this many seconds (408).
+    pub body_timeout_secs: u64,
+    /// Largest request body, in bytes (413).
+    pub max_body_bytes: usize,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        Self { listen: SocketAddr::from(([127, 0, 0, 1], 9898)) }
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9898)),
+            max_connections: 4_096,
+            header_timeout_secs: 10,
+            body_timeout_secs: 30,
+            max_body_bytes: 1 << 20,
+        }
+    }
+}
+
+/// The write APIs (`POST /api/meetings`, `DELETE /api/meetings/{id}`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// When set, writes require `Authorization: Bearer <token>` (401); unset, writes are
+    /// accepted from loopback clients only (403). Prefer `SITEFLOW_API__TOKEN`.
+    #[serde(deserialize_with = "secret")]
+    pub token: Option<String>,
+    /// Meetings kept at once (schedule file and API together).
+    pub max_meetings: usize,
+    /// Longest meeting id, in bytes.
+    pub max_meeting_id_bytes: usize,
+    /// Longest meeting title, in bytes.
+    pub max_meeting_title_bytes: usize,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self { token: None, max_meetings: 1_000, max_meeting_id_bytes: 128, max_meeting_title_bytes: 1_024 }
     }
 }
 
@@ -429,6 +486,53 @@ fn describe_figment_error(e: figment::Error) -> String {
 /// Variables of the `siteflow sql` client (after the `SITEFLOW_` prefix), ignored by the server.
 const CLIENT_VARIABLES: [&str; 2] = ["sql_url", "sql_token"];
 
+/// Secrets, read from the environment as they are (figment would turn `0123` into a number).
+const SECRET_VARIABLES: [(&str, fn(&mut Config) -> &mut Option<String>); 2] =
+    [("SITEFLOW_SQL__TOKEN", |c| &mut c.sql.token), ("SITEFLOW_API__TOKEN", |c| &mut c.api.token)];
+
+/// A secret is a string whatever it looks like (a YAML `token: 12345` too), and is never
+/// echoed in an error.
+fn secret<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    struct Secret;
+    impl<'a> serde::de::Visitor<'a> for Secret {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a string")
+        }
+        fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(Some(v.to_string()))
+        }
+        fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+            Ok(Some(v.to_string()))
+        }
+        fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+            Ok(Some(v.to_string()))
+        }
+        fn visit_u128<E>(self, v: u128) -> Result<Self::Value, E> {
+            Ok(Some(v.to_string()))
+        }
+        fn visit_i128<E>(self, v: i128) -> Result<Self::Value, E> {
+            Ok(Some(v.to_string()))
+        }
+        fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
+            Ok(Some(v.to_string()))
+        }
+        fn visit_bool<E>(self, v: bool) -> Result<Self::Value, E> {
+            Ok(Some(v.to_string()))
+        }
+        fn visit_none<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_some<S: serde::Deserializer<'a>>(self, d: S) -> Result<Self::Value, S::Error> {
+            d.deserialize_any(Secret)
+        }
+    }
+    d.deserialize_option(Secret)
+}
+
 impl Config {
     /// Defaults, then `file` (if any), then `SITEFLOW_*` variables from the environment.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
@@ -445,9 +549,16 @@ impl Config {
             figment = figment.merge(Yaml::file_exact(path));
         }
         // SITEFLOW_SQL_URL and SITEFLOW_SQL_TOKEN belong to the `siteflow sql` client, not here.
-        let env = Env::prefixed("SITEFLOW_").filter(|k| !CLIENT_VARIABLES.iter().any(|c| k == *c)).split("__");
+        let env = Env::prefixed("SITEFLOW_")
+            .filter(|k| !CLIENT_VARIABLES.iter().any(|c| k == *c) && !SECRET_VARIABLES.iter().any(|(v, _)| v[9..].eq_ignore_ascii_case(k.as_str())))
+            .split("__");
         figment = figment.merge(env);
-        let config: Config = figment.extract().map_err(|e| ConfigError::Load(describe_figment_error(e)))?;
+        let mut config: Config = figment.extract().map_err(|e| ConfigError::Load(describe_figment_error(e)))?;
+        for (variable, field) in SECRET_VARIABLES {
+            if let Ok(value) = std::env::var(variable) {
+                *field(&mut config) = Some(value);
+            }
+        }
         config.validate(&file.map_or_else(|| "configuration".to_string(), |p| p.display().to_string()))?;
         Ok(config)
     }
@@ -550,7 +661,68 @@ impl Config {
         if sim.pace == Pace::Fast && sim.duration_secs.is_none() {
             return invalid("simulator.duration_secs", "must be set when simulator.pace is fast".into());
         }
+        if self.api.token.as_deref() == Some("") {
+            return invalid("api.token", "must not be empty (leave it unset for no token)".into());
+        }
+        for (field, value, min, max) in self.numeric_ranges() {
+            if !(min..=max).contains(&value) {
+                return invalid(field, format!("must be between {min} and {max} (got {value})"));
+            }
+        }
         Ok(())
+    }
+
+    /// Every numeric key with its allowed range: values outside are refused with the key named,
+    /// never wrapped or left to overflow later.
+    fn numeric_ranges(&self) -> Vec<(&'static str, u64, u64, u64)> {
+        const DAY: u64 = 86_400;
+        let (w, d, k, q, h, sim, ht, api) =
+            (&self.window, &self.decode, &self.kafka, &self.sql, &self.history, &self.simulator, &self.http, &self.api);
+        let mut ranges = vec![
+            ("window.size_secs", w.size_secs, 1, DAY),
+            ("window.allowed_lateness_ms", w.allowed_lateness_ms, 0, DAY * 1_000),
+            ("window.idle_partition_timeout_secs", w.idle_partition_timeout_secs, 1, 7 * DAY),
+            ("decode.max_message_bytes", d.max_message_bytes as u64, 1, 1 << 30),
+            ("decode.max_bytes_per_record", d.max_bytes_per_record, 1, 1 << 50),
+            ("decode.max_future_secs", d.max_future_secs, 0, 365 * DAY),
+            ("sampling.default_rate", self.sampling.default_rate as u64, 1, 1 << 24),
+            ("kafka.batch_max_messages", k.batch_max_messages as u64, 1, 1 << 24),
+            ("kafka.batch_max_bytes", k.batch_max_bytes as u64, 1, 1 << 30),
+            ("kafka.batch_linger_ms", k.batch_linger_ms, 0, 60_000),
+            ("kafka.max_queued_batches", k.max_queued_batches as u64, 1, 1_024),
+            ("checkpoint.interval_secs", self.checkpoint.interval_secs, 1, DAY),
+            ("sql.max_rows", q.max_rows as u64, 1, 100_000_000),
+            ("sql.timeout_secs", q.timeout_secs, 1, DAY),
+            ("sql.memory_limit_mb", q.memory_limit_mb as u64, 1, 1 << 20),
+            ("sql.recent_flows_max_rows", q.recent_flows_max_rows as u64, 0, 100_000_000),
+            ("sql.recent_flows_max_mb", q.recent_flows_max_mb as u64, 0, 1 << 20),
+            ("sql.top_talkers", q.top_talkers as u64, 0, 10_000),
+            ("sql.max_concurrent", q.max_concurrent as u64, 1, 256),
+            ("sql.queue_timeout_ms", q.queue_timeout_ms, 0, 600_000),
+            ("sql.max_query_bytes", q.max_query_bytes as u64, 1, 1 << 20),
+            ("sql.max_expression_depth", q.max_expression_depth as u64, 1, 2_000),
+            ("sql.max_expression_nodes", q.max_expression_nodes as u64, 1, 1_000_000),
+            ("sql.max_set_operations", q.max_set_operations as u64, 0, 1_000),
+            ("history.retention_days", h.retention_days as u64, 1, 36_500),
+            ("history.flush_interval_secs", h.flush_interval_secs, 1, DAY),
+            ("history.compact_min_files", h.compact_min_files as u64, 1, 1_000_000),
+            ("history.max_memory_rows", h.max_memory_rows as u64, 0, 1 << 40),
+            ("simulator.records_per_sec", sim.records_per_sec, 1, 100_000_000),
+            ("simulator.start_unix_secs", sim.start_unix_secs.unwrap_or(0), 0, 4_102_444_800),
+            ("simulator.duration_secs", sim.duration_secs.unwrap_or(1), 1, 3_650 * DAY),
+            ("simulator.batch_records", sim.batch_records as u64, 1, 1 << 24),
+            ("simulator.max_out_of_order_ms", sim.max_out_of_order_ms, 0, DAY * 1_000),
+            ("simulator.probe_interval_secs", sim.probe_interval_secs, 1, DAY),
+            ("http.max_connections", ht.max_connections as u64, 1, 1 << 20),
+            ("http.header_timeout_secs", ht.header_timeout_secs, 1, 3_600),
+            ("http.body_timeout_secs", ht.body_timeout_secs, 1, 3_600),
+            ("http.max_body_bytes", ht.max_body_bytes as u64, 1, 1 << 30),
+            ("api.max_meetings", api.max_meetings as u64, 0, 1_000_000),
+            ("api.max_meeting_id_bytes", api.max_meeting_id_bytes as u64, 1, 4_096),
+            ("api.max_meeting_title_bytes", api.max_meeting_title_bytes as u64, 1, 1 << 20),
+        ];
+        ranges.extend(self.sampling.overrides.values().map(|r| ("sampling.overrides", *r as u64, 1, 1 << 24)));
+        ranges
     }
 
     pub fn window_size(&self) -> Duration {

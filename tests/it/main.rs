@@ -14,5 +14,6 @@ mod readiness;
 mod records;
 mod replay;
 mod sql;
+mod sql_hostile;
 mod support;
 mod window_totals;

@@ -89,6 +89,8 @@ async fn faulty_afternoon() -> (SimRun, SqlEngine, Arc<Inventory>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_example_of_the_sql_guide_gives_the_independently_computed_answer() {
+    // Not alongside the tests that time /metrics (sql_hostile).
+    let _serial = crate::sql_hostile::serial();
     let (run, engine, inv) = faulty_afternoon().await;
     let examples = doc_examples();
     assert_eq!(examples.iter().map(|e| e.0).collect::<Vec<_>>(), (1..=10).collect::<Vec<_>>(), "docs/sql.md has ten numbered examples");
@@ -205,6 +207,8 @@ async fn every_example_of_the_sql_guide_gives_the_independently_computed_answer(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_and_file_access_are_refused_and_limits_give_clear_errors() {
+    // Not alongside the tests that time /metrics (sql_hostile).
+    let _serial = crate::sql_hostile::serial();
     let mut config = fast_config(60, 200);
     config.sql.max_rows = 50;
     let (_, engine) = simulate_with_sql(&config, Scenario::default()).await;
@@ -333,6 +337,8 @@ const NO_DUPLICATES: &str =
 
 #[test]
 fn history_survives_a_restart_without_duplicates_and_the_api_serves_every_format() {
+    // Not alongside the tests that time /metrics (sql_hostile).
+    let _serial = crate::sql_hostile::serial();
     let dir = tempfile::tempdir().unwrap();
     let demo = Demo::start(dir.path(), "first");
     // Wait for three closed windows: by then some are on disk (flushed every 2 s), some in memory.
