@@ -184,11 +184,7 @@ impl CheckpointStore {
             results_len,
             states,
             counters: header.counters,
-            clocks: header
-                .clocks
-                .iter()
-                .filter_map(|(e, t)| e.parse::<std::net::Ipv6Addr>().ok().map(|a| (u128::from(a), *t)))
-                .collect(),
+            clocks: header.clocks.iter().filter_map(|(e, t)| e.parse::<std::net::Ipv6Addr>().ok().map(|a| (u128::from(a), *t))).collect(),
         }))
     }
 
@@ -298,8 +294,7 @@ mod tests {
         assert_eq!(store.sync_results(0, &key).unwrap(), len1);
         let counters =
             vec![CounterBaseline { device: "r1".into(), interface: "eth0".into(), direction: "in".into(), time_ns: 9, value: 1 << 40 }];
-        let ckpt =
-            PartitionCheckpoint {
+        let ckpt = PartitionCheckpoint {
             next_offset: 42,
             max_event_ns: Some(7),
             results_len: vec![len1],

@@ -248,8 +248,11 @@ impl History {
                 let batches: Vec<RecordBatch> =
                     ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(path)?)?.build()?.collect::<Result<_, _>>()?;
                 let before: usize = batches.iter().map(RecordBatch::num_rows).sum();
-                let rest: Vec<RecordBatch> =
-                    batches.iter().map(|b| without_window(b, start_ns)).filter(|b| b.as_ref().is_ok_and(|b| b.num_rows() > 0)).collect::<Result<_, _>>()?;
+                let rest: Vec<RecordBatch> = batches
+                    .iter()
+                    .map(|b| without_window(b, start_ns))
+                    .filter(|b| b.as_ref().is_ok_and(|b| b.num_rows() > 0))
+                    .collect::<Result<_, _>>()?;
                 if rest.iter().map(RecordBatch::num_rows).sum::<usize>() == before {
                     continue;
                 }
@@ -509,16 +512,7 @@ impl WindowSink for HistorySink {
 
     fn on_readiness(&mut self, start_ns: i64, end_ns: i64, sites: &[SiteReadiness]) {
         let n = sites.len();
-        let reasons: Vec<String> = sites
-            .iter()
-            .map(|s| {
-                s.reasons
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join("; ")
-            })
-            .collect();
+        let reasons: Vec<String> = sites.iter().map(|s| s.reasons.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")).collect();
         let strings = |f: &dyn Fn(&SiteReadiness) -> &str| -> ArrayRef {
             Arc::new(datafusion::arrow::array::StringArray::from_iter_values(sites.iter().map(f)))
         };
@@ -609,7 +603,8 @@ mod tests {
     #[test]
     fn a_corrected_window_replaces_its_rows_in_memory_and_on_disk() {
         let dir = tempfile::tempdir().unwrap();
-        let options = HistoryOptions { dir: Some(dir.path().to_path_buf()), retention_days: 30, compact_min_files: 100, max_memory_rows: 0 };
+        let options =
+            HistoryOptions { dir: Some(dir.path().to_path_buf()), retention_days: 30, compact_min_files: 100, max_memory_rows: 0 };
         let today = chrono::Utc::now().timestamp_nanos_opt().unwrap() / DAY_NS * DAY_NS;
         let h = History::open(options).unwrap();
         h.append("site_windows", &windows(&[today, today + 10]));

@@ -11,8 +11,8 @@ use axum::Json;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Extension, Path, Query, Request, State};
-use axum::middleware::Next;
 use axum::http::{StatusCode, header};
+use axum::middleware::Next;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use prometheus::TextEncoder;
@@ -91,7 +91,9 @@ async fn read_body(State(limits): State<BodyLimits>, request: Request, next: Nex
         Ok::<_, String>((kept, seen))
     };
     match tokio::time::timeout(limits.timeout, read).await {
-        Err(_) => sql_error(408, "body_timeout", format!("the request body did not arrive within {:?} (http.body_timeout_secs)", limits.timeout)),
+        Err(_) => {
+            sql_error(408, "body_timeout", format!("the request body did not arrive within {:?} (http.body_timeout_secs)", limits.timeout))
+        }
         Ok(Err(e)) => sql_error(400, "bad_request", e),
         Ok(Ok((_, seen))) if seen > limits.max_bytes => {
             sql_error(413, "body_too_large", format!("the request body is larger than {} bytes (http.max_body_bytes)", limits.max_bytes))
@@ -289,7 +291,10 @@ async fn add_meeting(
         return error(StatusCode::BAD_REQUEST, format!("id: longer than {} bytes (api.max_meeting_id_bytes)", api.max_meeting_id_bytes));
     }
     if spec.title.len() > api.max_meeting_title_bytes {
-        return error(StatusCode::BAD_REQUEST, format!("title: longer than {} bytes (api.max_meeting_title_bytes)", api.max_meeting_title_bytes));
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("title: longer than {} bytes (api.max_meeting_title_bytes)", api.max_meeting_title_bytes),
+        );
     }
     if state.readiness.meetings.read().expect("meetings lock").len() >= api.max_meetings {
         return error(

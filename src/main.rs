@@ -14,12 +14,12 @@ use tokio::sync::watch;
 use siteflow::checkpoint::CheckpointStore;
 use siteflow::config::{Config, LogFormat, Pace, SourceKind, resolve};
 use siteflow::dead_letter::DeadLetters;
+use siteflow::decode::Format;
 use siteflow::history::{History, HistoryOptions, HistorySink};
 use siteflow::http::{AppState, SqlFormat};
 use siteflow::metrics::PipelineMetrics;
 use siteflow::pipeline::{Pipeline, Resources, plan_windows};
 use siteflow::sink::prometheus::SiteMetrics;
-use siteflow::decode::Format;
 use siteflow::source::file::FileSource;
 use siteflow::source::kafka::KafkaSource;
 use siteflow::source::simulator::{Scenario, Simulator};
@@ -394,7 +394,11 @@ async fn sql(args: &SqlArgs) -> anyhow::Result<()> {
 }
 
 /// Prints query results as a table (with a row count), CSV or JSON.
-fn print_batches(format: OutputFormat, schema: &datafusion::arrow::datatypes::SchemaRef, batches: &[datafusion::arrow::array::RecordBatch]) -> anyhow::Result<()> {
+fn print_batches(
+    format: OutputFormat,
+    schema: &datafusion::arrow::datatypes::SchemaRef,
+    batches: &[datafusion::arrow::array::RecordBatch],
+) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     match format {
         OutputFormat::Table => {
@@ -456,7 +460,8 @@ async fn replay(args: &ReplayArgs) -> anyhow::Result<()> {
     let messages = source.total_messages();
     let metrics = Arc::new(PipelineMetrics::new(&Pipeline::FORMATS, &Pipeline::TABLES));
     let dir = args.history_dir.clone();
-    let history = History::open(HistoryOptions { dir: dir.clone(), max_memory_rows: usize::MAX, ..HistoryOptions::from_config(&config.history) })?;
+    let history =
+        History::open(HistoryOptions { dir: dir.clone(), max_memory_rows: usize::MAX, ..HistoryOptions::from_config(&config.history) })?;
     let sinks: Vec<Box<dyn siteflow::sink::WindowSink>> = vec![Box::new(HistorySink::new(history.clone(), config.sql.top_talkers))];
     let pipeline = Pipeline::build(&config, &res, metrics.clone(), sinks).await?;
     siteflow::history::declare_tables(&history, pipeline.windows(), config.sql.top_talkers);
@@ -464,7 +469,8 @@ async fn replay(args: &ReplayArgs) -> anyhow::Result<()> {
     let (_stop, stop_rx) = watch::channel(false);
     let summary = siteflow::pipeline::run(source, pipeline, stop_rx).await?;
     let f = format.as_str();
-    let rejected: u64 = siteflow::decode::RejectReason::ALL.iter().map(|r| metrics.records_rejected.with_label_values(&[f, r.as_str()]).get()).sum();
+    let rejected: u64 =
+        siteflow::decode::RejectReason::ALL.iter().map(|r| metrics.records_rejected.with_label_values(&[f, r.as_str()]).get()).sum();
     let table_count = |c: &prometheus::IntCounterVec| -> u64 { Pipeline::TABLES.iter().map(|t| c.with_label_values(&[t]).get()).sum() };
     eprintln!(
         "replayed {messages} messages: {} records decoded, {rejected} rejected, {} unmatched, {} late; {} windows ({} corrected)",

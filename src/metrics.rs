@@ -136,8 +136,11 @@ impl PipelineMetrics {
         );
         let windows_correctable = register(
             r,
-            IntGauge::new("siteflow_windows_correctable", "Published windows kept in memory for corrections (window.correction_horizon_secs).")
-                .expect("valid metric"),
+            IntGauge::new(
+                "siteflow_windows_correctable",
+                "Published windows kept in memory for corrections (window.correction_horizon_secs).",
+            )
+            .expect("valid metric"),
         );
         let flows_missing_sampling_rate = IntCounter::new(
             "siteflow_flows_missing_sampling_rate_total",

@@ -21,9 +21,7 @@ use datafusion::execution::SessionStateBuilder;
 use datafusion::execution::memory_pool::{GreedyMemoryPool, MemoryConsumer, MemoryPool};
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::execution::session_state::SessionState;
-use datafusion::logical_expr::{
-    ColumnarValue, ReturnFieldArgs, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Volatility, create_udf,
-};
+use datafusion::logical_expr::{ColumnarValue, ReturnFieldArgs, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Volatility, create_udf};
 use datafusion::prelude::{DataFrame, SQLOptions, SessionConfig, SessionContext};
 use datafusion::sql::parser::{CopyToSource, Statement as DFStatement};
 use datafusion::sql::sqlparser::ast::{Expr, Query, SetExpr, Visit, Visitor};
@@ -225,8 +223,8 @@ struct SqlStats {
 impl SqlStats {
     fn new() -> Self {
         let registry = prometheus::Registry::new();
-        let running = prometheus::IntGauge::new("siteflow_sql_queries_running", "SQL queries running on the query threads.")
-            .expect("valid metric");
+        let running =
+            prometheus::IntGauge::new("siteflow_sql_queries_running", "SQL queries running on the query threads.").expect("valid metric");
         let outcomes = prometheus::IntCounterVec::new(
             prometheus::Opts::new("siteflow_sql_queries_total", "SQL queries answered, by outcome (ok or the error kind)."),
             &["outcome"],
@@ -529,7 +527,10 @@ impl Visitor for Complexity<'_> {
         self.nodes += 1;
         if self.depth > self.limits.max_expression_depth {
             return ControlFlow::Break(SqlError::TooComplex {
-                what: format!("nests expressions more than {} deep (a long chain of operators nests one level per term)", self.limits.max_expression_depth),
+                what: format!(
+                    "nests expressions more than {} deep (a long chain of operators nests one level per term)",
+                    self.limits.max_expression_depth
+                ),
                 key: "sql.max_expression_depth",
                 limit: self.limits.max_expression_depth,
             });
@@ -840,17 +841,68 @@ pub mod fuzz {
     use super::{SqlEngine, SqlError, SqlLimits};
 
     const LITERALS: &[&str] = &[
-        "0", "1", "-1", "2147483647", "-2147483648", "9223372036854775807", "(-9223372036854775807 - 1)", "1000000000", "1e308",
-        "-0.0", "'x'", "''", "'ab'", "NULL", "true", "'10.0.0.1'", "'10.0.0.0/8'", "'2026-01-01T00:00:00'", "'NaN'",
+        "0",
+        "1",
+        "-1",
+        "2147483647",
+        "-2147483648",
+        "9223372036854775807",
+        "(-9223372036854775807 - 1)",
+        "1000000000",
+        "1e308",
+        "-0.0",
+        "'x'",
+        "''",
+        "'ab'",
+        "NULL",
+        "true",
+        "'10.0.0.1'",
+        "'10.0.0.0/8'",
+        "'2026-01-01T00:00:00'",
+        "'NaN'",
     ];
     const OPERATORS: &[&str] = &["+", "-", "*", "/", "%", "||", " AND ", " OR ", "=", "<", "<>", " IS DISTINCT FROM "];
     const FUNCTIONS: &[(&str, usize)] = &[
-        ("repeat", 2), ("lpad", 2), ("rpad", 3), ("replace", 3), ("regexp_replace", 4), ("levenshtein", 2), ("substr", 3),
-        ("left", 2), ("right", 2), ("concat", 3), ("concat_ws", 3), ("length", 1), ("upper", 1), ("reverse", 1),
-        ("translate", 3), ("split_part", 3), ("strpos", 2), ("to_hex", 1), ("chr", 1), ("abs", 1), ("power", 2), ("sqrt", 1),
-        ("ln", 1), ("round", 2), ("factorial", 1), ("gcd", 2), ("date_trunc", 2), ("to_timestamp", 1), ("coalesce", 2),
-        ("nullif", 2), ("site_of", 1), ("in_prefix", 2), ("bits_per_second", 2), ("window_bits_per_second", 1),
-        ("encode", 2), ("md5", 1), ("sha256", 1), ("initcap", 1), ("btrim", 2), ("overlay", 3),
+        ("repeat", 2),
+        ("lpad", 2),
+        ("rpad", 3),
+        ("replace", 3),
+        ("regexp_replace", 4),
+        ("levenshtein", 2),
+        ("substr", 3),
+        ("left", 2),
+        ("right", 2),
+        ("concat", 3),
+        ("concat_ws", 3),
+        ("length", 1),
+        ("upper", 1),
+        ("reverse", 1),
+        ("translate", 3),
+        ("split_part", 3),
+        ("strpos", 2),
+        ("to_hex", 1),
+        ("chr", 1),
+        ("abs", 1),
+        ("power", 2),
+        ("sqrt", 1),
+        ("ln", 1),
+        ("round", 2),
+        ("factorial", 1),
+        ("gcd", 2),
+        ("date_trunc", 2),
+        ("to_timestamp", 1),
+        ("coalesce", 2),
+        ("nullif", 2),
+        ("site_of", 1),
+        ("in_prefix", 2),
+        ("bits_per_second", 2),
+        ("window_bits_per_second", 1),
+        ("encode", 2),
+        ("md5", 1),
+        ("sha256", 1),
+        ("initcap", 1),
+        ("btrim", 2),
+        ("overlay", 3),
     ];
     const TYPES: &[&str] = &["INT", "BIGINT", "DOUBLE", "VARCHAR", "BOOLEAN", "TIMESTAMP", "DECIMAL(38, 10)", "SMALLINT"];
 

@@ -550,7 +550,9 @@ impl Config {
         }
         // SITEFLOW_SQL_URL and SITEFLOW_SQL_TOKEN belong to the `siteflow sql` client, not here.
         let env = Env::prefixed("SITEFLOW_")
-            .filter(|k| !CLIENT_VARIABLES.iter().any(|c| k == *c) && !SECRET_VARIABLES.iter().any(|(v, _)| v[9..].eq_ignore_ascii_case(k.as_str())))
+            .filter(|k| {
+                !CLIENT_VARIABLES.iter().any(|c| k == *c) && !SECRET_VARIABLES.iter().any(|(v, _)| v[9..].eq_ignore_ascii_case(k.as_str()))
+            })
             .split("__");
         figment = figment.merge(env);
         let mut config: Config = figment.extract().map_err(|e| ConfigError::Load(describe_figment_error(e)))?;

@@ -56,8 +56,12 @@ fn addr(raw: &[u8]) -> Result<Addr, RejectReason> {
 
 fn record(m: &FlowMessage, limits: &DecodeLimits) -> Result<FlowRecord, RejectReason> {
     let time = |t: u64| i64::try_from(t).map_err(|_| RejectReason::BadTimestamp);
-    let times =
-        FlowTimes { start_ns: time(m.time_flow_start_ns)?, end_ns: time(m.time_flow_end_ns)?, arrival_ns: time(m.time_received_ns)?, stamp_ns: 0 };
+    let times = FlowTimes {
+        start_ns: time(m.time_flow_start_ns)?,
+        end_ns: time(m.time_flow_end_ns)?,
+        arrival_ns: time(m.time_received_ns)?,
+        stamp_ns: 0,
+    };
     let too_big = |v: u64| v > limits.max_bytes_per_record;
     if too_big(m.bytes) || too_big(m.packets) {
         return Err(RejectReason::AbsurdCounter);

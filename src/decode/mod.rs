@@ -797,7 +797,12 @@ mod tests {
     fn flow_message(format: Format, start: i64, end: i64, arrival: i64) -> Vec<u8> {
         use prost::Message;
         let pmacct_stamp = |t: i64| if t == 0 { String::new() } else { format!("{}.{:06}", t / 1_000_000_000, t % 1_000_000_000 / 1000) };
-        let m = goflow2_pb::FlowMessage { time_flow_start_ns: start as u64, time_flow_end_ns: end as u64, time_received_ns: arrival as u64, ..goflow2_pb::tests::sample() };
+        let m = goflow2_pb::FlowMessage {
+            time_flow_start_ns: start as u64,
+            time_flow_end_ns: end as u64,
+            time_received_ns: arrival as u64,
+            ..goflow2_pb::tests::sample()
+        };
         match format {
             Format::Goflow2Json => format!(
                 r#"{{"sampler_address":"172.16.2.21","time_flow_start_ns":{start},"time_flow_end_ns":{end},"time_received_ns":{arrival},"bytes":1,"packets":1,"src_addr":"10.2.21.5","dst_addr":"203.0.113.9"}}"#

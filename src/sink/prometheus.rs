@@ -394,7 +394,14 @@ mod tests {
             ],
         )
         .unwrap();
-        let window = ClosedWindow { table: "interfaces".into(), start_ns: 0, end_ns: 10, rows, closed_by: std::time::Instant::now(), previous: None };
+        let window = ClosedWindow {
+            table: "interfaces".into(),
+            start_ns: 0,
+            end_ns: 10,
+            rows,
+            closed_by: std::time::Instant::now(),
+            previous: None,
+        };
         metrics.apply(&window);
         let families = metrics.collect();
         let rate = families.iter().find(|f| f.name() == "siteflow_site_interface_bytes_per_second").expect("rate family");

@@ -35,7 +35,8 @@ fn split(path: &Path, format: Format) -> Result<FileMessages, FileSourceError> {
     if format == Format::Goflow2Protobuf {
         let mut at = 0;
         while at < data.len() {
-            let (len, used) = varint(&data[at..]).ok_or(FileSourceError::Truncated { path: path.to_path_buf(), offset: at, format: format.as_str() })?;
+            let (len, used) =
+                varint(&data[at..]).ok_or(FileSourceError::Truncated { path: path.to_path_buf(), offset: at, format: format.as_str() })?;
             let end = at + used + len;
             if end > data.len() {
                 return Err(FileSourceError::Truncated { path: path.to_path_buf(), offset: at, format: format.as_str() });

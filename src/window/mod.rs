@@ -303,9 +303,7 @@ impl WindowOperator {
         let times: Vec<i64> = rows.iter().map(|&(_, i, r)| columns[i][r]).collect();
         let exporters: Option<Vec<ExporterKey>> = exporter_columns.iter().any(Option::is_some).then(|| {
             rows.iter()
-                .map(|&(_, i, r)| {
-                    exporter_columns[i].as_ref().map_or(0, |c| c.value(r).try_into().map_or(0, ExporterKey::from_be_bytes))
-                })
+                .map(|&(_, i, r)| exporter_columns[i].as_ref().map_or(0, |c| c.value(r).try_into().map_or(0, ExporterKey::from_be_bytes)))
                 .collect()
         });
         let assignment = self.watermarks.assign(partition, &times, exporters.as_deref(), now);

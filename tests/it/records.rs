@@ -119,7 +119,8 @@ async fn eompls_and_nat_event_records_are_counted_as_documented_and_none_rejecte
     for i in 0..3_000i64 {
         let t = T0 + i * 20_000_000; // 60 s of records
         let (bytes, packets) = (64 + rng.next(100_000), 1 + rng.next(80));
-        let stamps = format!(r#""timestamp_start":"{}","timestamp_end":"{}","timestamp_arrival":"{}""#, secs(t - NS), secs(t), secs(t + NS));
+        let stamps =
+            format!(r#""timestamp_start":"{}","timestamp_end":"{}","timestamp_arrival":"{}""#, secs(t - NS), secs(t), secs(t + NS));
         match rng.next(6) {
             // An IP flow into the site: by its prefix.
             0 => {
@@ -175,8 +176,10 @@ async fn eompls_and_nat_event_records_are_counted_as_documented_and_none_rejecte
     assert!(nat > 300 && not_ip > 300 && defaulted > 600, "every kind is exercised");
     // One format after the other: the lateness covers the 60 s of records.
     let pmacct_batches = pmacct.chunks(100).map(|c| batch(Format::PmacctJson, EventTime::FlowEnd, c));
-    let batches: Vec<SourceBatch> = pmacct_batches.chain(goflow2.chunks(100).map(|c| batch(Format::Goflow2Json, EventTime::FlowEnd, c))).collect();
-    let config = Config { window: siteflow::config::WindowConfig { allowed_lateness_ms: 120_000, ..Default::default() }, ..Config::default() };
+    let batches: Vec<SourceBatch> =
+        pmacct_batches.chain(goflow2.chunks(100).map(|c| batch(Format::Goflow2Json, EventTime::FlowEnd, c))).collect();
+    let config =
+        Config { window: siteflow::config::WindowConfig { allowed_lateness_ms: 120_000, ..Default::default() }, ..Config::default() };
     let (windows, m) = run_batches(&config, batches).await;
 
     assert_eq!(flow_totals(&windows), truth, "per-site totals equal the records' sums");
@@ -228,7 +231,11 @@ async fn routers_as_sites_without_prefixes_get_every_flow_of_their_router() {
     let routers = example_routers();
     assert!(routers.iter().any(|r| r.2.is_some()) && routers.iter().any(|r| r.2.is_none()));
     let dir = tempfile::tempdir().unwrap();
-    let f = write(dir.path(), "c.yaml", &format!("inventory:\n  sites_csv: {}\nwindow:\n  allowed_lateness_ms: 30000\n", repo().join(ROUTERS_CSV).display()));
+    let f = write(
+        dir.path(),
+        "c.yaml",
+        &format!("inventory:\n  sites_csv: {}\nwindow:\n  allowed_lateness_ms: 30000\n", repo().join(ROUTERS_CSV).display()),
+    );
     let config = Config::load(Some(&f)).unwrap();
 
     let mut rng = Lcg(11);
@@ -301,7 +308,8 @@ async fn spread_apportions_long_flows_over_their_windows() {
         })
         .collect();
     // Lateness covers the longest flow, or its first pieces would be late (docs/operations.md).
-    let config = Config { window: siteflow::config::WindowConfig { allowed_lateness_ms: 100_000, ..Default::default() }, ..Config::default() };
+    let config =
+        Config { window: siteflow::config::WindowConfig { allowed_lateness_ms: 100_000, ..Default::default() }, ..Config::default() };
     let batches = records.chunks(50).map(|c| batch(Format::Goflow2Json, EventTime::Spread, c)).collect();
     let (windows, m) = run_batches(&config, batches).await;
     let got = flow_totals(&windows);
@@ -355,7 +363,8 @@ async fn the_simulator_on_routers_as_sites_matches_its_ground_truth() {
     }
     assert!(expected.len() >= 7 * 12, "every site has traffic in every window: {}", expected.len());
     let got = flow_totals(&run.windows);
-    let differ: Vec<_> = expected.keys().chain(got.keys()).filter(|k| got.get(*k) != expected.get(*k)).map(|k| (k, got.get(k), expected.get(k))).collect();
+    let differ: Vec<_> =
+        expected.keys().chain(got.keys()).filter(|k| got.get(*k) != expected.get(*k)).map(|k| (k, got.get(k), expected.get(k))).collect();
     assert!(differ.is_empty(), "(key, siteflow, simulator): {differ:?}");
     assert_eq!(run.metrics.records_unmatched.with_label_values(&["flows"]).get(), run.truth.unmatched_flows);
 }

@@ -55,7 +55,9 @@ fn a_capture_from_a_year_ago_shows_every_window_and_survives_retention() {
     }
     let printed: BTreeMap<(String, String), (u64, u64)> = rows
         .iter()
-        .map(|r| ((r[col("site")].clone(), r[col("direction")].clone()), (r[col("bytes")].parse().unwrap(), r[col("records")].parse().unwrap())))
+        .map(|r| {
+            ((r[col("site")].clone(), r[col("direction")].clone()), (r[col("bytes")].parse().unwrap(), r[col("records")].parse().unwrap()))
+        })
         .collect();
     assert_eq!(printed, per_site);
 
@@ -65,7 +67,10 @@ fn a_capture_from_a_year_ago_shows_every_window_and_survives_retention() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let mut sql = Totals::new();
     for r in csv_rows(&String::from_utf8_lossy(&out.stdout)).1 {
-        let prev = sql.insert((r[0].clone(), r[1].clone(), r[2].parse().unwrap()), (r[3].parse().unwrap(), r[4].parse().unwrap(), r[5].parse().unwrap()));
+        let prev = sql.insert(
+            (r[0].clone(), r[1].clone(), r[2].parse().unwrap()),
+            (r[3].parse().unwrap(), r[4].parse().unwrap(), r[5].parse().unwrap()),
+        );
         assert!(prev.is_none(), "one row per site, direction and window: {r:?}");
     }
     assert_eq!(sql, traffic.truth, "{}", diff(&traffic.truth, &sql));

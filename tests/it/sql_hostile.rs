@@ -69,11 +69,8 @@ impl Instance {
 
     /// POSTs a query; returns (status, Retry-After, JSON body).
     fn post(&self, sql: &str) -> (u16, Option<String>, serde_json::Value) {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(60)))
-            .build()
-            .into();
+        let agent: ureq::Agent =
+            ureq::Agent::config_builder().http_status_as_error(false).timeout_global(Some(Duration::from_secs(60))).build().into();
         let mut resp = agent
             .post(&format!("http://{}/api/sql", self.addr))
             .header("Content-Type", "text/plain")
@@ -81,7 +78,8 @@ impl Instance {
             .unwrap_or_else(|e| panic!("{}: {e}\n{}", short(sql), self.log_text()));
         let retry = resp.headers().get("retry-after").and_then(|v| v.to_str().ok()).map(str::to_string);
         let body = resp.body_mut().with_config().limit(1 << 30).read_to_vec().unwrap();
-        let json = serde_json::from_slice(&body).unwrap_or_else(|e| panic!("{}: not JSON ({e}): {}", short(sql), String::from_utf8_lossy(&body)));
+        let json =
+            serde_json::from_slice(&body).unwrap_or_else(|e| panic!("{}: not JSON ({e}): {}", short(sql), String::from_utf8_lossy(&body)));
         (resp.status().as_u16(), retry, json)
     }
 
