@@ -4,6 +4,7 @@
 //! every record it could not use with a [`RejectReason`]; a bad record never fails the batch.
 //! Every JSON format also accepts newline-delimited batches: one message, many records.
 
+pub mod detect;
 mod flat_json;
 pub mod fuzz;
 pub mod goflow2_json;
