@@ -153,13 +153,32 @@ pub enum SourceKind {
     Simulator,
     /// Kafka topics (see `kafka` and `checkpoint`).
     Kafka,
+    /// Recorded files (see `source.files`), replayed once; then the results stay served until
+    /// the process is stopped.
+    File,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct SourceConfig {
-    /// `simulator` or `kafka`.
+    /// `simulator`, `kafka` or `file`.
     pub kind: SourceKind,
+    /// With `kind: file`: the files to replay (plain, gzip or zstd), each with its format
+    /// (unset: detected from its first messages) and event time.
+    pub files: Vec<FileConfig>,
+}
+
+/// One recorded file for `source.kind: file`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub path: RelativePathBuf,
+    /// As `kafka.topics[].format` (but not `goflow2_protobuf_plain`); unset: detected.
+    #[serde(default)]
+    pub format: Option<crate::decode::Format>,
+    /// As `kafka.topics[].event_time`.
+    #[serde(default)]
+    pub event_time: crate::event_time::EventTime,
 }
 
 /// One Kafka topic and the format its messages are in.
@@ -646,6 +665,23 @@ impl Config {
                     "kafka.properties",
                     format!("`{key}` is set by siteflow (use kafka.brokers / kafka.group_id; commits follow checkpoints)"),
                 );
+            }
+        }
+        if self.source.kind == SourceKind::File {
+            if self.source.files.is_empty() {
+                return invalid("source.files", "list at least one file (`- { path: flows.json.gz }`) when source.kind is file".into());
+            }
+            if let Some(f) = self.source.files.iter().find(|f| f.format == Some(crate::decode::Format::Goflow2ProtobufPlain)) {
+                return invalid(
+                    "source.files",
+                    format!(
+                        "{}: goflow2_protobuf_plain cannot be replayed from a file (no delimiter); use goflow2_protobuf",
+                        f.path.original().display()
+                    ),
+                );
+            }
+            if let Some(f) = self.source.files.iter().find(|f| !f.path.relative().is_file()) {
+                return invalid("source.files", format!("{}: no such file", f.path.relative().display()));
             }
         }
         if self.sql.max_rows == 0 || self.sql.timeout_secs == 0 || self.sql.memory_limit_mb == 0 {
