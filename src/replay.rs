@@ -5,7 +5,7 @@
 //! open window is published when the files end. `--speed N` paces the files at N seconds of
 //! event time per second instead of as fast as possible.
 
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -147,7 +147,9 @@ pub async fn replay(options: &ReplayOptions, config: &Config) -> anyhow::Result<
 
     let reporter = Reporter { progress: progress.clone(), metrics: metrics.clone(), formats: formats.clone(), started: Instant::now() };
     let (done_tx, done_rx) = watch::channel(false);
-    let report = tokio::spawn(reporter.run(std::io::stderr().is_terminal(), options.progress_interval, done_rx));
+    // indicatif draws nothing when stderr is no terminal, NO_COLOR is set or TERM is dumb: then lines.
+    let bar = !indicatif::ProgressDrawTarget::stderr().is_hidden();
+    let report = tokio::spawn(reporter.run(bar, options.progress_interval, done_rx));
     let (_stop, stop_rx) = watch::channel(false);
     let summary = crate::pipeline::run(source, pipeline, stop_rx).await;
     let _ = done_tx.send(true);
@@ -248,7 +250,8 @@ fn write_totals(options: &ReplayOptions, schema: &SchemaRef, batches: &[RecordBa
     Ok(())
 }
 
-/// Shows how far a replay is: a progress bar on a terminal, log lines otherwise.
+/// Shows how far a replay is: a progress bar on a terminal (two lines: the bar with percent and
+/// ETA by messages, then records, records/s and event time), log lines otherwise.
 struct Reporter {
     progress: Arc<FileProgress>,
     metrics: Arc<PipelineMetrics>,
@@ -306,14 +309,14 @@ impl Reporter {
     }
 
     /// Reports until `done` turns true.
-    async fn run(self, terminal: bool, interval: Duration, mut done: watch::Receiver<bool>) {
-        if terminal { self.bar(&mut done).await } else { self.log_lines(interval, &mut done).await }
+    async fn run(self, bar: bool, interval: Duration, mut done: watch::Receiver<bool>) {
+        if bar { self.bar(&mut done).await } else { self.log_lines(interval, &mut done).await }
     }
 
     async fn bar(&self, done: &mut watch::Receiver<bool>) {
         use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
         let bar = ProgressBar::with_draw_target(Some(self.progress.messages_total), ProgressDrawTarget::stderr());
-        let style = ProgressStyle::with_template("{elapsed_precise} [{wide_bar}] {percent:>3}% ETA {eta} | {msg}")
+        let style = ProgressStyle::with_template("{elapsed_precise} [{wide_bar}] {percent:>3}% ETA {eta}\n{msg}")
             .expect("a valid template")
             .progress_chars("=> ");
         bar.set_style(style);
@@ -331,6 +334,8 @@ impl Reporter {
         bar.set_position(s.messages);
         bar.set_message(s.line());
         bar.finish();
+        // The bar leaves the cursor at the end of its last line.
+        eprintln!();
     }
 
     async fn log_lines(&self, interval: Duration, done: &mut watch::Receiver<bool>) {
