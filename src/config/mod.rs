@@ -796,6 +796,21 @@ mod tests {
     }
 
     #[test]
+    fn a_file_source_needs_replayable_files_that_exist() {
+        let mut c = Config::default();
+        c.source.kind = SourceKind::File;
+        let err = c.validate("f.yaml").unwrap_err().to_string();
+        assert!(err.starts_with("f.yaml: source.files: list at least one file"), "{err}");
+        let file = |path: &str, format| FileConfig { path: RelativePathBuf::from(path), format, event_time: Default::default() };
+        c.source.files = vec![file("Cargo.toml", Some(crate::decode::Format::Goflow2ProtobufPlain))];
+        assert!(c.validate("f.yaml").unwrap_err().to_string().contains("Cargo.toml: goflow2_protobuf_plain cannot be replayed"));
+        c.source.files = vec![file("Cargo.toml", None), file("no/such/capture.json.gz", None)];
+        assert!(c.validate("f.yaml").unwrap_err().to_string().ends_with("source.files: no/such/capture.json.gz: no such file"));
+        c.source.files.pop();
+        c.validate("f.yaml").unwrap();
+    }
+
+    #[test]
     fn lateness_must_cover_out_of_order() {
         let mut c = Config::default();
         c.simulator.max_out_of_order_ms = 120_000;
