@@ -57,9 +57,9 @@ enum Command {
         after_help = "Example:\n  siteflow demo --listen 127.0.0.1:9900 --rate 20000\n\nThen open http://127.0.0.1:9900/metrics; the first windows are published window.size_secs + window.publish_delay_ms after they start (15 s by default)."
     )]
     Demo(DemoArgs),
-    /// Run the pipeline as configured (the simulator, or Kafka topics with checkpoints).
+    /// Run the pipeline as configured (the simulator, Kafka topics with checkpoints, or recorded files).
     #[command(
-        after_help = "Examples:\n  siteflow run --config deploy/siteflow.example.yaml\n\n  # Kafka: topics with their formats, a consumer group, a checkpoint directory:\n  SITEFLOW_SOURCE__KIND=kafka SITEFLOW_KAFKA__BROKERS=kafka:9092 \\\n  SITEFLOW_CHECKPOINT__DIR=/var/lib/siteflow siteflow run --config siteflow.yaml\n\nWith Kafka, SIGTERM checkpoints the open windows and leaves the group; the next start\n(or the instance that gets the partitions) goes on from there. See README: Reading from Kafka."
+        after_help = "Examples:\n  siteflow run --config deploy/siteflow.example.yaml\n\n  # Kafka: topics with their formats, a consumer group, a checkpoint directory:\n  SITEFLOW_SOURCE__KIND=kafka SITEFLOW_KAFKA__BROKERS=kafka:9092 \\\n  SITEFLOW_CHECKPOINT__DIR=/var/lib/siteflow siteflow run --config siteflow.yaml\n\n  # Recorded files through the whole service; replay.yaml has\n  #   source: { kind: file, files: [ { path: flows-2025-11-03.json.gz } ] }\n  siteflow run --config replay.yaml\n\nWith Kafka, SIGTERM checkpoints the open windows and leaves the group; the next start\n(or the instance that gets the partitions) goes on from there. See README: Reading from Kafka.\nWith files, every window is published when they end and the results stay served until SIGTERM."
     )]
     Run(RunArgs),
     /// Validate a configuration, its inventory, scenario and pipeline SQL; exit non-zero on problems.

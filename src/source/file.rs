@@ -31,6 +31,8 @@ pub enum FileSourceError {
     Decompress { path: PathBuf, compression: &'static str, source: std::io::Error },
     #[error("{path}: byte {offset}: a length prefix runs past the end of the file (not {format})")]
     Truncated { path: PathBuf, offset: usize, format: &'static str },
+    #[error("{path}: empty: no message to tell its format from")]
+    Empty { path: PathBuf },
     #[error("{path}: {format} cannot be replayed from a file (its messages have no delimiter); use goflow2_protobuf")]
     NotReplayable { path: PathBuf, format: &'static str },
     #[error(
@@ -154,6 +156,9 @@ fn varint(bytes: &[u8]) -> Option<(usize, usize)> {
 /// protobuf. The error shows what every format made of the sample.
 fn detect_format(path: &Path, data: &[u8], limits: &DecodeLimits) -> Result<Format, FileSourceError> {
     let lines = split(path, data, Framing::Lines, DETECT_SAMPLE)?;
+    if lines.is_empty() {
+        return Err(FileSourceError::Empty { path: path.to_path_buf() });
+    }
     // Protobuf cut at newlines is never a real format: only the JSON formats count as lines.
     if let Some(f) = detect(&lines, limits).filter(|f| Framing::of(*f) == Framing::Lines && *f != Format::Goflow2ProtobufPlain) {
         return Ok(f);
@@ -168,12 +173,14 @@ fn detect_format(path: &Path, data: &[u8], limits: &DecodeLimits) -> Result<Form
         .into_iter()
         .filter(|t| !matches!(t.format, Format::Goflow2Protobuf | Format::Goflow2ProtobufPlain))
         .collect();
-    shown.extend(delimited.map(|s| trials(&s, limits).into_iter().filter(|t| t.format == Format::Goflow2Protobuf)).into_iter().flatten());
+    if let Some(sample) = &delimited {
+        shown.extend(trials(sample, limits).into_iter().filter(|t| t.format == Format::Goflow2Protobuf));
+    }
     if !shown.iter().any(|t| t.format == Format::Goflow2Protobuf) {
         shown.push(Trial { format: Format::Goflow2Protobuf, stats: Default::default() });
     }
     shown.sort_by(|a, b| b.share().total_cmp(&a.share()));
-    Err(FileSourceError::Undetected { path: path.to_path_buf(), sample: lines.len().max(1).min(DETECT_SAMPLE), trials: describe(&shown) })
+    Err(FileSourceError::Undetected { path: path.to_path_buf(), sample: lines.len(), trials: describe(&shown) })
 }
 
 /// "goflow2_json decoded 0 % (mostly not_json), …" for an error message.
@@ -452,6 +459,11 @@ mod tests {
         assert!(err.starts_with(&format!("{}: cannot tell its format", junk.display())), "{err}");
         assert!(err.contains("goflow2_json decoded 0 % (mostly not_json)"), "{err}");
         assert!(err.contains("goflow2_protobuf decoded 0 %"), "{err}");
+        let empty = dir.path().join("empty.json");
+        std::fs::write(&empty, "\n").unwrap();
+        let err = FileSource::open(&[input(&empty, None)], &limits(), 10).err().unwrap().to_string();
+        assert!(err.ends_with("empty.json: empty: no message to tell its format from"), "{err}");
+        assert_eq!(FileSource::open(&[input(&empty, Some(Format::PmacctJson))], &limits(), 10).unwrap().total_messages(), 0);
         let err = FileSource::open(&[input(&junk, Some(Format::Goflow2ProtobufPlain))], &limits(), 10).err().unwrap().to_string();
         assert!(err.contains("use goflow2_protobuf"), "{err}");
     }
