@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod rates;
 pub mod readiness;
+pub mod replay;
 pub mod sink;
 pub mod source;
 pub mod sql;

@@ -20,7 +20,6 @@ use siteflow::http::{AppState, SqlFormat};
 use siteflow::metrics::PipelineMetrics;
 use siteflow::pipeline::{Pipeline, Resources, plan_windows};
 use siteflow::sink::prometheus::SiteMetrics;
-use siteflow::source::file::FileSource;
 use siteflow::source::kafka::KafkaSource;
 use siteflow::source::simulator::{Scenario, Simulator};
 use siteflow::sql::{RecentFlows, SqlEngine, SqlLimits};
@@ -58,9 +57,9 @@ enum Command {
         after_help = "Example:\n  siteflow demo --listen 127.0.0.1:9900 --rate 20000\n\nThen open http://127.0.0.1:9900/metrics; the first windows are published window.size_secs + window.publish_delay_ms after they start (15 s by default)."
     )]
     Demo(DemoArgs),
-    /// Run the pipeline as configured (the simulator, or Kafka topics with checkpoints).
+    /// Run the pipeline as configured (the simulator, Kafka topics with checkpoints, or recorded files).
     #[command(
-        after_help = "Examples:\n  siteflow run --config deploy/siteflow.example.yaml\n\n  # Kafka: topics with their formats, a consumer group, a checkpoint directory:\n  SITEFLOW_SOURCE__KIND=kafka SITEFLOW_KAFKA__BROKERS=kafka:9092 \\\n  SITEFLOW_CHECKPOINT__DIR=/var/lib/siteflow siteflow run --config siteflow.yaml\n\nWith Kafka, SIGTERM checkpoints the open windows and leaves the group; the next start\n(or the instance that gets the partitions) goes on from there. See README: Reading from Kafka."
+        after_help = "Examples:\n  siteflow run --config deploy/siteflow.example.yaml\n\n  # Kafka: topics with their formats, a consumer group, a checkpoint directory:\n  SITEFLOW_SOURCE__KIND=kafka SITEFLOW_KAFKA__BROKERS=kafka:9092 \\\n  SITEFLOW_CHECKPOINT__DIR=/var/lib/siteflow siteflow run --config siteflow.yaml\n\n  # Recorded files through the whole service; replay.yaml has\n  #   source: { kind: file, files: [ { path: flows-2025-11-03.json.gz } ] }\n  siteflow run --config replay.yaml\n\nWith Kafka, SIGTERM checkpoints the open windows and leaves the group; the next start\n(or the instance that gets the partitions) goes on from there. See README: Reading from Kafka.\nWith files, every window is published when they end and the results stay served until SIGTERM."
     )]
     Run(RunArgs),
     /// Validate a configuration, its inventory, scenario and pipeline SQL; exit non-zero on problems.
@@ -94,31 +93,50 @@ Examples:
   siteflow sql --data /var/lib/siteflow/history \"SELECT count(*) FROM site_windows\"";
 
 const REPLAY_EXAMPLES: &str = "\
-Files hold one message per line (JSON formats) or varint length-delimited FlowMessages
-(goflow2_protobuf, as `goflow2 -format=bin` writes them). Each file is its own stream with its
-own event-time clocks. Windows follow the data's event time, not the wall clock: a capture
-from last year gives last year's windows. At the end every open window is flushed.
+Files hold one message per line (the JSON formats) or varint length-delimited FlowMessages
+(goflow2_protobuf, as `goflow2 -format=bin` writes them), plain or gzip/zstd-compressed (told by
+their first bytes). Without --format each file's format is detected from its first 100 messages,
+so flows and probes can be replayed together. Each file is its own stream with its own
+event-time clocks. Windows follow the data's event time, not the wall clock: a capture from last
+year gives last year's windows. At the end every open window is flushed, the per-site totals go
+to stdout (or --output-file) and what was left out (rejected by reason, unmatched, late, without
+traffic, corrected windows) to stderr. On a terminal a progress bar shows records, records/s, the
+event time reached and the ETA; otherwise a log line does every --progress-interval seconds.
 
 Examples:
-  # Per-site totals of a goflow2 capture, with the built-in Ha Giang inventory:
-  siteflow replay --format goflow2_json flows-2025-11-03.json
+  # Per-site totals of a compressed goflow2 capture, with the built-in Ha Giang inventory:
+  siteflow replay flows-2025-11-03.json.gz
+
+  # Flows and probes together, paced at 60x their own time (an hour in a minute), as CSV:
+  siteflow replay --speed 60 --output csv nfacctd.json.zst probes.json > totals.csv
+
+  # The totals as Parquet (--output parquet needs --output-file):
+  siteflow replay --output parquet --output-file totals.parquet flows.bin
 
   # Your own inventory and settings; keep the windows for SQL afterwards:
   siteflow replay --config siteflow.yaml --history-dir /tmp/replay --format pmacct_json nfacctd.json
-  siteflow sql --data /tmp/replay \"SELECT site, sum(bytes) FROM site_windows GROUP BY site\"";
+  siteflow sql --data /tmp/replay \"SELECT site, sum(bytes) FROM site_windows GROUP BY site\"
+
+To replay through the whole service (/metrics, SQL, the API), set source.kind: file and
+source.files in a configuration and use `siteflow run` (deploy/siteflow.example.yaml).";
 
 #[derive(Args)]
 struct ReplayArgs {
-    /// Files of recorded messages, all of one format.
+    /// Files of recorded messages (plain, .gz or .zst).
     #[arg(required = true, value_name = "FILE")]
     files: Vec<PathBuf>,
-    /// Their format: goflow2_json, goflow2_protobuf, pmacct_json, siteflow_probe_json or telegraf_json.
-    #[arg(long, value_name = "FORMAT")]
-    format: String,
+    /// Their format: goflow2_json, goflow2_protobuf, pmacct_json, siteflow_probe_json or
+    /// telegraf_json. Unset: detected for each file.
+    #[arg(long, value_name = "FORMAT", value_parser = siteflow::replay::parse_format)]
+    format: Option<Format>,
     /// Which time of a flow places it in a window: flow_end, flow_start, arrival or spread
     /// (as `kafka.topics[].event_time`).
-    #[arg(long, value_name = "MODE", default_value = "flow_end")]
-    event_time: String,
+    #[arg(long, value_name = "MODE", default_value = "flow_end", value_parser = siteflow::replay::parse_event_time)]
+    event_time: siteflow::event_time::EventTime,
+    /// Pace the replay at N seconds of event time per second (1: as recorded). Unset: as fast
+    /// as possible.
+    #[arg(long, value_name = "N", value_parser = siteflow::replay::parse_speed)]
+    speed: Option<f64>,
     /// Optional configuration (inventory, pipeline SQL, window, decode limits).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -127,7 +145,21 @@ struct ReplayArgs {
     history_dir: Option<PathBuf>,
     /// Output of the per-site totals.
     #[arg(long, value_enum, default_value = "table")]
-    output: OutputFormat,
+    output: siteflow::replay::Output,
+    /// Write the totals to this file instead of stdout (required with --output parquet).
+    #[arg(long, value_name = "FILE")]
+    output_file: Option<PathBuf>,
+    /// Seconds between progress log lines when stderr is not a terminal.
+    #[arg(long, value_name = "SECS", default_value = "5", value_parser = parse_interval)]
+    progress_interval: std::time::Duration,
+}
+
+/// A positive number of seconds, fractions allowed.
+fn parse_interval(s: &str) -> Result<std::time::Duration, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(std::time::Duration::from_secs_f64(v)),
+        _ => Err(format!("a positive number of seconds: {s}")),
+    }
 }
 
 #[derive(Args)]
@@ -324,6 +356,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             let interval = std::time::Duration::from_secs(config.checkpoint.interval_secs);
             tokio::spawn(siteflow::pipeline::run_kafka(source, events, pipeline, interval, stop_rx))
         }
+        SourceKind::File => {
+            let source = siteflow::replay::configured_source(&config)?;
+            tokio::spawn(siteflow::pipeline::run(source, pipeline, stop_rx))
+        }
     };
     let (server_stop_tx, mut server_stop_rx) = watch::channel(false);
     let mut server_limits = siteflow::http::ServerLimits::from_config(&config.http);
@@ -350,7 +386,15 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             let _ = stop_tx.send(true);
             (&mut pipeline_task).await
         }
-        done = &mut pipeline_task => done,
+        done = &mut pipeline_task => {
+            if config.source.kind == SourceKind::File {
+                // A replay's results are what it is for: keep serving them until stopped.
+                tracing::info!("replay finished: every window is published; serving until stopped (SIGTERM / Ctrl-C)");
+                wait_for_signal().await;
+                stopping.store(true, Ordering::Release);
+            }
+            done
+        }
     };
     let summary = summary.context("pipeline task panicked")??;
     history_task.abort();
@@ -441,68 +485,6 @@ fn ask_server(url: &str, query: &str, token: Option<&str>) -> anyhow::Result<Bat
     Ok((schema, batches))
 }
 
-/// `siteflow replay`: files through the pipeline, every window flushed at the end, per-site totals.
-async fn replay(args: &ReplayArgs) -> anyhow::Result<()> {
-    let format = Format::ALL.into_iter().find(|f| f.as_str() == args.format).filter(|f| *f != Format::Goflow2ProtobufPlain).with_context(|| {
-        format!(
-            "--format {}: not a replayable format (one of goflow2_json, goflow2_protobuf, pmacct_json, siteflow_probe_json, telegraf_json)",
-            args.format
-        )
-    })?;
-    let config = Config::load(args.config.as_deref())?;
-    init_logging(&config);
-    let res = Resources::load(&config)?;
-    let event_time = siteflow::event_time::EventTime::ALL
-        .into_iter()
-        .find(|m| m.as_str() == args.event_time)
-        .with_context(|| format!("--event-time {}: one of flow_end, flow_start, arrival, spread", args.event_time))?;
-    let source = FileSource::open(&args.files, format, event_time, 1_000)?;
-    let messages = source.total_messages();
-    let metrics = Arc::new(PipelineMetrics::new(&Pipeline::FORMATS, &Pipeline::TABLES));
-    let dir = args.history_dir.clone();
-    let history =
-        History::open(HistoryOptions { dir: dir.clone(), max_memory_rows: usize::MAX, ..HistoryOptions::from_config(&config.history) })?;
-    let sinks: Vec<Box<dyn siteflow::sink::WindowSink>> = vec![Box::new(HistorySink::new(history.clone(), config.sql.top_talkers))];
-    let pipeline = Pipeline::build(&config, &res, metrics.clone(), sinks).await?;
-    siteflow::history::declare_tables(&history, pipeline.windows(), config.sql.top_talkers);
-    tracing::info!(files = args.files.len(), messages, format = format.as_str(), "replaying");
-    let (_stop, stop_rx) = watch::channel(false);
-    let summary = siteflow::pipeline::run(source, pipeline, stop_rx).await?;
-    let f = format.as_str();
-    let rejected: u64 =
-        siteflow::decode::RejectReason::ALL.iter().map(|r| metrics.records_rejected.with_label_values(&[f, r.as_str()]).get()).sum();
-    let table_count = |c: &prometheus::IntCounterVec| -> u64 { Pipeline::TABLES.iter().map(|t| c.with_label_values(&[t]).get()).sum() };
-    eprintln!(
-        "replayed {messages} messages: {} records decoded, {rejected} rejected, {} unmatched, {} late; {} windows ({} corrected)",
-        metrics.records_decoded.with_label_values(&[f]).get(),
-        table_count(&metrics.records_unmatched),
-        table_count(&metrics.records_late),
-        summary.windows_closed,
-        metrics.windows_corrected.with_label_values(&["flows"]).get(),
-    );
-    for reason in siteflow::decode::RejectReason::ALL {
-        let n = metrics.records_rejected.with_label_values(&[f, reason.as_str()]).get();
-        if n > 0 {
-            eprintln!("  rejected as {}: {n}", reason.as_str());
-        }
-    }
-    if dir.is_some() {
-        let rows = history.flush()?;
-        eprintln!("{rows} rows written to {}", args.history_dir.as_ref().expect("set").display());
-    }
-    let limits = SqlLimits::from_config(&config.sql);
-    let engine = SqlEngine::new(res.inventory.clone(), history, None, limits, config.window.size_secs as f64);
-    let (schema, batches) = engine
-        .query(
-            "SELECT site, direction, count(*) AS windows, min(window_start) AS first_window, max(window_start) AS last_window, \
-             sum(bytes) AS bytes, sum(packets) AS packets, sum(records) AS records \
-             FROM site_windows GROUP BY site, direction ORDER BY site, direction",
-        )
-        .await
-        .map_err(|e| anyhow::anyhow!("per-site totals: {e}"))?;
-    print_batches(args.output, &schema, &batches)
-}
-
 async fn check(args: &CheckArgs) -> anyhow::Result<()> {
     let config = Config::load(Some(&args.config))?;
     let res = Resources::load(&config)?;
@@ -540,6 +522,17 @@ async fn check(args: &CheckArgs) -> anyhow::Result<()> {
         if let Some(dir) = &config.checkpoint.dir {
             println!("  checkpoints: {} every {} s", resolve(dir).display(), config.checkpoint.interval_secs);
         }
+    }
+    if config.source.kind == SourceKind::File {
+        let source = siteflow::replay::configured_source(&config)?;
+        let files: Vec<String> = source
+            .describe_files()
+            .iter()
+            .map(|(path, format, compression, messages)| {
+                format!("{} ({}, {}, {messages} messages)", path.display(), format.as_str(), compression.as_str())
+            })
+            .collect();
+        println!("  files: {}", files.join(", "));
     }
     println!("  readiness: period {} s, hold {} s; {} meeting(s)", res.policy.period_secs, res.policy.hold_secs, res.meetings.len());
     println!("  http: {}", config.http.listen);
@@ -592,7 +585,21 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Check(args) => check(&args).await,
             Command::Sql(args) => sql(&args).await,
-            Command::Replay(args) => replay(&args).await,
+            Command::Replay(args) => {
+                let config = Config::load(args.config.as_deref())?;
+                init_logging(&config);
+                let options = siteflow::replay::ReplayOptions {
+                    files: args.files,
+                    format: args.format,
+                    event_time: args.event_time,
+                    speed: args.speed,
+                    history_dir: args.history_dir,
+                    output: args.output,
+                    output_file: args.output_file,
+                    progress_interval: args.progress_interval,
+                };
+                siteflow::replay::replay(&options, &config).await
+            }
             Command::Version(args) => {
                 let build = &siteflow::build_info::BUILD;
                 if args.json {

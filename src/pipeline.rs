@@ -213,6 +213,8 @@ pub struct Pipeline {
     /// Whether flows also feed the conversations table (`sql.top_talkers` > 0): it costs about
     /// as much as decoding, so `0` turns it off (BENCHMARKS.md).
     top_talkers: bool,
+    /// Raised to the newest event time after each batch, for a replay's progress and pacing.
+    newest_event: Option<Arc<std::sync::atomic::AtomicI64>>,
 }
 
 /// A partition this instance owns.
@@ -274,6 +276,7 @@ impl Pipeline {
             durable: None,
             recent_flows: None,
             top_talkers: config.sql.top_talkers > 0,
+            newest_event: None,
         })
     }
 
@@ -288,6 +291,12 @@ impl Pipeline {
     /// Keeps the newest enriched flow records in `ring` (SQL table `flows_recent`).
     pub fn keep_recent_flows(&mut self, ring: Arc<RecentFlows>) {
         self.recent_flows = Some(ring);
+    }
+
+    /// Raises `newest` to the newest event time seen after every batch (a replay shows it and
+    /// paces by it; the watermark trails it and stalls on the slowest file).
+    pub fn track_event_time(&mut self, newest: Arc<std::sync::atomic::AtomicI64>) {
+        self.newest_event = Some(newest);
     }
 
     /// Table names in the window operator's order (the checkpoint layout).
@@ -460,6 +469,11 @@ impl Pipeline {
             }
         };
         self.feed(&batch, enriched, ordinals).await?;
+        if let Some(newest) = &self.newest_event
+            && let Some(t) = self.windows.watermarks().partition_max_event(batch.partition)
+        {
+            newest.fetch_max(t, Ordering::Relaxed);
+        }
         let closed = self.windows.close_ready(batch.received).await?;
         self.publish(closed, false)
     }

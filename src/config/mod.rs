@@ -153,13 +153,32 @@ pub enum SourceKind {
     Simulator,
     /// Kafka topics (see `kafka` and `checkpoint`).
     Kafka,
+    /// Recorded files (see `source.files`), replayed once; then the results stay served until
+    /// the process is stopped.
+    File,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct SourceConfig {
-    /// `simulator` or `kafka`.
+    /// `simulator`, `kafka` or `file`.
     pub kind: SourceKind,
+    /// With `kind: file`: the files to replay (plain, gzip or zstd), each with its format
+    /// (unset: detected from its first messages) and event time.
+    pub files: Vec<FileConfig>,
+}
+
+/// One recorded file for `source.kind: file`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub path: RelativePathBuf,
+    /// As `kafka.topics[].format` (but not `goflow2_protobuf_plain`); unset: detected.
+    #[serde(default)]
+    pub format: Option<crate::decode::Format>,
+    /// As `kafka.topics[].event_time`.
+    #[serde(default)]
+    pub event_time: crate::event_time::EventTime,
 }
 
 /// One Kafka topic and the format its messages are in.
@@ -648,6 +667,23 @@ impl Config {
                 );
             }
         }
+        if self.source.kind == SourceKind::File {
+            if self.source.files.is_empty() {
+                return invalid("source.files", "list at least one file (`- { path: flows.json.gz }`) when source.kind is file".into());
+            }
+            if let Some(f) = self.source.files.iter().find(|f| f.format == Some(crate::decode::Format::Goflow2ProtobufPlain)) {
+                return invalid(
+                    "source.files",
+                    format!(
+                        "{}: goflow2_protobuf_plain cannot be replayed from a file (no delimiter); use goflow2_protobuf",
+                        f.path.original().display()
+                    ),
+                );
+            }
+            if let Some(f) = self.source.files.iter().find(|f| !f.path.relative().is_file()) {
+                return invalid("source.files", format!("{}: no such file", f.path.relative().display()));
+            }
+        }
         if self.sql.max_rows == 0 || self.sql.timeout_secs == 0 || self.sql.memory_limit_mb == 0 {
             return invalid("sql", "max_rows, timeout_secs and memory_limit_mb must be at least 1".into());
         }
@@ -757,6 +793,21 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         Config::default().validate("defaults").unwrap();
+    }
+
+    #[test]
+    fn a_file_source_needs_replayable_files_that_exist() {
+        let mut c = Config::default();
+        c.source.kind = SourceKind::File;
+        let err = c.validate("f.yaml").unwrap_err().to_string();
+        assert!(err.starts_with("f.yaml: source.files: list at least one file"), "{err}");
+        let file = |path: &str, format| FileConfig { path: RelativePathBuf::from(path), format, event_time: Default::default() };
+        c.source.files = vec![file("Cargo.toml", Some(crate::decode::Format::Goflow2ProtobufPlain))];
+        assert!(c.validate("f.yaml").unwrap_err().to_string().contains("Cargo.toml: goflow2_protobuf_plain cannot be replayed"));
+        c.source.files = vec![file("Cargo.toml", None), file("no/such/capture.json.gz", None)];
+        assert!(c.validate("f.yaml").unwrap_err().to_string().ends_with("source.files: no/such/capture.json.gz: no such file"));
+        c.source.files.pop();
+        c.validate("f.yaml").unwrap();
     }
 
     #[test]
