@@ -452,6 +452,11 @@ pub struct LogConfig {
     pub level: String,
     /// `text` or `json`.
     pub format: LogFormat,
+    /// Seconds between two one-line status reports (records/s, sites seen, windows closed, lag).
+    pub status_interval_secs: u64,
+    /// A source whose records are mostly rejected for this many seconds gets one WARN naming it,
+    /// its format and the top reason (repeated at most every 5 minutes while it lasts).
+    pub rejection_warn_after_secs: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -464,7 +469,7 @@ pub enum LogFormat {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self { level: "info".into(), format: LogFormat::Text }
+        Self { level: "info".into(), format: LogFormat::Text, status_interval_secs: 60, rejection_warn_after_secs: 60 }
     }
 }
 
@@ -722,6 +727,8 @@ impl Config {
             ("api.max_meetings", api.max_meetings as u64, 0, 1_000_000),
             ("api.max_meeting_id_bytes", api.max_meeting_id_bytes as u64, 1, 4_096),
             ("api.max_meeting_title_bytes", api.max_meeting_title_bytes as u64, 1, 1 << 20),
+            ("log.status_interval_secs", self.log.status_interval_secs, 1, DAY),
+            ("log.rejection_warn_after_secs", self.log.rejection_warn_after_secs, 1, DAY),
         ];
         ranges.extend(self.sampling.overrides.values().map(|r| ("sampling.overrides", *r as u64, 1, 1 << 24)));
         ranges
