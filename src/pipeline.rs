@@ -562,7 +562,7 @@ impl Pipeline {
                 rejected = s.rejected,
                 watermark_lag_secs = lag.map(|l| l.round()),
                 kafka_lag = kafka,
-                "status: {:.0} records/s, {} sites seen, {} windows closed, {} rejected, {lag_text}{kafka_text}",
+                "status: {:.0} records/s, {} sites seen, {} window(s) closed, {} rejected, {lag_text}{kafka_text}",
                 s.records_per_sec,
                 s.sites_seen,
                 s.windows_closed,
@@ -607,14 +607,17 @@ impl Pipeline {
                 self.metrics.windows_corrected.with_label_values(&[&w.table]).inc();
             } else {
                 if let Some(t) = Self::TABLES.iter().position(|t| *t == w.table.as_ref()) {
-                    if !self.first_published[t] {
+                    // Empty windows of a table without input are published too: not news.
+                    if !self.first_published[t] && w.rows.num_rows() > 0 {
                         self.first_published[t] = true;
                         let start = chrono::DateTime::from_timestamp_nanos(w.start_ns).to_rfc3339();
                         tracing::info!(table = %w.table, window_start = %start, rows = w.rows.num_rows(), "first {} window published", w.table);
                     }
+                    // The SQL decides the column's type (often a dictionary): read it as text.
                     if w.table.as_ref() != "conversations"
-                        && let Some(sites) =
-                            w.rows.column_by_name("site").and_then(|c| c.as_any().downcast_ref::<datafusion::arrow::array::StringArray>())
+                        && let Some(column) = w.rows.column_by_name("site")
+                        && let Ok(text) = datafusion::arrow::compute::cast(column, &datafusion::arrow::datatypes::DataType::Utf8)
+                        && let Some(sites) = text.as_any().downcast_ref::<datafusion::arrow::array::StringArray>()
                     {
                         self.status.saw_sites(sites.iter().flatten());
                     }

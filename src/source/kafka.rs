@@ -74,6 +74,8 @@ struct HealthState {
     last_report: Option<Instant>,
     /// Failures since the last line about them.
     failures: u64,
+    /// The latest failure of one broker's connection (the cause behind "all brokers down").
+    last_failure: Option<String>,
 }
 
 impl BrokerHealth {
@@ -82,23 +84,34 @@ impl BrokerHealth {
         Self { brokers: brokers.to_string(), gauge, reminder, state: Default::default() }
     }
 
-    /// A connection failure (or no broker connected): an ERROR on the first, then a reminder
-    /// at most every `reminder`. Returns the line logged, if any.
+    /// One broker's connection failed: in a cluster the others may serve, and librdkafka
+    /// reconnects by itself, so this is only remembered (and logged at debug) as the likely
+    /// cause should every broker be down.
+    pub fn failure(&self, reason: &str) {
+        tracing::debug!(target: "librdkafka", "{reason}");
+        let mut st = self.state.lock().expect("broker health lock");
+        st.failures += 1;
+        st.last_failure = Some(reason.to_string());
+    }
+
+    /// No broker can be reached: an ERROR on the first report, then a reminder at most every
+    /// `reminder`. Returns the line logged, if any.
     pub fn down(&self, reason: &str, now: Instant) -> Option<String> {
         let mut st = self.state.lock().expect("broker health lock");
         st.failures += 1;
+        let cause = st.last_failure.as_deref().map_or_else(String::new, |f| format!(" (latest failure: {f})"));
         let line = if st.up != Some(false) {
             st.up = Some(false);
             st.down_since = Some(now);
             format!(
-                "cannot reach the Kafka brokers of kafka.brokers ({}): {reason}; retrying (a reminder every {} s while it lasts)",
+                "cannot reach the Kafka brokers of kafka.brokers ({}): {reason}{cause}; retrying (a reminder every {} s while it lasts)",
                 self.brokers,
                 self.reminder.as_secs()
             )
         } else if st.last_report.is_none_or(|t| now.saturating_duration_since(t) >= self.reminder) {
             let down = st.down_since.map_or(0, |t| now.saturating_duration_since(t).as_secs());
             format!(
-                "still cannot reach the Kafka brokers of kafka.brokers ({}) after {down} s ({} failures since the last message; the latest: {reason})",
+                "still cannot reach the Kafka brokers of kafka.brokers ({}) after {down} s: {reason}{cause}; {} failures since the last message",
                 self.brokers, st.failures
             )
         } else {
@@ -135,10 +148,19 @@ impl BrokerHealth {
     }
 }
 
-/// Whether an error means no broker could be reached (as opposed to a problem of one request).
+/// Whether an error is about reaching brokers (as opposed to a problem of one request).
 fn is_connectivity(code: rdkafka::types::RDKafkaErrorCode) -> bool {
     use rdkafka::types::RDKafkaErrorCode as C;
     matches!(code, C::BrokerTransportFailure | C::AllBrokersDown | C::Resolve | C::NetworkException | C::BrokerNotAvailable)
+}
+
+/// Routes a connectivity error: all brokers down is an outage, anything else one broker's.
+fn report_connectivity(health: &BrokerHealth, code: rdkafka::types::RDKafkaErrorCode, reason: &str) {
+    if code == rdkafka::types::RDKafkaErrorCode::AllBrokersDown {
+        health.down(reason, Instant::now());
+    } else {
+        health.failure(reason);
+    }
 }
 
 /// Lets through the first of a kind of librdkafka log line, then one a minute with the count
@@ -214,13 +236,27 @@ impl ClientContext for Context {
         }
     }
 
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        if let Some(code) = error.rdkafka_error_code().filter(|c| is_connectivity(*c)) {
+            report_connectivity(&self.health, code, reason);
+        } else if let Some(held) = self.limiter.allow(&format!("error {error}"), Instant::now()) {
+            tracing::error!(target: "librdkafka", held_back = held, "{error}: {reason}");
+        }
+    }
+
     fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
         let serious = matches!(
             level,
             RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical | RDKafkaLogLevel::Error | RDKafkaLogLevel::Warning
         );
-        if serious && (fac == "FAIL" || log_message.contains("Connection refused") || log_message.contains("brokers are down")) {
-            self.health.down(log_message, Instant::now());
+        if serious && fac == "FAIL" {
+            // One broker's connection; the error callback says when all are down.
+            self.health.failure(log_message);
+            return;
+        }
+        if serious && self.health.is_down() {
+            // Consequences of the outage already reported (session timeouts, failed commits).
+            tracing::debug!(target: "librdkafka", fac, "{log_message}");
             return;
         }
         if serious {
@@ -579,8 +615,8 @@ impl Poller {
                 Ok(m) => m,
                 Err(e) => {
                     let context = self.consumer.context();
-                    if e.rdkafka_error_code().is_some_and(is_connectivity) {
-                        context.health.down(&e.to_string(), Instant::now());
+                    if let Some(code) = e.rdkafka_error_code().filter(|c| is_connectivity(*c)) {
+                        report_connectivity(&context.health, code, &e.to_string());
                     } else if let Some(held) = context.limiter.allow(&format!("poll {e}"), Instant::now()) {
                         tracing::warn!(held_back = held, "kafka: {e}");
                     }
@@ -649,13 +685,15 @@ mod tests {
         let t0 = Instant::now();
         assert_eq!(health.up(t0), None, "the first connection is no news");
         assert_eq!(gauge.get(), 1);
-        let first = health.down("Connection refused", t0).expect("the first failure is logged");
-        assert!(first.contains("kafka.brokers (kafka-1:9092)") && first.contains("Connection refused"), "{first}");
+        health.failure("kafka-1:9092/1: Connect to ipv4#10.0.0.1:9092 failed: Connection refused");
+        assert_eq!(gauge.get(), 1, "one broker's connection failing is no outage");
+        let first = health.down("1/1 brokers are down", t0).expect("the first failure is logged");
+        assert!(first.contains("kafka.brokers (kafka-1:9092): 1/1 brokers are down") && first.contains("Connection refused"), "{first}");
         assert_eq!(gauge.get(), 0);
         // librdkafka retries every second or so: silence until the reminder is due.
-        let quiet = (1..60).filter_map(|s| health.down("Connection refused", t0 + Duration::from_secs(s))).count();
+        let quiet = (1..60).filter_map(|s| health.down("1/1 brokers are down", t0 + Duration::from_secs(s))).count();
         assert_eq!(quiet, 0);
-        let reminder = health.down("Connection refused", t0 + Duration::from_secs(60)).expect("a reminder after a minute");
+        let reminder = health.down("1/1 brokers are down", t0 + Duration::from_secs(60)).expect("a reminder after a minute");
         assert!(reminder.contains("still") && reminder.contains("after 60 s") && reminder.contains("60 failures"), "{reminder}");
         let back = health.up(t0 + Duration::from_secs(75)).expect("the end of the outage is logged");
         assert!(back.contains("after 75 s"), "{back}");

@@ -4,6 +4,9 @@
 /// The softflowd → nfacctd → broker → siteflow chain (a `kafka::` test: run one at a time).
 #[path = "kafka_chain.rs"]
 mod chain;
+/// `check --connect` and the run-time log about the Kafka input (`kafka::` tests too).
+#[path = "kafka_notices.rs"]
+mod notices;
 
 use std::time::Duration;
 
