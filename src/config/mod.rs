@@ -775,6 +775,21 @@ mod tests {
     }
 
     #[test]
+    fn log_intervals_are_range_checked_naming_the_key() {
+        for (field, set) in [
+            ("log.status_interval_secs", (|c: &mut Config, v| c.log.status_interval_secs = v) as fn(&mut Config, u64)),
+            ("log.rejection_warn_after_secs", |c: &mut Config, v| c.log.rejection_warn_after_secs = v),
+        ] {
+            for bad in [0, 86_401] {
+                let mut c = Config::default();
+                set(&mut c, bad);
+                let e = c.validate("x.yaml").unwrap_err().to_string();
+                assert_eq!(e, format!("x.yaml: {field}: must be between 1 and 86400 (got {bad})"));
+            }
+        }
+    }
+
+    #[test]
     fn the_correction_horizon_must_cover_the_lateness() {
         let mut c = Config::default();
         c.window.correction_horizon_secs = 60;
