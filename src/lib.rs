@@ -17,6 +17,7 @@ pub mod history;
 pub mod http;
 pub mod inventory;
 pub mod metrics;
+pub mod notices;
 pub mod pipeline;
 pub mod rates;
 pub mod readiness;

@@ -21,6 +21,7 @@ use siteflow::metrics::PipelineMetrics;
 use siteflow::pipeline::{Pipeline, Resources, plan_windows};
 use siteflow::sink::prometheus::SiteMetrics;
 use siteflow::source::kafka::KafkaSource;
+use siteflow::source::kafka_probe::{self, ProbeOptions};
 use siteflow::source::simulator::{Scenario, Simulator};
 use siteflow::sql::{RecentFlows, SqlEngine, SqlLimits};
 use siteflow::window::WindowSpec;
@@ -63,7 +64,9 @@ enum Command {
     )]
     Run(RunArgs),
     /// Validate a configuration, its inventory, scenario and pipeline SQL; exit non-zero on problems.
-    #[command(after_help = "Example:\n  siteflow check --config deploy/siteflow.example.yaml --explain")]
+    #[command(
+        after_help = "Examples:\n  siteflow check --config deploy/siteflow.example.yaml --explain\n\n  # Also reach the brokers and decode a sample of each topic's newest messages:\n  siteflow check --config siteflow.yaml --connect"
+    )]
     Check(CheckArgs),
     /// Print the version, commit, compiler and target of this binary.
     #[command(after_help = "Example:\n  siteflow version --json")]
@@ -231,6 +234,16 @@ struct CheckArgs {
     /// Also print the partial and final plans DataFusion will run for each pipeline SQL.
     #[arg(long)]
     explain: bool,
+    /// Also contact kafka.brokers: list each topic's partitions, decode a sample of its newest
+    /// messages with the configured format and report what siteflow would make of them.
+    #[arg(long)]
+    connect: bool,
+    /// With --connect: messages sampled per topic.
+    #[arg(long, value_name = "N", default_value_t = 100, requires = "connect")]
+    sample: usize,
+    /// With --connect: longest wait for the brokers' answers, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 5.0, requires = "connect")]
+    timeout_secs: f64,
 }
 
 fn init_logging(config: &Config) {
@@ -399,7 +412,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let summary = summary.context("pipeline task panicked")??;
     history_task.abort();
     match history.flush() {
-        Ok(rows) => tracing::info!(rows, "history written to Parquet at shutdown"),
+        // Without history.dir there is nothing to write: the windows lived in memory only.
+        Ok(rows) if config.history.dir.is_some() => tracing::info!(rows, "history written to Parquet at shutdown"),
+        Ok(_) => {}
         Err(e) => tracing::error!("history flush at shutdown failed: {e:#}"),
     }
     let _ = server_stop_tx.send(true);
@@ -540,6 +555,24 @@ async fn check(args: &CheckArgs) -> anyhow::Result<()> {
         for (name, table) in [("flows", tables.flows), ("probes", tables.probes), ("interfaces", tables.interfaces)] {
             println!("\n{name}:\n{}", windows.describe(table));
         }
+    }
+    if args.connect {
+        anyhow::ensure!(!config.kafka.topics.is_empty(), "check --connect: kafka.topics lists no topic to sample");
+        anyhow::ensure!(
+            args.timeout_secs.is_finite() && args.timeout_secs > 0.0 && args.timeout_secs <= 600.0,
+            "--timeout-secs {}: must be between 0 and 600",
+            args.timeout_secs
+        );
+        println!("connecting to {} ...", config.kafka.brokers);
+        let options = ProbeOptions { sample: args.sample.max(1), timeout: std::time::Duration::from_secs_f64(args.timeout_secs) };
+        let inventory = res.inventory.clone();
+        let report = tokio::task::spawn_blocking(move || kafka_probe::probe(&config, inventory, options))
+            .await
+            .context("check --connect panicked")?
+            .map_err(anyhow::Error::msg)?;
+        print!("{report}");
+        let problems = report.problems();
+        anyhow::ensure!(problems.is_empty(), "check --connect found {} problem(s): {}", problems.len(), problems.join("; "));
     }
     Ok(())
 }

@@ -42,6 +42,9 @@ pub struct PipelineMetrics {
     pub kafka_rebalances: IntCounterVec,
     pub kafka_replayed_skipped: IntCounter,
     pub kafka_offset_gaps: IntCounter,
+    /// 1 while the consumer has a connection to a broker; registered by the Kafka source only
+    /// (see [`PipelineMetrics::register_kafka_broker_up`]), so other sources export no false 0.
+    pub kafka_broker_up: IntGauge,
     pub checkpoints: IntCounterVec,
     pub checkpoint_duration: Histogram,
     pub checkpoint_last_success: Gauge,
@@ -52,6 +55,12 @@ pub struct PipelineMetrics {
 fn register<M: prometheus::core::Collector + Clone + 'static>(registry: &Registry, m: M) -> M {
     registry.register(Box::new(m.clone())).expect("registered once");
     m
+}
+
+/// A counter's total over all its label sets.
+fn sum(c: &IntCounterVec) -> u64 {
+    use prometheus::core::Collector;
+    c.collect().iter().flat_map(|f| f.get_metric()).map(|m| m.get_counter().get_value() as u64).sum()
 }
 
 fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -225,6 +234,11 @@ impl PipelineMetrics {
             )
             .expect("valid metric"),
         );
+        let kafka_broker_up = IntGauge::new(
+            "siteflow_kafka_broker_up",
+            "1 while the Kafka consumer has a connection to at least one broker of kafka.brokers, 0 while it cannot reach any.",
+        )
+        .expect("valid metric");
         let build_info = register(
             r,
             IntGaugeVec::new(
@@ -338,12 +352,33 @@ impl PipelineMetrics {
             kafka_rebalances,
             kafka_replayed_skipped,
             kafka_offset_gaps,
+            kafka_broker_up,
             checkpoints,
             checkpoint_duration,
             checkpoint_last_success,
             dead_letter_records,
             dead_letter_errors,
         }
+    }
+
+    /// Exports `siteflow_kafka_broker_up` (at 0 until the consumer reaches a broker). Once per
+    /// registry: only the Kafka source calls it.
+    pub fn register_kafka_broker_up(&self) {
+        if let Err(e) = self.registry.register(Box::new(self.kafka_broker_up.clone())) {
+            tracing::debug!("siteflow_kafka_broker_up already registered: {e}");
+        }
+    }
+
+    /// Records rejected, decoded records unmatched to a site, and records too late for their
+    /// window, each over all its labels: what the shutdown summary and status line report.
+    pub fn lost_records(&self) -> (u64, u64, u64) {
+        (sum(&self.records_rejected), sum(&self.records_unmatched), sum(&self.records_late))
+    }
+
+    /// Messages behind the partitions' ends over every owned partition (librdkafka statistics).
+    pub fn kafka_lag_total(&self) -> i64 {
+        use prometheus::core::Collector;
+        self.kafka_consumer_lag.collect().iter().flat_map(|f| f.get_metric()).map(|m| m.get_gauge().get_value() as i64).sum()
     }
 
     /// Records the outcome of decoding one batch.

@@ -175,7 +175,8 @@ pub async fn plan_windows(spec: WindowSpec, res: &Resources) -> Result<(WindowOp
     Ok((windows, Tables { flows: ids[0], conversations: ids[1], interfaces: ids[2], probes: ids[3] }))
 }
 
-fn unix_now_ns() -> i64 {
+/// Now, in nanoseconds since the Unix epoch.
+pub fn unix_now_ns() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64)
 }
 
@@ -215,7 +216,16 @@ pub struct Pipeline {
     top_talkers: bool,
     /// Raised to the newest event time after each batch, for a replay's progress and pacing.
     newest_event: Option<Arc<std::sync::atomic::AtomicI64>>,
+    /// Sources whose records are mostly rejected, said once in the log.
+    rejections: crate::notices::RejectionWatch,
+    /// The periodic one-line status.
+    status: crate::notices::StatusLog,
+    /// Per table (in [`Pipeline::TABLES`] order): whether its first window was published.
+    first_published: [bool; 4],
 }
+
+/// How long to wait before warning again about a source whose records are still rejected.
+const REJECTION_WARN_REPEAT: Duration = Duration::from_secs(300);
 
 /// A partition this instance owns.
 #[derive(Debug)]
@@ -277,6 +287,12 @@ impl Pipeline {
             recent_flows: None,
             top_talkers: config.sql.top_talkers > 0,
             newest_event: None,
+            rejections: crate::notices::RejectionWatch::new(
+                Duration::from_secs(config.log.rejection_warn_after_secs),
+                REJECTION_WARN_REPEAT.max(Duration::from_secs(config.log.rejection_warn_after_secs)),
+            ),
+            status: crate::notices::StatusLog::new(Duration::from_secs(config.log.status_interval_secs), Instant::now()),
+            first_published: [false; 4],
         })
     }
 
@@ -316,6 +332,7 @@ impl Pipeline {
         let durable = self.durable.as_mut().ok_or_else(|| anyhow::anyhow!("checkpoints are not enabled"))?;
         for (id, key) in partitions {
             let ckpt = durable.store.load(key, &schemas)?;
+            let restored = ckpt.is_some();
             let (next_offset, max_event, lens, states, counters, clocks) = match ckpt {
                 Some(c) => (c.next_offset, c.max_event_ns, c.results_len, c.states, c.counters, c.clocks),
                 None => (0, None, vec![0; schemas.len()], vec![Vec::new(); schemas.len()], Vec::new(), Vec::new()),
@@ -325,7 +342,11 @@ impl Pipeline {
             }
             self.windows.restore_partition(*id, max_event, &clocks, states, now)?;
             self.counter_rates.restore_partition(*id, &counters);
-            tracing::info!(partition = %key, next_offset, "partition restored from its checkpoint");
+            if restored {
+                tracing::info!(partition = %key, next_offset, "partition restored from its checkpoint");
+            } else {
+                tracing::info!(partition = %key, "partition has no checkpoint yet: starting at its committed offset, else its beginning");
+            }
             durable.owned.insert(*id, Owned { key: key.clone(), next_offset });
         }
         Ok(())
@@ -423,6 +444,9 @@ impl Pipeline {
         self.limits.max_time_ns = unix_now_ns().saturating_add(self.max_future_ns);
         let (decoded, stats) = decode_with(batch.format, batch.event_time, &batch.messages, &self.limits);
         self.metrics.record_decode(batch.format, batch.messages.total_bytes(), &stats);
+        let source =
+            self.durable.as_ref().and_then(|d| d.owned.get(&batch.partition)).map_or(batch.format.as_str(), |o| o.key.topic.as_str());
+        self.rejections.observe(source, batch.format, &stats, batch.received);
         if let Some(durable) = self.durable.as_mut()
             && let Some(owned) = durable.owned.get_mut(&batch.partition)
         {
@@ -522,7 +546,43 @@ impl Pipeline {
         self.readiness.engine.write().expect("readiness lock").expire_if_stalled(now);
         self.windows.advance_idle(now);
         let closed = self.windows.close_ready(now).await?;
-        self.publish(closed, false)
+        self.publish(closed, false)?;
+        self.notify(now);
+        Ok(())
+    }
+
+    /// Logs what is due: warnings about rejected sources, the periodic status line.
+    fn notify(&mut self, now: Instant) {
+        for w in self.rejections.evaluate(now) {
+            tracing::warn!(
+                topic = %w.source,
+                format = w.format.as_str(),
+                reason = w.top_reason.as_str(),
+                rejected = w.rejected,
+                records = w.records,
+                "records mostly rejected: {w}"
+            );
+        }
+        let (rejected, _, _) = self.metrics.lost_records();
+        if let Some(s) = self.status.due(now, self.summary.records, self.summary.windows_closed, rejected) {
+            let lag = self.windows.watermark_ns().map(|wm| unix_now_ns().saturating_sub(wm) as f64 / 1e9);
+            let lag_text = lag.map_or_else(|| "no watermark yet".to_string(), |l| format!("watermark {l:.0} s behind"));
+            let kafka = self.durable.is_some().then(|| self.metrics.kafka_lag_total());
+            let kafka_text = kafka.map_or_else(String::new, |k| format!(", Kafka lag {k} messages"));
+            tracing::info!(
+                records_per_sec = s.records_per_sec.round(),
+                sites_seen = s.sites_seen,
+                windows_closed = s.windows_closed,
+                rejected = s.rejected,
+                watermark_lag_secs = lag.map(|l| l.round()),
+                kafka_lag = kafka,
+                "status: {:.0} records/s, {} sites seen, {} window(s) closed, {} rejected, {lag_text}{kafka_text}",
+                s.records_per_sec,
+                s.sites_seen,
+                s.windows_closed,
+                s.rejected
+            );
+        }
     }
 
     /// Closes every open window (at shutdown) and returns the run's totals.
@@ -560,6 +620,22 @@ impl Pipeline {
             if correction {
                 self.metrics.windows_corrected.with_label_values(&[&w.table]).inc();
             } else {
+                if let Some(t) = Self::TABLES.iter().position(|t| *t == w.table.as_ref()) {
+                    // Empty windows of a table without input are published too: not news.
+                    if !self.first_published[t] && w.rows.num_rows() > 0 {
+                        self.first_published[t] = true;
+                        let start = chrono::DateTime::from_timestamp_nanos(w.start_ns).to_rfc3339();
+                        tracing::info!(table = %w.table, window_start = %start, rows = w.rows.num_rows(), "first {} window published", w.table);
+                    }
+                    // The SQL decides the column's type (often a dictionary): read it as text.
+                    if w.table.as_ref() != "conversations"
+                        && let Some(column) = w.rows.column_by_name("site")
+                        && let Ok(text) = datafusion::arrow::compute::cast(column, &datafusion::arrow::datatypes::DataType::Utf8)
+                        && let Some(sites) = text.as_any().downcast_ref::<datafusion::arrow::array::StringArray>()
+                    {
+                        self.status.saw_sites(sites.iter().flatten());
+                    }
+                }
                 if is_flows {
                     self.readiness.engine.write().expect("readiness lock").observe_flow_window(&w.rows, w.end_ns);
                     self.summary.windows_closed += 1;
@@ -616,9 +692,13 @@ pub async fn run<S: Source>(mut source: S, mut pipeline: Pipeline, mut shutdown:
         }
     }
     let summary = pipeline.finish().await?;
+    let (rejected, unmatched, late) = pipeline.metrics.lost_records();
     tracing::info!(
         batches = summary.batches,
         records = summary.records,
+        rejected,
+        unmatched,
+        late,
         windows = summary.windows_closed,
         flushed = summary.windows_flushed_at_end,
         "pipeline stopped"
@@ -688,6 +768,15 @@ pub async fn run_kafka(
     }
     tokio::task::spawn_blocking(move || source.stop(&offsets)).await?;
     let summary = pipeline.summary();
-    tracing::info!(batches = summary.batches, records = summary.records, windows = summary.windows_closed, "pipeline stopped");
+    let (rejected, unmatched, late) = pipeline.metrics.lost_records();
+    tracing::info!(
+        batches = summary.batches,
+        records = summary.records,
+        rejected,
+        unmatched,
+        late,
+        windows = summary.windows_closed,
+        "pipeline stopped"
+    );
     Ok(summary)
 }

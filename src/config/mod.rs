@@ -471,6 +471,11 @@ pub struct LogConfig {
     pub level: String,
     /// `text` or `json`.
     pub format: LogFormat,
+    /// Seconds between two one-line status reports (records/s, sites seen, windows closed, lag).
+    pub status_interval_secs: u64,
+    /// A source whose records are mostly rejected for this many seconds gets one WARN naming it,
+    /// its format and the top reason (repeated at most every 5 minutes while it lasts).
+    pub rejection_warn_after_secs: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -483,7 +488,7 @@ pub enum LogFormat {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        Self { level: "info".into(), format: LogFormat::Text }
+        Self { level: "info".into(), format: LogFormat::Text, status_interval_secs: 60, rejection_warn_after_secs: 60 }
     }
 }
 
@@ -758,6 +763,8 @@ impl Config {
             ("api.max_meetings", api.max_meetings as u64, 0, 1_000_000),
             ("api.max_meeting_id_bytes", api.max_meeting_id_bytes as u64, 1, 4_096),
             ("api.max_meeting_title_bytes", api.max_meeting_title_bytes as u64, 1, 1 << 20),
+            ("log.status_interval_secs", self.log.status_interval_secs, 1, DAY),
+            ("log.rejection_warn_after_secs", self.log.rejection_warn_after_secs, 1, DAY),
         ];
         ranges.extend(self.sampling.overrides.values().map(|r| ("sampling.overrides", *r as u64, 1, 1 << 24)));
         ranges
@@ -816,6 +823,21 @@ mod tests {
         c.simulator.max_out_of_order_ms = 120_000;
         let e = c.validate("x.yaml").unwrap_err().to_string();
         assert!(e.starts_with("x.yaml: simulator.max_out_of_order_ms: must be below"), "{e}");
+    }
+
+    #[test]
+    fn log_intervals_are_range_checked_naming_the_key() {
+        for (field, set) in [
+            ("log.status_interval_secs", (|c: &mut Config, v| c.log.status_interval_secs = v) as fn(&mut Config, u64)),
+            ("log.rejection_warn_after_secs", |c: &mut Config, v| c.log.rejection_warn_after_secs = v),
+        ] {
+            for bad in [0, 86_401] {
+                let mut c = Config::default();
+                set(&mut c, bad);
+                let e = c.validate("x.yaml").unwrap_err().to_string();
+                assert_eq!(e, format!("x.yaml: {field}: must be between 1 and 86400 (got {bad})"));
+            }
+        }
     }
 
     #[test]

@@ -49,13 +49,155 @@ pub fn partition_id(topic_index: usize, partition: i32) -> PartitionId {
     ((topic_index as u32) << 16) | (partition as u32 & 0xffff)
 }
 
+/// How often an ongoing broker outage is mentioned again in the log.
+const BROKER_DOWN_REMINDER: Duration = Duration::from_secs(60);
+
 /// A failure to start the consumer, naming what is wrong.
 #[derive(Debug, thiserror::Error)]
 #[error("kafka: {0}")]
 pub struct KafkaError(String);
 
+/// Whether the brokers answer, said in the log once per outage and then reminded once a
+/// minute: librdkafka retries every connection every few seconds and reports each failure.
+pub struct BrokerHealth {
+    brokers: String,
+    gauge: prometheus::IntGauge,
+    reminder: Duration,
+    state: std::sync::Mutex<HealthState>,
+}
+
+#[derive(Default)]
+struct HealthState {
+    /// None until the first connection or failure.
+    up: Option<bool>,
+    down_since: Option<Instant>,
+    last_report: Option<Instant>,
+    /// Failures since the last line about them.
+    failures: u64,
+    /// The latest failure of one broker's connection (the cause behind "all brokers down").
+    last_failure: Option<String>,
+}
+
+impl BrokerHealth {
+    pub fn new(brokers: &str, gauge: prometheus::IntGauge, reminder: Duration) -> Self {
+        gauge.set(0);
+        Self { brokers: brokers.to_string(), gauge, reminder, state: Default::default() }
+    }
+
+    /// One broker's connection failed: in a cluster the others may serve, and librdkafka
+    /// reconnects by itself, so this is only remembered (and logged at debug) as the likely
+    /// cause should every broker be down.
+    pub fn failure(&self, reason: &str) {
+        tracing::debug!(target: "librdkafka", "{reason}");
+        let mut st = self.state.lock().expect("broker health lock");
+        st.failures += 1;
+        st.last_failure = Some(reason.to_string());
+    }
+
+    /// No broker can be reached: an ERROR on the first report, then a reminder at most every
+    /// `reminder`. Returns the line logged, if any.
+    pub fn down(&self, reason: &str, now: Instant) -> Option<String> {
+        let mut st = self.state.lock().expect("broker health lock");
+        st.failures += 1;
+        let cause = st.last_failure.as_deref().map_or_else(String::new, |f| format!(" (latest failure: {f})"));
+        let line = if st.up != Some(false) {
+            st.up = Some(false);
+            st.down_since = Some(now);
+            format!(
+                "cannot reach the Kafka brokers of kafka.brokers ({}): {reason}{cause}; retrying (a reminder every {} s while it lasts)",
+                self.brokers,
+                self.reminder.as_secs()
+            )
+        } else if st.last_report.is_none_or(|t| now.saturating_duration_since(t) >= self.reminder) {
+            let down = st.down_since.map_or(0, |t| now.saturating_duration_since(t).as_secs());
+            format!(
+                "still cannot reach the Kafka brokers of kafka.brokers ({}) after {down} s: {reason}{cause}; {} failures since the last message",
+                self.brokers, st.failures
+            )
+        } else {
+            tracing::debug!(target: "librdkafka", "{reason}");
+            return None;
+        };
+        st.last_report = Some(now);
+        st.failures = 0;
+        self.gauge.set(0);
+        tracing::error!("{line}");
+        Some(line)
+    }
+
+    /// A broker answered. Returns the line logged when this ends an outage.
+    pub fn up(&self, now: Instant) -> Option<String> {
+        let mut st = self.state.lock().expect("broker health lock");
+        if st.up == Some(true) {
+            return None;
+        }
+        let was_down = st.up == Some(false);
+        let down = st.down_since.map_or(0, |t| now.saturating_duration_since(t).as_secs());
+        *st = HealthState { up: Some(true), ..Default::default() };
+        self.gauge.set(1);
+        if !was_down {
+            return None;
+        }
+        let line = format!("the Kafka brokers of kafka.brokers ({}) answer again after {down} s", self.brokers);
+        tracing::info!("{line}");
+        Some(line)
+    }
+
+    pub fn is_down(&self) -> bool {
+        self.state.lock().expect("broker health lock").up == Some(false)
+    }
+}
+
+/// Whether an error is about reaching brokers (as opposed to a problem of one request).
+fn is_connectivity(code: rdkafka::types::RDKafkaErrorCode) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    matches!(code, C::BrokerTransportFailure | C::AllBrokersDown | C::Resolve | C::NetworkException | C::BrokerNotAvailable)
+}
+
+/// Routes a connectivity error: all brokers down is an outage, anything else one broker's.
+fn report_connectivity(health: &BrokerHealth, code: rdkafka::types::RDKafkaErrorCode, reason: &str) {
+    if code == rdkafka::types::RDKafkaErrorCode::AllBrokersDown {
+        health.down(reason, Instant::now());
+    } else {
+        health.failure(reason);
+    }
+}
+
+/// Lets through the first of a kind of librdkafka log line, then one a minute with the count
+/// of those held back: a misconfiguration repeats the same line on every retry.
+#[derive(Default)]
+struct LogLimiter {
+    last: std::sync::Mutex<HashMap<String, (Instant, u64)>>,
+}
+
+impl LogLimiter {
+    const EVERY: Duration = Duration::from_secs(60);
+
+    /// Whether to log a line of `kind` now, and how many were held back since the last one.
+    fn allow(&self, kind: &str, now: Instant) -> Option<u64> {
+        let mut last = self.last.lock().expect("log limiter lock");
+        match last.get_mut(kind) {
+            Some((at, held)) if now.saturating_duration_since(*at) < Self::EVERY => {
+                *held += 1;
+                None
+            }
+            Some((at, held)) => {
+                let n = *held;
+                (*at, *held) = (now, 0);
+                Some(n)
+            }
+            None => {
+                last.insert(kind.to_string(), (now, 0));
+                Some(0)
+            }
+        }
+    }
+}
+
 struct Context {
     topics: HashMap<String, usize>,
+    health: Arc<BrokerHealth>,
+    limiter: LogLimiter,
     store: CheckpointStore,
     events: mpsc::Sender<KafkaEvent>,
     metrics: Arc<PipelineMetrics>,
@@ -78,6 +220,13 @@ impl Context {
 
 impl ClientContext for Context {
     fn stats(&self, statistics: Statistics) {
+        // Bootstrap entries and learned brokers alike: one connected broker is enough to go on.
+        if statistics.brokers.values().any(|b| b.state == "UP") {
+            self.health.up(Instant::now());
+        } else if !statistics.brokers.is_empty() {
+            let states: Vec<String> = statistics.brokers.values().map(|b| format!("{} {}", b.name, b.state)).collect();
+            self.health.down(&format!("no broker connected ({})", states.join(", ")), Instant::now());
+        }
         for (name, topic) in &statistics.topics {
             for (p, partition) in &topic.partitions {
                 if *p >= 0 && partition.consumer_lag >= 0 {
@@ -87,7 +236,41 @@ impl ClientContext for Context {
         }
     }
 
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        if let Some(code) = error.rdkafka_error_code().filter(|c| is_connectivity(*c)) {
+            report_connectivity(&self.health, code, reason);
+        } else if let Some(held) = self.limiter.allow(&format!("error {error}"), Instant::now()) {
+            tracing::error!(target: "librdkafka", held_back = held, "{error}: {reason}");
+        }
+    }
+
     fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        let serious = matches!(
+            level,
+            RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical | RDKafkaLogLevel::Error | RDKafkaLogLevel::Warning
+        );
+        if serious && fac == "FAIL" {
+            // One broker's connection; the error callback says when all are down.
+            self.health.failure(log_message);
+            return;
+        }
+        if serious && self.health.is_down() {
+            // Consequences of the outage already reported (session timeouts, failed commits).
+            tracing::debug!(target: "librdkafka", fac, "{log_message}");
+            return;
+        }
+        if serious {
+            match self.limiter.allow(fac, Instant::now()) {
+                None => {
+                    tracing::debug!(target: "librdkafka", fac, "{log_message}");
+                    return;
+                }
+                Some(held) if held > 0 => {
+                    tracing::warn!(target: "librdkafka", fac, held_back = held, "{held} similar librdkafka messages held back in the last minute")
+                }
+                Some(_) => {}
+            }
+        }
         match level {
             RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical | RDKafkaLogLevel::Error => {
                 tracing::error!(target: "librdkafka", fac, "{log_message}")
@@ -99,11 +282,25 @@ impl ClientContext for Context {
     }
 }
 
+impl Context {
+    /// A failed commit: expected while the brokers are away (said once, by the health), a
+    /// warning otherwise, at most once a minute.
+    fn commit_failed(&self, e: &rdkafka::error::KafkaError) {
+        if self.health.is_down() || e.rdkafka_error_code().is_some_and(is_connectivity) {
+            tracing::debug!("offset commit failed while the brokers are unreachable: {e}");
+        } else if let Some(held) = self.limiter.allow("commit", Instant::now()) {
+            tracing::warn!(held_back = held, "offset commit failed (the checkpoint still holds the offsets): {e}");
+        }
+    }
+}
+
 impl ConsumerContext for Context {
     fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
         let cooperative = matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                // An assignment comes from the group coordinator: a broker answers.
+                self.health.up(Instant::now());
                 let partitions = self.keyed(tpl);
                 for (_, key) in &partitions {
                     match self.store.next_offset(key) {
@@ -158,7 +355,7 @@ impl ConsumerContext for Context {
 
     fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
         if let Err(e) = result {
-            tracing::warn!("offset commit failed (the checkpoint still holds the offsets): {e}");
+            self.commit_failed(&e);
         }
     }
 }
@@ -203,8 +400,12 @@ impl KafkaSource {
         let stopping = Arc::new(AtomicBool::new(false));
         let topics: HashMap<String, usize> = config.topics.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
         let formats: Vec<(Format, EventTime)> = config.topics.iter().map(|t| (t.format, t.event_time)).collect();
+        metrics.register_kafka_broker_up();
+        let health = Arc::new(BrokerHealth::new(&config.brokers, metrics.kafka_broker_up.clone(), BROKER_DOWN_REMINDER));
         let context = Context {
             topics,
+            health,
+            limiter: LogLimiter::default(),
             store,
             events: events.clone(),
             metrics: metrics.clone(),
@@ -240,7 +441,7 @@ impl KafkaSource {
             return;
         }
         if let Err(e) = self.consumer.commit(&offset_list(offsets), CommitMode::Async) {
-            tracing::warn!("offset commit failed (the checkpoint still holds the offsets): {e}");
+            self.consumer.context().commit_failed(&e);
         }
     }
 
@@ -413,7 +614,12 @@ impl Poller {
             let msg = match result {
                 Ok(m) => m,
                 Err(e) => {
-                    tracing::warn!("kafka: {e}");
+                    let context = self.consumer.context();
+                    if let Some(code) = e.rdkafka_error_code().filter(|c| is_connectivity(*c)) {
+                        report_connectivity(&context.health, code, &e.to_string());
+                    } else if let Some(held) = context.limiter.allow(&format!("poll {e}"), Instant::now()) {
+                        tracing::warn!(held_back = held, "kafka: {e}");
+                    }
                     break;
                 }
             };
@@ -444,6 +650,7 @@ impl Poller {
         if pending.is_empty() {
             return None;
         }
+        self.consumer.context().health.up(Instant::now());
         // Once per partition and batch, not per message.
         for p in &pending {
             self.mark_delivered(&p.key, *p.offsets.last().expect("pending partitions hold a message"), generation);
@@ -464,5 +671,43 @@ impl Poller {
                 .collect(),
             generation,
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_outage_is_one_error_then_a_reminder_a_minute_and_one_line_when_it_ends() {
+        let gauge = prometheus::IntGauge::new("up", "up").unwrap();
+        let health = BrokerHealth::new("kafka-1:9092", gauge.clone(), Duration::from_secs(60));
+        let t0 = Instant::now();
+        assert_eq!(health.up(t0), None, "the first connection is no news");
+        assert_eq!(gauge.get(), 1);
+        health.failure("kafka-1:9092/1: Connect to ipv4#10.0.0.1:9092 failed: Connection refused");
+        assert_eq!(gauge.get(), 1, "one broker's connection failing is no outage");
+        let first = health.down("1/1 brokers are down", t0).expect("the first failure is logged");
+        assert!(first.contains("kafka.brokers (kafka-1:9092): 1/1 brokers are down") && first.contains("Connection refused"), "{first}");
+        assert_eq!(gauge.get(), 0);
+        // librdkafka retries every second or so: silence until the reminder is due.
+        let quiet = (1..60).filter_map(|s| health.down("1/1 brokers are down", t0 + Duration::from_secs(s))).count();
+        assert_eq!(quiet, 0);
+        let reminder = health.down("1/1 brokers are down", t0 + Duration::from_secs(60)).expect("a reminder after a minute");
+        assert!(reminder.contains("still") && reminder.contains("after 60 s") && reminder.contains("60 failures"), "{reminder}");
+        let back = health.up(t0 + Duration::from_secs(75)).expect("the end of the outage is logged");
+        assert!(back.contains("after 75 s"), "{back}");
+        assert_eq!((gauge.get(), health.up(t0 + Duration::from_secs(76))), (1, None));
+    }
+
+    #[test]
+    fn repeated_librdkafka_lines_pass_once_a_minute_with_a_count() {
+        let limiter = LogLimiter::default();
+        let t0 = Instant::now();
+        assert_eq!(limiter.allow("SASL", t0), Some(0));
+        assert_eq!(limiter.allow("SASL", t0 + Duration::from_secs(1)), None);
+        assert_eq!(limiter.allow("SSL", t0 + Duration::from_secs(1)), Some(0), "kinds are limited apart");
+        assert_eq!(limiter.allow("SASL", t0 + Duration::from_secs(30)), None);
+        assert_eq!(limiter.allow("SASL", t0 + Duration::from_secs(61)), Some(2));
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod file;
 pub mod kafka;
+pub mod kafka_probe;
 pub mod simulator;
 
 use std::time::Instant;

@@ -4,6 +4,9 @@
 /// The softflowd → nfacctd → broker → siteflow chain (a `kafka::` test: run one at a time).
 #[path = "kafka_chain.rs"]
 mod chain;
+/// `check --connect` and the run-time log about the Kafka input (`kafka::` tests too).
+#[path = "kafka_notices.rs"]
+mod notices;
 
 use std::time::Duration;
 
@@ -247,8 +250,11 @@ fn two_instances_split_the_partitions_and_one_takes_over_from_checkpoints() {
     send_sentinels(&broker, "flows", &mut traffic, 4, end_s);
     let took_over = wait_until(Duration::from_secs(120), || assignments(&b).last().is_some_and(|l| l.matches("flows/").count() == 4));
     assert!(took_over, "b did not take over a's partitions: {:?}", assignments(&b));
-    let resumed = b.log_text().lines().filter(|l| l.contains("restored from its checkpoint") && !l.contains("next_offset=0")).count();
-    assert!(resumed >= 2, "b resumed no partition from a checkpoint:\n{}", b.log_summary());
+    // The restores are logged just after the assignment, once the pipeline has read them.
+    let resumed = wait_until(Duration::from_secs(30), || {
+        b.log_text().lines().filter(|l| l.contains("restored from its checkpoint") && !l.contains("next_offset=0")).count() >= 2
+    });
+    assert!(resumed, "b resumed no partition from a checkpoint:\n{}", b.log_summary());
     assert_exact(&checkpoints, &traffic.truth, end_s, Duration::from_secs(300), &[&a, &b]);
 }
 
