@@ -99,6 +99,22 @@ fn sql(c: &mut Criterion) {
     for (name, q) in questions {
         g.bench_function(name, |b| b.iter(|| rt.block_on(engine.query(q)).unwrap()));
     }
+    // A trivial query alone (the per-query cost: session, parse, plan), and 200 at once through
+    // admission (sql.max_concurrent at its default): the time until every one is answered.
+    g.bench_function("select_1", |b| b.iter(|| rt.block_on(engine.query("SELECT 1 AS one")).unwrap()));
+    g.bench_function("select_1_x200_concurrent", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                let queries = (0..200).map(|_| {
+                    let engine = engine.clone();
+                    tokio::spawn(async move { engine.query("SELECT 1 AS one").await })
+                });
+                for q in futures::future::join_all(queries).await {
+                    q.unwrap().unwrap();
+                }
+            })
+        })
+    });
     g.finish();
 }
 

@@ -6,7 +6,7 @@
 //! pipeline and `/metrics` go on. Statements that write or create anything (DDL, DML, `COPY`,
 //! `CREATE EXTERNAL TABLE`, `SET`) are refused, and no table reads files other than the history.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -362,8 +362,11 @@ fn spawn_worker(idle: Arc<Mutex<Vec<WorkerHandle>>>) -> std::io::Result<WorkerHa
 }
 
 impl Inner {
-    /// A session with the tables registered, over a snapshot of the history.
-    fn session(&self) -> Result<SessionContext, DataFusionError> {
+    /// A session over a snapshot of the history, with the tables `wanted` registered (all of
+    /// them for `None`). Registering a table has a cost (listing its files; `flows_recent`
+    /// converts every recent flow), so a query registers only the tables it names.
+    fn session(&self, wanted: Option<&HashSet<String>>) -> Result<SessionContext, DataFusionError> {
+        let want = |name: &str| wanted.is_none_or(|w| w.contains(name));
         let runtime = RuntimeEnvBuilder::new()
             .with_memory_pool(self.pool.clone())
             .with_disk_manager_builder(
@@ -378,14 +381,16 @@ impl Inner {
             .with_runtime_env(runtime)
             .build();
         let ctx = SessionContext::new_with_state(state);
-        let sites = self.sites.clone();
-        ctx.register_table("sites", Arc::new(MemTable::try_new(sites.schema(), vec![vec![sites]])?))?;
-        for (name, snap) in self.history.snapshot() {
+        if want("sites") {
+            let sites = self.sites.clone();
+            ctx.register_table("sites", Arc::new(MemTable::try_new(sites.schema(), vec![vec![sites]])?))?;
+        }
+        for (name, snap) in self.history.snapshot().into_iter().filter(|(name, _)| want(name)) {
             let memory = ctx.read_table(Arc::new(MemTable::try_new(snap.schema.clone(), vec![snap.memory])?))?;
             let df = if snap.files.is_empty() { memory } else { listing(&ctx, &snap.files, snap.schema.clone())?.union(memory)? };
             ctx.register_table(name.as_str(), df.into_view())?;
         }
-        if let Some(recent) = &self.recent_flows {
+        if let Some(recent) = self.recent_flows.as_ref().filter(|_| want("flows_recent")) {
             let batches: Vec<RecordBatch> = recent.snapshot().iter().map(readable).collect();
             let schema = batches
                 .first()
@@ -399,17 +404,20 @@ impl Inner {
     /// Parses, checks, plans and runs one query (on a query thread).
     async fn run(&self, sql: &str) -> Result<(SchemaRef, Vec<RecordBatch>), SqlError> {
         let memory = self.limits.memory_bytes;
-        let ctx = self.session().map_err(|e| SqlError::Execution(e.to_string()))?;
-        let state = ctx.state();
-        let dialect = state.config().options().sql_parser.dialect.clone();
-        let statement = state.sql_to_statement(sql, &dialect).map_err(|e| classify_plan_error(e, memory))?;
+        let started = std::time::Instant::now();
+        let dialect = self.template.config().options().sql_parser.dialect.clone();
+        let statement = self.template.sql_to_statement(sql, &dialect).map_err(|e| classify_plan_error(e, memory))?;
         check_statement(&statement, &self.limits)?;
+        let ctx = self.session(referenced_tables(&self.template, &statement).as_ref()).map_err(|e| SqlError::Execution(e.to_string()))?;
+        let session_ready = started.elapsed();
+        let state = ctx.state();
         let plan = state.statement_to_plan(statement).await.map_err(|e| classify_plan_error(e, memory))?;
         let options = SQLOptions::new().with_allow_ddl(false).with_allow_dml(false).with_allow_statements(false);
         options.verify_plan(&plan).map_err(|e| classify_plan_error(e, memory))?;
         let df = ctx.execute_logical_plan(plan).await.map_err(|e| classify_plan_error(e, memory))?;
         let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
         let mut stream = df.execute_stream().await.map_err(|e| classify_run_error(e, memory))?;
+        let planned = started.elapsed();
         // The result is held until it is encoded: it counts against the row and memory limits.
         let held = MemoryConsumer::new("query result").register(&self.pool);
         let (mut rows, mut batches) = (0usize, Vec::new());
@@ -423,8 +431,19 @@ impl Inner {
             held.try_grow(bytes).map_err(|e| classify_run_error(e, memory))?;
             batches.push(batch);
         }
+        tracing::debug!(?session_ready, ?planned, total = ?started.elapsed(), rows, "query");
         Ok((schema, batches))
     }
+}
+
+/// The tables a statement names, or `None` when it reads the catalog (`information_schema`,
+/// `SHOW TABLES`) and so needs every table.
+fn referenced_tables(state: &SessionState, statement: &DFStatement) -> Option<HashSet<String>> {
+    let references = state.resolve_table_references(statement).ok()?;
+    if references.iter().any(|r| r.schema() == Some("information_schema")) {
+        return None;
+    }
+    Some(references.iter().map(|r| r.table().to_string()).collect())
 }
 
 fn sites_table(inventory: &Inventory) -> RecordBatch {
