@@ -427,6 +427,7 @@ impl KafkaSource {
             linger: Duration::from_millis(config.batch_linger_ms),
             stopping: stopping.clone(),
             delivered: Default::default(),
+            paused: Default::default(),
         };
         let thread = std::thread::Builder::new()
             .name("kafka-consumer".into())
@@ -482,10 +483,22 @@ struct Poller {
     /// paused, and on resume each is sought back to exactly that offset, so that no prefetched
     /// message is skipped however librdkafka handled its fetch queue during the pause.
     delivered: std::cell::RefCell<(Positions, u64)>,
+    /// Partitions paused for back-pressure, resumed together whatever rebalances came in
+    /// between: librdkafka keeps a partition's pause through a revocation and re-assignment, so
+    /// a partition paused before a rebalance and assigned again after it would never fetch again.
+    paused: std::cell::RefCell<Vec<(String, i32)>>,
 }
 
 /// Next offset per (topic, partition).
 type Positions = HashMap<(String, i32), i64>;
+
+fn partition_list(partitions: &[(String, i32)]) -> TopicPartitionList {
+    let mut tpl = TopicPartitionList::new();
+    for (topic, partition) in partitions {
+        tpl.add_partition(topic, *partition);
+    }
+    tpl
+}
 
 /// Messages being collected for one partition.
 struct Pending {
@@ -548,33 +561,41 @@ impl Poller {
 
     fn set_paused(&self, pause: bool) {
         let (delivered, generation) = &*self.delivered.borrow();
-        if *generation != self.generation() {
-            // Paused partitions were revoked since: nothing to resume.
-            self.metrics.kafka_paused.set(0);
+        let current = *generation == self.generation();
+        if pause {
+            // Revoked partitions since the last delivery need no pause; the others are recorded.
+            let mut paused = self.paused.borrow_mut();
+            if current {
+                let new: Vec<_> = delivered.keys().filter(|k| !paused.contains(k)).cloned().collect();
+                paused.extend(new);
+            }
+            let tpl = partition_list(&paused);
+            if let Err(e) = self.consumer.pause(&tpl) {
+                tracing::warn!("cannot pause partitions: {e}");
+            }
+            self.metrics.kafka_paused.set(1);
+            self.metrics.kafka_pauses.inc();
+            tracing::debug!(partitions = tpl.count(), "pipeline behind: partitions paused");
             return;
         }
-        let mut tpl = TopicPartitionList::new();
-        for (topic, partition) in delivered.keys() {
-            tpl.add_partition(topic, *partition);
+        // Every partition this consumer paused is resumed, assigned now or not (resuming an
+        // unassigned partition only clears its flag).
+        let paused = std::mem::take(&mut *self.paused.borrow_mut());
+        if let Err(e) = self.consumer.resume(&partition_list(&paused)) {
+            tracing::warn!("cannot resume partitions: {e}");
         }
-        let result = if pause { self.consumer.pause(&tpl) } else { self.consumer.resume(&tpl) };
-        if let Err(e) = result {
-            tracing::warn!("cannot {} partitions: {e}", if pause { "pause" } else { "resume" });
-        }
-        if !pause {
+        self.metrics.kafka_paused.set(0);
+        if current {
             let mut positions = TopicPartitionList::new();
-            for ((topic, partition), next) in delivered {
+            for ((topic, partition), next) in delivered.iter().filter(|(k, _)| paused.contains(k)) {
                 // Ignoring the error: only an invalid offset fails, and these come from messages.
                 let _ = positions.add_partition_offset(topic, *partition, Offset::Offset(*next));
             }
-            if let Err(e) = self.consumer.seek_partitions(positions, Duration::from_secs(10)) {
+            if positions.count() > 0
+                && let Err(e) = self.consumer.seek_partitions(positions, Duration::from_secs(10))
+            {
                 tracing::warn!("cannot seek resumed partitions to their positions: {e}");
             }
-        }
-        self.metrics.kafka_paused.set(i64::from(pause));
-        if pause {
-            self.metrics.kafka_pauses.inc();
-            tracing::debug!(partitions = tpl.count(), "pipeline behind: partitions paused");
         }
     }
 
