@@ -236,6 +236,11 @@ impl History {
         t.schema.get_or_insert_with(|| rows.schema());
         let mut kept = Vec::with_capacity(t.memory.len());
         for batch in t.memory.drain(..) {
+            // Most batches hold other windows: kept as they are, not copied.
+            if !holds_window(&batch, start_ns) {
+                kept.push(batch);
+                continue;
+            }
             let rest = without_window(&batch, start_ns)?;
             if rest.num_rows() > 0 {
                 kept.push(rest);
@@ -396,6 +401,14 @@ fn merge_parquet(parts: &[PathBuf], target: &Path) -> anyhow::Result<()> {
     std::fs::rename(&tmp, target)?;
     std::fs::File::open(dir).and_then(|d| d.sync_all())?;
     Ok(())
+}
+
+/// Whether any row of `batch` is of the window starting at `start_ns`.
+fn holds_window(batch: &RecordBatch, start_ns: i64) -> bool {
+    batch
+        .column_by_name("window_start")
+        .and_then(|c| c.as_primitive_opt::<TimestampNanosecondType>())
+        .is_none_or(|starts| starts.values().contains(&start_ns))
 }
 
 /// The rows of `batch` not of the window starting at `start_ns`.

@@ -80,8 +80,8 @@ pub struct WindowConfig {
     /// How long after a window's end (by event time) it is first published, in milliseconds.
     /// Records within the lateness that arrive after that correct the published window.
     pub publish_delay_ms: u64,
-    /// An exporter whose clock is further behind the leading exporter's than this does not hold
-    /// publication back (its figures arrive as corrections), in seconds.
+    /// An exporter whose clock trails the newest exporter of its partition by more than this
+    /// does not hold publication back (its figures arrive as corrections), in seconds.
     pub max_exporter_skew_secs: u64,
     /// Published windows stay correctable this long (by event time, behind each partition's
     /// newest record), in seconds; older records are late. Memory grows with it.

@@ -15,8 +15,10 @@
 //! - **The publish watermark** decides when a window is first published: the minimum, over
 //!   active clocks that are not lagging, of the clock's largest event time minus the publish
 //!   delay. Idle clocks (nothing for the idle timeout) and lagging ones (further behind the
-//!   leading clock than the allowed skew) do not hold it back: a router whose clock is behind
-//!   delays only its own figures, which arrive as corrections. It never moves back.
+//!   newest clock *of their partition* than the allowed skew) do not hold it back: a router
+//!   whose clock is behind its partition's others delays only its own figures, which arrive as
+//!   corrections. A whole partition behind the others does hold it back (it is behind on
+//!   reading, as when a backlog is consumed). It never moves back.
 //! - **A partition's close watermark** (minimum over its active clocks of largest event time
 //!   minus the allowed lateness) says when no more on-time records of that partition can reach
 //!   a window: its contribution to an already published window is then final.
@@ -64,7 +66,7 @@ pub struct Timing {
     pub lateness_ns: i64,
     /// How long after a window's end (by event time) it is first published.
     pub publish_delay_ns: i64,
-    /// A clock further behind the leading clock than this does not hold publication back.
+    /// A clock further behind the newest clock of its partition than this does not hold publication back.
     pub max_skew_ns: i64,
     /// Records older than their partition's newest event time by more than this are late
     /// (published windows are kept this long for corrections).
@@ -161,12 +163,25 @@ impl Watermarks {
         })
     }
 
-    /// Re-evaluates the publish watermark: idle clocks and clocks lagging the leader by more
-    /// than the allowed skew stop holding it back. Never moves it back.
+    /// Re-evaluates the publish watermark: the slowest partition holds it, where a partition
+    /// is as far as its slowest active clock that is within the allowed skew of the partition's
+    /// newest one. Idle clocks, and a router whose clock lags the others of its partition, do not
+    /// hold it back; a partition that is behind because it has not been read yet (a backlog
+    /// consumed unevenly, a replay) does: otherwise every window would be published early and
+    /// corrected again as each partition caught up. Never moves it back.
     pub fn advance(&mut self, now: Instant) {
-        let Some(leader) = self.active(now).map(|(_, t)| t).max() else { return };
-        let cutoff = leader.saturating_sub(self.timing.max_skew_ns);
-        let slowest = self.active(now).map(|(_, t)| t).filter(|&t| t >= cutoff).min().unwrap_or(leader);
+        let idle = self.timing.idle_timeout;
+        let is_active = |c: &&Clock| c.max_event_ns != i64::MIN && now.duration_since(c.last_active) < idle;
+        let slowest = self
+            .partitions
+            .values()
+            .filter_map(|pc| {
+                let lead = pc.clocks.values().filter(is_active).map(|c| c.max_event_ns).max()?;
+                let cutoff = lead.saturating_sub(self.timing.max_skew_ns);
+                pc.clocks.values().filter(is_active).map(|c| c.max_event_ns).filter(|&t| t >= cutoff).min()
+            })
+            .min();
+        let Some(slowest) = slowest else { return };
         let w = slowest.saturating_sub(self.timing.publish_delay_ns);
         self.watermark = Some(self.watermark.map_or(w, |old| old.max(w)));
     }
@@ -297,15 +312,28 @@ mod tests {
         let now = Instant::now();
         let lagging = |max_skew_ns| {
             let mut w = Watermarks::new(Timing { max_skew_ns, ..timing(10 * S, 5 * S) });
-            w.assign(1, &[100 * S], Some(&[2]), now);
+            w.assign(0, &[100 * S], Some(&[2]), now);
             w.assign(0, &[400 * S], Some(&[1]), now);
             w
         };
-        assert_eq!(lagging(60 * S).watermark(), Some(395 * S), "exporter 2 is 300 s behind: beyond the skew");
+        assert_eq!(lagging(60 * S).watermark(), Some(395 * S), "exporter 2 is 300 s behind exporter 1 of its partition: beyond the skew");
         let mut w = lagging(600 * S);
         assert_eq!(w.watermark(), Some(95 * S), "within the skew exporter 2 holds it");
-        w.assign(1, &[200 * S], Some(&[2]), now);
+        w.assign(0, &[200 * S], Some(&[2]), now);
         assert_eq!(w.watermark(), Some(195 * S));
+    }
+
+    #[test]
+    fn a_partition_not_yet_read_holds_publication_back() {
+        // A backlog read unevenly: partition 1 is 300 s behind partition 0 because it has not
+        // been read that far yet, not because its router's clock is wrong.
+        let now = Instant::now();
+        let mut w = Watermarks::new(Timing { max_skew_ns: 15 * S, ..timing(10 * S, 5 * S) });
+        w.assign(1, &[100 * S], Some(&[2]), now);
+        w.assign(0, &[400 * S], Some(&[1]), now);
+        assert_eq!(w.watermark(), Some(95 * S));
+        w.assign(1, &[450 * S], Some(&[2]), now);
+        assert_eq!(w.watermark(), Some(395 * S), "now partition 0 is the slowest");
     }
 
     #[test]
