@@ -242,7 +242,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let res = Resources::load(&config)?;
     let scenario = load_scenario(&config, &res)?;
     let metrics = Arc::new(PipelineMetrics::new(&Pipeline::FORMATS, &Pipeline::TABLES));
-    let sites = SiteMetrics::new(res.inventory.clone(), config.window.size_secs as f64);
+    // Last-window gauges go stale with the same limit that turns readiness verdicts `unknown`.
+    let stale_after = std::time::Duration::from_secs(config.window.size_secs * u64::from(res.policy.freshness_windows));
+    let sites = SiteMetrics::new(res.inventory.clone(), config.window.size_secs as f64).stale_after(stale_after);
     let latency = metrics.clone();
     let history = History::open(HistoryOptions::from_config(&config.history))?;
     let sinks: Vec<Box<dyn siteflow::sink::WindowSink>> =
