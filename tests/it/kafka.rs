@@ -4,6 +4,9 @@
 /// The softflowd → nfacctd → broker → siteflow chain (a `kafka::` test: run one at a time).
 #[path = "kafka_chain.rs"]
 mod chain;
+/// Sites whose producers stop: their throughput goes to zero or away (a `kafka::` test).
+#[path = "kafka_stale.rs"]
+mod stale;
 
 use std::time::Duration;
 
