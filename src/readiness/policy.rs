@@ -1,6 +1,6 @@
 //! The readiness policy: thresholds per metric, evaluation period, hold time, hysteresis,
 //! bandwidth profiles, and per-level or per-site overrides. `pipelines/hagiang/policy.yaml`
-//! spells the defaults out and says where each value comes from.
+//! spells the defaults out and says where each value comes from; docs/readiness.md explains them.
 
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -3,6 +3,7 @@
 mod check_cli;
 mod demo_binary;
 mod deploy;
+mod docs;
 mod files;
 mod golden;
 mod hierarchy;
