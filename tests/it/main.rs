@@ -1,6 +1,7 @@
 //! Integration tests: one binary, one module per concern, shared helpers in `support`.
 
 mod check_cli;
+mod cli_output;
 mod demo_binary;
 mod deploy;
 mod docs;
