@@ -91,25 +91,41 @@ impl ExporterReach {
         ) else {
             return;
         };
-        let mut previous: Option<(u16, ExporterKey)> = None;
+        // Records come in runs of one exporter (and often one site): the maps are touched
+        // once per run, not per record.
+        let mut run: Option<(ExporterKey, i64)> = None;
+        let mut pair: Option<(u16, ExporterKey)> = None;
         for row in 0..flows.num_rows() {
             let exporter = exporters.value(row).try_into().map_or(0, ExporterKey::from_be_bytes);
-            let newest = self.newest_ns.entry(exporter).or_insert(i64::MIN);
-            *newest = (*newest).max(times.value(row));
+            let time = times.value(row);
+            match &mut run {
+                Some((e, newest)) if *e == exporter => *newest = (*newest).max(time),
+                _ => {
+                    if let Some((e, newest)) = run.replace((exporter, time)) {
+                        self.note_newest(e, newest);
+                    }
+                }
+            }
             let site = sites.keys().value(row);
-            // Records come in runs of one exporter and site: look the pair up once per run.
-            if previous == Some((site, exporter)) {
-                continue;
-            }
-            previous = Some((site, exporter));
-            let site = usize::from(site);
-            if self.by_site.len() <= site {
-                self.by_site.resize_with(site + 1, Vec::new);
-            }
-            if !self.by_site[site].contains(&exporter) {
-                self.by_site[site].push(exporter);
+            if pair != Some((site, exporter)) {
+                pair = Some((site, exporter));
+                let site = usize::from(site);
+                if self.by_site.len() <= site {
+                    self.by_site.resize_with(site + 1, Vec::new);
+                }
+                if !self.by_site[site].contains(&exporter) {
+                    self.by_site[site].push(exporter);
+                }
             }
         }
+        if let Some((e, newest)) = run {
+            self.note_newest(e, newest);
+        }
+    }
+
+    fn note_newest(&mut self, exporter: ExporterKey, t_ns: i64) {
+        let newest = self.newest_ns.entry(exporter).or_insert(i64::MIN);
+        *newest = (*newest).max(t_ns);
     }
 
     /// Whether an exporter that has carried the site's flows has reported at or past `end_ns`.
