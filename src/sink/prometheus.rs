@@ -50,9 +50,11 @@ struct TableState {
     /// Running sums per key of the counter columns (flows only).
     totals: HashMap<Key, Vec<f64>>,
     last_window_end_ns: Option<i64>,
-    /// Flows: per site, whether the last window has data for it (flows, or an exporter of the
-    /// site reported past its end); sites without are left out of the last-window gauges.
+    /// Flows: per site, whether the last window has data for it (flows, or a quiet window: see
+    /// [`SiteMetrics::apply`]); sites without are left out of the last-window gauges.
     reached: Vec<bool>,
+    /// Flows: per site, the end of the newest window in which it had flows.
+    last_flows_end_ns: Vec<Option<i64>>,
     /// When the shown window was published (wall clock), to drop its gauges once stale.
     shown_at: Option<Instant>,
     windows: u64,
@@ -317,7 +319,9 @@ impl SiteMetrics {
     }
 
     /// Applies one closed window. Counters add the window's rows (for a correction: the
-    /// difference from the rows published before); gauges show the newest window only.
+    /// difference from the rows published before); gauges show the newest window only: a site
+    /// with flows, or a quiet one (no flows, but its exporter reported past the window and its
+    /// flows are fresher than the stale limit, as readiness judges them).
     fn apply(&self, w: &ClosedWindow) {
         if &*w.table == "interfaces" {
             return self.apply_interfaces(w);
@@ -354,11 +358,24 @@ impl SiteMetrics {
         }
         table.last = rows.into_iter().collect();
         if &*w.table == "flows" {
-            let with_rows: Vec<SiteIdx> = table.last.keys().map(|(site, _)| *site).collect();
-            table.reached = (0..self.inventory.len() as SiteIdx).map(|s| state.reach.reached(s, w.end_ns)).collect();
-            for site in with_rows {
-                table.reached[usize::from(site)] = true;
+            // A site without flows in the window is quiet (0) while an exporter that carried its
+            // flows reported past the window's end and its newest flows are within the stale
+            // limit (readiness still judges its traffic); otherwise it has no series.
+            let n = self.inventory.len();
+            table.last_flows_end_ns.resize(n, None);
+            let mut with_flows = vec![false; n];
+            for (site, _) in table.last.keys() {
+                let s = usize::from(*site);
+                with_flows[s] = true;
+                table.last_flows_end_ns[s] = Some(table.last_flows_end_ns[s].map_or(w.end_ns, |t| t.max(w.end_ns)));
             }
+            let limit_ns = i64::try_from(self.stale_after.as_nanos()).unwrap_or(i64::MAX);
+            table.reached = (0..n)
+                .map(|s| {
+                    let fresh = table.last_flows_end_ns[s].is_some_and(|t| w.end_ns.saturating_sub(t) < limit_ns);
+                    with_flows[s] || (fresh && state.reach.reached(s as SiteIdx, w.end_ns))
+                })
+                .collect();
         }
         table.last_window_end_ns = Some(w.end_ns);
         table.shown_at = Some(Instant::now());
@@ -553,7 +570,7 @@ mod tests {
     }
 
     #[test]
-    fn a_quiet_site_shows_zero_and_a_silent_one_no_series() {
+    fn a_quiet_site_shows_zero_until_its_flows_are_stale_and_a_silent_one_no_series() {
         let inventory = Arc::new(Inventory::embedded());
         let mut metrics = SiteMetrics::new(inventory.clone(), 10.0);
         let (quiet, busy, silent) = ("tinh.vp-ubnd", "tinh.vp-tinh-uy", "tinh.ban-to-chuc");
@@ -585,6 +602,14 @@ mod tests {
         correction.previous = Some(flows_window(10, &[(busy, "in", 500)]).rows);
         metrics.on_window(&correction);
         assert_eq!(series(&metrics.collect(), "siteflow_site_throughput_bytes_per_second")[&format!("{silent}/in")], 7.0);
+
+        // Window [20, 30): the quiet site's newest flows (window [0, 10)) are two windows old,
+        // the stale limit: readiness calls its traffic stale, and its series goes too.
+        metrics.on_flows(&enriched_flows(&inventory, &[(busy, 1, 31 * S)]));
+        metrics.on_window(&flows_window(20, &[(busy, "in", 800)]));
+        let third = series(&metrics.collect(), "siteflow_site_throughput_bytes_per_second");
+        assert_eq!(third[&format!("{busy}/in")], 80.0);
+        assert!(!third.contains_key(&format!("{quiet}/in")) && !third.contains_key(&format!("{silent}/in")), "{third:?}");
     }
 
     #[test]
