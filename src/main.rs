@@ -80,8 +80,19 @@ enum Command {
 }
 
 const SQL_EXAMPLES: &str = "\
-Tables: sites, site_windows, probe_windows, interface_windows, readiness, flows_recent
-(docs/sql.md has their columns and ten example questions).
+Tables (docs/sql.md has every column and ten example questions):
+  sites              site, name, level, district, parent, prefixes, link_bytes_per_second
+  site_windows       window_start, site, district, level, direction, bytes, packets, flows, records
+  probe_windows      window_start, site, district, level, results, rtt_seconds, rtt_max_seconds,
+                     jitter_seconds, loss_max_ratio
+  interface_windows  window_start, site, district, level, interface, direction, bytes,
+                     bytes_per_second, samples
+  top_talkers        window_start, site, district, level, direction, src_addr, dst_addr, proto,
+                     bytes, packets, records, rank
+  readiness          window_start, window_end, site, district, level, verdict, reasons
+  flows_recent       site, district, level, direction, event_time, exporter, src_addr, dst_addr,
+                     src_port, dst_port, proto, bytes, packets, sampling_rate, flow_start, ...
+                     (a running instance only, not --data)
 
 Examples:
   # The busiest sites inbound over the last hour, from a running instance:
@@ -176,13 +187,16 @@ struct VersionArgs {
 struct SqlArgs {
     /// The query (read-only SQL).
     query: String,
-    /// The running instance to ask.
-    #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:9898", env = "SITEFLOW_SQL_URL")]
-    url: String,
-    /// Bearer token, if the instance requires one (sql.token).
-    #[arg(long, value_name = "TOKEN", env = "SITEFLOW_SQL_TOKEN", hide_env_values = true)]
+    /// The running instance to ask [env: SITEFLOW_SQL_URL] [default: http://127.0.0.1:9898].
+    #[arg(long, value_name = "URL")]
+    url: Option<String>,
+    /// Bearer token, if the instance requires one (sql.token) [env: SITEFLOW_SQL_TOKEN].
+    #[arg(long, value_name = "TOKEN")]
     token: Option<String>,
-    /// Query this Parquet history directory (history.dir) directly instead of a server.
+    /// Query this Parquet history directory (history.dir) directly instead of a server
+    /// (SITEFLOW_SQL_URL and SITEFLOW_SQL_TOKEN are then not used).
+    // The variables are read by hand: clap counts a value from the environment as given, so
+    // an exported SITEFLOW_SQL_URL would make every `--data` query a usage error.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["url", "token"])]
     data: Option<PathBuf>,
     /// Output: an aligned table, CSV or JSON.
@@ -287,7 +301,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let res = Resources::load(&config)?;
     let scenario = load_scenario(&config, &res)?;
     let metrics = Arc::new(PipelineMetrics::new(&Pipeline::FORMATS, &Pipeline::TABLES));
-    let sites = SiteMetrics::new(res.inventory.clone(), config.window.size_secs as f64);
+    // Last-window gauges go stale with the same limit that turns readiness verdicts `unknown`.
+    let stale_after = std::time::Duration::from_secs(config.window.size_secs * u64::from(res.policy.freshness_windows));
+    let sites = SiteMetrics::new(res.inventory.clone(), config.window.size_secs as f64).stale_after(stale_after);
     let latency = metrics.clone();
     let history = History::open(HistoryOptions::from_config(&config.history))?;
     let sinks: Vec<Box<dyn siteflow::sink::WindowSink>> =
@@ -443,9 +459,11 @@ async fn sql(args: &SqlArgs) -> anyhow::Result<()> {
             engine.query(&args.query).await.map_err(|e| anyhow::anyhow!("{e}"))?
         }
         None => {
-            let url = format!("{}/api/sql?format=arrow", args.url.trim_end_matches('/'));
+            let from_env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+            let base = args.url.clone().or_else(|| from_env("SITEFLOW_SQL_URL")).unwrap_or_else(|| "http://127.0.0.1:9898".into());
+            let url = format!("{}/api/sql?format=arrow", base.trim_end_matches('/'));
             let query = args.query.clone();
-            let token = args.token.clone();
+            let token = args.token.clone().or_else(|| from_env("SITEFLOW_SQL_TOKEN"));
             tokio::task::spawn_blocking(move || ask_server(&url, &query, token.as_deref())).await??
         }
     };
@@ -463,7 +481,9 @@ fn print_batches(
         OutputFormat::Table => {
             use std::io::Write;
             let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
-            let table = datafusion::arrow::util::pretty::pretty_format_batches(batches)?;
+            // No rows still shows the columns asked for (an empty batch prints its header).
+            let empty = [datafusion::arrow::array::RecordBatch::new_empty(schema.clone())];
+            let table = datafusion::arrow::util::pretty::pretty_format_batches(if rows == 0 { &empty } else { batches })?;
             writeln!(out, "{table}")?;
             writeln!(out, "({rows} row{})", if rows == 1 { "" } else { "s" })?;
         }
@@ -604,9 +624,10 @@ fn raise_open_file_limit() -> u64 {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if matches!(cli.command, Command::Check(_) | Command::Sql(_) | Command::Version(_)) {
-        // Commands that print: a closed pipe (`siteflow check … | head -1`) ends them quietly,
-        // as it ends `cat`, instead of a panic in println!.
+    if !matches!(cli.command, Command::Run(_) | Command::Demo(_)) {
+        // Every command but the servers (whose sockets must see EPIPE as an error, not a
+        // signal): a closed pipe (`siteflow check … | head -1`) ends it quietly, as it ends
+        // `cat`, instead of a panic in println!.
         #[cfg(unix)]
         // SAFETY: restores the default disposition of SIGPIPE before any thread starts.
         unsafe {

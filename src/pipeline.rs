@@ -513,10 +513,13 @@ impl Pipeline {
         let (mut inputs, mut input_ordinals) = (Vec::with_capacity(enriched.len()), Vec::with_capacity(enriched.len()));
         for (i, (table, (rows, stats))) in enriched.iter().enumerate() {
             self.metrics.record_enrich(batch.format, Self::TABLES[*table], stats);
-            if *table == self.tables.flows
-                && let Some(ring) = &self.recent_flows
-            {
-                ring.push(rows);
+            if *table == self.tables.flows {
+                if let Some(ring) = &self.recent_flows {
+                    ring.push(rows);
+                }
+                for sink in &mut self.sinks {
+                    sink.on_flows(rows);
+                }
             }
             if rows.num_rows() > 0 {
                 inputs.push((*table, rows));

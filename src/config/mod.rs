@@ -206,8 +206,9 @@ pub struct KafkaConfig {
     /// Topics to consume, each with its format.
     pub topics: Vec<TopicConfig>,
     /// Any librdkafka property, passed through as is (TLS, SASL, timeouts...), e.g.
-    /// `{"security.protocol": "SASL_SSL", "sasl.mechanism": "SCRAM-SHA-512"}`. See librdkafka's
-    /// CONFIGURATION.md. `enable.auto.commit` is always off: offsets are committed after checkpoints.
+    /// `{"security.protocol": "SASL_SSL", "sasl.mechanism": "SCRAM-SHA-512"}`; the list is
+    /// librdkafka's configuration reference (<https://github.com/confluentinc/librdkafka/blob/master/CONFIGURATION.md>).
+    /// `enable.auto.commit` is always off: offsets are committed after checkpoints.
     pub properties: BTreeMap<String, String>,
     /// Most messages per micro-batch.
     pub batch_max_messages: usize,

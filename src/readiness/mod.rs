@@ -99,17 +99,36 @@ pub struct Reason {
     pub detail: String,
 }
 
+/// A row's value as a reason shows it: four decimals, or in words when there is no number to
+/// show (an infinite or NaN figure reads as `inf`/`NaN`, which tells an operator nothing).
+fn reason_value(metric: Metric, value: f64) -> String {
+    if value.is_finite() {
+        return format!("{value:.4}");
+    }
+    match metric {
+        Metric::Rtt | Metric::Jitter | Metric::Loss | Metric::Mos => "none (no probe answered)".into(),
+        Metric::Utilisation | Metric::SpareCapacity => "none (no traffic figure)".into(),
+        Metric::Freshness => "none (never received)".into(),
+    }
+}
+
+/// A threshold or clear level as a reason shows it (`no limit` when unbounded).
+fn reason_limit(v: f64) -> String {
+    if v.is_finite() { policy::num(v) } else { "none (no limit)".into() }
+}
+
 impl std::fmt::Display for Reason {
     /// `metric=value`, then why: e.g. `rtt=0.4500 over not_ready threshold 0.3, clears at 0.27`.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let m = self.metric.as_str();
         let level = if self.level == Level::NotReady { "not_ready" } else { "degraded" };
-        let clear = self.clear.map_or(String::new(), |c| format!(", clears at {}", policy::num(c)));
-        let threshold = policy::num(self.threshold);
+        let clear = self.clear.map_or(String::new(), |c| format!(", clears at {}", reason_limit(c)));
+        let threshold = reason_limit(self.threshold);
+        let value = reason_value(self.metric, self.value);
         match self.cause {
-            Cause::OverThreshold => write!(f, "{m}={:.4} over {level} threshold {threshold}{clear}", self.value),
-            Cause::Hysteresis => write!(f, "{m}={:.4} held by hysteresis (within {level} threshold {threshold}{clear})", self.value),
-            Cause::Hold => write!(f, "{m}={:.4} held by the hold time ({}{clear})", self.value, self.detail),
+            Cause::OverThreshold => write!(f, "{m}={value} over {level} threshold {threshold}{clear}"),
+            Cause::Hysteresis => write!(f, "{m}={value} held by hysteresis (within {level} threshold {threshold}{clear})"),
+            Cause::Hold => write!(f, "{m}={value} held by the hold time ({}{clear})", self.detail),
             Cause::Stale => write!(f, "{m}: {} (limit {threshold} s)", self.detail),
             Cause::Missing => write!(f, "{m}: missing {}", self.detail),
         }
@@ -636,6 +655,32 @@ mod tests {
     use datafusion::arrow::datatypes::{Field, Schema};
 
     const S: i64 = 1_000_000_000;
+
+    #[test]
+    fn reasons_say_in_words_what_has_no_number() {
+        let reason = |metric, value, threshold, cause| Reason {
+            metric,
+            level: Level::NotReady,
+            value,
+            threshold,
+            cause,
+            clear: Some(f64::INFINITY),
+            detail: "past the clear level for 5 s of the 30 s hold".into(),
+        };
+        let cases = [
+            (reason(Metric::Rtt, f64::INFINITY, 0.3, Cause::OverThreshold), "rtt=none (no probe answered) over not_ready threshold 0.3"),
+            (reason(Metric::Mos, f64::NAN, 3.6, Cause::Hysteresis), "mos=none (no probe answered) held by hysteresis"),
+            (reason(Metric::SpareCapacity, f64::NEG_INFINITY, f64::INFINITY, Cause::Hold), "spare_capacity=none (no traffic figure) held"),
+        ];
+        for (r, expected) in cases {
+            let text = r.to_string();
+            assert!(text.starts_with(expected), "{text}");
+            assert!(!text.to_lowercase().contains("inf") && !text.contains("NaN"), "{text}");
+        }
+        let finite = reason(Metric::Rtt, 0.45, 0.3, Cause::OverThreshold);
+        assert_eq!(Reason { clear: Some(0.27), ..finite }.to_string(), "rtt=0.4500 over not_ready threshold 0.3, clears at 0.27");
+    }
+
     const CSV: &str = "site_id,name,level,kind,parent_id,district,admin_code,link_mbps,prefix,exporter\n\
         a,A,commune,commune,,D,1,20,10.0.1.0/24,\n\
         b,B,commune,commune,,D,2,20,10.0.2.0/24,\n";

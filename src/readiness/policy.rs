@@ -1,6 +1,6 @@
 //! The readiness policy: thresholds per metric, evaluation period, hold time, hysteresis,
 //! bandwidth profiles, and per-level or per-site overrides. `pipelines/hagiang/policy.yaml`
-//! spells the defaults out and says where each value comes from.
+//! spells the defaults out and says where each value comes from; docs/readiness.md explains them.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -310,7 +310,9 @@ impl Policy {
                     let note = note.map_or(String::new(), |()| {
                         format!(" (its threshold moved by hysteresis_ratio {}; set {what} explicitly)", self.hysteresis_ratio)
                     });
-                    return Err(format!("{row}: {what} {}{note} is outside the range of {} ({lo} to {hi})", num(v), m.as_str()));
+                    // An unbounded range reads "0 or more", not "0 to inf".
+                    let range = if hi.is_finite() { format!("{lo} to {hi}") } else { format!("{lo} or more") };
+                    return Err(format!("{row}: {what} {}{note} is outside the range of {} ({range})", num(v), m.as_str()));
                 }
             }
             let healthy_side = |clear: f64, threshold: f64| if m.higher_is_worse() { clear <= threshold } else { clear >= threshold };
@@ -475,6 +477,8 @@ mod tests {
         assert!(e.contains("thresholds.mos_p5: clear_degraded 4.5 is outside the range of mos (1 to 4.405)"), "{e}");
         let e = refused("thresholds:\n  loss_max_ratio: {degraded: 0.01, not_ready: 0.05, clear_not_ready: 1.5}\n");
         assert!(e.contains("thresholds.loss_max_ratio: clear_not_ready 1.5 is outside the range of loss (0 to 1)"), "{e}");
+        let e = refused("thresholds:\n  spare_capacity_need_ratio: {degraded: -1.0, not_ready: -2.0}\n");
+        assert!(e.contains("is outside the range of spare_capacity (0 or more)") && !e.contains("inf"), "{e}");
         let e = refused("sites:\n  x:\n    utilisation_mean_ratio: {degraded: 0.9, not_ready: 1.2}\n");
         assert!(e.contains("sites.x.utilisation_mean_ratio: not_ready 1.2 is outside the range"), "{e}");
         let e = refused("thresholds:\n  rtt_p95_seconds: {degraded: 0.1, not_ready: 0.3, clear_degraded: 0.2}\n");

@@ -11,6 +11,10 @@ use crate::window::ClosedWindow;
 pub trait WindowSink: Send {
     fn on_window(&mut self, window: &ClosedWindow);
 
+    /// Receives the enriched flow records of each micro-batch, before any window they close
+    /// is published (which exporters are alive: a quiet site is not a silent one).
+    fn on_flows(&mut self, _flows: &datafusion::arrow::array::RecordBatch) {}
+
     /// Receives the sites' verdicts after each window is judged (all tables of it closed).
     fn on_readiness(&mut self, _start_ns: i64, _end_ns: i64, _sites: &[crate::readiness::SiteReadiness]) {}
 }

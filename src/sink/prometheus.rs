@@ -10,12 +10,19 @@
 //! - interfaces: each column `c` is the gauge `siteflow_site_interface_<c>` (last closed window),
 //!   labelled also with the SQL's `interface`, `device` and `direction` keys if it has them.
 //!
-//! Traffic series exist for every site of the inventory (zero when a site sent nothing in the
-//! window); probe series only for sites with probe results in the last window (no result is no
-//! value, not zero). Labels: `site`, `district`, `level` and, for flows, `direction`.
+//! Last-window flow gauges tell a quiet site from a silent one (docs/metrics.md, "Quiet, silent
+//! and stale"): a site with flows in the window shows them; a site without flows shows 0 when
+//! an exporter that has carried its flows reported past the window's end (the exporter is
+//! alive and saw nothing of the site), and has no series otherwise (no data is not zero). Probe
+//! and interface series exist only for sites with results in the last window. When a table has
+//! published no window for the stale limit (the readiness policy's freshness limit, the one
+//! that turns verdicts `unknown`), its last-window gauges are dropped: a stopped source draws a
+//! gap, never its last figures. Counters stay. Labels: `site`, `district`, `level` and, for
+//! flows, `direction`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use datafusion::arrow::array::{Array, AsArray, RecordBatch};
 use datafusion::arrow::compute::cast;
@@ -25,7 +32,7 @@ use prometheus::proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricT
 use super::WindowSink;
 use crate::enrich::Direction;
 use crate::inventory::{Inventory, SiteIdx};
-use crate::window::{ClosedWindow, WINDOW_START};
+use crate::window::{ClosedWindow, ExporterKey, WINDOW_START};
 
 /// Flow columns that are additive and so exported as counters.
 const COUNTER_COLUMNS: [&str; 4] = ["bytes", "packets", "flows", "records"];
@@ -43,6 +50,13 @@ struct TableState {
     /// Running sums per key of the counter columns (flows only).
     totals: HashMap<Key, Vec<f64>>,
     last_window_end_ns: Option<i64>,
+    /// Flows: per site, whether the last window has data for it (flows, or a quiet window: see
+    /// [`SiteMetrics::apply`]); sites without are left out of the last-window gauges.
+    reached: Vec<bool>,
+    /// Flows: per site, the end of the newest window in which it had flows.
+    last_flows_end_ns: Vec<Option<i64>>,
+    /// When the shown window was published (wall clock), to drop its gauges once stale.
+    shown_at: Option<Instant>,
     windows: u64,
 }
 
@@ -52,7 +66,76 @@ struct LabelledRows {
     columns: Vec<String>,
     last: Vec<(Vec<LabelPair>, Vec<f64>)>,
     last_window_end_ns: Option<i64>,
+    shown_at: Option<Instant>,
     windows: u64,
+}
+
+/// Which exporters carry each site's flows, and how far each exporter's clock has come: what
+/// tells a quiet site (its exporter reported past the window and saw nothing of it: 0) from a
+/// silent one (its exporters stopped or lag: no data). Learnt from the flow records, so a site
+/// reached by prefix through a shared router and a site that is its own router are judged alike.
+#[derive(Debug, Default)]
+struct ExporterReach {
+    /// Newest event time of each exporter's flows.
+    newest_ns: HashMap<ExporterKey, i64>,
+    /// Per site, the exporters whose flows matched it.
+    by_site: Vec<Vec<ExporterKey>>,
+}
+
+impl ExporterReach {
+    /// Takes the enriched flow records of a micro-batch (`site`, `exporter`, `event_time`).
+    fn observe(&mut self, flows: &RecordBatch) {
+        use datafusion::arrow::datatypes::{TimestampNanosecondType, UInt16Type};
+        let (Some(sites), Some(exporters), Some(times)) = (
+            flows.column_by_name("site").and_then(|c| c.as_dictionary_opt::<UInt16Type>()),
+            flows.column_by_name("exporter").and_then(|c| c.as_fixed_size_binary_opt()),
+            flows.column_by_name("event_time").and_then(|c| c.as_primitive_opt::<TimestampNanosecondType>()),
+        ) else {
+            return;
+        };
+        // Records come in runs of one exporter (and often one site): the maps are touched
+        // once per run, not per record.
+        let mut run: Option<(ExporterKey, i64)> = None;
+        let mut pair: Option<(u16, ExporterKey)> = None;
+        for row in 0..flows.num_rows() {
+            let exporter = exporters.value(row).try_into().map_or(0, ExporterKey::from_be_bytes);
+            let time = times.value(row);
+            match &mut run {
+                Some((e, newest)) if *e == exporter => *newest = (*newest).max(time),
+                _ => {
+                    if let Some((e, newest)) = run.replace((exporter, time)) {
+                        self.note_newest(e, newest);
+                    }
+                }
+            }
+            let site = sites.keys().value(row);
+            if pair != Some((site, exporter)) {
+                pair = Some((site, exporter));
+                let site = usize::from(site);
+                if self.by_site.len() <= site {
+                    self.by_site.resize_with(site + 1, Vec::new);
+                }
+                if !self.by_site[site].contains(&exporter) {
+                    self.by_site[site].push(exporter);
+                }
+            }
+        }
+        if let Some((e, newest)) = run {
+            self.note_newest(e, newest);
+        }
+    }
+
+    fn note_newest(&mut self, exporter: ExporterKey, t_ns: i64) {
+        let newest = self.newest_ns.entry(exporter).or_insert(i64::MIN);
+        *newest = (*newest).max(t_ns);
+    }
+
+    /// Whether an exporter that has carried the site's flows has reported at or past `end_ns`.
+    fn reached(&self, site: SiteIdx, end_ns: i64) -> bool {
+        self.by_site
+            .get(usize::from(site))
+            .is_some_and(|exporters| exporters.iter().any(|e| self.newest_ns.get(e).is_some_and(|&t| t >= end_ns)))
+    }
 }
 
 /// String key columns of the interfaces SQL that become labels.
@@ -63,6 +146,7 @@ struct State {
     flows: TableState,
     probes: TableState,
     interfaces: LabelledRows,
+    reach: ExporterReach,
 }
 
 /// The per-site metrics sink; clone it to share with the HTTP server.
@@ -70,6 +154,8 @@ struct State {
 pub struct SiteMetrics {
     inventory: Arc<Inventory>,
     window_secs: f64,
+    /// A table without a new window for this long has its last-window gauges dropped.
+    stale_after: Duration,
     labels: Arc<Vec<Vec<LabelPair>>>,
     state: Arc<RwLock<State>>,
 }
@@ -154,6 +240,8 @@ fn numeric_columns(rows: &RecordBatch) -> Vec<String> {
 }
 
 impl SiteMetrics {
+    /// Gauges go stale after two windows without a new one, the default readiness freshness
+    /// limit; [`SiteMetrics::stale_after`] sets the policy's.
     pub fn new(inventory: Arc<Inventory>, window_secs: f64) -> Self {
         let labels = inventory
             .sites()
@@ -163,13 +251,26 @@ impl SiteMetrics {
         Self {
             inventory,
             window_secs,
+            stale_after: Duration::from_secs_f64(2.0 * window_secs),
             labels: Arc::new(labels),
             state: Arc::new(RwLock::new(State {
                 flows: TableState::default(),
                 probes: TableState::default(),
                 interfaces: LabelledRows::default(),
+                reach: ExporterReach::default(),
             })),
         }
+    }
+
+    /// Drops a table's last-window gauges when it has published no window for `limit` (give it
+    /// the readiness freshness limit, so a gap in the figures matches an `unknown` verdict).
+    pub fn stale_after(mut self, limit: Duration) -> Self {
+        self.stale_after = limit;
+        self
+    }
+
+    fn fresh(&self, shown_at: Option<Instant>) -> bool {
+        shown_at.is_some_and(|t| t.elapsed() < self.stale_after)
     }
 
     fn labels_for(&self, (site, direction): Key) -> Vec<LabelPair> {
@@ -213,16 +314,20 @@ impl SiteMetrics {
         t.columns = columns;
         t.last = last;
         t.last_window_end_ns = Some(w.end_ns);
+        t.shown_at = Some(Instant::now());
         t.windows += u64::from(w.previous.is_none());
     }
 
     /// Applies one closed window. Counters add the window's rows (for a correction: the
-    /// difference from the rows published before); gauges show the newest window only.
+    /// difference from the rows published before); gauges show the newest window only: a site
+    /// with flows, or a quiet one (no flows, but its exporter reported past the window and its
+    /// flows are fresher than the stale limit, as readiness judges them).
     fn apply(&self, w: &ClosedWindow) {
         if &*w.table == "interfaces" {
             return self.apply_interfaces(w);
         }
         let mut state = self.state.write().expect("metrics lock");
+        let state = &mut *state;
         let table = match &*w.table {
             "flows" => &mut state.flows,
             "probes" => &mut state.probes,
@@ -252,7 +357,28 @@ impl SiteMetrics {
             return;
         }
         table.last = rows.into_iter().collect();
+        if &*w.table == "flows" {
+            // A site without flows in the window is quiet (0) while an exporter that carried its
+            // flows reported past the window's end and its newest flows are within the stale
+            // limit (readiness still judges its traffic); otherwise it has no series.
+            let n = self.inventory.len();
+            table.last_flows_end_ns.resize(n, None);
+            let mut with_flows = vec![false; n];
+            for (site, _) in table.last.keys() {
+                let s = usize::from(*site);
+                with_flows[s] = true;
+                table.last_flows_end_ns[s] = Some(table.last_flows_end_ns[s].map_or(w.end_ns, |t| t.max(w.end_ns)));
+            }
+            let limit_ns = i64::try_from(self.stale_after.as_nanos()).unwrap_or(i64::MAX);
+            table.reached = (0..n)
+                .map(|s| {
+                    let fresh = table.last_flows_end_ns[s].is_some_and(|t| w.end_ns.saturating_sub(t) < limit_ns);
+                    with_flows[s] || (fresh && state.reach.reached(s as SiteIdx, w.end_ns))
+                })
+                .collect();
+        }
         table.last_window_end_ns = Some(w.end_ns);
+        table.shown_at = Some(Instant::now());
         table.windows += u64::from(w.previous.is_none());
     }
 
@@ -306,6 +432,10 @@ impl SiteMetrics {
         let flows = &state.flows;
         if flows.windows > 0 {
             let keys = self.all_keys(true);
+            // Last-window gauges: sites with data in a window that is not stale (counters: all).
+            let fresh = self.fresh(flows.shown_at);
+            let shown: Vec<Key> =
+                keys.iter().copied().filter(|(s, _)| fresh && flows.reached.get(usize::from(*s)) == Some(&true)).collect();
             let value_of = |key: &Key, col: usize| flows.last.get(key).map_or(0.0, |v| v[col]);
             for (i, col) in flows.columns.iter().enumerate() {
                 let rate_name = match col.as_str() {
@@ -320,7 +450,7 @@ impl SiteMetrics {
                     _ => None,
                 };
                 if let Some((name, help)) = rate_name {
-                    let metrics = keys.iter().map(|k| gauge_metric(self.labels_for(*k), value_of(k, i) / self.window_secs)).collect();
+                    let metrics = shown.iter().map(|k| gauge_metric(self.labels_for(*k), value_of(k, i) / self.window_secs)).collect();
                     out.push(family(name.into(), help, MetricType::GAUGE, metrics));
                 }
                 if let Some(idx) = COUNTER_COLUMNS.iter().position(|c| c == col) {
@@ -329,7 +459,7 @@ impl SiteMetrics {
                     let help = format!("Sum of column {col} of the flows pipeline SQL over all closed windows.");
                     out.push(family(format!("siteflow_site_{col}_total"), &help, MetricType::COUNTER, metrics));
                 } else {
-                    let metrics = keys.iter().map(|k| gauge_metric(self.labels_for(*k), value_of(k, i))).collect();
+                    let metrics = shown.iter().map(|k| gauge_metric(self.labels_for(*k), value_of(k, i))).collect();
                     let help = format!("Column {col} of the flows pipeline SQL in the last closed window.");
                     out.push(family(format!("siteflow_site_window_{col}"), &help, MetricType::GAUGE, metrics));
                 }
@@ -337,7 +467,7 @@ impl SiteMetrics {
         }
 
         let probes = &state.probes;
-        if probes.windows > 0 {
+        if probes.windows > 0 && self.fresh(probes.shown_at) {
             for (i, col) in probes.columns.iter().enumerate() {
                 // Sites without probe results in the window have no value: absent, not zero.
                 let metrics = probes.last.iter().map(|(k, v)| gauge_metric(self.labels_for(*k), v[i])).collect();
@@ -347,7 +477,7 @@ impl SiteMetrics {
         }
 
         let interfaces = &state.interfaces;
-        if interfaces.windows > 0 {
+        if interfaces.windows > 0 && self.fresh(interfaces.shown_at) {
             for (i, col) in interfaces.columns.iter().enumerate() {
                 // Interfaces without counter samples in the window have no value.
                 let metrics = interfaces.last.iter().map(|(l, v)| gauge_metric(l.clone(), v[i])).collect();
@@ -365,6 +495,10 @@ impl WindowSink for SiteMetrics {
     fn on_window(&mut self, window: &ClosedWindow) {
         self.apply(window);
     }
+
+    fn on_flows(&mut self, flows: &RecordBatch) {
+        self.state.write().expect("metrics lock").reach.observe(flows);
+    }
 }
 
 #[cfg(test)]
@@ -372,6 +506,129 @@ mod tests {
     use super::*;
     use datafusion::arrow::array::{Float64Array, StringArray, UInt64Array};
     use datafusion::arrow::datatypes::{Field, Schema};
+
+    const S: i64 = 1_000_000_000;
+
+    /// Enriched flow records as the pipeline hands them to sinks: (site, exporter's last octet, event time).
+    fn enriched_flows(inventory: &Inventory, records: &[(&str, u8, i64)]) -> RecordBatch {
+        use datafusion::arrow::array::{DictionaryArray, FixedSizeBinaryArray, TimestampNanosecondArray, UInt16Array};
+        let site_ids: Vec<&str> = inventory.sites().iter().map(|s| s.id.as_str()).collect();
+        let keys: UInt16Array = records.iter().map(|(site, _, _)| inventory.by_id(site).expect("known site")).collect();
+        let sites = DictionaryArray::try_new(keys, Arc::new(StringArray::from(site_ids))).unwrap();
+        let exporters = FixedSizeBinaryArray::try_from_iter(records.iter().map(|(_, e, _)| {
+            let mut a = [0u8; 16];
+            a[15] = *e;
+            a
+        }))
+        .unwrap();
+        let times = TimestampNanosecondArray::from(records.iter().map(|r| r.2).collect::<Vec<_>>());
+        RecordBatch::try_from_iter(vec![
+            ("site", Arc::new(sites) as datafusion::arrow::array::ArrayRef),
+            ("exporter", Arc::new(exporters)),
+            ("event_time", Arc::new(times)),
+        ])
+        .unwrap()
+    }
+
+    /// A closed flows window with `bytes` per (site, direction).
+    fn flows_window(start_s: i64, rows: &[(&str, &str, u64)]) -> ClosedWindow {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("site", DataType::Utf8, false),
+            Field::new("direction", DataType::Utf8, false),
+            Field::new("bytes", DataType::UInt64, false),
+        ]));
+        let rows = RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(StringArray::from(rows.iter().map(|r| r.0).collect::<Vec<_>>())),
+                Arc::new(StringArray::from(rows.iter().map(|r| r.1).collect::<Vec<_>>())),
+                Arc::new(UInt64Array::from(rows.iter().map(|r| r.2).collect::<Vec<_>>())),
+            ],
+        )
+        .unwrap();
+        ClosedWindow {
+            table: "flows".into(),
+            start_ns: start_s * S,
+            end_ns: (start_s + 10) * S,
+            rows,
+            closed_by: Instant::now(),
+            previous: None,
+        }
+    }
+
+    /// `site/direction` → value of a family's series.
+    fn series(families: &[MetricFamily], name: &str) -> std::collections::BTreeMap<String, f64> {
+        let Some(f) = families.iter().find(|f| f.name() == name) else { return Default::default() };
+        f.get_metric()
+            .iter()
+            .map(|m| {
+                let l = |n: &str| m.get_label().iter().find(|l| l.name() == n).map(|l| l.value().to_string()).unwrap_or_default();
+                let v = if f.get_field_type() == MetricType::COUNTER { m.get_counter().get_value() } else { m.get_gauge().get_value() };
+                (format!("{}/{}", l("site"), l("direction")), v)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_quiet_site_shows_zero_until_its_flows_are_stale_and_a_silent_one_no_series() {
+        let inventory = Arc::new(Inventory::embedded());
+        let mut metrics = SiteMetrics::new(inventory.clone(), 10.0);
+        let (quiet, busy, silent) = ("tinh.vp-ubnd", "tinh.vp-tinh-uy", "tinh.ban-to-chuc");
+        // Window [0, 10): exporter 1 (a shared router) carries `quiet` and `busy`, exporter 2 `silent`.
+        metrics.on_flows(&enriched_flows(&inventory, &[(quiet, 1, 2 * S), (busy, 1, 3 * S), (silent, 2, 4 * S)]));
+        // Both exporters report past the window's end, so it closes.
+        metrics.on_flows(&enriched_flows(&inventory, &[(busy, 1, 12 * S), (silent, 2, 12 * S)]));
+        metrics.on_window(&flows_window(0, &[(quiet, "in", 100), (busy, "in", 200), (silent, "out", 300)]));
+        let first = series(&metrics.collect(), "siteflow_site_throughput_bytes_per_second");
+        assert_eq!(first[&format!("{quiet}/in")], 10.0);
+        assert_eq!(first[&format!("{silent}/out")], 30.0);
+        assert_eq!(first[&format!("{silent}/in")], 0.0, "a site with flows has both directions");
+        assert!(!first.contains_key("tinh.ban-dan-van/in"), "a site no exporter has carried has no series: {first:?}");
+
+        // Window [10, 20): exporter 1 goes on with `busy` only; exporter 2 stopped at 12 s.
+        metrics.on_flows(&enriched_flows(&inventory, &[(busy, 1, 21 * S)]));
+        metrics.on_window(&flows_window(10, &[(busy, "in", 500)]));
+        let families = metrics.collect();
+        let second = series(&families, "siteflow_site_throughput_bytes_per_second");
+        assert_eq!(second[&format!("{busy}/in")], 50.0);
+        assert_eq!(second[&format!("{quiet}/in")], 0.0, "its exporter reported past the window: quiet, zero");
+        assert_eq!(second[&format!("{quiet}/out")], 0.0);
+        assert!(!second.contains_key(&format!("{silent}/in")) && !second.contains_key(&format!("{silent}/out")), "no data: {second:?}");
+        let totals = series(&families, "siteflow_site_bytes_total");
+        assert_eq!(totals[&format!("{silent}/out")], 300.0, "counters keep every site's sum");
+
+        // A correction of the shown window with the stopped exporter's late records brings it back.
+        let mut correction = flows_window(10, &[(busy, "in", 500), (silent, "in", 70)]);
+        correction.previous = Some(flows_window(10, &[(busy, "in", 500)]).rows);
+        metrics.on_window(&correction);
+        assert_eq!(series(&metrics.collect(), "siteflow_site_throughput_bytes_per_second")[&format!("{silent}/in")], 7.0);
+
+        // Window [20, 30): the quiet site's newest flows (window [0, 10)) are two windows old,
+        // the stale limit: readiness calls its traffic stale, and its series goes too.
+        metrics.on_flows(&enriched_flows(&inventory, &[(busy, 1, 31 * S)]));
+        metrics.on_window(&flows_window(20, &[(busy, "in", 800)]));
+        let third = series(&metrics.collect(), "siteflow_site_throughput_bytes_per_second");
+        assert_eq!(third[&format!("{busy}/in")], 80.0);
+        assert!(!third.contains_key(&format!("{quiet}/in")) && !third.contains_key(&format!("{silent}/in")), "{third:?}");
+    }
+
+    #[test]
+    fn last_window_gauges_are_dropped_once_no_window_came_for_the_stale_limit() {
+        let inventory = Arc::new(Inventory::embedded());
+        let mut metrics = SiteMetrics::new(inventory.clone(), 10.0).stale_after(Duration::from_millis(300));
+        metrics.on_flows(&enriched_flows(&inventory, &[("tinh.vp-ubnd", 1, 2 * S), ("tinh.vp-ubnd", 1, 12 * S)]));
+        metrics.on_window(&flows_window(0, &[("tinh.vp-ubnd", "in", 100)]));
+        let rate = |m: &SiteMetrics| series(&m.collect(), "siteflow_site_throughput_bytes_per_second").get("tinh.vp-ubnd/in").copied();
+        assert_eq!(rate(&metrics), Some(10.0));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while rate(&metrics).is_some() {
+            assert!(Instant::now() < deadline, "the gauge outlived its stale limit");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let families = metrics.collect();
+        assert_eq!(series(&families, "siteflow_site_bytes_total")["tinh.vp-ubnd/in"], 100.0, "counters stay");
+        assert!(families.iter().any(|f| f.name() == "siteflow_last_closed_window_end_timestamp_seconds"), "what shows the staleness stays");
+    }
 
     #[test]
     fn interface_rows_become_gauges_labelled_by_interface_and_direction() {

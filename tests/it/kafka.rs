@@ -7,6 +7,9 @@ mod chain;
 /// `check --connect` and the run-time log about the Kafka input (`kafka::` tests too).
 #[path = "kafka_notices.rs"]
 mod notices;
+/// Sites whose producers stop: their throughput goes to zero or away (a `kafka::` test).
+#[path = "kafka_stale.rs"]
+mod stale;
 
 use std::time::Duration;
 

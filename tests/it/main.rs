@@ -1,8 +1,10 @@
 //! Integration tests: one binary, one module per concern, shared helpers in `support`.
 
 mod check_cli;
+mod cli_output;
 mod demo_binary;
 mod deploy;
+mod docs;
 mod files;
 mod golden;
 mod hierarchy;
