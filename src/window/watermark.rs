@@ -153,16 +153,6 @@ impl Watermarks {
         out
     }
 
-    /// Active clocks: `(partition, largest event time)` of those that delivered within the idle timeout.
-    fn active(&self, now: Instant) -> impl Iterator<Item = (PartitionId, i64)> + '_ {
-        self.partitions.iter().flat_map(move |(p, pc)| {
-            pc.clocks
-                .values()
-                .filter(move |c| c.max_event_ns != i64::MIN && now.duration_since(c.last_active) < self.timing.idle_timeout)
-                .map(move |c| (*p, c.max_event_ns))
-        })
-    }
-
     /// Re-evaluates the publish watermark: the slowest partition holds it, where a partition
     /// is as far as its slowest active clock that is within the allowed skew of the partition's
     /// newest one. Idle clocks, and a router whose clock lags the others of its partition, do not
