@@ -19,6 +19,9 @@ const HOUR_NS: i64 = 3_600_000_000_000;
 const S: i64 = 1_000_000_000;
 
 /// Event time of the first record: two hours ago, on a window boundary.
+/// How long the results logs may go without a new window before a test calls it a stall.
+const STALL: Duration = Duration::from_secs(120);
+
 fn start_ns() -> i64 {
     let now = chrono::Utc::now().timestamp_nanos_opt().unwrap();
     (now - 2 * HOUR_NS).div_euclid(10 * S) * 10 * S
@@ -68,15 +71,17 @@ fn send_sentinels(broker: &Broker, topic: &str, traffic: &mut Traffic, partition
     flush(&producer);
 }
 
-fn assert_exact(checkpoints: &std::path::Path, truth: &Totals, end_s: i64, timeout: Duration, logs: &[&Instance]) {
-    let done = wait_until(timeout, || before(&read_flow_results(checkpoints), end_s) == *truth);
+fn assert_exact(checkpoints: &std::path::Path, truth: &Totals, end_s: i64, stall: Duration, logs: &[&Instance]) {
+    // Ends on progress: as long as windows keep reaching the results logs, it waits.
+    let records = || read_flow_results(checkpoints).values().map(|v| v.2).sum::<u64>();
+    let done = wait_while_progressing(stall, || before(&read_flow_results(checkpoints), end_s) == *truth, records);
     let got = before(&read_flow_results(checkpoints), end_s);
     if !done {
         for i in logs {
             eprintln!("{}", i.log_summary());
         }
     }
-    assert!(done, "window totals differ from the produced records: {}", diff(truth, &got));
+    assert!(done, "window totals differ from the produced records ({} s without progress): {}", stall.as_secs(), diff(truth, &got));
 }
 
 /// The test's directory (broker data, checkpoints, logs); kept with `KAFKA_TEST_KEEP=1`.
@@ -120,7 +125,7 @@ fn crashes_lose_nothing_and_count_nothing_twice() {
         eprintln!("kill {kills}: {got} records in the results logs");
         a.restart();
     }
-    assert_exact(&checkpoints, &traffic.truth, end_s, Duration::from_secs(300), &[&a]);
+    assert_exact(&checkpoints, &traffic.truth, end_s, STALL, &[&a]);
 }
 
 /// Three routers export to two partitions; the clock of one of them runs 5 minutes behind,
@@ -174,7 +179,7 @@ fn skewed_exporters_and_disordered_exports_reach_every_output_exactly() {
         "",
         &[("SITEFLOW_WINDOW__ALLOWED_LATENESS_MS", "120000"), ("SITEFLOW_WINDOW__IDLE_PARTITION_TIMEOUT_SECS", "5")],
     );
-    assert_exact(&checkpoints, &traffic.truth, end_s, Duration::from_secs(300), &[&a]);
+    assert_exact(&checkpoints, &traffic.truth, end_s, STALL, &[&a]);
 
     // /metrics: nothing late, windows corrected, and the counters per site and direction equal
     // the produced bytes (the window of the two one-byte flows that moved the clocks on never
@@ -258,7 +263,7 @@ fn two_instances_split_the_partitions_and_one_takes_over_from_checkpoints() {
         b.log_text().lines().filter(|l| l.contains("restored from its checkpoint") && !l.contains("next_offset=0")).count() >= 2
     });
     assert!(resumed, "b resumed no partition from a checkpoint:\n{}", b.log_summary());
-    assert_exact(&checkpoints, &traffic.truth, end_s, Duration::from_secs(300), &[&a, &b]);
+    assert_exact(&checkpoints, &traffic.truth, end_s, STALL, &[&a, &b]);
 }
 
 #[test]
@@ -325,7 +330,7 @@ fn malformed_records_are_counted_dead_lettered_and_skipped() {
         "decode: { max_message_bytes: 65536, max_future_secs: 86400 }\n",
         &[("SITEFLOW_KAFKA__DEAD_LETTER_TOPIC", "flows.dead")],
     );
-    assert_exact(&checkpoints, &traffic.truth, end_s, Duration::from_secs(300), &[&a]);
+    assert_exact(&checkpoints, &traffic.truth, end_s, STALL, &[&a]);
     for kind in kinds {
         let expected = bad.iter().filter(|(_, r)| r == kind).count() as f64;
         let got = a.metric("siteflow_records_rejected_total", &format!("reason=\"{kind}\"")).unwrap_or(-1.0);
@@ -364,7 +369,7 @@ fn a_broker_outage_is_survived_with_exact_totals() {
     let end_s = produce_flows(&broker, "flows", &mut later, 2, 200, 100, 20_000_000);
     traffic.absorb(later);
     send_sentinels(&broker, "flows", &mut traffic, 2, end_s);
-    assert_exact(&checkpoints, &traffic.truth, end_s, Duration::from_secs(300), &[&a]);
+    assert_exact(&checkpoints, &traffic.truth, end_s, STALL, &[&a]);
 }
 
 /// Per (site, window start in seconds): probe results.
@@ -617,7 +622,7 @@ fn every_format_read_from_the_broker_gives_the_right_windows() {
     assert_eq!((traffic.truth.values().map(|v| v.2).sum::<u64>(), probes.values().sum::<u64>()), (n as u64, n as u64 / 10));
     let checkpoints = dir.path().join("ckpt");
     let a = Instance::start(dir.path(), "a", &broker, &topics, &checkpoints, "");
-    assert_exact(&checkpoints, &traffic.truth, end_s, Duration::from_secs(300), &[&a]);
+    assert_exact(&checkpoints, &traffic.truth, end_s, STALL, &[&a]);
     let ok = wait_until(Duration::from_secs(60), || read_probe_results(&checkpoints, end_s) == probes);
     assert!(
         ok,

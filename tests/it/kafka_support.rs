@@ -341,6 +341,24 @@ pub fn wait_until(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
     }
 }
 
+/// Waits until `check` holds, for as long as `progress` keeps changing: fails only after
+/// `stall` without any change (a slow machine takes longer, a stalled pipeline fails).
+pub fn wait_while_progressing<P: PartialEq>(stall: Duration, mut check: impl FnMut() -> bool, mut progress: impl FnMut() -> P) -> bool {
+    let (mut last, mut since) = (progress(), Instant::now());
+    loop {
+        if check() {
+            return true;
+        }
+        let now = progress();
+        if now != last {
+            (last, since) = (now, Instant::now());
+        } else if since.elapsed() > stall {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
 /// A siteflow instance reading from the broker.
 pub struct Instance {
     pub config: PathBuf,
