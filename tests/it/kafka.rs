@@ -72,9 +72,14 @@ fn send_sentinels(broker: &Broker, topic: &str, traffic: &mut Traffic, partition
 }
 
 fn assert_exact(checkpoints: &std::path::Path, truth: &Totals, end_s: i64, stall: Duration, logs: &[&Instance]) {
-    // Ends on progress: as long as windows keep reaching the results logs, it waits.
-    let records = || read_flow_results(checkpoints).values().map(|v| v.2).sum::<u64>();
-    let done = wait_while_progressing(stall, || before(&read_flow_results(checkpoints), end_s) == *truth, records);
+    // Ends on progress: as long as windows reach the results logs or records are read, it
+    // waits (a partition behind on reading holds publication back until it catches up).
+    let progress = || {
+        let written = read_flow_results(checkpoints).values().map(|v| v.2).sum::<u64>();
+        let read: Vec<Option<f64>> = logs.iter().map(|i| i.metric("siteflow_records_received_total", "")).collect();
+        (written, read)
+    };
+    let done = wait_while_progressing(stall, || before(&read_flow_results(checkpoints), end_s) == *truth, progress);
     let got = before(&read_flow_results(checkpoints), end_s);
     if !done {
         for i in logs {
