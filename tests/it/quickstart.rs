@@ -2,8 +2,9 @@
 //! (`set -euo pipefail`) in a fresh directory, against a fresh Tansu broker that the doc itself
 //! starts on a free port. The only substitution: the install block (marked `<!-- not run: … -->`
 //! in the doc) is skipped, and instead the siteflow binary this test suite built
-//! (`CARGO_BIN_EXE_siteflow`) and the installed tansu are put first on PATH. `BROKER` and
-//! `LISTEN`, which the doc defaults to 127.0.0.1:9092 and :9898, are set to free ports.
+//! (`CARGO_BIN_EXE_siteflow`) and the installed tansu are put first on PATH (kcat, promtool and
+//! curl from the system). `BROKER` and `LISTEN`, which the doc defaults to 127.0.0.1:9092 and
+//! :9898, are set to free ports, and `LIBRDKAFKA_DIR` to `TEST_LIBRDKAFKA_DIR`.
 //!
 //! The figures the doc's run prints are checked against ground truth computed here from the
 //! doc's own sample records and inventory (its heredocs), with the matching rules the doc
@@ -195,6 +196,12 @@ fn every_shell_block_of_the_quickstart_runs() {
         .env("PATH", std::env::join_paths(path).unwrap())
         .env("BROKER", broker.to_string())
         .env("LISTEN", listen.to_string())
+        // The doc's kcat with Tansu needs a current librdkafka: where scripts/test.sh put it.
+        .env(
+            "LIBRDKAFKA_DIR",
+            std::env::var_os("TEST_LIBRDKAFKA_DIR")
+                .unwrap_or_else(|| Path::new(&std::env::var_os("HOME").unwrap()).join(".cache/siteflow/librdkafka").into_os_string()),
+        )
         .env_remove("RUST_LOG")
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(dir.path().join("out.txt")).unwrap())
