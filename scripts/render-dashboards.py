@@ -219,14 +219,14 @@ def render(path, prom, out_dir, now, minutes, variables):
     def y_of(p):
         return p["gridPos"]["y"] - sum(c for end, c in cuts if end <= p["gridPos"]["y"])
 
-    total_h = max(y_of(p) + min(p["gridPos"]["h"], MAX_PANEL_H) for p in panels) + 3
+    total_h = max(y_of(p) + min(p["gridPos"]["h"], MAX_PANEL_H) for p in panels) + 4.6
     fig_w, fig_h = 24 * COL_IN, total_h * ROW_IN
     fig = plt.figure(figsize=(fig_w, fig_h))
     when = datetime.datetime.fromtimestamp(now, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     fig.text(0.01, 1 - 0.35 / fig_h, d["title"], fontsize=14, fontweight="bold", va="top")
     fig.text(
         0.01,
-        1 - 0.85 / fig_h,
+        1 - 0.62 / fig_h,
         f"Drawn by scripts/render-dashboards.py from the panel queries of deploy/grafana/dashboards/{os.path.basename(path)} "
         f"against Prometheus scraping `siteflow demo` (district-congestion scenario), {when}; last {minutes} min.\n"
         f"Variables: {', '.join(f'{k}={v}' for k, v in variables.items() if not k.startswith('__'))}. "
@@ -235,7 +235,7 @@ def render(path, prom, out_dir, now, minutes, variables):
         color="#505050",
         va="top",
     )
-    top = 2.0  # rows used by the header
+    top = 3.6  # rows used by the header
     for p in panels:
         g = p["gridPos"]
         h = min(g["h"], MAX_PANEL_H)
