@@ -111,7 +111,7 @@ def threshold_colour(p, v):
 def draw_panel(fig, p, box, prom, variables, now, minutes, note_y):
     x0, y0, w, h = box
     if p["type"] in ("timeseries", "state-timeline"):
-        left = 0.055 if p["type"] == "timeseries" else 0.16
+        left = 0.055 if p["type"] == "timeseries" else 0.2
         x0, w = x0 + left * w * 24 / p["gridPos"]["w"] / 2, w - left * w * 24 / p["gridPos"]["w"] / 2
     ax = fig.add_axes([x0, y0, w, h])
     ax.set_facecolor("#fbfbfb")
@@ -156,9 +156,11 @@ def draw_panel(fig, p, box, prom, variables, now, minutes, note_y):
             ax.set_title(f"{title}  [{kind}]", loc="left", fontsize=9, fontweight="bold", pad=3, x=-0.8)
         else:  # table: one line per row, label values then the value
             keys = sorted({k for _, _, m in rows for k in m if k != "__name__"})
-            lines = ["  ".join(f"{k:<12}" for k in keys) + "  value"]
+            width = {k: min(26, max(len(k), *(len(m.get(k, "")) for _, _, m in rows))) for k in keys}
+            cell = lambda text, k: (text if len(text) <= width[k] else text[: width[k] - 1] + "…").ljust(width[k])  # noqa: E731
+            lines = ["  ".join(cell(k, k) for k in keys) + "  value"]
             for _, v, m in sorted(rows, key=lambda r: [r[2].get(k, "") for k in keys])[:18]:
-                lines.append("  ".join(f"{textwrap.shorten(m.get(k, ''), 12, placeholder='…'):<12}" for k in keys) + f"  {fmt_value(v, unit)}")
+                lines.append("  ".join(cell(m.get(k, ""), k) for k in keys) + f"  {fmt_value(v, unit)}")
             if len(rows) > 18:
                 lines.append(f"… {len(rows) - 18} more rows")
             ax.text(0.01, 0.97, "\n".join(lines), va="top", ha="left", fontsize=5.5, family="monospace", transform=ax.transAxes)
@@ -259,6 +261,10 @@ def render(path, prom, out_dir, now, minutes, variables):
     out = os.path.join(out_dir, f"dashboard-{name}.png")
     fig.savefig(out, dpi=72)
     plt.close(fig)
+    # A 64-colour palette keeps each picture well under 200 KB (matplotlib brings Pillow).
+    from PIL import Image
+
+    Image.open(out).convert("RGB").quantize(colors=64).save(out, optimize=True)
     return out
 
 

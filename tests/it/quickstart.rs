@@ -165,6 +165,13 @@ fn every_shell_block_of_the_quickstart_runs() {
         );
         assert!(b.not_run.is_none() || is_shell(&b.lang), "docs/quickstart.md:{}: a not-run marker before a non-shell block", b.line);
     }
+    // The dashboard pictures it shows are in the repository, and small.
+    let pictures: Vec<&str> = doc.split("](img/").skip(1).map(|r| &r[..r.find(')').unwrap()]).collect();
+    assert_eq!(pictures.len(), 4, "one picture per dashboard of deploy/grafana/dashboards");
+    for name in pictures {
+        let size = std::fs::metadata(repo().join("docs/img").join(name)).unwrap_or_else(|e| panic!("docs/img/{name}: {e}")).len();
+        assert!(size < 200_000, "docs/img/{name} is {size} bytes");
+    }
     let shell: Vec<&Block> = blocks.iter().filter(|b| is_shell(&b.lang)).collect();
     let skipped: Vec<&&Block> = shell.iter().filter(|b| b.not_run.is_some()).collect();
     assert!(shell.len() >= 10, "docs/quickstart.md has {} shell blocks", shell.len());
