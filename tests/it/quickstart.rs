@@ -241,6 +241,18 @@ fn every_shell_block_of_the_quickstart_runs() {
     assert!(status.success(), "the quickstart failed ({status}); the last @@ line names the block\n{context}");
     assert!(out.contains("@@ all blocks ran"), "{context}");
 
+    // Every output the doc shows is what its commands printed, with the doc's default
+    // addresses for the test's ports.
+    let printed = out.replace(&broker.to_string(), "127.0.0.1:9092").replace(&listen.to_string(), "127.0.0.1:9898");
+    let printed: Vec<&str> = printed.lines().map(str::trim_end).collect();
+    let shown: Vec<&Block> = blocks.iter().filter(|b| b.lang == "text").collect();
+    assert!(shown.len() >= 3, "the doc shows the output of check --connect, /metrics and SQL");
+    for b in shown {
+        for line in b.code.lines() {
+            assert!(printed.contains(&line.trim_end()), "docs/quickstart.md:{}: shown but not printed: {line}\n{out}", b.line);
+        }
+    }
+
     // check --connect saw both topics with the doc's records, and the flows on the sites.
     let check = read("check.txt");
     let (expected, unmatched) = ground_truth(&blocks);
