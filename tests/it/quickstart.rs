@@ -228,7 +228,8 @@ fn every_shell_block_of_the_quickstart_runs() {
         std::thread::sleep(Duration::from_millis(200));
     };
     // Whatever the doc left running (the broker and siteflow, on failure): its process group.
-    let _ = Command::new("kill").args(["-KILL", &format!("-{}", child.id())]).status();
+    // (procps kill: `kill -KILL -PGID` killed nothing here; the group goes after `--`.)
+    let _ = Command::new("kill").args(["-s", "KILL", "--", &format!("-{}", child.id())]).status();
     let _ = child.wait();
     let read = |f: &str| std::fs::read_to_string(dir.path().join(f)).unwrap_or_default();
     let (out, err) = (read("out.txt"), read("err.txt"));
