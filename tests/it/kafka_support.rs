@@ -13,7 +13,7 @@ use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedPr
 use crate::support::{KillOnDrop, free_addr, repo, siteflow, write};
 
 /// The `tansu` binary: on PATH or in cargo's bin directory (the test script installs it).
-fn tansu() -> PathBuf {
+pub fn tansu() -> PathBuf {
     if let Some(p) = std::env::var_os("TANSU") {
         return PathBuf::from(p);
     }

@@ -12,6 +12,7 @@ mod kafka;
 mod kafka_support;
 mod pipeline_sql;
 mod prometheus_e2e;
+mod quickstart;
 mod readiness;
 mod records;
 mod replay;
