@@ -345,6 +345,7 @@ fn spawn_worker(idle: Arc<Mutex<Vec<WorkerHandle>>>) -> std::io::Result<WorkerHa
     let (tx, rx) = std::sync::mpsc::channel::<(Job, OwnedSemaphorePermit)>();
     let me = tx.clone();
     std::thread::Builder::new().name("siteflow-sql".into()).stack_size(SQL_STACK_BYTES).spawn(move || {
+        lower_priority();
         let rt = match tokio::runtime::Builder::new_current_thread().enable_time().thread_stack_size(SQL_STACK_BYTES).build() {
             Ok(rt) => rt,
             Err(e) => return tracing::error!("cannot start a SQL runtime: {e}"),
@@ -359,6 +360,19 @@ fn spawn_worker(idle: Arc<Mutex<Vec<WorkerHandle>>>) -> std::io::Result<WorkerHa
         }
     })?;
     Ok(tx)
+}
+
+/// Gives the calling query thread a lower CPU priority (nice 10) than the pipeline and the HTTP
+/// server: when queries keep every core busy, the scheduler still gives `/metrics`, `/healthz`
+/// and the pipeline most of the time they ask for. Lowering one's own priority needs no
+/// privilege; if it fails, queries just run at the usual priority.
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: plain libc calls on the calling thread's own id.
+    unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 10);
+    }
 }
 
 impl Inner {
