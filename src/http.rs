@@ -115,6 +115,17 @@ impl ServerLimits {
     }
 }
 
+/// Binds the HTTP listener with a backlog of `max_connections` (the kernel caps it at
+/// `net.core.somaxconn`). Tokio's default of 1024 let a burst of connects fill the accept queue;
+/// the kernel then drops SYNs, and every client connecting at that moment — a Prometheus scrape
+/// included — waits a full second for the SYN to be sent again.
+pub fn listen(addr: SocketAddr, max_connections: usize) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(u32::try_from(max_connections).unwrap_or(u32::MAX).max(1024))
+}
+
 /// Serves `app` until `shutdown` resolves. At most `max_connections` connections are open at
 /// once (the next wait in the kernel's backlog, never failing the accept loop for lack of file
 /// descriptors); a connection that does not send its request headers within `header_timeout`

@@ -347,8 +347,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         }
     });
 
-    let listener = tokio::net::TcpListener::bind(config.http.listen)
-        .await
+    let listener = siteflow::http::listen(config.http.listen, config.http.max_connections)
         .with_context(|| format!("cannot listen on {} (http.listen / --listen)", config.http.listen))?;
     tracing::info!(
         listen = %config.http.listen,

@@ -362,6 +362,42 @@ fn half_open_connections_do_not_starve_metrics_and_are_closed() {
 }
 
 #[test]
+fn half_open_connections_and_concurrent_queries_together_leave_metrics_answering() {
+    let _serial = serial();
+    // Timeouts long enough that the half-open connections are all still held while the
+    // queries run: the server has 3,000 idle sockets and 200 queries at once.
+    let sf = Arc::new(Instance::start(&[("SITEFLOW_HTTP__HEADER_TIMEOUT_SECS", "120"), ("SITEFLOW_HTTP__BODY_TIMEOUT_SECS", "120")]));
+    let prober = Prober::start(sf.addr);
+    let held = hold_half_open(sf.addr, 3_000);
+    let (answers, wall) = post_concurrently(&sf, "SELECT count(*) AS n FROM site_windows", 200);
+    let ok = answers.iter().filter(|a| a.0 == 200).count();
+    eprintln!("with {} half-open connections held: 200 concurrent queries, {ok} answered in {wall:?}", held.len());
+    for (status, _, body, _) in &answers {
+        match status {
+            200 => assert!(body[0]["n"].is_u64(), "{body}"),
+            503 => assert_eq!(body["kind"], "busy", "{body}"),
+            _ => panic!("{status}: {body}"),
+        }
+    }
+    assert!(ok >= 20, "queries are answered, not all refused: {ok} of 200");
+    // Still held: the server served the rest without shedding them.
+    let mut still_open = 0;
+    for mut s in &held {
+        let _ = s.set_nonblocking(true);
+        let mut buf = [0u8; 1];
+        if matches!(s.read(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock) {
+            still_open += 1;
+        }
+    }
+    assert!(still_open >= held.len() * 9 / 10, "the half-open connections were held throughout: {still_open} of {}", held.len());
+    prober.finish("3,000 half-open connections and 200 concurrent queries");
+    drop(held);
+    let mut sf = Arc::into_inner(sf).unwrap();
+    sf.assert_alive();
+    sf.assert_trivial_query_works("3,000 half-open connections and 200 concurrent queries");
+}
+
+#[test]
 fn http_errors_are_json_and_writes_need_the_token() {
     let token = "0123456789";
     let mut sf = Instance::start(&[("SITEFLOW_API__TOKEN", token), ("SITEFLOW_API__MAX_MEETINGS", "3")]);
