@@ -7,14 +7,15 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use siteflow::config::{Config, Pace, SimulatorConfig};
-use siteflow::decode::{DecodeLimits, Decoded, Format, decode};
+use siteflow::decode::{DecodeLimits, Decoded, decode};
 use siteflow::enrich::{Enricher, Sampling};
 use siteflow::http::{AppState, render};
 use siteflow::metrics::PipelineMetrics;
 use siteflow::pipeline::{Pipeline, Resources};
 use siteflow::sink::prometheus::SiteMetrics;
-use siteflow::source::Messages;
 use siteflow::source::simulator::{Scenario, Simulator};
+use siteflow::table::{CONVERSATIONS, FLOWS};
+use siteflow::types::{Format, Messages};
 use siteflow::window::WindowSpec;
 
 const BATCH: usize = 8192;
@@ -75,15 +76,16 @@ fn stages(c: &mut Criterion) {
     g.bench_function("window_partial_aggregate", |b| {
         let config = Config::default();
         let res = Resources::load(&config).unwrap();
-        let (mut windows, tables) = rt.block_on(siteflow::pipeline::plan_windows(spec(), &res)).unwrap();
-        b.iter(|| rt.block_on(windows.process(tables.flows, 0, &enriched, Instant::now())).unwrap())
+        let mut windows = rt.block_on(siteflow::pipeline::plan_windows(spec(), &res)).unwrap();
+        let flows = res.table_id(&FLOWS).unwrap();
+        b.iter(|| rt.block_on(windows.process(flows, 0, &enriched, Instant::now())).unwrap())
     });
     // What the pipeline runs per flow batch: the per-site aggregate and the conversations one.
     g.bench_function("window_partial_aggregate_with_conversations", |b| {
         let config = Config::default();
         let res = Resources::load(&config).unwrap();
-        let (mut windows, tables) = rt.block_on(siteflow::pipeline::plan_windows(spec(), &res)).unwrap();
-        let inputs = [(tables.flows, &enriched), (tables.conversations, &enriched)];
+        let mut windows = rt.block_on(siteflow::pipeline::plan_windows(spec(), &res)).unwrap();
+        let inputs = [(res.table_id(&FLOWS).unwrap(), &enriched), (res.table_id(&CONVERSATIONS).unwrap(), &enriched)];
         b.iter(|| rt.block_on(windows.process_together(0, &inputs, &[], Instant::now())).unwrap())
     });
     g.finish();
@@ -100,7 +102,7 @@ fn stages(c: &mut Criterion) {
             ..Config::default()
         };
         let res = Resources::load(&config).unwrap();
-        let metrics = Arc::new(PipelineMetrics::new(&Pipeline::FORMATS, &Pipeline::TABLES));
+        let metrics = Arc::new(PipelineMetrics::new(&Pipeline::FORMATS, &siteflow::table::TABLES));
         let sites = SiteMetrics::new(res.inventory.clone(), 10.0);
         let pipeline = rt.block_on(Pipeline::build(&config, &res, metrics.clone(), vec![Box::new(sites.clone())])).unwrap();
         let readiness = pipeline.readiness.clone();

@@ -28,13 +28,14 @@ use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use serde::Deserialize;
 use siteflow::config::{Config, Pace, SimulatorConfig};
 use siteflow::decode::goflow2_pb::FlowMessage;
-use siteflow::decode::{DecodeLimits, FlowRecord, Format, goflow2_json};
+use siteflow::decode::{DecodeLimits, FlowRecord, goflow2_json};
 use siteflow::inventory::Inventory;
 use siteflow::metrics::PipelineMetrics;
 use siteflow::pipeline::{Pipeline, Resources};
 use siteflow::sink::prometheus::SiteMetrics;
+use siteflow::source::Source;
 use siteflow::source::simulator::{Scenario, Simulator};
-use siteflow::source::{Messages, Source, SourceBatch};
+use siteflow::types::{Format, Messages, SourceBatch};
 use siteflow::window::WindowSpec;
 
 #[derive(Parser)]
@@ -436,7 +437,7 @@ fn run_pipeline(batches: Vec<SourceBatch>, top_talkers: bool) -> anyhow::Result<
         config.sql.top_talkers = 0;
     }
     let res = Resources::load(&config)?;
-    let metrics = Arc::new(PipelineMetrics::new(&Pipeline::FORMATS, &Pipeline::TABLES));
+    let metrics = Arc::new(PipelineMetrics::new(&Pipeline::FORMATS, &siteflow::table::TABLES));
     let sites = SiteMetrics::new(res.inventory.clone(), config.window.size_secs as f64);
     let pipeline = rt.block_on(Pipeline::build(&config, &res, metrics, vec![Box::new(sites)]))?;
     let (_stop, stopped) = tokio::sync::watch::channel(false);

@@ -16,9 +16,9 @@ use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, T
 
 use crate::checkpoint::PartitionKey;
 use crate::config::KafkaConfig;
-use crate::decode::{DecodeStats, Format};
+use crate::decode::DecodeStats;
 use crate::metrics::PipelineMetrics;
-use crate::source::Messages;
+use crate::types::{Format, Messages};
 
 struct Delivery {
     metrics: Arc<PipelineMetrics>,

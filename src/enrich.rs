@@ -21,11 +21,12 @@ use std::sync::Arc;
 
 use datafusion::arrow::array::{Array, ArrayRef, AsArray, DictionaryArray, PrimitiveArray, RecordBatch, StringArray, UInt32Array};
 use datafusion::arrow::compute::take;
-use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, UInt8Type, UInt16Type, UInt32Type, UInt64Type};
+use datafusion::arrow::datatypes::{SchemaRef, UInt8Type, UInt16Type, UInt32Type, UInt64Type};
 
-use crate::decode::{NO_ADDR, flow_schema, probe_schema};
+use crate::decode::NO_ADDR;
+
 use crate::inventory::{Addr, ExporterMatch, Inventory, SiteIdx};
-use crate::rates::interface_traffic_schema;
+use crate::schema::{enriched_flow_schema, enriched_interface_schema, enriched_probe_schema, flow_schema};
 
 /// Direction of traffic relative to the site.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -45,57 +46,6 @@ impl Direction {
             Direction::Out => "out",
         }
     }
-}
-
-fn dict_type(key: DataType) -> DataType {
-    DataType::Dictionary(Box::new(key), Box::new(DataType::Utf8))
-}
-
-fn site_label_fields() -> Vec<Field> {
-    vec![
-        Field::new("site", dict_type(DataType::UInt16), false),
-        Field::new("district", dict_type(DataType::UInt16), false),
-        Field::new("level", dict_type(DataType::UInt16), false),
-    ]
-}
-
-/// Schema of enriched flows: site labels, direction, then the decoded columns with `bytes` and
-/// `packets` corrected for sampling and `sampling_rate` the rate applied.
-pub fn enriched_flow_schema() -> SchemaRef {
-    static SCHEMA: std::sync::OnceLock<SchemaRef> = std::sync::OnceLock::new();
-    SCHEMA
-        .get_or_init(|| {
-            let mut fields = site_label_fields();
-            fields.push(Field::new("direction", dict_type(DataType::UInt8), false));
-            fields.extend(flow_schema().fields().iter().map(|f| f.as_ref().clone()));
-            Arc::new(Schema::new(fields))
-        })
-        .clone()
-}
-
-/// Schema of enriched probe results: site labels, then the decoded columns without `site_id`.
-pub fn enriched_probe_schema() -> SchemaRef {
-    static SCHEMA: std::sync::OnceLock<SchemaRef> = std::sync::OnceLock::new();
-    SCHEMA
-        .get_or_init(|| {
-            let mut fields = site_label_fields();
-            fields.extend(probe_schema().fields().iter().filter(|f| f.name() != "site_id").map(|f| f.as_ref().clone()));
-            Arc::new(Schema::new(fields))
-        })
-        .clone()
-}
-
-/// Schema of enriched interface traffic: site labels, then the rows of
-/// [`crate::rates::interface_traffic_schema`] without `site_id`.
-pub fn enriched_interface_schema() -> SchemaRef {
-    static SCHEMA: std::sync::OnceLock<SchemaRef> = std::sync::OnceLock::new();
-    SCHEMA
-        .get_or_init(|| {
-            let mut fields = site_label_fields();
-            fields.extend(interface_traffic_schema().fields().iter().filter(|f| f.name() != "site_id").map(|f| f.as_ref().clone()));
-            Arc::new(Schema::new(fields))
-        })
-        .clone()
 }
 
 /// Counts from one enriched batch.

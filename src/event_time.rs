@@ -12,36 +12,8 @@ use std::sync::Arc;
 use datafusion::arrow::array::{ArrayRef, AsArray, PrimitiveArray, RecordBatch, UInt32Array};
 use datafusion::arrow::compute::take;
 use datafusion::arrow::datatypes::{TimestampNanosecondType, UInt64Type};
-use serde::{Deserialize, Serialize};
 
-/// Which time of a flow record is its event time (per source: `kafka.topics[].event_time`,
-/// `simulator.event_time`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum EventTime {
-    /// When the flow's last packet was seen (goflow2 `time_flow_end_ns`, pmacct `timestamp_end`).
-    #[default]
-    FlowEnd,
-    /// When its first packet was seen (`time_flow_start_ns`, `timestamp_start`).
-    FlowStart,
-    /// When the collector received the export (`time_received_ns`, `timestamp_arrival`).
-    Arrival,
-    /// Bytes and packets apportioned over the windows from the flow's start to its end.
-    Spread,
-}
-
-impl EventTime {
-    pub const ALL: [EventTime; 4] = [EventTime::FlowEnd, EventTime::FlowStart, EventTime::Arrival, EventTime::Spread];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            EventTime::FlowEnd => "flow_end",
-            EventTime::FlowStart => "flow_start",
-            EventTime::Arrival => "arrival",
-            EventTime::Spread => "spread",
-        }
-    }
-}
+use crate::types::EventTime;
 
 /// Spreading as configured: the window size and the most windows one flow may cover.
 #[derive(Debug, Clone, Copy)]
@@ -55,14 +27,14 @@ impl Spreader {
         Self { size_ns: window.as_nanos() as i64, max_windows }
     }
 
-    /// Decoded flows of a source in `mode`: spread if the mode is `spread`, else as they are.
-    pub fn apply(&self, mode: EventTime, batch: RecordBatch, metrics: &crate::metrics::PipelineMetrics) -> RecordBatch {
+    /// Decoded flows of a source in `mode`: spread if the mode is `spread` (with what spreading
+    /// did), else as they are.
+    pub fn apply(&self, mode: EventTime, batch: RecordBatch) -> (RecordBatch, Option<SpreadStats>) {
         if mode != EventTime::Spread {
-            return batch;
+            return (batch, None);
         }
         let (out, stats) = spread(&batch, self.size_ns, self.max_windows);
-        metrics.record_spread(&stats);
-        out
+        (out, Some(stats))
     }
 }
 
@@ -106,7 +78,7 @@ fn share(total: u64, upto: i128, span: i128) -> u64 {
     (i128::from(total) * upto / span) as u64
 }
 
-/// Spreads the flows of a decoded batch (schema [`crate::decode::flow_schema`]) over the windows
+/// Spreads the flows of a decoded batch (schema [`crate::schema::flow_schema`]) over the windows
 /// of `size_ns` that each covers (from `flow_start` to `event_time`), at most `max_windows` per
 /// flow. Pieces keep the record's order, earliest first, so the partition's clock advances as
 /// with `flow_end`; the piece in the window of the end keeps the end as its time and carries

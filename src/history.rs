@@ -24,21 +24,8 @@ use datafusion::parquet::file::properties::WriterProperties;
 
 use crate::readiness::SiteReadiness;
 use crate::sink::WindowSink;
+use crate::table::TableDef;
 use crate::window::ClosedWindow;
-
-/// SQL table names of the pipeline tables' closed windows.
-pub fn sql_table_name(pipeline_table: &str) -> Option<&'static str> {
-    match pipeline_table {
-        "conversations" => Some(TOP_TALKERS_TABLE),
-        "flows" => Some("site_windows"),
-        "probes" => Some("probe_windows"),
-        "interfaces" => Some("interface_windows"),
-        _ => None,
-    }
-}
-
-/// The table of the largest conversations per site, direction and window.
-pub const TOP_TALKERS_TABLE: &str = "top_talkers";
 
 /// The table of readiness verdicts, one row per site per evaluation.
 pub const READINESS_TABLE: &str = "readiness";
@@ -486,13 +473,13 @@ pub fn top_n(rows: &RecordBatch, n: usize) -> RecordBatch {
     RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).expect("same rows")
 }
 
-/// Declares every SQL table of a pipeline's windows (so each can be queried before it has rows).
-pub fn declare_tables(history: &History, windows: &crate::window::WindowOperator, top_talkers: usize) {
-    for t in 0..windows.table_count() {
-        let Some(name) = sql_table_name(windows.table_name(t)) else { continue };
-        let empty = RecordBatch::new_empty(windows.output_schema(t));
-        let schema = if name == TOP_TALKERS_TABLE { top_n(&empty, top_talkers).schema() } else { empty.schema() };
-        history.declare(name, &schema);
+/// Declares every SQL table of a pipeline's windows (so each can be queried before it has rows):
+/// each table with the schema of its closed windows.
+pub fn declare_tables(history: &History, tables: &[(&'static TableDef, SchemaRef)], top_talkers: usize) {
+    for (table, schema) in tables {
+        let empty = RecordBatch::new_empty(schema.clone());
+        let schema = if table.top_talkers { top_n(&empty, top_talkers).schema() } else { empty.schema() };
+        history.declare(table.sql_table, &schema);
     }
     history.declare(READINESS_TABLE, &readiness_schema());
 }
@@ -511,9 +498,9 @@ impl HistorySink {
 }
 
 impl WindowSink for HistorySink {
-    fn on_window(&mut self, window: &ClosedWindow) {
-        let Some(name) = sql_table_name(&window.table) else { return };
-        let rows = if name == TOP_TALKERS_TABLE { top_n(&window.rows, self.top_talkers) } else { window.rows.clone() };
+    fn on_window(&mut self, table: &'static TableDef, window: &ClosedWindow) {
+        let name = table.sql_table;
+        let rows = if table.top_talkers { top_n(&window.rows, self.top_talkers) } else { window.rows.clone() };
         if window.previous.is_none() {
             return self.history.append(name, &rows);
         }

@@ -517,7 +517,7 @@ mod tests {
     fn renders_before_any_window_closes() {
         let inventory = Arc::new(Inventory::embedded());
         let state = AppState {
-            metrics: Arc::new(PipelineMetrics::new(&crate::pipeline::Pipeline::FORMATS, &crate::pipeline::Pipeline::TABLES)),
+            metrics: Arc::new(PipelineMetrics::new(&crate::pipeline::Pipeline::FORMATS, &crate::table::TABLES)),
             sites: SiteMetrics::new(inventory.clone(), 10.0),
             ready: Default::default(),
             stopping: Default::default(),

@@ -14,7 +14,6 @@ use tokio::sync::watch;
 use siteflow::checkpoint::CheckpointStore;
 use siteflow::config::{Config, LogFormat, Pace, SourceKind, resolve};
 use siteflow::dead_letter::DeadLetters;
-use siteflow::decode::Format;
 use siteflow::history::{History, HistoryOptions, HistorySink};
 use siteflow::http::{AppState, SqlFormat};
 use siteflow::metrics::PipelineMetrics;
@@ -24,6 +23,7 @@ use siteflow::source::kafka::KafkaSource;
 use siteflow::source::kafka_probe::{self, ProbeOptions};
 use siteflow::source::simulator::{Scenario, Simulator};
 use siteflow::sql::{RecentFlows, SqlEngine, SqlLimits};
+use siteflow::types::Format;
 use siteflow::window::WindowSpec;
 
 const EXAMPLES: &str = "\
@@ -146,7 +146,7 @@ struct ReplayArgs {
     /// Which time of a flow places it in a window: flow_end, flow_start, arrival or spread
     /// (as `kafka.topics[].event_time`).
     #[arg(long, value_name = "MODE", default_value = "flow_end", value_parser = siteflow::replay::parse_event_time)]
-    event_time: siteflow::event_time::EventTime,
+    event_time: siteflow::types::EventTime,
     /// Pace the replay at N seconds of event time per second (1: as recorded). Unset: as fast
     /// as possible.
     #[arg(long, value_name = "N", value_parser = siteflow::replay::parse_speed)]
@@ -300,7 +300,7 @@ async fn wait_for_signal() {
 async fn serve(config: Config) -> anyhow::Result<()> {
     let res = Resources::load(&config)?;
     let scenario = load_scenario(&config, &res)?;
-    let metrics = Arc::new(PipelineMetrics::new(&Pipeline::FORMATS, &Pipeline::TABLES));
+    let metrics = Arc::new(PipelineMetrics::new(&Pipeline::FORMATS, &siteflow::table::TABLES));
     // Last-window gauges go stale with the same limit that turns readiness verdicts `unknown`.
     let stale_after = std::time::Duration::from_secs(config.window.size_secs * u64::from(res.policy.freshness_windows));
     let sites = SiteMetrics::new(res.inventory.clone(), config.window.size_secs as f64).stale_after(stale_after);
@@ -309,7 +309,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let sinks: Vec<Box<dyn siteflow::sink::WindowSink>> =
         vec![Box::new(sites.clone()), Box::new(HistorySink::new(history.clone(), config.sql.top_talkers))];
     let mut pipeline = Pipeline::build(&config, &res, metrics.clone(), sinks).await?;
-    siteflow::history::declare_tables(&history, pipeline.windows(), config.sql.top_talkers);
+    siteflow::history::declare_tables(&history, &pipeline.output_schemas(), config.sql.top_talkers);
     let recent_flows = RecentFlows::new(config.sql.recent_flows_max_rows, config.sql.recent_flows_max_mb << 20);
     pipeline.keep_recent_flows(recent_flows.clone());
     let engine = SqlEngine::new(
@@ -353,7 +353,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         listen = %config.http.listen,
         sites = res.inventory.len(),
         window_secs = config.window.size_secs,
-        flows_sql = %res.flows_sql.origin,
+        flows_sql = %res.sql_of(&siteflow::table::FLOWS).map_or("none", |s| s.origin.as_str()),
         scenario = %scenario.description,
         "siteflow started: metrics at http://{}/metrics",
         config.http.listen
@@ -523,7 +523,7 @@ async fn check(args: &CheckArgs) -> anyhow::Result<()> {
     let config = Config::load(Some(&args.config))?;
     let res = Resources::load(&config)?;
     let scenario = load_scenario(&config, &res)?;
-    let (windows, tables) = plan_windows(window_spec(&config), &res).await?;
+    let windows = plan_windows(window_spec(&config), &res).await?;
     println!("{}: ok", args.config.display());
     let sites = res.inventory.sites();
     let by_exporter = sites.iter().filter(|s| s.prefixes.is_empty()).count();
@@ -533,9 +533,9 @@ async fn check(args: &CheckArgs) -> anyhow::Result<()> {
         print!(" ({by_exporter} by exporter alone; {guessing} without uplink_ifindex count their router's flows as `in`)");
     }
     println!();
-    println!("  flows SQL: {} → columns {}", res.flows_sql.origin, column_list(&windows, tables.flows));
-    println!("  probes SQL: {} → columns {}", res.probes_sql.origin, column_list(&windows, tables.probes));
-    println!("  interfaces SQL: {} → columns {}", res.interfaces_sql.origin, column_list(&windows, tables.interfaces));
+    for (id, (table, sql)) in res.sql.iter().enumerate() {
+        println!("  {} SQL: {} → columns {}", table.name, sql.origin, column_list(&windows, id));
+    }
     let w = &config.window;
     println!(
         "  windows: {} s, published after {} ms, allowed lateness {} ms per exporter, corrections for {} s, exporter skew {} s",
@@ -548,7 +548,7 @@ async fn check(args: &CheckArgs) -> anyhow::Result<()> {
             .topics
             .iter()
             .map(|t| match t.event_time {
-                siteflow::event_time::EventTime::FlowEnd => format!("{} ({})", t.name, t.format.as_str()),
+                siteflow::types::EventTime::FlowEnd => format!("{} ({})", t.name, t.format.as_str()),
                 e => format!("{} ({}, event_time {})", t.name, t.format.as_str(), e.as_str()),
             })
             .collect();
@@ -571,8 +571,8 @@ async fn check(args: &CheckArgs) -> anyhow::Result<()> {
     println!("  readiness: period {} s, hold {} s; {} meeting(s)", res.policy.period_secs, res.policy.hold_secs, res.meetings.len());
     println!("  http: {}", config.http.listen);
     if args.explain {
-        for (name, table) in [("flows", tables.flows), ("probes", tables.probes), ("interfaces", tables.interfaces)] {
-            println!("\n{name}:\n{}", windows.describe(table));
+        for (id, (table, _)) in res.sql.iter().enumerate() {
+            println!("\n{}:\n{}", table.name, windows.describe(id));
         }
     }
     if args.connect {

@@ -4,7 +4,10 @@ use std::sync::Mutex;
 
 use prometheus::{Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
-use crate::decode::{DecodeStats, Format, RejectReason};
+use crate::decode::{DecodeStats, RejectReason};
+use crate::table::TableDef;
+
+use crate::types::Format;
 
 /// Counters and gauges about records and windows, not about sites.
 pub struct PipelineMetrics {
@@ -71,7 +74,7 @@ fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> 
 
 impl PipelineMetrics {
     /// Creates the metrics in a new registry, with every known label combination at zero.
-    pub fn new(formats: &[Format], tables: &[&str]) -> Self {
+    pub fn new(formats: &[Format], tables: &[&TableDef]) -> Self {
         let registry = Registry::new();
         let r = &registry;
         let records_received =
@@ -314,7 +317,7 @@ impl PipelineMetrics {
                 flows_event_time_fallback.with_label_values(&[f]);
             }
         }
-        for t in tables {
+        for t in tables.iter().map(|t| t.name) {
             records_unmatched.with_label_values(&[t]);
             records_late.with_label_values(&[t]);
             windows_closed.with_label_values(&[t]);

@@ -4,7 +4,9 @@
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
-use crate::decode::{DecodeStats, Format, RejectReason};
+use crate::decode::{DecodeStats, RejectReason};
+
+use crate::types::Format;
 
 /// A warning about a source whose records are mostly rejected.
 #[derive(Debug, Clone, PartialEq, Eq)]

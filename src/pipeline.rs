@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use datafusion::arrow::array::RecordBatch;
 use tokio::sync::watch;
@@ -15,41 +15,20 @@ use tokio::time::MissedTickBehavior;
 use crate::checkpoint::{CheckpointStore, PartitionCheckpoint, PartitionKey};
 use crate::config::{Config, resolve};
 use crate::dead_letter::DeadLetters;
-use crate::decode::{DecodeLimits, Decoded, Format, decode_with};
-use crate::enrich::{EnrichStats, Enricher, Sampling, enriched_flow_schema, enriched_interface_schema, enriched_probe_schema};
+use crate::decode::{DecodeLimits, Decoded, decode_with};
+use crate::enrich::{EnrichStats, Enricher, Sampling};
 use crate::inventory::{Inventory, InventoryError, addr_from_ip};
 use crate::metrics::PipelineMetrics;
 use crate::rates::CounterRates;
 use crate::readiness::meetings::load_schedule;
 use crate::readiness::{Meeting, Policy, ReadinessEngine, SharedReadiness};
 use crate::sink::WindowSink;
+use crate::source::Source;
 use crate::source::kafka::{KafkaEvent, KafkaSource};
-use crate::source::{Messages, PartitionId, Source, SourceBatch};
 use crate::sql::RecentFlows;
-use crate::window::{Closed, TableId, WindowOperator, WindowSpec};
-
-/// The built-in flows aggregation.
-pub const EMBEDDED_FLOWS_SQL: &str = include_str!("../pipelines/hagiang/flows.sql");
-/// The built-in probes aggregation.
-pub const EMBEDDED_PROBES_SQL: &str = include_str!("../pipelines/hagiang/probes.sql");
-/// The built-in conversations aggregation (the source of SQL table `top_talkers`).
-pub const EMBEDDED_TOP_TALKERS_SQL: &str = include_str!("../pipelines/hagiang/top_talkers.sql");
-/// The built-in interface traffic aggregation.
-pub const EMBEDDED_INTERFACES_SQL: &str = include_str!("../pipelines/hagiang/interfaces.sql");
-
-/// Columns each table's SQL must output (sinks label rows with them; readiness needs `bytes`),
-/// and the GROUP BY keys it may use: one row per site (and direction or interface) per window.
-const REQUIRED_OUTPUT: [(&str, &[&str]); 4] =
-    [("flows", &["site", "direction", "bytes"]), ("conversations", &["site", "bytes"]), ("interfaces", &["site"]), ("probes", &["site"])];
-const ALLOWED_KEYS: [(&str, &[&str]); 4] = [
-    ("flows", &["window_start", "site", "district", "level", "direction"]),
-    (
-        "conversations",
-        &["window_start", "site", "district", "level", "direction", "src_addr", "dst_addr", "proto", "src_port", "dst_port", "exporter"],
-    ),
-    ("interfaces", &["window_start", "site", "district", "level", "interface", "device", "direction"]),
-    ("probes", &["window_start", "site", "district", "level"]),
-];
+use crate::table::{Input, ReadinessFeed, TABLES, TableDef};
+use crate::types::{Format, Messages, PartitionId, SourceBatch, unix_now_ns};
+use crate::window::{Closed, ClosedWindow, TableId, WindowOperator, WindowSpec};
 
 /// A pipeline that cannot be built, naming the file at fault.
 #[derive(Debug, thiserror::Error)]
@@ -85,37 +64,31 @@ impl SqlSource {
 /// The inventory, pipeline SQL, policy and meetings a configuration points to.
 pub struct Resources {
     pub inventory: Arc<Inventory>,
-    pub flows_sql: SqlSource,
-    pub probes_sql: SqlSource,
-    pub interfaces_sql: SqlSource,
-    pub top_talkers_sql: SqlSource,
+    /// Each table with its SQL, in the window operator's order.
+    pub sql: Vec<(&'static TableDef, SqlSource)>,
     pub policy: Policy,
     pub meetings: Vec<Meeting>,
 }
 
 impl Resources {
+    /// Loads what `config` names, for the tables of [`TABLES`].
     pub fn load(config: &Config) -> Result<Self, BuildError> {
+        Self::load_with_tables(config, &TABLES)
+    }
+
+    /// Loads what `config` names, for `tables` (a test adds its own table this way).
+    pub fn load_with_tables(config: &Config, tables: &[&'static TableDef]) -> Result<Self, BuildError> {
         let inventory = match &config.inventory.sites_csv {
             Some(p) => Inventory::load(&resolve(p))?,
             None => Inventory::embedded(),
         };
-        let flows_sql =
-            SqlSource::load(config.pipeline.flows_sql.as_ref().map(resolve).as_deref(), EMBEDDED_FLOWS_SQL, "pipelines/hagiang/flows.sql")?;
-        let probes_sql = SqlSource::load(
-            config.pipeline.probes_sql.as_ref().map(resolve).as_deref(),
-            EMBEDDED_PROBES_SQL,
-            "pipelines/hagiang/probes.sql",
-        )?;
-        let interfaces_sql = SqlSource::load(
-            config.pipeline.interfaces_sql.as_ref().map(resolve).as_deref(),
-            EMBEDDED_INTERFACES_SQL,
-            "pipelines/hagiang/interfaces.sql",
-        )?;
-        let top_talkers_sql = SqlSource::load(
-            config.pipeline.top_talkers_sql.as_ref().map(resolve).as_deref(),
-            EMBEDDED_TOP_TALKERS_SQL,
-            "pipelines/hagiang/top_talkers.sql",
-        )?;
+        let sql = tables
+            .iter()
+            .map(|&table| {
+                let path = config.pipeline.sql_file(table.config_key).map(resolve);
+                Ok((table, SqlSource::load(path.as_deref(), table.embedded_sql, table.embedded_path)?))
+            })
+            .collect::<Result<Vec<_>, BuildError>>()?;
         let policy = match &config.readiness.policy {
             Some(p) => Policy::load(&resolve(p)).map_err(BuildError::Other)?,
             None => Policy::embedded(),
@@ -125,59 +98,45 @@ impl Resources {
             Some(p) => load_schedule(&resolve(p), &inventory, &policy).map_err(BuildError::Other)?,
             None => Vec::new(),
         };
-        Ok(Self { inventory: Arc::new(inventory), flows_sql, probes_sql, interfaces_sql, top_talkers_sql, policy, meetings })
+        Ok(Self { inventory: Arc::new(inventory), sql, policy, meetings })
+    }
+
+    /// The SQL of `table`.
+    pub fn sql_of(&self, table: &TableDef) -> Option<&SqlSource> {
+        self.sql.iter().find(|(t, _)| *t == table).map(|(_, s)| s)
+    }
+
+    /// The window operator's id of `table` (see [`plan_windows`]).
+    pub fn table_id(&self, table: &TableDef) -> Option<TableId> {
+        self.sql.iter().position(|(t, _)| *t == table)
     }
 }
 
-/// The window operator's tables.
-#[derive(Debug, Clone, Copy)]
-pub struct Tables {
-    pub flows: TableId,
-    /// Flows per conversation (source of `top_talkers`); fed the same rows as `flows`.
-    pub conversations: TableId,
-    pub interfaces: TableId,
-    pub probes: TableId,
-}
-
-/// Builds the window operator with every table planned from its SQL.
-pub async fn plan_windows(spec: WindowSpec, res: &Resources) -> Result<(WindowOperator, Tables), BuildError> {
+/// Builds the window operator with every table of `res` planned from its SQL, in order: table
+/// `i` of `res.sql` is the operator's [`TableId`] `i`.
+pub async fn plan_windows(spec: WindowSpec, res: &Resources) -> Result<WindowOperator, BuildError> {
     let mut windows = WindowOperator::new(spec);
-    let mut ids = Vec::new();
-    let sources = [
-        (&res.flows_sql, enriched_flow_schema()),
-        (&res.top_talkers_sql, enriched_flow_schema()),
-        (&res.interfaces_sql, enriched_interface_schema()),
-        (&res.probes_sql, enriched_probe_schema()),
-    ];
-    for ((table, required), (sql, schema)) in REQUIRED_OUTPUT.iter().zip(sources) {
+    for (table, sql) in &res.sql {
         let err = |message: String| BuildError::Sql { file: sql.origin.clone(), message };
-        // Conversations are an aggregation of the flows: their SQL reads `flows`.
-        let input = if *table == "conversations" { "flows" } else { table };
-        let id = windows.add_table(table, input, &schema, &sql.text).await.map_err(|e| err(e.to_string()))?;
+        let name = table.name;
+        let id = windows.add_table(name, table.input.name(), &table.input.schema(), &sql.text).await.map_err(|e| err(e.to_string()))?;
         let out = windows.output_schema(id);
-        for col in *required {
+        for col in table.required_columns {
             if out.index_of(col).is_err() {
                 return Err(err(format!(
-                    "the query over `{table}` must output a `{col}` column (it outputs: {})",
+                    "the query over `{name}` must output a `{col}` column (it outputs: {})",
                     out.fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>().join(", ")
                 )));
             }
         }
-        let allowed = ALLOWED_KEYS.iter().find(|(t, _)| t == table).map(|(_, k)| *k).unwrap_or(&[]);
-        if let Some(extra) = windows.group_keys(id).iter().find(|k| !allowed.contains(&k.as_str())) {
+        if let Some(extra) = windows.group_keys(id).iter().find(|k| !table.allowed_keys.contains(&k.as_str())) {
             return Err(err(format!(
-                "the query over `{table}` groups by `{extra}`: only {} are allowed, one row per site per window",
-                allowed.join(", ")
+                "the query over `{name}` groups by `{extra}`: only {} are allowed, one row per site per window",
+                table.allowed_keys.join(", ")
             )));
         }
-        ids.push(id);
     }
-    Ok((windows, Tables { flows: ids[0], conversations: ids[1], interfaces: ids[2], probes: ids[3] }))
-}
-
-/// Now, in nanoseconds since the Unix epoch.
-pub fn unix_now_ns() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64)
+    Ok(windows)
 }
 
 /// Totals of one run, for logs and tests.
@@ -197,7 +156,8 @@ pub struct Pipeline {
     spreader: crate::event_time::Spreader,
     enricher: Enricher,
     windows: WindowOperator,
-    tables: Tables,
+    /// The tables, indexed by the window operator's [`TableId`].
+    tables: Vec<&'static TableDef>,
     /// Interface counters' previous samples, to turn counters into traffic.
     counter_rates: CounterRates,
     metrics: Arc<PipelineMetrics>,
@@ -211,8 +171,8 @@ pub struct Pipeline {
     durable: Option<Durable>,
     /// The newest enriched flow records, for SQL (`flows_recent`).
     recent_flows: Option<Arc<RecentFlows>>,
-    /// Whether flows also feed the conversations table (`sql.top_talkers` > 0): it costs about
-    /// as much as decoding, so `0` turns it off (BENCHMARKS.md).
+    /// Whether flows also feed the top-talker tables (`sql.top_talkers` > 0): it costs about as
+    /// much as decoding, so `0` turns it off (BENCHMARKS.md).
     top_talkers: bool,
     /// Raised to the newest event time after each batch, for a replay's progress and pacing.
     newest_event: Option<Arc<std::sync::atomic::AtomicI64>>,
@@ -220,8 +180,8 @@ pub struct Pipeline {
     rejections: crate::notices::RejectionWatch,
     /// The periodic one-line status.
     status: crate::notices::StatusLog,
-    /// Per table (in [`Pipeline::TABLES`] order): whether its first window was published.
-    first_published: [bool; 4],
+    /// Per table: whether its first window was published.
+    first_published: Vec<bool>,
 }
 
 /// How long to wait before warning again about a source whose records are still rejected.
@@ -257,7 +217,8 @@ impl Pipeline {
                 res.policy.period_secs, config.window.size_secs
             )));
         }
-        let (windows, tables) = plan_windows(spec, res).await?;
+        let windows = plan_windows(spec, res).await?;
+        let tables: Vec<&'static TableDef> = res.sql.iter().map(|(table, _)| *table).collect();
         let sampling = Sampling {
             default_rate: config.sampling.default_rate,
             overrides: config.sampling.overrides.iter().map(|(ip, r)| (addr_from_ip(*ip), *r)).collect(),
@@ -277,6 +238,7 @@ impl Pipeline {
                 res.meetings.clone(),
             ),
             windows,
+            first_published: vec![false; tables.len()],
             tables,
             counter_rates: CounterRates::default(),
             metrics,
@@ -292,15 +254,15 @@ impl Pipeline {
                 REJECTION_WARN_REPEAT.max(Duration::from_secs(config.log.rejection_warn_after_secs)),
             ),
             status: crate::notices::StatusLog::new(Duration::from_secs(config.log.status_interval_secs), Instant::now()),
-            first_published: [false; 4],
         })
     }
 
     /// Keeps checkpoints and per-partition results logs in `store` (the Kafka source's mode).
     pub fn enable_checkpoints(&mut self, store: CheckpointStore, dead_letters: Option<DeadLetters>) {
         self.windows.set_per_partition_results(true);
-        // Conversations are many; their windows are checkpointed but not logged per partition.
-        self.windows.set_results_log(self.tables.conversations, false);
+        for (id, table) in self.tables.iter().enumerate() {
+            self.windows.set_results_log(id, table.results_log);
+        }
         self.durable = Some(Durable { store, owned: Default::default(), dead_letters });
     }
 
@@ -428,8 +390,16 @@ impl Pipeline {
 
     /// Formats every source of this pipeline can deliver.
     pub const FORMATS: [Format; 6] = Format::ALL;
-    /// Table names in the window operator's order (see [`plan_windows`]).
-    pub const TABLES: [&'static str; 4] = ["flows", "conversations", "interfaces", "probes"];
+
+    /// The tables, in the window operator's order.
+    pub fn tables(&self) -> &[&'static TableDef] {
+        &self.tables
+    }
+
+    /// Each table with the schema of its closed windows (what SQL declares).
+    pub fn output_schemas(&self) -> Vec<(&'static TableDef, datafusion::arrow::datatypes::SchemaRef)> {
+        self.tables.iter().enumerate().map(|(id, table)| (*table, self.windows.output_schema(id))).collect()
+    }
 
     pub fn windows(&self) -> &WindowOperator {
         &self.windows
@@ -464,17 +434,21 @@ impl Pipeline {
         }
         self.summary.batches += 1;
         self.summary.records += stats.records;
-        let (enriched, ordinals): (Vec<(TableId, (RecordBatch, EnrichStats))>, Vec<Vec<u32>>) = match decoded {
+        // Each input's enriched rows, with (for several inputs from the same messages) each row's
+        // position among the messages' records.
+        let inputs: Vec<(Input, RecordBatch, EnrichStats, Vec<u32>)> = match decoded {
             Decoded::Flows(b) => {
-                let b = self.spreader.apply(batch.event_time, b, &self.metrics);
+                let (b, spread) = self.spreader.apply(batch.event_time, b);
+                if let Some(stats) = spread {
+                    self.metrics.record_spread(&stats);
+                }
                 let (rows, stats) = self.enricher.enrich_flows(&b);
-                // Conversations aggregate the same rows; their records are counted once, as flows.
-                let conversations = self.top_talkers.then(|| (self.tables.conversations, (rows.clone(), EnrichStats::default())));
-                let mut tables = vec![(self.tables.flows, (rows, stats))];
-                tables.extend(conversations);
-                (tables, Vec::new())
+                vec![(Input::Flows, rows, stats, Vec::new())]
             }
-            Decoded::Probes(b) => (vec![(self.tables.probes, self.enricher.enrich_probes(&b))], Vec::new()),
+            Decoded::Probes(b) => {
+                let (rows, stats) = self.enricher.enrich_probes(&b);
+                vec![(Input::Probes, rows, stats, Vec::new())]
+            }
             Decoded::Telemetry { probes, counters, is_counter } => {
                 let (traffic, counter_stats, sample_rows) = self.counter_rates.apply(batch.partition, &counters);
                 self.metrics.record_counters(&counter_stats);
@@ -485,14 +459,18 @@ impl Pipeline {
                 for (k, &counter) in is_counter.iter().enumerate() {
                     if counter { &mut counter_ordinal } else { &mut probe_ordinal }.push(k as u32);
                 }
-                let ordinals = vec![
-                    probe_rows.iter().map(|&r| probe_ordinal[r as usize]).collect(),
-                    traffic_rows.iter().map(|&r| counter_ordinal[sample_rows[r as usize] as usize]).collect(),
-                ];
-                (vec![(self.tables.probes, (probes, probe_stats)), (self.tables.interfaces, (traffic, traffic_stats))], ordinals)
+                vec![
+                    (Input::Probes, probes, probe_stats, probe_rows.iter().map(|&r| probe_ordinal[r as usize]).collect()),
+                    (
+                        Input::Interfaces,
+                        traffic,
+                        traffic_stats,
+                        traffic_rows.iter().map(|&r| counter_ordinal[sample_rows[r as usize] as usize]).collect(),
+                    ),
+                ]
             }
         };
-        self.feed(&batch, enriched, ordinals).await?;
+        self.feed(&batch, inputs).await?;
         if let Some(newest) = &self.newest_event
             && let Some(t) = self.windows.watermarks().partition_max_event(batch.partition)
         {
@@ -502,18 +480,13 @@ impl Pipeline {
         self.publish(closed, false)
     }
 
-    /// Hands enriched rows of one source batch to the window operator, all tables together
-    /// (`ordinals`: see [`WindowOperator::process_together`]; empty for a single table).
-    async fn feed(
-        &mut self,
-        batch: &SourceBatch,
-        enriched: Vec<(TableId, (RecordBatch, EnrichStats))>,
-        ordinals: Vec<Vec<u32>>,
-    ) -> anyhow::Result<()> {
-        let (mut inputs, mut input_ordinals) = (Vec::with_capacity(enriched.len()), Vec::with_capacity(enriched.len()));
-        for (i, (table, (rows, stats))) in enriched.iter().enumerate() {
-            self.metrics.record_enrich(batch.format, Self::TABLES[*table], stats);
-            if *table == self.tables.flows {
+    /// Hands the enriched rows of one source batch to every table that reads them, all tables
+    /// together (see [`WindowOperator::process_together`]).
+    async fn feed(&mut self, batch: &SourceBatch, inputs: Vec<(Input, RecordBatch, EnrichStats, Vec<u32>)>) -> anyhow::Result<()> {
+        let mut fed: Vec<(TableId, &RecordBatch)> = Vec::new();
+        let mut fed_ordinals = Vec::new();
+        for (input, rows, stats, ordinals) in &inputs {
+            if *input == Input::Flows {
                 if let Some(ring) = &self.recent_flows {
                     ring.push(rows);
                 }
@@ -521,20 +494,30 @@ impl Pipeline {
                     sink.on_flows(rows);
                 }
             }
-            if rows.num_rows() > 0 {
-                inputs.push((*table, rows));
-                input_ordinals.push(ordinals.get(i).cloned().unwrap_or_default());
+            for (id, table) in self.tables.iter().enumerate() {
+                if table.input != *input || (table.top_talkers && !self.top_talkers) {
+                    continue;
+                }
+                // A second view of rows another table counts: not counted again.
+                if !table.second_view {
+                    self.metrics.record_enrich(batch.format, table.name, stats);
+                }
+                if rows.num_rows() > 0 {
+                    fed.push((id, rows));
+                    fed_ordinals.push(ordinals.clone());
+                }
             }
         }
-        if inputs.is_empty() {
+        if fed.is_empty() {
             return Ok(());
         }
-        let outcomes = self.windows.process_together(batch.partition, &inputs, &input_ordinals, batch.received).await?;
-        for ((table, _), outcome) in inputs.iter().zip(outcomes) {
-            if *table != self.tables.conversations {
-                self.metrics.records_late.with_label_values(&[Self::TABLES[*table]]).inc_by(outcome.late);
+        let outcomes = self.windows.process_together(batch.partition, &fed, &fed_ordinals, batch.received).await?;
+        for ((id, _), outcome) in fed.iter().zip(outcomes) {
+            let table = self.tables[*id];
+            if !table.second_view {
+                self.metrics.records_late.with_label_values(&[table.name]).inc_by(outcome.late);
             }
-            if *table == self.tables.probes
+            if table.readiness == ReadinessFeed::OnTimeRecords
                 && let Some(on_time) = &outcome.on_time
             {
                 self.readiness.engine.write().expect("readiness lock").observe_probes(on_time);
@@ -600,6 +583,48 @@ impl Pipeline {
         self.summary
     }
 
+    /// Hands one closed window (or a correction) to the sinks and what else reads its table.
+    fn publish_window(&mut self, w: &ClosedWindow, flushing: bool) {
+        let table = self.tables[w.table_id];
+        for sink in &mut self.sinks {
+            sink.on_window(table, w);
+        }
+        if w.previous.is_some() {
+            self.metrics.windows_corrected.with_label_values(&[table.name]).inc();
+            return;
+        }
+        // Empty windows of a table without input are published too: not news.
+        if !self.first_published[w.table_id] && w.rows.num_rows() > 0 {
+            self.first_published[w.table_id] = true;
+            let start = chrono::DateTime::from_timestamp_nanos(w.start_ns).to_rfc3339();
+            tracing::info!(table = table.name, window_start = %start, rows = w.rows.num_rows(), "first {} window published", table.name);
+        }
+        // The SQL decides the column's type (often a dictionary): read it as text.
+        if !table.second_view
+            && let Some(column) = w.rows.column_by_name("site")
+            && let Ok(text) = datafusion::arrow::compute::cast(column, &datafusion::arrow::datatypes::DataType::Utf8)
+            && let Some(sites) = text.as_any().downcast_ref::<datafusion::arrow::array::StringArray>()
+        {
+            self.status.saw_sites(sites.iter().flatten());
+        }
+        if table.readiness == ReadinessFeed::Windows {
+            self.readiness.engine.write().expect("readiness lock").observe_flow_window(&w.rows, w.end_ns);
+        }
+        self.metrics.windows_closed.with_label_values(&[table.name]).inc();
+        if !flushing {
+            self.metrics.record_close_latency(w.closed_by.elapsed());
+        }
+    }
+
+    /// Every table's windows up to `end` are with the sinks: judge the sites over them.
+    fn windows_complete(&mut self, start: i64, end: i64) {
+        let mut engine = self.readiness.engine.write().expect("readiness lock");
+        engine.evaluate(start, end);
+        for sink in &mut self.sinks {
+            sink.on_readiness(start, end, engine.latest());
+        }
+    }
+
     fn publish(&mut self, closed: Closed, flushing: bool) -> anyhow::Result<()> {
         self.metrics.window_late_contributions.inc_by(closed.late_contributions);
         if let Some(durable) = &self.durable {
@@ -613,51 +638,23 @@ impl Pipeline {
             // Before the sinks see the window: whoever sees it on /metrics also sees /readyz ready.
             self.ready.store(true, Ordering::Release);
         }
+        // Windows come oldest first, every table of a window together: each window goes to the
+        // sinks whole, then, if it completes the windows up to its end, readiness judges them.
         let mut completed = completed.into_iter().peekable();
-        for (i, w) in windows.iter().enumerate() {
-            for sink in &mut self.sinks {
-                sink.on_window(w);
+        for same_window in windows.chunk_by(|a, b| a.start_ns == b.start_ns) {
+            for w in same_window {
+                self.publish_window(w, flushing);
             }
-            let correction = w.previous.is_some();
-            let is_flows = w.table.as_ref() == Self::TABLES[self.tables.flows];
-            if correction {
-                self.metrics.windows_corrected.with_label_values(&[&w.table]).inc();
-            } else {
-                if let Some(t) = Self::TABLES.iter().position(|t| *t == w.table.as_ref()) {
-                    // Empty windows of a table without input are published too: not news.
-                    if !self.first_published[t] && w.rows.num_rows() > 0 {
-                        self.first_published[t] = true;
-                        let start = chrono::DateTime::from_timestamp_nanos(w.start_ns).to_rfc3339();
-                        tracing::info!(table = %w.table, window_start = %start, rows = w.rows.num_rows(), "first {} window published", w.table);
-                    }
-                    // The SQL decides the column's type (often a dictionary): read it as text.
-                    if w.table.as_ref() != "conversations"
-                        && let Some(column) = w.rows.column_by_name("site")
-                        && let Ok(text) = datafusion::arrow::compute::cast(column, &datafusion::arrow::datatypes::DataType::Utf8)
-                        && let Some(sites) = text.as_any().downcast_ref::<datafusion::arrow::array::StringArray>()
-                    {
-                        self.status.saw_sites(sites.iter().flatten());
-                    }
-                }
-                if is_flows {
-                    self.readiness.engine.write().expect("readiness lock").observe_flow_window(&w.rows, w.end_ns);
-                    self.summary.windows_closed += 1;
-                    self.summary.windows_flushed_at_end += u64::from(flushing);
-                }
-                self.metrics.windows_closed.with_label_values(&[&w.table]).inc();
-                if !flushing {
-                    self.metrics.record_close_latency(w.closed_by.elapsed());
-                }
+            if same_window.iter().any(|w| w.previous.is_none()) {
+                self.summary.windows_closed += 1;
+                self.summary.windows_flushed_at_end += u64::from(flushing);
             }
-            // Once every table of a completed window is with the sinks: judge the sites.
-            let last_of_window = windows.get(i + 1).is_none_or(|next| next.start_ns != w.start_ns);
-            if last_of_window && let Some((start, end)) = completed.next_if(|(s, _)| *s == w.start_ns) {
-                let mut engine = self.readiness.engine.write().expect("readiness lock");
-                engine.evaluate(start, end);
-                for sink in &mut self.sinks {
-                    sink.on_readiness(start, end, engine.latest());
-                }
+            while let Some((start, end)) = completed.next_if(|(start, _)| *start <= same_window[0].start_ns) {
+                self.windows_complete(start, end);
             }
+        }
+        for (start, end) in completed {
+            self.windows_complete(start, end);
         }
         self.metrics.windows_correctable.set(self.windows.correctable_window_count() as i64);
         self.metrics.windows_open.set(self.windows.open_window_count() as i64);

@@ -16,32 +16,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use datafusion::arrow::array::{Array, ArrayRef, AsArray, PrimitiveArray, RecordBatch, StringArray};
-use datafusion::arrow::datatypes::{
-    DataType, Field, Float64Type, Schema, SchemaRef, TimeUnit, TimestampNanosecondType, UInt8Type, UInt64Type,
-};
+use datafusion::arrow::datatypes::{Float64Type, TimestampNanosecondType, UInt8Type, UInt64Type};
 use serde::{Deserialize, Serialize};
 
-use crate::source::PartitionId;
-
-/// Schema of interface traffic rows (before enrichment): bytes moved through `interface` in
-/// `direction` (`in` = received by the interface, RFC 2863 `ifInOctets`) during the `seconds`
-/// that end at `event_time`.
-pub fn interface_traffic_schema() -> SchemaRef {
-    static SCHEMA: std::sync::OnceLock<SchemaRef> = std::sync::OnceLock::new();
-    SCHEMA
-        .get_or_init(|| {
-            Arc::new(Schema::new(vec![
-                Field::new("event_time", DataType::Timestamp(TimeUnit::Nanosecond, None), false),
-                Field::new("site_id", DataType::Utf8, false),
-                Field::new("device", DataType::Utf8, false),
-                Field::new("interface", DataType::Utf8, false),
-                Field::new("direction", DataType::Utf8, false),
-                Field::new("bytes", DataType::UInt64, false),
-                Field::new("seconds", DataType::Float64, false),
-            ]))
-        })
-        .clone()
-}
+use crate::schema::interface_traffic_schema;
+use crate::types::PartitionId;
 
 /// The last sample of one counter, as kept in a partition's checkpoint.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

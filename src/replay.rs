@@ -17,13 +17,13 @@ use datafusion::arrow::datatypes::SchemaRef;
 use tokio::sync::watch;
 
 use crate::config::Config;
-use crate::decode::{DecodeLimits, Format, RejectReason};
-use crate::event_time::EventTime;
+use crate::decode::{DecodeLimits, RejectReason};
 use crate::history::{History, HistoryOptions, HistorySink};
 use crate::metrics::PipelineMetrics;
 use crate::pipeline::{Pipeline, Resources};
 use crate::source::file::{FileInput, FileProgress, FileSource};
 use crate::sql::{SqlEngine, SqlLimits};
+use crate::types::{EventTime, Format};
 
 /// Messages per batch of a replay as fast as possible (as a Kafka micro-batch).
 const BATCH_MESSAGES: usize = 1_000;
@@ -127,7 +127,7 @@ pub async fn replay(options: &ReplayOptions, config: &Config) -> anyhow::Result<
     }
     let formats = source.formats();
     let progress = source.progress();
-    let metrics = Arc::new(PipelineMetrics::new(&Pipeline::FORMATS, &Pipeline::TABLES));
+    let metrics = Arc::new(PipelineMetrics::new(&Pipeline::FORMATS, &crate::table::TABLES));
     let history = History::open(HistoryOptions {
         dir: options.history_dir.clone(),
         max_memory_rows: usize::MAX,
@@ -136,7 +136,7 @@ pub async fn replay(options: &ReplayOptions, config: &Config) -> anyhow::Result<
     let sinks: Vec<Box<dyn crate::sink::WindowSink>> = vec![Box::new(HistorySink::new(history.clone(), config.sql.top_talkers))];
     let mut pipeline = Pipeline::build(config, &res, metrics.clone(), sinks).await?;
     pipeline.track_event_time(progress.newest_event_ns.clone());
-    crate::history::declare_tables(&history, pipeline.windows(), config.sql.top_talkers);
+    crate::history::declare_tables(&history, &pipeline.output_schemas(), config.sql.top_talkers);
     tracing::info!(
         files = options.files.len(),
         messages = progress.messages_total,
@@ -195,7 +195,8 @@ struct Counts {
 
 impl Counts {
     fn read(m: &PipelineMetrics, formats: &[Format]) -> Self {
-        let per_table = |c: &prometheus::IntCounterVec| -> u64 { Pipeline::TABLES.iter().map(|t| c.with_label_values(&[t]).get()).sum() };
+        let per_table =
+            |c: &prometheus::IntCounterVec| -> u64 { crate::table::TABLES.iter().map(|t| c.with_label_values(&[t.name]).get()).sum() };
         let mut counts = Counts {
             unmatched: per_table(&m.records_unmatched),
             late: per_table(&m.records_late),

@@ -409,7 +409,7 @@ impl Inner {
             let schema = batches
                 .first()
                 .map(|b| b.schema())
-                .unwrap_or_else(|| readable(&RecordBatch::new_empty(crate::enrich::enriched_flow_schema())).schema());
+                .unwrap_or_else(|| readable(&RecordBatch::new_empty(crate::schema::enriched_flow_schema())).schema());
             ctx.register_table("flows_recent", Arc::new(MemTable::try_new(schema, vec![batches])?))?;
         }
         Ok(ctx)

@@ -2,6 +2,6 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use siteflow::decode::Format;
+use siteflow::types::Format;
 
 fuzz_target!(|data: &[u8]| siteflow::decode::fuzz::check(Format::Goflow2Json, data));

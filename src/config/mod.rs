@@ -66,6 +66,19 @@ pub struct PipelineConfig {
     pub top_talkers_sql: Option<RelativePathBuf>,
 }
 
+impl PipelineConfig {
+    /// The file that replaces the built-in SQL of the table whose `config_key` is `key`.
+    pub fn sql_file(&self, key: &str) -> Option<&RelativePathBuf> {
+        match key {
+            "flows_sql" => self.flows_sql.as_ref(),
+            "probes_sql" => self.probes_sql.as_ref(),
+            "interfaces_sql" => self.interfaces_sql.as_ref(),
+            "top_talkers_sql" => self.top_talkers_sql.as_ref(),
+            _ => None,
+        }
+    }
+}
+
 /// Event-time windows.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -175,10 +188,10 @@ pub struct FileConfig {
     pub path: RelativePathBuf,
     /// As `kafka.topics[].format` (but not `goflow2_protobuf_plain`); unset: detected.
     #[serde(default)]
-    pub format: Option<crate::decode::Format>,
+    pub format: Option<crate::types::Format>,
     /// As `kafka.topics[].event_time`.
     #[serde(default)]
-    pub event_time: crate::event_time::EventTime,
+    pub event_time: crate::types::EventTime,
 }
 
 /// One Kafka topic and the format its messages are in.
@@ -188,11 +201,11 @@ pub struct TopicConfig {
     pub name: String,
     /// `goflow2_json`, `goflow2_protobuf` (varint-length-delimited), `goflow2_protobuf_plain`,
     /// `pmacct_json`, `telegraf_json` or `siteflow_probe_json`.
-    pub format: crate::decode::Format,
+    pub format: crate::types::Format,
     /// Which time of a flow places it in a window: `flow_end` (default), `flow_start`, `arrival`
     /// (the collector's receipt) or `spread` (over the windows from the flow's start to its end).
     #[serde(default)]
-    pub event_time: crate::event_time::EventTime,
+    pub event_time: crate::types::EventTime,
 }
 
 /// The Kafka source: a consumer group over several topics.
@@ -377,7 +390,7 @@ pub struct SimulatorConfig {
     pub scenario: Option<RelativePathBuf>,
     /// Which time of its flows is the event time, as `kafka.topics[].event_time`. Its flows last
     /// 2 s and end at the event time the ground truth of tests counts: `flow_end`.
-    pub event_time: crate::event_time::EventTime,
+    pub event_time: crate::types::EventTime,
 }
 
 impl Default for SimulatorConfig {
@@ -395,7 +408,7 @@ impl Default for SimulatorConfig {
             unmatched_ratio: 0.005,
             probe_interval_secs: 5,
             scenario: None,
-            event_time: crate::event_time::EventTime::FlowEnd,
+            event_time: crate::types::EventTime::FlowEnd,
         }
     }
 }
@@ -677,7 +690,7 @@ impl Config {
             if self.source.files.is_empty() {
                 return invalid("source.files", "list at least one file (`- { path: flows.json.gz }`) when source.kind is file".into());
             }
-            if let Some(f) = self.source.files.iter().find(|f| f.format == Some(crate::decode::Format::Goflow2ProtobufPlain)) {
+            if let Some(f) = self.source.files.iter().find(|f| f.format == Some(crate::types::Format::Goflow2ProtobufPlain)) {
                 return invalid(
                     "source.files",
                     format!(
@@ -799,6 +812,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn every_table_has_its_sql_file_setting() {
+        let mut c = Config::default();
+        let file = |name: &str| Some(RelativePathBuf::from(std::path::PathBuf::from(name)));
+        (c.pipeline.flows_sql, c.pipeline.probes_sql, c.pipeline.interfaces_sql, c.pipeline.top_talkers_sql) =
+            (file("f.sql"), file("p.sql"), file("i.sql"), file("t.sql"));
+        for table in crate::table::TABLES {
+            assert!(c.pipeline.sql_file(table.config_key).is_some(), "pipeline.{} is a setting", table.config_key);
+        }
+    }
+
+    #[test]
     fn defaults_are_valid() {
         Config::default().validate("defaults").unwrap();
     }
@@ -810,7 +834,7 @@ mod tests {
         let err = c.validate("f.yaml").unwrap_err().to_string();
         assert!(err.starts_with("f.yaml: source.files: list at least one file"), "{err}");
         let file = |path: &str, format| FileConfig { path: RelativePathBuf::from(path), format, event_time: Default::default() };
-        c.source.files = vec![file("Cargo.toml", Some(crate::decode::Format::Goflow2ProtobufPlain))];
+        c.source.files = vec![file("Cargo.toml", Some(crate::types::Format::Goflow2ProtobufPlain))];
         assert!(c.validate("f.yaml").unwrap_err().to_string().contains("Cargo.toml: goflow2_protobuf_plain cannot be replayed"));
         c.source.files = vec![file("Cargo.toml", None), file("no/such/capture.json.gz", None)];
         assert!(c.validate("f.yaml").unwrap_err().to_string().ends_with("source.files: no/such/capture.json.gz: no such file"));

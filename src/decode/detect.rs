@@ -4,8 +4,8 @@
 //! Used where the format is not given (`siteflow replay` without `--format`) and to explain a
 //! topic whose records are rejected (`siteflow check --connect`: "they decode as goflow2_json").
 
-use super::{DecodeLimits, DecodeStats, Format, decode};
-use crate::source::Messages;
+use super::{DecodeLimits, DecodeStats, decode};
+use crate::types::{Format, Messages};
 
 /// How one format fared on the sample.
 #[derive(Debug, Clone)]

@@ -2,8 +2,8 @@
 //! the property tests: no panic, every record decoded, rejected with a reason or counted as no traffic, one output row
 //! per decoded record, and every rejection pointing at bytes of a real message.
 
-use super::{DecodeLimits, Format, decode};
-use crate::source::Messages;
+use super::{DecodeLimits, decode};
+use crate::types::{Format, Messages};
 
 /// Decodes `data` as `format` (one message, or several split at `0xFF` bytes) and panics if an
 /// invariant does not hold.

@@ -221,7 +221,7 @@ pub(crate) mod tests {
         // Without any time the record cannot be placed (when it is pushed).
         let no_time = GOOD.replace("1764000000400000000", "0").replace("1764000000500000000", "0").replace("1764000000000000000", "0");
         let r = decode_record(no_time.as_bytes(), &l).unwrap();
-        assert_eq!(r.placed(crate::event_time::EventTime::FlowEnd, &l), Err(RejectReason::BadTimestamp));
+        assert_eq!(r.placed(crate::types::EventTime::FlowEnd, &l), Err(RejectReason::BadTimestamp));
     }
 
     #[test]

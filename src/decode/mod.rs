@@ -18,61 +18,13 @@ use std::sync::Arc;
 use datafusion::arrow::array::{ArrayRef, FixedSizeBinaryArray, PrimitiveArray, RecordBatch, StringArray};
 use datafusion::arrow::buffer::Buffer;
 use datafusion::arrow::datatypes::{
-    ArrowPrimitiveType, DataType, Field, Float64Type, Int64Type, Schema, SchemaRef, TimeUnit, TimestampNanosecondType, UInt8Type,
-    UInt16Type, UInt32Type, UInt64Type,
+    ArrowPrimitiveType, Float64Type, Int64Type, TimestampNanosecondType, UInt8Type, UInt16Type, UInt32Type, UInt64Type,
 };
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
-use crate::event_time::EventTime;
 use crate::inventory::Addr;
-use crate::source::Messages;
-
-/// The wire formats siteflow reads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Format {
-    /// goflow2 `-format=json`: one flow per line.
-    Goflow2Json,
-    /// goflow2 `-format=bin`: varint-length-delimited `FlowMessage`s (goflow2's Kafka default).
-    Goflow2Protobuf,
-    /// goflow2 `-format=bin` without the length prefix: one `FlowMessage` per message.
-    Goflow2ProtobufPlain,
-    /// pmacct nfacctd/sfacctd Kafka plugin, `kafka_output: json` (also `kafka_multi_values`).
-    PmacctJson,
-    /// siteflow's own probe record (see `schemas/siteflow-probe.schema.json`).
-    SiteflowProbeJson,
-    /// Telegraf `data_format = "json"` (single or `{"metrics":[…]}`): `ping` → probe results,
-    /// interface octet counters (`net`, `snmp`, …) → interface byte rates.
-    TelegrafJson,
-}
-
-impl Format {
-    /// Every format siteflow decodes.
-    pub const ALL: [Format; 6] = [
-        Format::Goflow2Json,
-        Format::Goflow2Protobuf,
-        Format::Goflow2ProtobufPlain,
-        Format::PmacctJson,
-        Format::SiteflowProbeJson,
-        Format::TelegrafJson,
-    ];
-
-    /// Whether the format carries flow records.
-    pub fn is_flows(self) -> bool {
-        matches!(self, Format::Goflow2Json | Format::Goflow2Protobuf | Format::Goflow2ProtobufPlain | Format::PmacctJson)
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Format::Goflow2Json => "goflow2_json",
-            Format::Goflow2Protobuf => "goflow2_protobuf",
-            Format::Goflow2ProtobufPlain => "goflow2_protobuf_plain",
-            Format::PmacctJson => "pmacct_json",
-            Format::SiteflowProbeJson => "siteflow_probe_json",
-            Format::TelegrafJson => "telegraf_json",
-        }
-    }
-}
+use crate::schema::{counter_schema, flow_schema, probe_schema};
+use crate::types::{EventTime, Format, Messages};
 
 /// A protocol field: a name in any case ("TCP", "udp", "ipv6-icmp") or a number.
 #[derive(Debug, Default, Clone, Copy)]
@@ -295,35 +247,6 @@ pub fn for_each_record(msgs: &Messages, limits: &DecodeLimits, stats: &mut Decod
     }
 }
 
-fn ts_ns() -> DataType {
-    DataType::Timestamp(TimeUnit::Nanosecond, None)
-}
-
-/// Schema of decoded flows: the raw record, not yet corrected for sampling nor tied to a site.
-pub fn flow_schema() -> SchemaRef {
-    static SCHEMA: std::sync::OnceLock<SchemaRef> = std::sync::OnceLock::new();
-    SCHEMA
-        .get_or_init(|| {
-            Arc::new(Schema::new(vec![
-                Field::new("event_time", ts_ns(), false),
-                Field::new("exporter", DataType::FixedSizeBinary(16), false),
-                Field::new("src_addr", DataType::FixedSizeBinary(16), false),
-                Field::new("dst_addr", DataType::FixedSizeBinary(16), false),
-                Field::new("src_port", DataType::UInt16, false),
-                Field::new("dst_port", DataType::UInt16, false),
-                Field::new("proto", DataType::UInt8, false),
-                Field::new("in_if", DataType::UInt32, false),
-                Field::new("out_if", DataType::UInt32, false),
-                Field::new("bytes", DataType::UInt64, false),
-                Field::new("packets", DataType::UInt64, false),
-                Field::new("flows", DataType::UInt64, false),
-                Field::new("sampling_rate", DataType::UInt32, false),
-                Field::new("flow_start", ts_ns(), false),
-            ]))
-        })
-        .clone()
-}
-
 /// The times a flow record carries, in nanoseconds since the epoch; 0 where absent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct FlowTimes {
@@ -496,24 +419,6 @@ impl FlowColumns {
     }
 }
 
-/// Schema of decoded probe results: site by id, times in seconds, loss as a ratio (0–1).
-pub fn probe_schema() -> SchemaRef {
-    static SCHEMA: std::sync::OnceLock<SchemaRef> = std::sync::OnceLock::new();
-    SCHEMA
-        .get_or_init(|| {
-            Arc::new(Schema::new(vec![
-                Field::new("event_time", ts_ns(), false),
-                Field::new("site_id", DataType::Utf8, false),
-                Field::new("target", DataType::Utf8, false),
-                Field::new("rtt_seconds", DataType::Float64, false),
-                Field::new("jitter_seconds", DataType::Float64, false),
-                Field::new("loss_ratio", DataType::Float64, false),
-                Field::new("sent", DataType::Int64, false),
-            ]))
-        })
-        .clone()
-}
-
 /// Column builders for [`probe_schema`].
 #[derive(Debug, Default)]
 pub struct ProbeColumns {
@@ -569,26 +474,6 @@ impl ProbeColumns {
         ];
         RecordBatch::try_new(probe_schema(), columns).expect("columns match probe_schema")
     }
-}
-
-/// Schema of decoded interface octet counters (one row per metric): cumulative counters as the
-/// device reports them, `None` where the metric carries only one direction. `counter_bits` (32
-/// or 64) is the counter's width, which tells a wrap from a reset.
-pub fn counter_schema() -> SchemaRef {
-    static SCHEMA: std::sync::OnceLock<SchemaRef> = std::sync::OnceLock::new();
-    SCHEMA
-        .get_or_init(|| {
-            Arc::new(Schema::new(vec![
-                Field::new("event_time", ts_ns(), false),
-                Field::new("site_id", DataType::Utf8, false),
-                Field::new("device", DataType::Utf8, false),
-                Field::new("interface", DataType::Utf8, false),
-                Field::new("in_octets", DataType::UInt64, true),
-                Field::new("out_octets", DataType::UInt64, true),
-                Field::new("counter_bits", DataType::UInt8, false),
-            ]))
-        })
-        .clone()
 }
 
 /// One decoded interface counter sample.

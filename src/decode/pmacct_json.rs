@@ -210,7 +210,7 @@ mod tests {
         let no_time =
             GOOD.replace("\"1764000000.000000\"", "\"\"").replace("\"1764000000.400000\"", "\"\"").replace("\"1764000001.000000\"", "\"\"");
         let r = decode_record(no_time.as_bytes(), &l).unwrap();
-        assert_eq!(r.placed(crate::event_time::EventTime::FlowEnd, &l), Err(RejectReason::BadTimestamp));
+        assert_eq!(r.placed(crate::types::EventTime::FlowEnd, &l), Err(RejectReason::BadTimestamp));
     }
 
     /// EoMPLS records print empty addresses; NAT events (NEL) carry no counters.

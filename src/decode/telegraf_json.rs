@@ -13,7 +13,7 @@
 //! (`ifHCInOctets`/`ifHCOutOctets`, 64-bit, preferred over `ifInOctets`/`ifOutOctets`, 32-bit).
 //! The interface is the first of the tags `interface`, `ifName`, `ifDescr`, `name`, `ifIndex`;
 //! the device the first of `agent_host`, `source`, `host`. Turning the counters into byte rates
-//! needs the previous sample, so that happens later (`crate::rates`). Other measurements are
+//! needs the previous sample, so that happens later (the `rates` stage). Other measurements are
 //! counted as `unsupported_measurement` and skipped.
 
 use std::borrow::Cow;

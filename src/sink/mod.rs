@@ -5,11 +5,13 @@ pub mod readiness;
 
 use std::sync::{Arc, Mutex};
 
+use crate::table::TableDef;
 use crate::window::ClosedWindow;
 
 /// Receives each closed window once, oldest first.
 pub trait WindowSink: Send {
-    fn on_window(&mut self, window: &ClosedWindow);
+    /// A closed window (or a correction: `window.previous` is set) of `table`.
+    fn on_window(&mut self, table: &'static TableDef, window: &ClosedWindow);
 
     /// Receives the enriched flow records of each micro-batch, before any window they close
     /// is published (which exporters are alive: a quiet site is not a silent one).
@@ -26,7 +28,7 @@ pub struct CollectSink {
 }
 
 impl WindowSink for CollectSink {
-    fn on_window(&mut self, window: &ClosedWindow) {
+    fn on_window(&mut self, _table: &'static TableDef, window: &ClosedWindow) {
         self.windows.lock().expect("collect lock").push(window.clone());
     }
 }

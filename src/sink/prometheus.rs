@@ -32,6 +32,7 @@ use prometheus::proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricT
 use super::WindowSink;
 use crate::enrich::Direction;
 use crate::inventory::{Inventory, SiteIdx};
+use crate::table::{Gauges, TableDef};
 use crate::window::{ClosedWindow, ExporterKey, WINDOW_START};
 
 /// Flow columns that are additive and so exported as counters.
@@ -138,15 +139,36 @@ impl ExporterReach {
     }
 }
 
-/// String key columns of the interfaces SQL that become labels.
-const INTERFACE_LABELS: [&str; 3] = ["interface", "device", "direction"];
+/// What the sink keeps of one table.
+#[derive(Debug)]
+enum View {
+    /// [`Gauges::SiteDirection`] and [`Gauges::Site`].
+    Keyed(TableState),
+    /// [`Gauges::Rows`].
+    Rows(LabelledRows),
+}
 
 #[derive(Debug)]
 struct State {
-    flows: TableState,
-    probes: TableState,
-    interfaces: LabelledRows,
+    /// The exported tables, in the order they are rendered.
+    tables: Vec<(&'static TableDef, View)>,
     reach: ExporterReach,
+}
+
+/// What the sink keeps of `table` (created on its first window).
+fn view_of<'a>(tables: &'a mut Vec<(&'static TableDef, View)>, table: &'static TableDef) -> &'a mut View {
+    let i = match tables.iter().position(|(t, _)| *t == table) {
+        Some(i) => i,
+        None => {
+            let view = match table.gauges {
+                Gauges::Rows { .. } => View::Rows(LabelledRows::default()),
+                _ => View::Keyed(TableState::default()),
+            };
+            tables.push((table, view));
+            tables.len() - 1
+        }
+    };
+    &mut tables[i].1
 }
 
 /// The per-site metrics sink; clone it to share with the HTTP server.
@@ -253,12 +275,7 @@ impl SiteMetrics {
             window_secs,
             stale_after: Duration::from_secs_f64(2.0 * window_secs),
             labels: Arc::new(labels),
-            state: Arc::new(RwLock::new(State {
-                flows: TableState::default(),
-                probes: TableState::default(),
-                interfaces: LabelledRows::default(),
-                reach: ExporterReach::default(),
-            })),
+            state: Arc::new(RwLock::new(State { tables: Vec::new(), reach: ExporterReach::default() })),
         }
     }
 
@@ -281,17 +298,21 @@ impl SiteMetrics {
         l
     }
 
-    /// Applies a closed window of the interfaces table: its rows replace the previous ones
+    /// Applies a closed window of a [`Gauges::Rows`] table: its rows replace the previous ones
     /// (a window older than the one shown, or a correction of it, changes no gauge unless it is
     /// the one shown).
-    fn apply_interfaces(&self, w: &ClosedWindow) {
-        if self.state.read().expect("metrics lock").interfaces.last_window_end_ns.is_some_and(|e| w.end_ns < e) {
+    fn apply_rows(&self, table: &'static TableDef, label_columns: &[&'static str], w: &ClosedWindow) {
+        let shown_end = match view_of(&mut self.state.write().expect("metrics lock").tables, table) {
+            View::Rows(rows) => rows.last_window_end_ns,
+            View::Keyed(_) => None,
+        };
+        if shown_end.is_some_and(|e| w.end_ns < e) {
             return;
         }
         let columns = numeric_columns(&w.rows);
         let as_strings = |name: &str| w.rows.column_by_name(name).and_then(|c| cast(c, &DataType::Utf8).ok());
         let sites = as_strings("site");
-        let labels: Vec<_> = INTERFACE_LABELS.iter().filter_map(|n| as_strings(n).map(|a| (*n, a))).collect();
+        let labels: Vec<_> = label_columns.iter().filter_map(|n| as_strings(n).map(|a| (*n, a))).collect();
         let values: Vec<_> = columns
             .iter()
             .map(|c| cast(w.rows.column_by_name(c).expect("column listed from schema"), &DataType::Float64).expect("numeric column"))
@@ -310,7 +331,7 @@ impl SiteMetrics {
             }
         }
         let mut state = self.state.write().expect("metrics lock");
-        let t = &mut state.interfaces;
+        let View::Rows(t) = view_of(&mut state.tables, table) else { return };
         t.columns = columns;
         t.last = last;
         t.last_window_end_ns = Some(w.end_ns);
@@ -322,20 +343,19 @@ impl SiteMetrics {
     /// difference from the rows published before); gauges show the newest window only: a site
     /// with flows, or a quiet one (no flows, but its exporter reported past the window and its
     /// flows are fresher than the stale limit, as readiness judges them).
-    fn apply(&self, w: &ClosedWindow) {
-        if &*w.table == "interfaces" {
-            return self.apply_interfaces(w);
-        }
-        let mut state = self.state.write().expect("metrics lock");
-        let state = &mut *state;
-        let table = match &*w.table {
-            "flows" => &mut state.flows,
-            "probes" => &mut state.probes,
-            _ => return,
+    fn apply(&self, table_def: &'static TableDef, w: &ClosedWindow) {
+        let per_direction = match table_def.gauges {
+            Gauges::None => return,
+            Gauges::Rows { labels, .. } => return self.apply_rows(table_def, labels, w),
+            Gauges::Site { .. } => false,
+            Gauges::SiteDirection => true,
         };
+        let mut state = self.state.write().expect("metrics lock");
+        let State { tables, reach } = &mut *state;
+        let View::Keyed(table) = view_of(tables, table_def) else { return };
         table.columns = numeric_columns(&w.rows);
         let rows = read_rows(&self.inventory, &w.rows, &table.columns);
-        if &*w.table == "flows" {
+        if per_direction {
             let mut add = |rows: &[(Key, Vec<f64>)], sign: f64| {
                 for (key, values) in rows {
                     let totals = table.totals.entry(*key).or_insert_with(|| vec![0.0; COUNTER_COLUMNS.len()]);
@@ -357,7 +377,7 @@ impl SiteMetrics {
             return;
         }
         table.last = rows.into_iter().collect();
-        if &*w.table == "flows" {
+        if per_direction {
             // A site without flows in the window is quiet (0) while an exporter that carried its
             // flows reported past the window's end and its newest flows are within the stale
             // limit (readiness still judges its traffic); otherwise it has no series.
@@ -373,7 +393,7 @@ impl SiteMetrics {
             table.reached = (0..n)
                 .map(|s| {
                     let fresh = table.last_flows_end_ns[s].is_some_and(|t| w.end_ns.saturating_sub(t) < limit_ns);
-                    with_flows[s] || (fresh && state.reach.reached(s as SiteIdx, w.end_ns))
+                    with_flows[s] || (fresh && reach.reached(s as SiteIdx, w.end_ns))
                 })
                 .collect();
         }
@@ -389,6 +409,46 @@ impl SiteMetrics {
             (0..n).flat_map(|s| Direction::ALL.into_iter().map(move |d| (s, Some(d)))).collect()
         } else {
             (0..n).map(|s| (s, None)).collect()
+        }
+    }
+
+    /// The families of a [`Gauges::SiteDirection`] table: last-window gauges of the sites with
+    /// data (or quiet), running totals of the additive columns for every site.
+    fn collect_site_direction(&self, table_name: &str, flows: &TableState, out: &mut Vec<MetricFamily>) {
+        if flows.windows == 0 {
+            return;
+        }
+        let keys = self.all_keys(true);
+        // Last-window gauges: sites with data in a window that is not stale (counters: all).
+        let fresh = self.fresh(flows.shown_at);
+        let shown: Vec<Key> = keys.iter().copied().filter(|(s, _)| fresh && flows.reached.get(usize::from(*s)) == Some(&true)).collect();
+        let value_of = |key: &Key, col: usize| flows.last.get(key).map_or(0.0, |v| v[col]);
+        for (i, col) in flows.columns.iter().enumerate() {
+            let rate_name = match col.as_str() {
+                "bytes" => Some((
+                    "siteflow_site_throughput_bytes_per_second",
+                    "Bytes per second in the last closed window, corrected for sampling.",
+                )),
+                "packets" => Some((
+                    "siteflow_site_throughput_packets_per_second",
+                    "Packets per second in the last closed window, corrected for sampling.",
+                )),
+                _ => None,
+            };
+            if let Some((name, help)) = rate_name {
+                let metrics = shown.iter().map(|k| gauge_metric(self.labels_for(*k), value_of(k, i) / self.window_secs)).collect();
+                out.push(family(name.into(), help, MetricType::GAUGE, metrics));
+            }
+            if let Some(idx) = COUNTER_COLUMNS.iter().position(|c| c == col) {
+                let metrics =
+                    keys.iter().map(|k| counter_metric(self.labels_for(*k), flows.totals.get(k).map_or(0.0, |t| t[idx]))).collect();
+                let help = format!("Sum of column {col} of the {table_name} pipeline SQL over all closed windows.");
+                out.push(family(format!("siteflow_site_{col}_total"), &help, MetricType::COUNTER, metrics));
+            } else {
+                let metrics = shown.iter().map(|k| gauge_metric(self.labels_for(*k), value_of(k, i))).collect();
+                let help = format!("Column {col} of the {table_name} pipeline SQL in the last closed window.");
+                out.push(family(format!("siteflow_site_window_{col}"), &help, MetricType::GAUGE, metrics));
+            }
         }
     }
 
@@ -412,14 +472,13 @@ impl SiteMetrics {
         ));
 
         let mut last_end = Vec::new();
-        let ends = [
-            ("flows", state.flows.last_window_end_ns),
-            ("probes", state.probes.last_window_end_ns),
-            ("interfaces", state.interfaces.last_window_end_ns),
-        ];
-        for (name, end) in ends {
+        for (table, view) in &state.tables {
+            let end = match view {
+                View::Keyed(t) => t.last_window_end_ns,
+                View::Rows(t) => t.last_window_end_ns,
+            };
             if let Some(end) = end {
-                last_end.push(gauge_metric(vec![label("table", name)], end as f64 / 1e9));
+                last_end.push(gauge_metric(vec![label("table", table.name)], end as f64 / 1e9));
             }
         }
         out.push(family(
@@ -429,60 +488,30 @@ impl SiteMetrics {
             last_end,
         ));
 
-        let flows = &state.flows;
-        if flows.windows > 0 {
-            let keys = self.all_keys(true);
-            // Last-window gauges: sites with data in a window that is not stale (counters: all).
-            let fresh = self.fresh(flows.shown_at);
-            let shown: Vec<Key> =
-                keys.iter().copied().filter(|(s, _)| fresh && flows.reached.get(usize::from(*s)) == Some(&true)).collect();
-            let value_of = |key: &Key, col: usize| flows.last.get(key).map_or(0.0, |v| v[col]);
-            for (i, col) in flows.columns.iter().enumerate() {
-                let rate_name = match col.as_str() {
-                    "bytes" => Some((
-                        "siteflow_site_throughput_bytes_per_second",
-                        "Bytes per second in the last closed window, corrected for sampling.",
-                    )),
-                    "packets" => Some((
-                        "siteflow_site_throughput_packets_per_second",
-                        "Packets per second in the last closed window, corrected for sampling.",
-                    )),
-                    _ => None,
-                };
-                if let Some((name, help)) = rate_name {
-                    let metrics = shown.iter().map(|k| gauge_metric(self.labels_for(*k), value_of(k, i) / self.window_secs)).collect();
-                    out.push(family(name.into(), help, MetricType::GAUGE, metrics));
+        for (table, view) in &state.tables {
+            match (table.gauges, view) {
+                (Gauges::SiteDirection, View::Keyed(t)) => self.collect_site_direction(table.name, t, &mut out),
+                (Gauges::Site { prefix }, View::Keyed(t)) => {
+                    if t.windows > 0 && self.fresh(t.shown_at) {
+                        for (i, col) in t.columns.iter().enumerate() {
+                            // Sites without results in the window have no value: absent, not zero.
+                            let metrics = t.last.iter().map(|(k, v)| gauge_metric(self.labels_for(*k), v[i])).collect();
+                            let help = format!("Column {col} of the {} pipeline SQL in the last closed window.", table.name);
+                            out.push(family(format!("{prefix}{col}"), &help, MetricType::GAUGE, metrics));
+                        }
+                    }
                 }
-                if let Some(idx) = COUNTER_COLUMNS.iter().position(|c| c == col) {
-                    let metrics =
-                        keys.iter().map(|k| counter_metric(self.labels_for(*k), flows.totals.get(k).map_or(0.0, |t| t[idx]))).collect();
-                    let help = format!("Sum of column {col} of the flows pipeline SQL over all closed windows.");
-                    out.push(family(format!("siteflow_site_{col}_total"), &help, MetricType::COUNTER, metrics));
-                } else {
-                    let metrics = shown.iter().map(|k| gauge_metric(self.labels_for(*k), value_of(k, i))).collect();
-                    let help = format!("Column {col} of the flows pipeline SQL in the last closed window.");
-                    out.push(family(format!("siteflow_site_window_{col}"), &help, MetricType::GAUGE, metrics));
+                (Gauges::Rows { prefix, .. }, View::Rows(t)) => {
+                    if t.windows > 0 && self.fresh(t.shown_at) {
+                        for (i, col) in t.columns.iter().enumerate() {
+                            // Rows without samples in the window have no value.
+                            let metrics = t.last.iter().map(|(l, v)| gauge_metric(l.clone(), v[i])).collect();
+                            let help = format!("Column {col} of the {} pipeline SQL in the last closed window.", table.name);
+                            out.push(family(format!("{prefix}{col}"), &help, MetricType::GAUGE, metrics));
+                        }
+                    }
                 }
-            }
-        }
-
-        let probes = &state.probes;
-        if probes.windows > 0 && self.fresh(probes.shown_at) {
-            for (i, col) in probes.columns.iter().enumerate() {
-                // Sites without probe results in the window have no value: absent, not zero.
-                let metrics = probes.last.iter().map(|(k, v)| gauge_metric(self.labels_for(*k), v[i])).collect();
-                let help = format!("Column {col} of the probes pipeline SQL in the last closed window.");
-                out.push(family(format!("siteflow_site_probe_{col}"), &help, MetricType::GAUGE, metrics));
-            }
-        }
-
-        let interfaces = &state.interfaces;
-        if interfaces.windows > 0 && self.fresh(interfaces.shown_at) {
-            for (i, col) in interfaces.columns.iter().enumerate() {
-                // Interfaces without counter samples in the window have no value.
-                let metrics = interfaces.last.iter().map(|(l, v)| gauge_metric(l.clone(), v[i])).collect();
-                let help = format!("Column {col} of the interfaces pipeline SQL in the last closed window.");
-                out.push(family(format!("siteflow_site_interface_{col}"), &help, MetricType::GAUGE, metrics));
+                _ => {}
             }
         }
         // A family without series is not valid exposition text (e.g. no probe results in the window).
@@ -492,8 +521,8 @@ impl SiteMetrics {
 }
 
 impl WindowSink for SiteMetrics {
-    fn on_window(&mut self, window: &ClosedWindow) {
-        self.apply(window);
+    fn on_window(&mut self, table: &'static TableDef, window: &ClosedWindow) {
+        self.apply(table, window);
     }
 
     fn on_flows(&mut self, flows: &RecordBatch) {
@@ -504,6 +533,7 @@ impl WindowSink for SiteMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::table::{FLOWS, INTERFACES};
     use datafusion::arrow::array::{Float64Array, StringArray, UInt64Array};
     use datafusion::arrow::datatypes::{Field, Schema};
 
@@ -548,6 +578,7 @@ mod tests {
         .unwrap();
         ClosedWindow {
             table: "flows".into(),
+            table_id: 0,
             start_ns: start_s * S,
             end_ns: (start_s + 10) * S,
             rows,
@@ -578,7 +609,7 @@ mod tests {
         metrics.on_flows(&enriched_flows(&inventory, &[(quiet, 1, 2 * S), (busy, 1, 3 * S), (silent, 2, 4 * S)]));
         // Both exporters report past the window's end, so it closes.
         metrics.on_flows(&enriched_flows(&inventory, &[(busy, 1, 12 * S), (silent, 2, 12 * S)]));
-        metrics.on_window(&flows_window(0, &[(quiet, "in", 100), (busy, "in", 200), (silent, "out", 300)]));
+        metrics.on_window(&FLOWS, &flows_window(0, &[(quiet, "in", 100), (busy, "in", 200), (silent, "out", 300)]));
         let first = series(&metrics.collect(), "siteflow_site_throughput_bytes_per_second");
         assert_eq!(first[&format!("{quiet}/in")], 10.0);
         assert_eq!(first[&format!("{silent}/out")], 30.0);
@@ -587,7 +618,7 @@ mod tests {
 
         // Window [10, 20): exporter 1 goes on with `busy` only; exporter 2 stopped at 12 s.
         metrics.on_flows(&enriched_flows(&inventory, &[(busy, 1, 21 * S)]));
-        metrics.on_window(&flows_window(10, &[(busy, "in", 500)]));
+        metrics.on_window(&FLOWS, &flows_window(10, &[(busy, "in", 500)]));
         let families = metrics.collect();
         let second = series(&families, "siteflow_site_throughput_bytes_per_second");
         assert_eq!(second[&format!("{busy}/in")], 50.0);
@@ -600,13 +631,13 @@ mod tests {
         // A correction of the shown window with the stopped exporter's late records brings it back.
         let mut correction = flows_window(10, &[(busy, "in", 500), (silent, "in", 70)]);
         correction.previous = Some(flows_window(10, &[(busy, "in", 500)]).rows);
-        metrics.on_window(&correction);
+        metrics.on_window(&FLOWS, &correction);
         assert_eq!(series(&metrics.collect(), "siteflow_site_throughput_bytes_per_second")[&format!("{silent}/in")], 7.0);
 
         // Window [20, 30): the quiet site's newest flows (window [0, 10)) are two windows old,
         // the stale limit: readiness calls its traffic stale, and its series goes too.
         metrics.on_flows(&enriched_flows(&inventory, &[(busy, 1, 31 * S)]));
-        metrics.on_window(&flows_window(20, &[(busy, "in", 800)]));
+        metrics.on_window(&FLOWS, &flows_window(20, &[(busy, "in", 800)]));
         let third = series(&metrics.collect(), "siteflow_site_throughput_bytes_per_second");
         assert_eq!(third[&format!("{busy}/in")], 80.0);
         assert!(!third.contains_key(&format!("{quiet}/in")) && !third.contains_key(&format!("{silent}/in")), "{third:?}");
@@ -617,7 +648,7 @@ mod tests {
         let inventory = Arc::new(Inventory::embedded());
         let mut metrics = SiteMetrics::new(inventory.clone(), 10.0).stale_after(Duration::from_millis(300));
         metrics.on_flows(&enriched_flows(&inventory, &[("tinh.vp-ubnd", 1, 2 * S), ("tinh.vp-ubnd", 1, 12 * S)]));
-        metrics.on_window(&flows_window(0, &[("tinh.vp-ubnd", "in", 100)]));
+        metrics.on_window(&FLOWS, &flows_window(0, &[("tinh.vp-ubnd", "in", 100)]));
         let rate = |m: &SiteMetrics| series(&m.collect(), "siteflow_site_throughput_bytes_per_second").get("tinh.vp-ubnd/in").copied();
         assert_eq!(rate(&metrics), Some(10.0));
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -653,13 +684,14 @@ mod tests {
         .unwrap();
         let window = ClosedWindow {
             table: "interfaces".into(),
+            table_id: 2,
             start_ns: 0,
             end_ns: 10,
             rows,
             closed_by: std::time::Instant::now(),
             previous: None,
         };
-        metrics.apply(&window);
+        metrics.apply(&INTERFACES, &window);
         let families = metrics.collect();
         let rate = families.iter().find(|f| f.name() == "siteflow_site_interface_bytes_per_second").expect("rate family");
         let mut seen: Vec<(String, f64)> = rate

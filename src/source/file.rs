@@ -14,10 +14,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::decode::DecodeLimits;
 use crate::decode::detect::{Trial, detect, trials};
-use crate::decode::{DecodeLimits, Format};
-use crate::event_time::EventTime;
-use crate::source::{Messages, PartitionId, Source, SourceBatch};
+use crate::source::Source;
+use crate::types::{EventTime, Format, Messages, PartitionId, SourceBatch};
 
 /// Messages of each file that detection looks at.
 pub const DETECT_SAMPLE: usize = 100;
@@ -208,7 +208,7 @@ pub struct FileProgress {
     pub messages_done: AtomicU64,
     pub bytes_done: AtomicU64,
     /// The newest event time the pipeline has seen, in ns (`i64::MIN` before the first record):
-    /// the pipeline sets it ([`crate::pipeline::Pipeline::track_event_time`]).
+    /// the pipeline sets it (`Pipeline::track_event_time`).
     pub newest_event_ns: Arc<AtomicI64>,
 }
 

@@ -25,12 +25,11 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, consumer::RebalanceProtocol};
 use tokio::sync::mpsc;
 
-use super::{Messages, PartitionId, SourceBatch};
 use crate::checkpoint::{CheckpointStore, PartitionKey};
 use crate::config::KafkaConfig;
-use crate::decode::Format;
-use crate::event_time::EventTime;
 use crate::metrics::PipelineMetrics;
+use crate::types::{EventTime, Format};
+use crate::types::{Messages, PartitionId, SourceBatch};
 
 /// What the consumer thread tells the pipeline, in order.
 #[derive(Debug)]

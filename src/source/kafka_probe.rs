@@ -18,11 +18,11 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
 use crate::config::Config;
 use crate::decode::detect::trials;
-use crate::decode::{DecodeLimits, DecodeStats, Decoded, Format, decode_with};
+use crate::decode::{DecodeLimits, DecodeStats, Decoded, decode_with};
 use crate::enrich::{Enricher, Sampling};
 use crate::inventory::{Inventory, addr_from_ip};
 use crate::rates::CounterRates;
-use crate::source::Messages;
+use crate::types::{Format, Messages};
 
 /// How much to sample and how long to wait for the brokers.
 #[derive(Debug, Clone, Copy)]
@@ -263,7 +263,7 @@ pub fn probe(config: &Config, inventory: Arc<Inventory>, options: ProbeOptions) 
         max_message_bytes: config.decode.max_message_bytes,
         max_bytes_per_record: config.decode.max_bytes_per_record,
         min_time_ns: DecodeLimits::MIN_TIME_NS,
-        max_time_ns: crate::pipeline::unix_now_ns().saturating_add((config.decode.max_future_secs as i64).saturating_mul(1_000_000_000)),
+        max_time_ns: crate::types::unix_now_ns().saturating_add((config.decode.max_future_secs as i64).saturating_mul(1_000_000_000)),
     };
     let sampling = Sampling {
         default_rate: config.sampling.default_rate,

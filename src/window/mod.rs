@@ -20,7 +20,7 @@ use datafusion::error::DataFusionError;
 pub use aggregate::{PlanError, SplitAggregate, WINDOW_START};
 pub use watermark::{Assignment, ExporterKey, Timing, Watermarks, window_start};
 
-use crate::source::PartitionId;
+use crate::types::PartitionId;
 
 /// Window size, lateness and when windows are published and corrected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,8 +66,10 @@ pub fn table_schema(enriched: &SchemaRef) -> SchemaRef {
 /// One table's rows of one window, published for the first time or corrected.
 #[derive(Debug, Clone)]
 pub struct ClosedWindow {
-    /// Table name: `flows`, `interfaces` or `probes`.
+    /// The table's name, as added to the operator.
     pub table: Arc<str>,
+    /// The table's index in the operator.
+    pub table_id: TableId,
     pub start_ns: i64,
     pub end_ns: i64,
     /// The final aggregate's rows (possibly none).
@@ -497,7 +499,15 @@ impl WindowOperator {
                     concat_batches(&schema, &t.aggregate.finish(states.clone()).await?)?
                 };
                 t.published.insert(start, PublishedWindow { states, rows: rows.clone() });
-                out.windows.push(ClosedWindow { table: t.name.clone(), start_ns: start, end_ns: start + size, rows, closed_by, previous });
+                out.windows.push(ClosedWindow {
+                    table: t.name.clone(),
+                    table_id: table,
+                    start_ns: start,
+                    end_ns: start + size,
+                    rows,
+                    closed_by,
+                    previous,
+                });
             }
             if kind == CloseKind::First && self.completed_upto.is_none_or(|c| start + size > c) {
                 out.completed.push((start, start + size));

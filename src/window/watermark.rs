@@ -26,7 +26,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use crate::source::PartitionId;
+use crate::types::PartitionId;
 
 /// Start of the tumbling window of `size_ns` that contains `t_ns`.
 #[inline]

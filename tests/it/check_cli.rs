@@ -123,7 +123,7 @@ fn version_names_the_build_and_the_metric_carries_it() {
     let text = crate::support::run_siteflow(&["version"], &[]);
     assert!(String::from_utf8_lossy(&text.stdout).starts_with(&format!("siteflow {} (commit {head}", env!("CARGO_PKG_VERSION"))));
     // The same facts as a metric.
-    let metrics = siteflow::metrics::PipelineMetrics::new(&siteflow::pipeline::Pipeline::FORMATS, &siteflow::pipeline::Pipeline::TABLES);
+    let metrics = siteflow::metrics::PipelineMetrics::new(&siteflow::pipeline::Pipeline::FORMATS, &siteflow::table::TABLES);
     let family = metrics.registry.gather().into_iter().find(|f| f.name() == "siteflow_build_info").expect("siteflow_build_info");
     let labels: std::collections::BTreeMap<String, String> =
         family.get_metric()[0].get_label().iter().map(|l| (l.name().to_string(), l.value().to_string())).collect();

@@ -3,8 +3,8 @@
 //! the diff before committing.
 
 use datafusion::arrow::util::pretty::pretty_format_batches;
-use siteflow::decode::{DecodeLimits, Decoded, Format, decode};
-use siteflow::source::Messages;
+use siteflow::decode::{DecodeLimits, Decoded, decode};
+use siteflow::types::{Format, Messages};
 
 use crate::support::repo;
 
@@ -59,7 +59,7 @@ fn event_time_modes() {
     use datafusion::arrow::array::AsArray;
     use datafusion::arrow::datatypes::{TimestampNanosecondType, UInt64Type};
     use siteflow::decode::decode_with;
-    use siteflow::event_time::EventTime;
+    use siteflow::types::EventTime;
     let mut actual = String::new();
     for (format, name) in [(Format::Goflow2Json, "goflow2_json"), (Format::PmacctJson, "pmacct_json")] {
         for mode in [EventTime::FlowEnd, EventTime::FlowStart, EventTime::Arrival, EventTime::Spread] {

@@ -1,5 +1,6 @@
 //! Integration tests: one binary, one module per concern, shared helpers in `support`.
 
+mod architecture;
 mod check_cli;
 mod cli_output;
 mod demo_binary;

@@ -87,7 +87,7 @@ type Timeline = Vec<(i64, BTreeMap<String, (Verdict, Vec<siteflow::readiness::Re
 struct Verdicts(std::sync::Arc<std::sync::Mutex<Timeline>>, i64);
 
 impl siteflow::sink::WindowSink for Verdicts {
-    fn on_window(&mut self, _: &siteflow::window::ClosedWindow) {}
+    fn on_window(&mut self, _: &'static siteflow::table::TableDef, _: &siteflow::window::ClosedWindow) {}
 
     fn on_readiness(&mut self, _start_ns: i64, end_ns: i64, sites: &[siteflow::readiness::SiteReadiness]) {
         let row = sites.iter().map(|s| (s.site.clone(), (s.verdict, s.reasons.clone()))).collect();

@@ -9,12 +9,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use siteflow::config::Config;
-use siteflow::decode::Format;
-use siteflow::event_time::EventTime;
 use siteflow::metrics::PipelineMetrics;
 use siteflow::pipeline::{Pipeline, Resources, run};
 use siteflow::sink::CollectSink;
-use siteflow::source::{Messages, Source, SourceBatch};
+use siteflow::source::Source;
+use siteflow::types::{EventTime, Format, Messages, SourceBatch};
 use siteflow::window::ClosedWindow;
 
 use crate::support::{repo, run_siteflow, write};
@@ -45,7 +44,7 @@ fn batch(format: Format, event_time: EventTime, records: &[String]) -> SourceBat
 
 async fn run_batches(config: &Config, batches: Vec<SourceBatch>) -> (Vec<ClosedWindow>, Arc<PipelineMetrics>) {
     let res = Resources::load(config).unwrap();
-    let metrics = Arc::new(PipelineMetrics::new(&Pipeline::FORMATS, &Pipeline::TABLES));
+    let metrics = Arc::new(PipelineMetrics::new(&Pipeline::FORMATS, &siteflow::table::TABLES));
     let collect = CollectSink::default();
     let pipeline = Pipeline::build(config, &res, metrics.clone(), vec![Box::new(collect.clone())]).await.unwrap();
     let (_stop, stop_rx) = tokio::sync::watch::channel(false);

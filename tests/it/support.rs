@@ -108,21 +108,30 @@ pub struct SimRun {
 
 /// Runs the real pipeline over the simulator to the end, collecting every closed window.
 pub async fn simulate(config: &Config, scenario: Scenario) -> SimRun {
-    simulate_with(config, scenario, None, Vec::new()).await
+    simulate_with(config, scenario, &siteflow::table::TABLES, None, Vec::new()).await
 }
 
 /// As [`simulate`], also feeding `extra` sinks (e.g. to see every evaluation's verdicts).
 pub async fn simulate_with_sinks(config: &Config, scenario: Scenario, extra: Vec<Box<dyn siteflow::sink::WindowSink>>) -> SimRun {
-    simulate_with(config, scenario, None, extra).await
+    simulate_with(config, scenario, &siteflow::table::TABLES, None, extra).await
 }
 
 /// As [`simulate`], also keeping closed windows, verdicts and recent flows for SQL (memory only).
 pub async fn simulate_with_sql(config: &Config, scenario: Scenario) -> (SimRun, siteflow::sql::SqlEngine) {
+    simulate_tables_with_sql(config, scenario, &siteflow::table::TABLES).await
+}
+
+/// As [`simulate_with_sql`], with the pipeline's tables `tables` instead of the shipped ones.
+pub async fn simulate_tables_with_sql(
+    config: &Config,
+    scenario: Scenario,
+    tables: &[&'static siteflow::table::TableDef],
+) -> (SimRun, siteflow::sql::SqlEngine) {
     use siteflow::history::{History, HistoryOptions};
     let history =
         History::open(HistoryOptions { dir: None, retention_days: 30, compact_min_files: 24, max_memory_rows: usize::MAX }).unwrap();
     let recent = siteflow::sql::RecentFlows::new(config.sql.recent_flows_max_rows, config.sql.recent_flows_max_mb << 20);
-    let run = simulate_with(config, scenario, Some((history.clone(), recent.clone())), Vec::new()).await;
+    let run = simulate_with(config, scenario, tables, Some((history.clone(), recent.clone())), Vec::new()).await;
     let inventory = Resources::load(config).unwrap().inventory;
     let limits = siteflow::sql::SqlLimits::from_config(&config.sql);
     (run, siteflow::sql::SqlEngine::new(inventory, history, Some(recent), limits, config.window.size_secs as f64))
@@ -131,12 +140,13 @@ pub async fn simulate_with_sql(config: &Config, scenario: Scenario) -> (SimRun, 
 async fn simulate_with(
     config: &Config,
     scenario: Scenario,
+    tables: &[&'static siteflow::table::TableDef],
     sql: Option<(siteflow::history::History, Arc<siteflow::sql::RecentFlows>)>,
     extra: Vec<Box<dyn siteflow::sink::WindowSink>>,
 ) -> SimRun {
     config.validate("test").unwrap();
-    let res = Resources::load(config).unwrap();
-    let metrics = Arc::new(PipelineMetrics::new(&Pipeline::FORMATS, &Pipeline::TABLES));
+    let res = Resources::load_with_tables(config, tables).unwrap();
+    let metrics = Arc::new(PipelineMetrics::new(&Pipeline::FORMATS, tables));
     let collect = CollectSink::default();
     let sites = SiteMetrics::new(res.inventory.clone(), config.window.size_secs as f64);
     let mut sinks: Vec<Box<dyn siteflow::sink::WindowSink>> = vec![Box::new(collect.clone()), Box::new(sites.clone())];
@@ -147,7 +157,7 @@ async fn simulate_with(
     let mut pipeline = Pipeline::build(config, &res, metrics.clone(), sinks).await.unwrap();
     if let Some((history, recent)) = &sql {
         pipeline.keep_recent_flows(recent.clone());
-        siteflow::history::declare_tables(history, pipeline.windows(), config.sql.top_talkers);
+        siteflow::history::declare_tables(history, &pipeline.output_schemas(), config.sql.top_talkers);
     }
     let readiness = pipeline.readiness.clone();
     let mut sim = Simulator::new(config.simulator.clone(), window_spec(config), res.inventory.clone(), scenario);

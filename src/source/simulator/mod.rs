@@ -21,11 +21,12 @@ use ipnet::IpNet;
 
 pub use scenario::{Effect, Scenario};
 
-use super::{Messages, PartitionId, Source, SourceBatch};
+use super::Source;
 use crate::config::{Pace, SimulatorConfig};
-use crate::decode::Format;
 use crate::enrich::Direction;
 use crate::inventory::{Inventory, SiteIdx};
+use crate::types::Format;
+use crate::types::{Messages, PartitionId, SourceBatch};
 use crate::window::{WindowSpec, window_start};
 
 const NS: i64 = 1_000_000_000;
