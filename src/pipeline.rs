@@ -583,6 +583,22 @@ impl Pipeline {
         self.summary
     }
 
+    /// Logs the run's totals and what was lost, once the pipeline has stopped.
+    fn log_stopped(&self) {
+        let summary = self.summary;
+        let (rejected, unmatched, late) = self.metrics.lost_records();
+        tracing::info!(
+            batches = summary.batches,
+            records = summary.records,
+            rejected,
+            unmatched,
+            late,
+            windows = summary.windows_closed,
+            flushed = summary.windows_flushed_at_end,
+            "pipeline stopped"
+        );
+    }
+
     /// Hands one closed window (or a correction) to the sinks and what else reads its table.
     fn publish_window(&mut self, w: &ClosedWindow, flushing: bool) {
         let table = self.tables[w.table_id];
@@ -692,17 +708,7 @@ pub async fn run<S: Source>(mut source: S, mut pipeline: Pipeline, mut shutdown:
         }
     }
     let summary = pipeline.finish().await?;
-    let (rejected, unmatched, late) = pipeline.metrics.lost_records();
-    tracing::info!(
-        batches = summary.batches,
-        records = summary.records,
-        rejected,
-        unmatched,
-        late,
-        windows = summary.windows_closed,
-        flushed = summary.windows_flushed_at_end,
-        "pipeline stopped"
-    );
+    pipeline.log_stopped();
     Ok(summary)
 }
 
@@ -767,16 +773,6 @@ pub async fn run_kafka(
         }
     }
     tokio::task::spawn_blocking(move || source.stop(&offsets)).await?;
-    let summary = pipeline.summary();
-    let (rejected, unmatched, late) = pipeline.metrics.lost_records();
-    tracing::info!(
-        batches = summary.batches,
-        records = summary.records,
-        rejected,
-        unmatched,
-        late,
-        windows = summary.windows_closed,
-        "pipeline stopped"
-    );
-    Ok(summary)
+    pipeline.log_stopped();
+    Ok(pipeline.summary())
 }
