@@ -14,6 +14,7 @@ use std::time::Duration;
 use datafusion::arrow::array::{Array, ArrayRef, AsArray, BooleanArray, Float64Array, RecordBatch, StringArray};
 use datafusion::arrow::datatypes::{DataType, Field, FieldRef, Int64Type, Schema, SchemaRef};
 use datafusion::catalog::{MemTable, MemoryCatalogProviderList};
+use datafusion::common::ScalarValue;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl};
 use datafusion::error::DataFusionError;
@@ -738,8 +739,29 @@ impl ScalarUDFImpl for Bounded {
                 }
             )));
         }
+        let args = if self.growth == Growth::Pad { non_negative_pad_lengths(args)? } else { args };
         self.inner.invoke_with_args(args)
     }
+}
+
+/// `lpad`/`rpad` treat a negative length as 0, but DataFusion 55 first sizes its buffer from
+/// the sum of the lengths cast to `usize` and panics on a negative one (found by the SQL fuzz
+/// target: `rpad('x', -1)`). Passes 0 in their place, which gives the same answer.
+fn non_negative_pad_lengths(mut args: ScalarFunctionArgs) -> Result<ScalarFunctionArgs, DataFusionError> {
+    let Some(length) = args.args.get_mut(1) else { return Ok(args) };
+    let replacement = match &*length {
+        ColumnarValue::Scalar(ScalarValue::Int64(Some(v))) if *v < 0 => ColumnarValue::Scalar(ScalarValue::Int64(Some(0))),
+        ColumnarValue::Array(a) if a.data_type() == &DataType::Int64 => {
+            let lengths = a.as_primitive::<Int64Type>();
+            if !lengths.iter().flatten().any(|v| v < 0) {
+                return Ok(args);
+            }
+            ColumnarValue::Array(Arc::new(lengths.unary::<_, Int64Type>(|v| v.max(0))))
+        }
+        _ => return Ok(args),
+    };
+    *length = replacement;
+    Ok(args)
 }
 
 /// Reads the history's Parquet files (only those: no directory listing, no other paths).
@@ -1072,6 +1094,9 @@ mod tests {
             assert_eq!(kind(sql), Err("memory_limit"), "{sql}");
         }
         assert_eq!(kind("SELECT length(repeat('ab', 1000))"), Ok(1));
+        // Negative pad lengths (DataFusion panics on them; found by the fuzz target).
+        assert_eq!(kind("SELECT rpad('x', -1), lpad('x', -9223372036854775807 - 1, 'y')"), Ok(1));
+        assert_eq!(kind("SELECT rpad(CAST(v AS VARCHAR), v, '-') FROM (VALUES (-3), (4)) AS t(v)"), Ok(2));
         assert_eq!(kind("EXPLAIN SELECT 1"), Ok(2), "the logical and the physical plan");
         assert_eq!(kind("WITH RECURSIVE t(s) AS (SELECT 'x' UNION ALL SELECT s || s FROM t) SELECT * FROM t"), Err("invalid_query"));
     }
