@@ -192,16 +192,6 @@ pub static PROBES: TableDef = TableDef {
 /// Every table, in the window operator's order (the checkpoints' layout: append, never reorder).
 pub static TABLES: [&TableDef; 4] = [&FLOWS, &CONVERSATIONS, &INTERFACES, &PROBES];
 
-/// The table named `name` in `tables`.
-pub fn by_name(tables: &[&'static TableDef], name: &str) -> Option<&'static TableDef> {
-    tables.iter().copied().find(|t| t.name == name)
-}
-
-/// The table whose windows SQL calls `sql_table`.
-pub fn by_sql_table(tables: &[&'static TableDef], sql_table: &str) -> Option<&'static TableDef> {
-    tables.iter().copied().find(|t| t.sql_table == sql_table)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
