@@ -391,11 +391,6 @@ impl Pipeline {
     /// Formats every source of this pipeline can deliver.
     pub const FORMATS: [Format; 6] = Format::ALL;
 
-    /// The tables, in the window operator's order.
-    pub fn tables(&self) -> &[&'static TableDef] {
-        &self.tables
-    }
-
     /// Each table with the schema of its closed windows (what SQL declares).
     pub fn output_schemas(&self) -> Vec<(&'static TableDef, datafusion::arrow::datatypes::SchemaRef)> {
         self.tables.iter().enumerate().map(|(id, table)| (*table, self.windows.output_schema(id))).collect()
@@ -613,7 +608,7 @@ impl Pipeline {
         if !self.first_published[w.table_id] && w.rows.num_rows() > 0 {
             self.first_published[w.table_id] = true;
             let start = chrono::DateTime::from_timestamp_nanos(w.start_ns).to_rfc3339();
-            tracing::info!(table = table.name, window_start = %start, rows = w.rows.num_rows(), "first {} window published", table.name);
+            tracing::info!(table = %table.name, window_start = %start, rows = w.rows.num_rows(), "first {} window published", table.name);
         }
         // The SQL decides the column's type (often a dictionary): read it as text.
         if !table.second_view
@@ -669,6 +664,7 @@ impl Pipeline {
                 self.windows_complete(start, end);
             }
         }
+        // Every completed window has its tables among `windows`; this only guards that rule.
         for (start, end) in completed {
             self.windows_complete(start, end);
         }

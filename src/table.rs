@@ -19,8 +19,6 @@ pub enum Input {
 }
 
 impl Input {
-    pub const ALL: [Input; 3] = [Input::Flows, Input::Probes, Input::Interfaces];
-
     /// The table name the SQL reads.
     pub fn name(self) -> &'static str {
         match self {
@@ -44,7 +42,9 @@ impl Input {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Gauges {
     /// One series per site and direction: last-window gauges, running totals, and which sites
-    /// are quiet or stale (docs/metrics.md).
+    /// are quiet or stale (docs/metrics.md). Its families have fixed names
+    /// (`siteflow_site_throughput_bytes_per_second`, `siteflow_site_<column>_total`, …): one
+    /// table only may be shown this way.
     SiteDirection,
     /// One series per site: each numeric column `c` is the gauge `<prefix>c` of the last window.
     Site { prefix: &'static str },
@@ -96,7 +96,9 @@ pub struct TableDef {
     /// Whether each partition's share of its windows goes to the results logs (Kafka source);
     /// it is checkpointed either way.
     pub results_log: bool,
-    /// Fed only while `sql.top_talkers` > 0 (it costs about as much as decoding).
+    /// A top-talker table: fed only while `sql.top_talkers` > 0 (it costs about as much as
+    /// decoding), and SQL keeps the `sql.top_talkers` largest rows by bytes per site, direction
+    /// and window, ranked in an added `rank` column.
     pub top_talkers: bool,
 }
 
@@ -197,6 +199,11 @@ mod tests {
     use super::*;
 
     #[test]
+    fn one_table_at_most_has_the_site_direction_families() {
+        assert!(TABLES.iter().filter(|t| t.gauges == Gauges::SiteDirection).count() <= 1);
+    }
+
+    #[test]
     fn names_sql_tables_and_config_keys_are_unique() {
         for (i, a) in TABLES.iter().enumerate() {
             for b in &TABLES[i + 1..] {
@@ -208,7 +215,7 @@ mod tests {
     }
 
     #[test]
-    fn required_columns_and_window_start_are_allowed_or_aggregated() {
+    fn every_table_groups_by_window_and_site_and_reads_its_input() {
         for t in TABLES {
             assert!(t.allowed_keys.contains(&"window_start"), "{}", t.name);
             assert!(t.allowed_keys.contains(&"site"), "{}", t.name);

@@ -1,7 +1,8 @@
 //! Per-site metrics from closed windows, rendered at scrape time from one consistent snapshot.
 //!
 //! Every numeric column the pipeline SQL selects becomes a metric, so adding an aggregate to the
-//! SQL adds a metric with no Rust change:
+//! SQL adds a metric with no Rust change. How a table is shown is its declaration's `gauges`
+//! (`src/table.rs`); for the shipped tables:
 //! - flows: `bytes`, `packets`, `flows`, `records` accumulate into `siteflow_site_<col>_total`
 //!   counters; `bytes` and `packets` of the last window also give
 //!   `siteflow_site_throughput_{bytes,packets}_per_second`; any other column `c` is the gauge
