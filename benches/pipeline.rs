@@ -105,10 +105,10 @@ fn stages(c: &mut Criterion) {
         let metrics = Arc::new(PipelineMetrics::new(&Pipeline::FORMATS, &siteflow::table::TABLES));
         let sites = SiteMetrics::new(res.inventory.clone(), 10.0);
         let pipeline = rt.block_on(Pipeline::build(&config, &res, metrics.clone(), vec![Box::new(sites.clone())])).unwrap();
-        let readiness = pipeline.readiness.clone();
+        let readiness = pipeline.readiness();
         let sim = Simulator::new(config.simulator.clone(), spec(), res.inventory.clone(), Scenario::default());
         let (_tx, rx) = tokio::sync::watch::channel(false);
-        rt.block_on(siteflow::pipeline::run(sim, pipeline, rx)).unwrap();
+        rt.block_on(siteflow::driver::run_source(sim, pipeline, rx)).unwrap();
         let state = AppState { metrics, sites, ready: Default::default(), stopping: Default::default(), readiness, sql: None };
         b.iter(|| render(&state).unwrap().len())
     });

@@ -442,7 +442,7 @@ fn run_pipeline(batches: Vec<SourceBatch>, top_talkers: bool) -> anyhow::Result<
     let pipeline = rt.block_on(Pipeline::build(&config, &res, metrics, vec![Box::new(sites)]))?;
     let (_stop, stopped) = tokio::sync::watch::channel(false);
     let start = Instant::now();
-    let summary = rt.block_on(siteflow::pipeline::run(MemorySource(batches.into_iter()), pipeline, stopped))?;
+    let summary = rt.block_on(siteflow::driver::run_source(MemorySource(batches.into_iter()), pipeline, stopped))?;
     Ok((start.elapsed().as_secs_f64(), summary.records))
 }
 

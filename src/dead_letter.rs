@@ -31,7 +31,7 @@ impl ProducerContext for Delivery {
 
     fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
         if let Err((e, _)) = result {
-            self.metrics.dead_letter_errors.inc();
+            self.metrics.dead_letters.errors.inc();
             tracing::warn!("dead-letter record not delivered: {e}");
         }
     }
@@ -54,6 +54,16 @@ fn is_consumer_only(key: &str) -> bool {
     KEYS.contains(&key) || key.starts_with("fetch.") || key.starts_with("queued.")
 }
 
+/// The dead-letter producer failed. At start it is the configuration's fault (fatal); a failed
+/// flush before a checkpoint stops the run, since committing would lose the rejected records.
+#[derive(Debug, thiserror::Error)]
+pub enum DeadLetterError {
+    #[error("kafka: cannot create the dead-letter producer: {0}")]
+    Create(rdkafka::error::KafkaError),
+    #[error("dead-letter flush: {0}")]
+    Flush(rdkafka::error::KafkaError),
+}
+
 /// Producer of the dead-letter topic.
 pub struct DeadLetters {
     topic: String,
@@ -62,7 +72,7 @@ pub struct DeadLetters {
 }
 
 impl DeadLetters {
-    pub fn new(config: &KafkaConfig, topic: &str, metrics: Arc<PipelineMetrics>) -> Result<Self, String> {
+    pub fn new(config: &KafkaConfig, topic: &str, metrics: Arc<PipelineMetrics>) -> Result<Self, DeadLetterError> {
         let mut client = ClientConfig::new();
         client.set("bootstrap.servers", &config.brokers);
         // The shared properties (TLS, SASL...) minus those only a consumer understands.
@@ -71,9 +81,7 @@ impl DeadLetters {
         }
         // Bad records must not be lost to a short outage.
         client.set("message.timeout.ms", "300000").set("linger.ms", "20");
-        let producer = client
-            .create_with_context(Delivery { metrics: metrics.clone() })
-            .map_err(|e| format!("kafka: cannot create the dead-letter producer: {e}"))?;
+        let producer = client.create_with_context(Delivery { metrics: metrics.clone() }).map_err(DeadLetterError::Create)?;
         Ok(Self { topic: topic.to_string(), producer, metrics })
     }
 
@@ -104,18 +112,18 @@ impl DeadLetters {
                         record = back;
                     }
                     Err((e, _)) => {
-                        self.metrics.dead_letter_errors.inc();
+                        self.metrics.dead_letters.errors.inc();
                         tracing::warn!("dead-letter record not queued: {e}");
                         break;
                     }
                 }
             }
-            self.metrics.dead_letter_records.with_label_values(&[bad.reason.as_str()]).inc();
+            self.metrics.dead_letters.records.with_label_values(&[bad.reason.as_str()]).inc();
         }
     }
 
     /// Waits until everything sent so far is delivered (before a checkpoint commits offsets).
-    pub fn flush(&self) -> Result<(), String> {
-        self.producer.flush(Duration::from_secs(60)).map_err(|e| format!("dead-letter flush: {e}"))
+    pub fn flush(&self) -> Result<(), DeadLetterError> {
+        self.producer.flush(Duration::from_secs(60)).map_err(DeadLetterError::Flush)
     }
 }

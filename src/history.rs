@@ -22,6 +22,9 @@ use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use datafusion::parquet::basic::{Compression, ZstdLevel};
 use datafusion::parquet::file::properties::WriterProperties;
 
+use datafusion::arrow::error::ArrowError;
+use datafusion::parquet::errors::ParquetError;
+
 use crate::readiness::SiteReadiness;
 use crate::sink::WindowSink;
 use crate::table::TableDef;
@@ -153,13 +156,30 @@ fn window_starts(batch: &RecordBatch) -> Option<Vec<i64>> {
     Some(c.values().to_vec())
 }
 
+/// A history file operation that failed. Never fatal to the pipeline: the windows stay in
+/// memory and the next flush tries again; at start, the directory must be usable.
+#[derive(Debug, thiserror::Error)]
+pub enum HistoryError {
+    /// `history.dir` cannot be created or listed.
+    #[error("history directory {}: {source}", path.display())]
+    Directory { path: PathBuf, source: std::io::Error },
+    /// A history file cannot be written, read, renamed or synced.
+    #[error("history file: {0}")]
+    File(#[from] std::io::Error),
+    #[error("history Parquet: {0}")]
+    Parquet(#[from] ParquetError),
+    #[error("history rows: {0}")]
+    Arrow(#[from] ArrowError),
+}
+
 impl History {
     /// Opens the history, listing the Parquet files already in `options.dir`.
-    pub fn open(options: HistoryOptions) -> anyhow::Result<Self> {
+    pub fn open(options: HistoryOptions) -> Result<Self, HistoryError> {
         let mut inner = Inner::default();
         if let Some(dir) = &options.dir {
-            std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("history directory {}: {e}", dir.display()))?;
-            for table in std::fs::read_dir(dir)?.flatten().filter(|e| e.path().is_dir()) {
+            let unusable = |source| HistoryError::Directory { path: dir.clone(), source };
+            std::fs::create_dir_all(dir).map_err(unusable)?;
+            for table in std::fs::read_dir(dir).map_err(unusable)?.flatten().filter(|e| e.path().is_dir()) {
                 let name = table.file_name().to_string_lossy().to_string();
                 let t = inner.tables.entry(name).or_default();
                 for date in std::fs::read_dir(table.path())?.flatten() {
@@ -216,7 +236,7 @@ impl History {
     /// Replaces the rows of one window (a correction of a published window): its rows leave
     /// memory and the files that hold it are rewritten without them, then the new rows join
     /// memory — all under the lock, so a query sees the window exactly once.
-    pub fn replace_window(&self, table: &str, start_ns: i64, rows: &RecordBatch) -> anyhow::Result<()> {
+    pub fn replace_window(&self, table: &str, start_ns: i64, rows: &RecordBatch) -> Result<(), HistoryError> {
         let rows = normalise(rows);
         let mut inner = self.inner.lock().expect("history lock");
         let t = inner.tables.entry(table.to_string()).or_default();
@@ -280,7 +300,7 @@ impl History {
 
     /// Writes the memory rows to Parquet (one file per table and date), then applies retention
     /// and compaction. Returns the rows written. Memory only: does nothing.
-    pub fn flush(&self) -> anyhow::Result<usize> {
+    pub fn flush(&self) -> Result<usize, HistoryError> {
         let Some(dir) = self.options.dir.clone() else { return Ok(0) };
         let mut inner = self.inner.lock().expect("history lock");
         let mut written = 0;
@@ -316,7 +336,7 @@ impl History {
     /// Deletes dates past the retention whose files were also all written longer ago than the
     /// retention (so a replay of old data keeps what it just wrote); compacts past dates with
     /// many files.
-    pub fn retain_and_compact(&self, now: chrono::DateTime<chrono::Utc>) -> anyhow::Result<()> {
+    pub fn retain_and_compact(&self, now: chrono::DateTime<chrono::Utc>) -> Result<(), HistoryError> {
         let Some(dir) = self.options.dir.clone() else { return Ok(()) };
         let oldest_kept = (now - chrono::Duration::days(i64::from(self.options.retention_days))).format("%Y-%m-%d").to_string();
         let today = now.format("%Y-%m-%d").to_string();
@@ -373,7 +393,7 @@ impl History {
 }
 
 /// Writes the rows of `parts` to `target` (atomically), one record batch at a time.
-fn merge_parquet(parts: &[PathBuf], target: &Path) -> anyhow::Result<()> {
+fn merge_parquet(parts: &[PathBuf], target: &Path) -> Result<(), HistoryError> {
     let dir = target.parent().expect("history files have a parent");
     let tmp = target.with_extension("parquet.tmp");
     let first = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&parts[0])?)?;
@@ -428,7 +448,7 @@ fn unique(path: PathBuf) -> PathBuf {
 }
 
 /// Writes batches to `path` atomically (temporary file, then rename).
-fn write_parquet(path: &Path, batches: &[RecordBatch]) -> anyhow::Result<()> {
+fn write_parquet(path: &Path, batches: &[RecordBatch]) -> Result<(), HistoryError> {
     let dir = path.parent().expect("history files have a parent");
     std::fs::create_dir_all(dir)?;
     let tmp = path.with_extension("parquet.tmp");

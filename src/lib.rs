@@ -4,13 +4,15 @@
 //! The stages, in the order data flows through them:
 //! [`source`] (bytes) → [`decode`] (Arrow batches) → [`enrich`] (site, direction, sampling) →
 //! [`window`] (event-time windows, DataFusion partial/final aggregates) → [`sink`] (Prometheus).
-//! [`pipeline`] wires them together; [`http`] serves the results.
+//! [`pipeline`] wires them together, [`driver`] feeds it from a source; [`http`] serves the results.
 
+pub mod app;
 pub mod build_info;
 pub mod checkpoint;
 pub mod config;
 pub mod dead_letter;
 pub mod decode;
+pub mod driver;
 pub mod enrich;
 pub mod event_time;
 pub mod history;

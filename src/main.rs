@@ -11,18 +11,14 @@ use clap::{Args, Parser, Subcommand};
 use figment::value::magic::RelativePathBuf;
 use tokio::sync::watch;
 
-use siteflow::checkpoint::CheckpointStore;
+use siteflow::app::{App, Running};
 use siteflow::config::{Config, LogFormat, Pace, SourceKind, resolve};
-use siteflow::dead_letter::DeadLetters;
-use siteflow::history::{History, HistoryOptions, HistorySink};
-use siteflow::http::{AppState, SqlFormat};
-use siteflow::metrics::PipelineMetrics;
-use siteflow::pipeline::{Pipeline, Resources, plan_windows};
-use siteflow::sink::prometheus::SiteMetrics;
-use siteflow::source::kafka::KafkaSource;
+use siteflow::history::{History, HistoryOptions};
+use siteflow::http::SqlFormat;
+use siteflow::pipeline::{Resources, plan_windows};
 use siteflow::source::kafka_probe::{self, ProbeOptions};
-use siteflow::source::simulator::{Scenario, Simulator};
-use siteflow::sql::{RecentFlows, SqlEngine, SqlLimits};
+use siteflow::source::simulator::Scenario;
+use siteflow::sql::{SqlEngine, SqlLimits};
 use siteflow::types::Format;
 use siteflow::window::WindowSpec;
 
@@ -298,37 +294,23 @@ async fn wait_for_signal() {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
-    let res = Resources::load(&config)?;
-    let scenario = load_scenario(&config, &res)?;
-    let metrics = Arc::new(PipelineMetrics::new(&Pipeline::FORMATS, &siteflow::table::TABLES));
-    // Last-window gauges go stale with the same limit that turns readiness verdicts `unknown`.
-    let stale_after = std::time::Duration::from_secs(config.window.size_secs * u64::from(res.policy.freshness_windows));
-    let sites = SiteMetrics::new(res.inventory.clone(), config.window.size_secs as f64).stale_after(stale_after);
-    let latency = metrics.clone();
-    let history = History::open(HistoryOptions::from_config(&config.history))?;
-    let sinks: Vec<Box<dyn siteflow::sink::WindowSink>> =
-        vec![Box::new(sites.clone()), Box::new(HistorySink::new(history.clone(), config.sql.top_talkers))];
-    let mut pipeline = Pipeline::build(&config, &res, metrics.clone(), sinks).await?;
-    siteflow::history::declare_tables(&history, &pipeline.output_schemas(), config.sql.top_talkers);
-    let recent_flows = RecentFlows::new(config.sql.recent_flows_max_rows, config.sql.recent_flows_max_mb << 20);
-    pipeline.keep_recent_flows(recent_flows.clone());
-    let engine = SqlEngine::new(
-        res.inventory.clone(),
-        history.clone(),
-        Some(recent_flows),
-        SqlLimits::from_config(&config.sql),
-        config.window.size_secs as f64,
+    let app = App::build(config).await?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let listener = siteflow::http::listen(app.config.http.listen, app.config.http.max_connections)
+        .with_context(|| format!("cannot listen on {} (http.listen / --listen)", app.config.http.listen))?;
+    tracing::info!(
+        listen = %app.config.http.listen,
+        sites = app.resources.inventory.len(),
+        window_secs = app.config.window.size_secs,
+        flows_sql = %app.resources.sql_of(&siteflow::table::FLOWS).map_or("none", |s| s.origin.as_str()),
+        scenario = %app.scenario,
+        "siteflow started: metrics at http://{}/metrics",
+        app.config.http.listen
     );
-    let ready = pipeline.ready.clone();
-    let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let state = AppState {
-        metrics,
-        sites,
-        ready,
-        stopping: stopping.clone(),
-        readiness: pipeline.readiness.clone(),
-        sql: Some((engine, config.sql.token.clone())),
-    };
+    let (running, pipeline_run) = app.start(stop_rx)?;
+    let Running { config, history, state, .. } = running;
+    let latency = state.metrics.clone();
+    let stopping = state.stopping.clone();
     let flusher = history.clone();
     let flush_every = std::time::Duration::from_secs(config.history.flush_interval_secs);
     let history_task = tokio::spawn(async move {
@@ -347,48 +329,6 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         }
     });
 
-    let listener = siteflow::http::listen(config.http.listen, config.http.max_connections)
-        .with_context(|| format!("cannot listen on {} (http.listen / --listen)", config.http.listen))?;
-    tracing::info!(
-        listen = %config.http.listen,
-        sites = res.inventory.len(),
-        window_secs = config.window.size_secs,
-        flows_sql = %res.sql_of(&siteflow::table::FLOWS).map_or("none", |s| s.origin.as_str()),
-        scenario = %scenario.description,
-        "siteflow started: metrics at http://{}/metrics",
-        config.http.listen
-    );
-
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let pipeline_run = match config.source.kind {
-        SourceKind::Simulator => {
-            let source = Simulator::new(config.simulator.clone(), window_spec(&config), res.inventory.clone(), scenario);
-            tokio::spawn(siteflow::pipeline::run(source, pipeline, stop_rx))
-        }
-        SourceKind::Kafka => {
-            let dir = config.checkpoint.dir.as_ref().map(resolve).context("checkpoint.dir must be set when source.kind is kafka")?;
-            let store = CheckpointStore::open(&dir, pipeline.table_names())?;
-            let dead_letters = match &config.kafka.dead_letter_topic {
-                Some(topic) => Some(DeadLetters::new(&config.kafka, topic, state.metrics.clone()).map_err(anyhow::Error::msg)?),
-                None => None,
-            };
-            pipeline.enable_checkpoints(store.clone(), dead_letters);
-            let (source, events) = KafkaSource::start(&config.kafka, store, state.metrics.clone())?;
-            tracing::info!(
-                brokers = %config.kafka.brokers,
-                group = %config.kafka.group_id,
-                topics = ?config.kafka.topics.iter().map(|t| format!("{} ({})", t.name, t.format.as_str())).collect::<Vec<_>>(),
-                checkpoints = %dir.display(),
-                "consuming from Kafka"
-            );
-            let interval = std::time::Duration::from_secs(config.checkpoint.interval_secs);
-            tokio::spawn(siteflow::pipeline::run_kafka(source, events, pipeline, interval, stop_rx))
-        }
-        SourceKind::File => {
-            let source = siteflow::replay::configured_source(&config)?;
-            tokio::spawn(siteflow::pipeline::run(source, pipeline, stop_rx))
-        }
-    };
     let (server_stop_tx, mut server_stop_rx) = watch::channel(false);
     let mut server_limits = siteflow::http::ServerLimits::from_config(&config.http);
     let files = raise_open_file_limit();
@@ -651,7 +591,7 @@ fn main() -> ExitCode {
                     output_file: args.output_file,
                     progress_interval: args.progress_interval,
                 };
-                siteflow::replay::replay(&options, &config).await
+                Ok(siteflow::replay::replay(&options, &config).await?)
             }
             Command::Version(args) => {
                 let build = &siteflow::build_info::BUILD;

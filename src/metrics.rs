@@ -1,4 +1,6 @@
-//! The pipeline's own health metrics, in one explicit registry shared with the sinks.
+//! The pipeline's own health metrics, in one explicit registry shared with the sinks, grouped
+//! by the component that updates them: records (decode, enrich), windows, Kafka, checkpoints,
+//! dead letters. (Readiness and SQL render their own at scrape time: `sink::readiness`, `sql`.)
 
 use std::sync::Mutex;
 
@@ -26,33 +28,54 @@ pub struct PipelineMetrics {
     pub flows_spread_clamped: IntCounter,
     pub flows_direction_defaulted: IntCounter,
     pub interface_counter_samples: IntCounterVec,
+    pub windows: WindowMetrics,
+    pub kafka: KafkaMetrics,
+    pub checkpoints: CheckpointMetrics,
+    pub dead_letters: DeadLetterMetrics,
+}
+
+/// The window stage: watermark, windows closed, corrected and kept, close latency.
+pub struct WindowMetrics {
     pub watermark_timestamp: Gauge,
     pub watermark_lag: Gauge,
-    pub windows_closed: IntCounterVec,
+    pub closed: IntCounterVec,
     /// Published windows corrected by records that were on time for their own exporter.
-    pub windows_corrected: IntCounterVec,
+    pub corrected: IntCounterVec,
     /// Published windows kept for corrections.
-    pub windows_correctable: IntGauge,
-    pub windows_open: IntGauge,
-    pub window_close_latency: Histogram,
+    pub correctable: IntGauge,
+    pub open: IntGauge,
+    pub close_latency: Histogram,
     /// The same latency at full resolution, for exact p50/p99 in logs and benchmarks (µs).
-    pub window_close_latency_exact: Mutex<hdrhistogram::Histogram<u64>>,
-    pub window_late_contributions: IntCounter,
-    pub kafka_consumer_lag: IntGaugeVec,
-    pub kafka_paused: IntGauge,
-    pub kafka_pauses: IntCounter,
-    pub kafka_queued_batches: IntGauge,
-    pub kafka_rebalances: IntCounterVec,
-    pub kafka_replayed_skipped: IntCounter,
-    pub kafka_offset_gaps: IntCounter,
+    pub close_latency_exact: Mutex<hdrhistogram::Histogram<u64>>,
+    pub late_contributions: IntCounter,
+}
+
+/// The Kafka consumer and its driver.
+pub struct KafkaMetrics {
+    pub consumer_lag: IntGaugeVec,
+    pub paused: IntGauge,
+    pub pauses: IntCounter,
+    pub queued_batches: IntGauge,
+    pub rebalances: IntCounterVec,
+    pub replayed_skipped: IntCounter,
+    pub offset_gaps: IntCounter,
     /// 1 while the consumer has a connection to a broker; registered by the Kafka source only
     /// (see [`PipelineMetrics::register_kafka_broker_up`]), so other sources export no false 0.
-    pub kafka_broker_up: IntGauge,
-    pub checkpoints: IntCounterVec,
-    pub checkpoint_duration: Histogram,
-    pub checkpoint_last_success: Gauge,
-    pub dead_letter_records: IntCounterVec,
-    pub dead_letter_errors: IntCounter,
+    pub broker_up: IntGauge,
+}
+
+/// Checkpoints written by the Kafka driver.
+pub struct CheckpointMetrics {
+    /// By outcome (`ok`, `failed`).
+    pub written: IntCounterVec,
+    pub duration: Histogram,
+    pub last_success: Gauge,
+}
+
+/// The dead-letter topic's producer.
+pub struct DeadLetterMetrics {
+    pub records: IntCounterVec,
+    pub errors: IntCounter,
 }
 
 fn register<M: prometheus::core::Collector + Clone + 'static>(registry: &Registry, m: M) -> M {
@@ -339,35 +362,36 @@ impl PipelineMetrics {
             flows_spread_clamped,
             flows_direction_defaulted,
             interface_counter_samples,
-            watermark_timestamp,
-            watermark_lag,
-            windows_closed,
-            windows_corrected,
-            windows_correctable,
-            windows_open,
-            window_close_latency,
-            window_close_latency_exact: Mutex::new(hdrhistogram::Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid bounds")),
-            window_late_contributions,
-            kafka_consumer_lag,
-            kafka_paused,
-            kafka_pauses,
-            kafka_queued_batches,
-            kafka_rebalances,
-            kafka_replayed_skipped,
-            kafka_offset_gaps,
-            kafka_broker_up,
-            checkpoints,
-            checkpoint_duration,
-            checkpoint_last_success,
-            dead_letter_records,
-            dead_letter_errors,
+            windows: WindowMetrics {
+                watermark_timestamp,
+                watermark_lag,
+                closed: windows_closed,
+                corrected: windows_corrected,
+                correctable: windows_correctable,
+                open: windows_open,
+                close_latency: window_close_latency,
+                close_latency_exact: Mutex::new(hdrhistogram::Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid bounds")),
+                late_contributions: window_late_contributions,
+            },
+            kafka: KafkaMetrics {
+                consumer_lag: kafka_consumer_lag,
+                paused: kafka_paused,
+                pauses: kafka_pauses,
+                queued_batches: kafka_queued_batches,
+                rebalances: kafka_rebalances,
+                replayed_skipped: kafka_replayed_skipped,
+                offset_gaps: kafka_offset_gaps,
+                broker_up: kafka_broker_up,
+            },
+            checkpoints: CheckpointMetrics { written: checkpoints, duration: checkpoint_duration, last_success: checkpoint_last_success },
+            dead_letters: DeadLetterMetrics { records: dead_letter_records, errors: dead_letter_errors },
         }
     }
 
     /// Exports `siteflow_kafka_broker_up` (at 0 until the consumer reaches a broker). Once per
     /// registry: only the Kafka source calls it.
     pub fn register_kafka_broker_up(&self) {
-        if let Err(e) = self.registry.register(Box::new(self.kafka_broker_up.clone())) {
+        if let Err(e) = self.registry.register(Box::new(self.kafka.broker_up.clone())) {
             tracing::debug!("siteflow_kafka_broker_up already registered: {e}");
         }
     }
@@ -381,7 +405,7 @@ impl PipelineMetrics {
     /// Messages behind the partitions' ends over every owned partition (librdkafka statistics).
     pub fn kafka_lag_total(&self) -> i64 {
         use prometheus::core::Collector;
-        self.kafka_consumer_lag.collect().iter().flat_map(|f| f.get_metric()).map(|m| m.get_gauge().get_value() as i64).sum()
+        self.kafka.consumer_lag.collect().iter().flat_map(|f| f.get_metric()).map(|m| m.get_gauge().get_value() as i64).sum()
     }
 
     /// Records the outcome of decoding one batch.
@@ -429,14 +453,14 @@ impl PipelineMetrics {
 
     /// Records a window close latency.
     pub fn record_close_latency(&self, latency: std::time::Duration) {
-        self.window_close_latency.observe(latency.as_secs_f64());
+        self.windows.close_latency.observe(latency.as_secs_f64());
         let micros = (latency.as_micros() as u64).clamp(1, 600_000_000);
-        self.window_close_latency_exact.lock().expect("latency lock").saturating_record(micros);
+        self.windows.close_latency_exact.lock().expect("latency lock").saturating_record(micros);
     }
 
     /// p50 and p99 of the window close latency so far, in seconds.
     pub fn close_latency_quantiles(&self) -> Option<(f64, f64)> {
-        let h = self.window_close_latency_exact.lock().expect("latency lock");
+        let h = self.windows.close_latency_exact.lock().expect("latency lock");
         (!h.is_empty()).then(|| (h.value_at_quantile(0.5) as f64 / 1e6, h.value_at_quantile(0.99) as f64 / 1e6))
     }
 }

@@ -1,7 +1,10 @@
-//! Wires the stages together: source → decode → enrich → window → sinks.
+//! Wires the stages together: decode → rates → enrich → window → publish to the sinks.
 //!
 //! One task runs the whole chain batch by batch, so there is no channel hop per record and
-//! back-pressure is implicit: the source is polled only when the previous batch is done.
+//! back-pressure is implicit: the source is polled only when the previous batch is done. What
+//! feeds the pipeline, and what happens at the end, is a driver's business (`driver`): the
+//! pipeline offers the calls (process, tick, finish) and a partition's state to save, restore
+//! and release.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -9,26 +12,23 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use datafusion::arrow::array::RecordBatch;
-use tokio::sync::watch;
-use tokio::time::MissedTickBehavior;
+use datafusion::error::DataFusionError;
 
-use crate::checkpoint::{CheckpointStore, PartitionCheckpoint, PartitionKey};
+use crate::checkpoint::CheckpointError;
 use crate::config::{Config, resolve};
-use crate::dead_letter::DeadLetters;
-use crate::decode::{DecodeLimits, Decoded, decode_with};
+use crate::decode::{DecodeLimits, DecodeStats, Decoded, decode_with};
 use crate::enrich::{EnrichStats, Enricher, Sampling};
 use crate::inventory::{Inventory, InventoryError, addr_from_ip};
 use crate::metrics::PipelineMetrics;
-use crate::rates::CounterRates;
+use crate::rates::{CounterBaseline, CounterRates};
 use crate::readiness::meetings::load_schedule;
-use crate::readiness::{Meeting, Policy, ReadinessEngine, SharedReadiness};
+use crate::readiness::{Meeting, Policy, PolicyError, ReadinessEngine, SharedReadiness};
 use crate::sink::WindowSink;
-use crate::source::Source;
-use crate::source::kafka::{KafkaEvent, KafkaSource};
+use crate::sink::readiness::ReadinessSink;
 use crate::sql::RecentFlows;
-use crate::table::{Input, ReadinessFeed, TABLES, TableDef};
-use crate::types::{Format, Messages, PartitionId, SourceBatch, unix_now_ns};
-use crate::window::{Closed, ClosedWindow, TableId, WindowOperator, WindowSpec};
+use crate::table::{Input, TABLES, TableDef};
+use crate::types::{Format, PartitionId, SourceBatch, unix_now_ns};
+use crate::window::{Closed, ClosedWindow, Contribution, ExporterKey, TableId, WindowOperator, WindowSpec};
 
 /// A pipeline that cannot be built, naming the file at fault.
 #[derive(Debug, thiserror::Error)]
@@ -37,8 +37,46 @@ pub enum BuildError {
     Inventory(#[from] InventoryError),
     #[error("{file}: {message}")]
     Sql { file: String, message: String },
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    /// The meetings file: unreadable, or a meeting that selects no site or names no profile.
     #[error("{0}")]
-    Other(String),
+    Meetings(String),
+    /// Settings that contradict each other, naming them.
+    #[error("{0}")]
+    Config(String),
+}
+
+/// Why a run stopped. Every variant is fatal to the run; bad input never is (it is counted by
+/// reason and skipped), and a failed periodic checkpoint is retried by the Kafka driver.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    /// Aggregating or restoring a window failed in DataFusion: a bug or memory, not the input.
+    #[error("window aggregation failed: {0}")]
+    Window(#[from] DataFusionError),
+    /// A checkpoint or results log could not be read or written.
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    /// The dead-letter topic did not take the rejected messages.
+    #[error(transparent)]
+    DeadLetters(#[from] crate::dead_letter::DeadLetterError),
+    /// A task the run waits for panicked or was cancelled.
+    #[error("a pipeline task ended abnormally: {0}")]
+    Task(String),
+}
+
+/// What a partition's checkpoint keeps of the pipeline, so that the partition can go on
+/// elsewhere or after a restart.
+#[derive(Debug, Default)]
+pub struct PartitionState {
+    /// The partition's newest event time.
+    pub max_event_ns: Option<i64>,
+    /// Per table (in the window operator's order): the partition's open window states.
+    pub states: Vec<Vec<RecordBatch>>,
+    /// The partition's last interface counter samples (the baselines of the next deltas).
+    pub counters: Vec<CounterBaseline>,
+    /// The partition's event-time clocks: (exporter, largest event time).
+    pub clocks: Vec<(ExporterKey, i64)>,
 }
 
 /// A SQL text and where it came from.
@@ -90,12 +128,12 @@ impl Resources {
             })
             .collect::<Result<Vec<_>, BuildError>>()?;
         let policy = match &config.readiness.policy {
-            Some(p) => Policy::load(&resolve(p)).map_err(BuildError::Other)?,
+            Some(p) => Policy::load(&resolve(p))?,
             None => Policy::embedded(),
         };
-        policy.check_sites(&inventory).map_err(|e| BuildError::Other(format!("readiness policy: {e}")))?;
+        policy.check_sites(&inventory)?;
         let meetings = match &config.readiness.meetings {
-            Some(p) => load_schedule(&resolve(p), &inventory, &policy).map_err(BuildError::Other)?,
+            Some(p) => load_schedule(&resolve(p), &inventory, &policy).map_err(BuildError::Meetings)?,
             None => Vec::new(),
         };
         Ok(Self { inventory: Arc::new(inventory), sql, policy, meetings })
@@ -162,13 +200,14 @@ pub struct Pipeline {
     counter_rates: CounterRates,
     metrics: Arc<PipelineMetrics>,
     sinks: Vec<Box<dyn WindowSink>>,
-    /// Site verdicts and meetings, shared with the HTTP API and /metrics.
-    pub readiness: Arc<SharedReadiness>,
+    /// The sink that judges the sites; its verdicts go to the other sinks.
+    readiness: ReadinessSink,
     /// Set once the first window has been published (for `/readyz`).
     pub ready: Arc<AtomicBool>,
     summary: RunSummary,
-    /// Partitions, checkpoints and dead letters when reading from Kafka.
-    durable: Option<Durable>,
+    /// Per-partition results of the windows published since the driver last took them (only
+    /// kept after [`Pipeline::keep_results_per_partition`]).
+    results: Vec<Contribution>,
     /// The newest enriched flow records, for SQL (`flows_recent`).
     recent_flows: Option<Arc<RecentFlows>>,
     /// Whether flows also feed the top-talker tables (`sql.top_talkers` > 0): it costs about as
@@ -187,21 +226,6 @@ pub struct Pipeline {
 /// How long to wait before warning again about a source whose records are still rejected.
 const REJECTION_WARN_REPEAT: Duration = Duration::from_secs(300);
 
-/// A partition this instance owns.
-#[derive(Debug)]
-struct Owned {
-    key: PartitionKey,
-    /// The first offset not yet processed; anything below it is already counted.
-    next_offset: i64,
-}
-
-/// Exactly-once bookkeeping: owned partitions, their checkpoints and results logs.
-struct Durable {
-    store: CheckpointStore,
-    owned: std::collections::HashMap<PartitionId, Owned>,
-    dead_letters: Option<DeadLetters>,
-}
-
 impl Pipeline {
     /// Builds the pipeline for `config` over the loaded resources.
     pub async fn build(
@@ -212,7 +236,7 @@ impl Pipeline {
     ) -> Result<Self, BuildError> {
         let spec = config.window_spec();
         if res.policy.period_secs < config.window.size_secs {
-            return Err(BuildError::Other(format!(
+            return Err(BuildError::Config(format!(
                 "readiness policy: period_secs ({}) must be at least window.size_secs ({})",
                 res.policy.period_secs, config.window.size_secs
             )));
@@ -233,10 +257,10 @@ impl Pipeline {
             max_future_ns: (config.decode.max_future_secs as i64).saturating_mul(1_000_000_000),
             spreader: crate::event_time::Spreader::new(config.window_size(), config.decode.max_spread_windows),
             enricher: Enricher::new(res.inventory.clone(), sampling),
-            readiness: SharedReadiness::new(
+            readiness: ReadinessSink::new(SharedReadiness::new(
                 ReadinessEngine::new(res.inventory.clone(), res.policy.clone(), spec.size_ns()),
                 res.meetings.clone(),
-            ),
+            )),
             windows,
             first_published: vec![false; tables.len()],
             tables,
@@ -245,7 +269,7 @@ impl Pipeline {
             sinks,
             ready: Arc::new(AtomicBool::new(false)),
             summary: RunSummary::default(),
-            durable: None,
+            results: Vec::new(),
             recent_flows: None,
             top_talkers: config.sql.top_talkers > 0,
             newest_event: None,
@@ -257,13 +281,18 @@ impl Pipeline {
         })
     }
 
-    /// Keeps checkpoints and per-partition results logs in `store` (the Kafka source's mode).
-    pub fn enable_checkpoints(&mut self, store: CheckpointStore, dead_letters: Option<DeadLetters>) {
+    /// Keeps each published window's per-partition results for [`Pipeline::take_results`]
+    /// (what the Kafka driver's results logs hold), for the tables that log them.
+    pub fn keep_results_per_partition(&mut self) {
         self.windows.set_per_partition_results(true);
         for (id, table) in self.tables.iter().enumerate() {
             self.windows.set_results_log(id, table.results_log);
         }
-        self.durable = Some(Durable { store, owned: Default::default(), dead_letters });
+    }
+
+    /// The per-partition results of the windows published since the last call.
+    pub fn take_results(&mut self) -> Vec<Contribution> {
+        std::mem::take(&mut self.results)
     }
 
     /// Keeps the newest enriched flow records in `ring` (SQL table `flows_recent`).
@@ -282,110 +311,48 @@ impl Pipeline {
         (0..self.windows.table_count()).map(|t| self.windows.table_name(t).to_string()).collect()
     }
 
-    fn state_schemas(&self) -> Vec<datafusion::arrow::datatypes::SchemaRef> {
+    /// The schema of each table's window states (the checkpoint layout).
+    pub fn state_schemas(&self) -> Vec<datafusion::arrow::datatypes::SchemaRef> {
         (0..self.windows.table_count()).map(|t| self.windows.state_schema(t)).collect()
     }
 
-    /// Takes over partitions: restores each from its checkpoint and cuts its results logs back
-    /// to what that checkpoint covers.
-    pub fn assign(&mut self, partitions: &[(PartitionId, PartitionKey)]) -> anyhow::Result<()> {
-        let schemas = self.state_schemas();
-        let now = Instant::now();
-        let durable = self.durable.as_mut().ok_or_else(|| anyhow::anyhow!("checkpoints are not enabled"))?;
-        for (id, key) in partitions {
-            let ckpt = durable.store.load(key, &schemas)?;
-            let restored = ckpt.is_some();
-            let (next_offset, max_event, lens, states, counters, clocks) = match ckpt {
-                Some(c) => (c.next_offset, c.max_event_ns, c.results_len, c.states, c.counters, c.clocks),
-                None => (0, None, vec![0; schemas.len()], vec![Vec::new(); schemas.len()], Vec::new(), Vec::new()),
-            };
-            for (table, len) in lens.iter().enumerate() {
-                durable.store.truncate_results(table, key, *len)?;
-            }
-            self.windows.restore_partition(*id, max_event, &clocks, states, now)?;
-            self.counter_rates.restore_partition(*id, &counters);
-            if restored {
-                tracing::info!(partition = %key, next_offset, "partition restored from its checkpoint");
-            } else {
-                tracing::info!(partition = %key, "partition has no checkpoint yet: starting at its committed offset, else its beginning");
-            }
-            durable.owned.insert(*id, Owned { key: key.clone(), next_offset });
+    /// Announces partitions before their first records (the watermark waits for them).
+    pub fn register_partitions(&mut self, partitions: &[PartitionId]) {
+        self.windows.register_partitions(partitions, Instant::now());
+    }
+
+    /// What a checkpoint of `partition` must keep.
+    pub fn partition_state(&self, partition: PartitionId) -> PartitionState {
+        PartitionState {
+            max_event_ns: self.windows.watermarks().partition_max_event(partition),
+            states: self.windows.partition_states(partition),
+            counters: self.counter_rates.partition_baselines(partition),
+            clocks: self.windows.watermarks().partition_clocks(partition),
         }
+    }
+
+    /// Takes `partition` over: from its saved state, or from nothing.
+    pub fn restore_partition(&mut self, partition: PartitionId, state: Option<PartitionState>) -> Result<(), PipelineError> {
+        let state = state.unwrap_or_else(|| PartitionState { states: vec![Vec::new(); self.windows.table_count()], ..Default::default() });
+        self.windows.restore_partition(partition, state.max_event_ns, &state.clocks, state.states, Instant::now())?;
+        self.counter_rates.restore_partition(partition, &state.counters);
         Ok(())
     }
 
-    /// Releases partitions: checkpoints them, drops their state, returns the offsets to commit.
-    pub fn revoke(&mut self, partitions: &[PartitionId]) -> anyhow::Result<Vec<(PartitionKey, i64)>> {
-        let offsets = self.checkpoint_partitions(partitions)?;
-        if let Some(durable) = self.durable.as_mut() {
-            for id in partitions {
-                durable.owned.remove(id);
-                self.windows.release_partition(*id);
-                self.counter_rates.release_partition(*id);
-            }
-        }
-        Ok(offsets)
+    /// Lets `partition` go (after its state was saved): its open windows and baselines are dropped.
+    pub fn release_partition(&mut self, partition: PartitionId) {
+        self.windows.release_partition(partition);
+        self.counter_rates.release_partition(partition);
     }
 
-    /// Checkpoints every owned partition; returns the offsets now safe to commit.
-    pub fn checkpoint(&mut self) -> anyhow::Result<Vec<(PartitionKey, i64)>> {
-        let ids: Vec<PartitionId> = self.durable.as_ref().map(|d| d.owned.keys().copied().collect()).unwrap_or_default();
-        self.checkpoint_partitions(&ids)
+    /// Site verdicts and meetings, shared with the HTTP API and /metrics.
+    pub fn readiness(&self) -> Arc<SharedReadiness> {
+        self.readiness.shared().clone()
     }
 
-    fn checkpoint_partitions(&mut self, ids: &[PartitionId]) -> anyhow::Result<Vec<(PartitionKey, i64)>> {
-        let Some(durable) = self.durable.as_ref() else { return Ok(Vec::new()) };
-        let started = Instant::now();
-        let result = (|| -> anyhow::Result<Vec<(PartitionKey, i64)>> {
-            if let Some(dl) = &durable.dead_letters {
-                dl.flush().map_err(anyhow::Error::msg)?;
-            }
-            let schemas = self.state_schemas();
-            let mut offsets = Vec::with_capacity(ids.len());
-            for id in ids {
-                let Some(owned) = durable.owned.get(id) else { continue };
-                let results_len = (0..schemas.len()).map(|t| durable.store.sync_results(t, &owned.key)).collect::<Result<Vec<_>, _>>()?;
-                let ckpt = PartitionCheckpoint {
-                    next_offset: owned.next_offset,
-                    max_event_ns: self.windows.watermarks().partition_max_event(*id),
-                    results_len,
-                    states: self.windows.partition_states(*id),
-                    counters: self.counter_rates.partition_baselines(*id),
-                    clocks: self.windows.watermarks().partition_clocks(*id),
-                };
-                durable.store.save(&owned.key, &ckpt, &schemas)?;
-                offsets.push((owned.key.clone(), owned.next_offset));
-            }
-            Ok(offsets)
-        })();
-        let outcome = if result.is_ok() { "ok" } else { "failed" };
-        self.metrics.checkpoints.with_label_values(&[outcome]).inc();
-        if result.is_ok() {
-            self.metrics.checkpoint_duration.observe(started.elapsed().as_secs_f64());
-            self.metrics.checkpoint_last_success.set(unix_now_ns() as f64 / 1e9);
-        }
-        result
-    }
-
-    /// Drops messages a partition has already counted (delivered again after a restart).
-    fn skip_processed(&mut self, batch: &mut SourceBatch) {
-        let Some(owned) = self.durable.as_ref().and_then(|d| d.owned.get(&batch.partition)) else { return };
-        let from = owned.next_offset;
-        if batch.offsets.first().is_none_or(|&o| o >= from) {
-            return;
-        }
-        let keep = batch.offsets.iter().filter(|&&o| o >= from).count();
-        self.metrics.kafka_replayed_skipped.inc_by((batch.offsets.len() - keep) as u64);
-        let mut messages = Messages::with_capacity(keep, batch.messages.total_bytes());
-        let mut offsets = Vec::with_capacity(keep);
-        for (m, &o) in batch.messages.iter().zip(&batch.offsets) {
-            if o >= from {
-                messages.push(m);
-                offsets.push(o);
-            }
-        }
-        batch.messages = messages;
-        batch.offsets = offsets;
+    /// The counters and gauges the pipeline updates.
+    pub fn metrics(&self) -> &Arc<PipelineMetrics> {
+        &self.metrics
     }
 
     /// Formats every source of this pipeline can deliver.
@@ -400,33 +367,17 @@ impl Pipeline {
         &self.windows
     }
 
-    /// Runs one source batch through decode, enrich and window, then publishes closed windows.
-    pub async fn process(&mut self, mut batch: SourceBatch) -> anyhow::Result<()> {
-        self.skip_processed(&mut batch);
+    /// Runs one source batch through decode, enrich and window, then publishes closed windows;
+    /// returns how its records decoded. `source` names where the batch came from (a topic) in
+    /// the log's warnings.
+    pub async fn process(&mut self, batch: &SourceBatch, source: &str) -> Result<DecodeStats, PipelineError> {
         if batch.messages.is_empty() {
-            return Ok(());
+            return Ok(DecodeStats::default());
         }
         self.limits.max_time_ns = unix_now_ns().saturating_add(self.max_future_ns);
         let (decoded, stats) = decode_with(batch.format, batch.event_time, &batch.messages, &self.limits);
         self.metrics.record_decode(batch.format, batch.messages.total_bytes(), &stats);
-        let source =
-            self.durable.as_ref().and_then(|d| d.owned.get(&batch.partition)).map_or(batch.format.as_str(), |o| o.key.topic.as_str());
         self.rejections.observe(source, batch.format, &stats, batch.received);
-        if let Some(durable) = self.durable.as_mut()
-            && let Some(owned) = durable.owned.get_mut(&batch.partition)
-        {
-            if let Some(dl) = &durable.dead_letters {
-                dl.send(&owned.key, batch.format, &batch.messages, &batch.offsets, &stats);
-            }
-            if let (Some(first), Some(last)) = (batch.offsets.first(), batch.offsets.last()) {
-                if *first > owned.next_offset && owned.next_offset > 0 {
-                    // Legitimate after compaction or transactions; otherwise records were skipped.
-                    self.metrics.kafka_offset_gaps.inc();
-                    tracing::warn!(partition = %owned.key, expected = owned.next_offset, got = first, "offset gap in a partition");
-                }
-                owned.next_offset = last + 1;
-            }
-        }
         self.summary.batches += 1;
         self.summary.records += stats.records;
         // Each input's enriched rows, with (for several inputs from the same messages) each row's
@@ -465,19 +416,20 @@ impl Pipeline {
                 ]
             }
         };
-        self.feed(&batch, inputs).await?;
+        self.feed(batch, inputs).await?;
         if let Some(newest) = &self.newest_event
             && let Some(t) = self.windows.watermarks().partition_max_event(batch.partition)
         {
             newest.fetch_max(t, Ordering::Relaxed);
         }
         let closed = self.windows.close_ready(batch.received).await?;
-        self.publish(closed, false)
+        self.publish(closed, false);
+        Ok(stats)
     }
 
     /// Hands the enriched rows of one source batch to every table that reads them, all tables
     /// together (see [`WindowOperator::process_together`]).
-    async fn feed(&mut self, batch: &SourceBatch, inputs: Vec<(Input, RecordBatch, EnrichStats, Vec<u32>)>) -> anyhow::Result<()> {
+    async fn feed(&mut self, batch: &SourceBatch, inputs: Vec<(Input, RecordBatch, EnrichStats, Vec<u32>)>) -> Result<(), PipelineError> {
         let mut fed: Vec<(TableId, &RecordBatch)> = Vec::new();
         let mut fed_ordinals = Vec::new();
         for (input, rows, stats, ordinals) in &inputs {
@@ -512,28 +464,33 @@ impl Pipeline {
             if !table.second_view {
                 self.metrics.records_late.with_label_values(&[table.name]).inc_by(outcome.late);
             }
-            if table.readiness == ReadinessFeed::OnTimeRecords
-                && let Some(on_time) = &outcome.on_time
-            {
-                self.readiness.engine.write().expect("readiness lock").observe_probes(on_time);
+            if let Some(on_time) = &outcome.on_time {
+                self.readiness.on_records(table, on_time);
+                for sink in &mut self.sinks {
+                    sink.on_records(table, on_time);
+                }
             }
         }
         Ok(())
     }
 
     /// Periodic work without new data: idle partitions release the watermark; gauges refresh.
-    pub async fn tick(&mut self) -> anyhow::Result<()> {
+    /// `status_note` ends the periodic status line (the driver's say, e.g. the Kafka lag).
+    pub async fn tick(&mut self, status_note: Option<String>) -> Result<(), PipelineError> {
         let now = Instant::now();
-        self.readiness.engine.write().expect("readiness lock").expire_if_stalled(now);
+        self.readiness.on_tick(now);
+        for sink in &mut self.sinks {
+            sink.on_tick(now);
+        }
         self.windows.advance_idle(now);
         let closed = self.windows.close_ready(now).await?;
-        self.publish(closed, false)?;
-        self.notify(now);
+        self.publish(closed, false);
+        self.notify(now, status_note);
         Ok(())
     }
 
     /// Logs what is due: warnings about rejected sources, the periodic status line.
-    fn notify(&mut self, now: Instant) {
+    fn notify(&mut self, now: Instant, status_note: Option<String>) {
         for w in self.rejections.evaluate(now) {
             tracing::warn!(
                 topic = %w.source,
@@ -548,16 +505,14 @@ impl Pipeline {
         if let Some(s) = self.status.due(now, self.summary.records, self.summary.windows_closed, rejected) {
             let lag = self.windows.watermark_ns().map(|wm| unix_now_ns().saturating_sub(wm) as f64 / 1e9);
             let lag_text = lag.map_or_else(|| "no watermark yet".to_string(), |l| format!("watermark {l:.0} s behind"));
-            let kafka = self.durable.is_some().then(|| self.metrics.kafka_lag_total());
-            let kafka_text = kafka.map_or_else(String::new, |k| format!(", Kafka lag {k} messages"));
+            let note = status_note.map_or_else(String::new, |n| format!(", {n}"));
             tracing::info!(
                 records_per_sec = s.records_per_sec.round(),
                 sites_seen = s.sites_seen,
                 windows_closed = s.windows_closed,
                 rejected = s.rejected,
                 watermark_lag_secs = lag.map(|l| l.round()),
-                kafka_lag = kafka,
-                "status: {:.0} records/s, {} sites seen, {} window(s) closed, {} rejected, {lag_text}{kafka_text}",
+                "status: {:.0} records/s, {} sites seen, {} window(s) closed, {} rejected, {lag_text}{note}",
                 s.records_per_sec,
                 s.sites_seen,
                 s.windows_closed,
@@ -567,9 +522,9 @@ impl Pipeline {
     }
 
     /// Closes every open window (at shutdown) and returns the run's totals.
-    pub async fn finish(&mut self) -> anyhow::Result<RunSummary> {
+    pub async fn finish(&mut self) -> Result<RunSummary, PipelineError> {
         let closed = self.windows.flush(Instant::now()).await?;
-        self.publish(closed, true)?;
+        self.publish(closed, true);
         Ok(self.summary)
     }
 
@@ -579,7 +534,7 @@ impl Pipeline {
     }
 
     /// Logs the run's totals and what was lost, once the pipeline has stopped.
-    fn log_stopped(&self) {
+    pub fn log_stopped(&self) {
         let summary = self.summary;
         let (rejected, unmatched, late) = self.metrics.lost_records();
         tracing::info!(
@@ -597,11 +552,12 @@ impl Pipeline {
     /// Hands one closed window (or a correction) to the sinks and what else reads its table.
     fn publish_window(&mut self, w: &ClosedWindow, flushing: bool) {
         let table = self.tables[w.table_id];
+        self.readiness.on_window(table, w);
         for sink in &mut self.sinks {
             sink.on_window(table, w);
         }
         if w.previous.is_some() {
-            self.metrics.windows_corrected.with_label_values(&[table.name]).inc();
+            self.metrics.windows.corrected.with_label_values(&[table.name]).inc();
             return;
         }
         // Empty windows of a table without input are published too: not news.
@@ -618,10 +574,7 @@ impl Pipeline {
         {
             self.status.saw_sites(sites.iter().flatten());
         }
-        if table.readiness == ReadinessFeed::Windows {
-            self.readiness.engine.write().expect("readiness lock").observe_flow_window(&w.rows, w.end_ns);
-        }
-        self.metrics.windows_closed.with_label_values(&[table.name]).inc();
+        self.metrics.windows.closed.with_label_values(&[table.name]).inc();
         if !flushing {
             self.metrics.record_close_latency(w.closed_by.elapsed());
         }
@@ -629,22 +582,18 @@ impl Pipeline {
 
     /// Every table's windows up to `end` are with the sinks: judge the sites over them.
     fn windows_complete(&mut self, start: i64, end: i64) {
-        let mut engine = self.readiness.engine.write().expect("readiness lock");
-        engine.evaluate(start, end);
-        for sink in &mut self.sinks {
-            sink.on_readiness(start, end, engine.latest());
-        }
+        let sinks = &mut self.sinks;
+        self.readiness.windows_complete(start, end, |verdicts| {
+            for sink in sinks {
+                sink.on_readiness(start, end, verdicts);
+            }
+        });
     }
 
-    fn publish(&mut self, closed: Closed, flushing: bool) -> anyhow::Result<()> {
-        self.metrics.window_late_contributions.inc_by(closed.late_contributions);
-        if let Some(durable) = &self.durable {
-            for c in &closed.contributions {
-                let Some(owned) = durable.owned.get(&c.partition) else { continue };
-                durable.store.append_results(c.table, &owned.key, &c.rows)?;
-            }
-        }
-        let Closed { windows, completed, .. } = closed;
+    fn publish(&mut self, closed: Closed, flushing: bool) {
+        self.metrics.windows.late_contributions.inc_by(closed.late_contributions);
+        let Closed { windows, completed, contributions, .. } = closed;
+        self.results.extend(contributions);
         if !completed.is_empty() {
             // Before the sinks see the window: whoever sees it on /metrics also sees /readyz ready.
             self.ready.store(true, Ordering::Release);
@@ -668,107 +617,11 @@ impl Pipeline {
         for (start, end) in completed {
             self.windows_complete(start, end);
         }
-        self.metrics.windows_correctable.set(self.windows.correctable_window_count() as i64);
-        self.metrics.windows_open.set(self.windows.open_window_count() as i64);
+        self.metrics.windows.correctable.set(self.windows.correctable_window_count() as i64);
+        self.metrics.windows.open.set(self.windows.open_window_count() as i64);
         if let Some(wm) = self.windows.watermark_ns() {
-            self.metrics.watermark_timestamp.set(wm as f64 / 1e9);
-            self.metrics.watermark_lag.set(unix_now_ns().saturating_sub(wm) as f64 / 1e9);
-        }
-        Ok(())
-    }
-}
-
-/// Runs `source` through `pipeline` until the source ends or `shutdown` turns true, then
-/// flushes the open windows.
-pub async fn run<S: Source>(mut source: S, mut pipeline: Pipeline, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<RunSummary> {
-    pipeline.windows.register_partitions(&source.partitions(), Instant::now());
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            biased;
-            changed = shutdown.changed() => {
-                if changed.is_err() || *shutdown.borrow() {
-                    tracing::info!("shutdown requested: flushing open windows");
-                    break;
-                }
-            }
-            _ = tick.tick() => pipeline.tick().await?,
-            batch = source.next_batch() => match batch {
-                Some(batch) => pipeline.process(batch).await?,
-                None => {
-                    tracing::info!("source finished: flushing open windows");
-                    break;
-                }
-            },
+            self.metrics.windows.watermark_timestamp.set(wm as f64 / 1e9);
+            self.metrics.windows.watermark_lag.set(unix_now_ns().saturating_sub(wm) as f64 / 1e9);
         }
     }
-    let summary = pipeline.finish().await?;
-    pipeline.log_stopped();
-    Ok(summary)
-}
-
-/// Runs the Kafka source through `pipeline` with checkpoints until `shutdown` turns true. At
-/// shutdown the open windows are checkpointed, not flushed: the next start goes on with them.
-pub async fn run_kafka(
-    source: KafkaSource,
-    mut events: tokio::sync::mpsc::Receiver<KafkaEvent>,
-    mut pipeline: Pipeline,
-    checkpoint_interval: Duration,
-    mut shutdown: watch::Receiver<bool>,
-) -> anyhow::Result<RunSummary> {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut last_checkpoint = Instant::now();
-    loop {
-        tokio::select! {
-            biased;
-            changed = shutdown.changed() => {
-                if changed.is_err() || *shutdown.borrow() {
-                    tracing::info!("shutdown requested: checkpointing open windows");
-                    break;
-                }
-            }
-            _ = tick.tick() => {
-                pipeline.tick().await?;
-                if last_checkpoint.elapsed() >= checkpoint_interval {
-                    match pipeline.checkpoint() {
-                        Ok(offsets) => source.commit(&offsets),
-                        // Not fatal: the previous checkpoint still holds; the next attempt may succeed.
-                        Err(e) => tracing::error!("checkpoint failed: {e:#}"),
-                    }
-                    last_checkpoint = Instant::now();
-                }
-            }
-            event = events.recv() => match event {
-                Some(KafkaEvent::Batches(batches)) => {
-                    pipeline.metrics.kafka_queued_batches.set(events.len() as i64);
-                    for batch in batches {
-                        pipeline.process(batch).await?;
-                    }
-                }
-                Some(KafkaEvent::Assigned(partitions)) => pipeline.assign(&partitions)?,
-                Some(KafkaEvent::Revoked { partitions, reply }) => {
-                    let ids: Vec<PartitionId> = partitions.iter().map(|(id, _)| *id).collect();
-                    let offsets = pipeline.revoke(&ids)?;
-                    let _ = reply.send(offsets);
-                }
-                None => {
-                    tracing::warn!("the Kafka consumer stopped");
-                    break;
-                }
-            },
-        }
-    }
-    let offsets = pipeline.checkpoint()?;
-    // The consumer may be waiting in a rebalance for the pipeline: answer it, then stop.
-    events.close();
-    while let Ok(event) = events.try_recv() {
-        if let KafkaEvent::Revoked { reply, .. } = event {
-            let _ = reply.send(Vec::new());
-        }
-    }
-    tokio::task::spawn_blocking(move || source.stop(&offsets)).await?;
-    pipeline.log_stopped();
-    Ok(pipeline.summary())
 }

@@ -11,19 +11,44 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::SchemaRef;
 use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::decode::{DecodeLimits, RejectReason};
-use crate::history::{History, HistoryOptions, HistorySink};
+use crate::history::{History, HistoryError, HistoryOptions, HistorySink};
 use crate::metrics::PipelineMetrics;
-use crate::pipeline::{Pipeline, Resources};
-use crate::source::file::{FileInput, FileProgress, FileSource};
-use crate::sql::{SqlEngine, SqlLimits};
+use crate::pipeline::{BuildError, Pipeline, PipelineError, Resources};
+use crate::source::file::{FileInput, FileProgress, FileSource, FileSourceError};
+use crate::sql::{SqlEngine, SqlError, SqlLimits};
 use crate::types::{EventTime, Format};
+
+/// Why a replay (or a file source) failed; each names the input at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    /// Options that do not go together.
+    #[error("{0}")]
+    Usage(&'static str),
+    #[error(transparent)]
+    Files(#[from] FileSourceError),
+    #[error(transparent)]
+    Build(#[from] BuildError),
+    #[error(transparent)]
+    History(#[from] HistoryError),
+    #[error(transparent)]
+    Pipeline(#[from] PipelineError),
+    #[error("per-site totals: {0}")]
+    Totals(#[from] SqlError),
+    #[error("--output-file {}: {source}", path.display())]
+    OutputFile { path: PathBuf, source: std::io::Error },
+    #[error("--output-file {}: {source}", path.display())]
+    OutputParquet { path: PathBuf, source: datafusion::parquet::errors::ParquetError },
+    #[error("the per-site totals cannot be encoded: {0}")]
+    Encode(#[from] datafusion::arrow::error::ArrowError),
+    #[error("standard output: {0}")]
+    Stdout(std::io::Error),
+}
 
 /// Messages per batch of a replay as fast as possible (as a Kafka micro-batch).
 const BATCH_MESSAGES: usize = 1_000;
@@ -90,7 +115,7 @@ pub fn decode_limits(config: &Config) -> DecodeLimits {
 }
 
 /// Opens `inputs` and logs what each file turned out to be.
-fn open_files(inputs: &[FileInput], config: &Config) -> anyhow::Result<FileSource> {
+fn open_files(inputs: &[FileInput], config: &Config) -> Result<FileSource, ReplayError> {
     let source = FileSource::open(inputs, &decode_limits(config), BATCH_MESSAGES)?;
     for (path, format, compression, messages) in source.describe_files() {
         let how = if inputs.iter().any(|i| i.path == path && i.format.is_some()) { "given" } else { "detected" };
@@ -100,7 +125,7 @@ fn open_files(inputs: &[FileInput], config: &Config) -> anyhow::Result<FileSourc
 }
 
 /// The source of `source.kind: file` (for `siteflow run` and `check`).
-pub fn configured_source(config: &Config) -> anyhow::Result<FileSource> {
+pub fn configured_source(config: &Config) -> Result<FileSource, ReplayError> {
     let inputs: Vec<FileInput> =
         config.source.files.iter().map(|f| FileInput { path: f.path.relative(), format: f.format, event_time: f.event_time }).collect();
     open_files(&inputs, config)
@@ -113,11 +138,10 @@ pub const TOTALS_SQL: &str = "SELECT site, direction, count(*) AS windows, min(w
 
 /// Runs `siteflow replay`: files through the pipeline, every window flushed at the end, progress
 /// on stderr, per-site totals on stdout (or `output_file`), counts of what was left out on stderr.
-pub async fn replay(options: &ReplayOptions, config: &Config) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        options.output != Output::Parquet || options.output_file.is_some(),
-        "--output parquet needs --output-file FILE (Parquet is not written to a terminal)"
-    );
+pub async fn replay(options: &ReplayOptions, config: &Config) -> Result<(), ReplayError> {
+    if options.output == Output::Parquet && options.output_file.is_none() {
+        return Err(ReplayError::Usage("--output parquet needs --output-file FILE (Parquet is not written to a terminal)"));
+    }
     let res = Resources::load(config)?;
     let inputs: Vec<FileInput> =
         options.files.iter().map(|p| FileInput { path: p.clone(), format: options.format, event_time: options.event_time }).collect();
@@ -151,7 +175,7 @@ pub async fn replay(options: &ReplayOptions, config: &Config) -> anyhow::Result<
     let bar = !indicatif::ProgressDrawTarget::stderr().is_hidden();
     let report = tokio::spawn(reporter.run(bar, options.progress_interval, done_rx));
     let (_stop, stop_rx) = watch::channel(false);
-    let summary = crate::pipeline::run(source, pipeline, stop_rx).await;
+    let summary = crate::driver::run_source(source, pipeline, stop_rx).await;
     let _ = done_tx.send(true);
     let _ = report.await;
     let summary = summary?;
@@ -177,7 +201,7 @@ pub async fn replay(options: &ReplayOptions, config: &Config) -> anyhow::Result<
     }
     let limits = SqlLimits::from_config(&config.sql);
     let engine = SqlEngine::new(res.inventory.clone(), history, None, limits, config.window.size_secs as f64);
-    let (schema, batches) = engine.query(TOTALS_SQL).await.map_err(|e| anyhow::anyhow!("per-site totals: {e}"))?;
+    let (schema, batches) = engine.query(TOTALS_SQL).await?;
     write_totals(options, &schema, &batches)
 }
 
@@ -200,7 +224,7 @@ impl Counts {
         let mut counts = Counts {
             unmatched: per_table(&m.records_unmatched),
             late: per_table(&m.records_late),
-            corrected: per_table(&m.windows_corrected),
+            corrected: per_table(&m.windows.corrected),
             ..Counts::default()
         };
         for f in formats {
@@ -218,7 +242,7 @@ impl Counts {
 }
 
 /// Writes the totals as asked, to `--output-file` or stdout.
-fn write_totals(options: &ReplayOptions, schema: &SchemaRef, batches: &[RecordBatch]) -> anyhow::Result<()> {
+fn write_totals(options: &ReplayOptions, schema: &SchemaRef, batches: &[RecordBatch]) -> Result<(), ReplayError> {
     use crate::http::{SqlFormat, encode_batches};
     let bytes = match options.output {
         Output::Table => {
@@ -234,19 +258,20 @@ fn write_totals(options: &ReplayOptions, schema: &SchemaRef, batches: &[RecordBa
         }
         Output::Parquet => {
             let path = options.output_file.as_ref().expect("checked before the replay");
-            let file = std::fs::File::create(path).with_context(|| format!("--output-file {}", path.display()))?;
-            let mut writer = datafusion::parquet::arrow::ArrowWriter::try_new(file, schema.clone(), None)?;
+            let parquet = |source| ReplayError::OutputParquet { path: path.clone(), source };
+            let file = std::fs::File::create(path).map_err(|source| ReplayError::OutputFile { path: path.clone(), source })?;
+            let mut writer = datafusion::parquet::arrow::ArrowWriter::try_new(file, schema.clone(), None).map_err(parquet)?;
             for b in batches {
-                writer.write(b)?;
+                writer.write(b).map_err(parquet)?;
             }
-            writer.close().with_context(|| format!("--output-file {}", path.display()))?;
+            writer.close().map_err(parquet)?;
             eprintln!("per-site totals written to {}", path.display());
             return Ok(());
         }
     };
     match &options.output_file {
-        Some(path) => std::fs::write(path, bytes).with_context(|| format!("--output-file {}", path.display()))?,
-        None => std::io::stdout().lock().write_all(&bytes)?,
+        Some(path) => std::fs::write(path, bytes).map_err(|source| ReplayError::OutputFile { path: path.clone(), source })?,
+        None => std::io::stdout().lock().write_all(&bytes).map_err(ReplayError::Stdout)?,
     }
     Ok(())
 }

@@ -18,7 +18,7 @@ use serde::Serialize;
 
 pub use hysteresis::{HeldLevel, Level};
 pub use meetings::{Meeting, MeetingSpec};
-pub use policy::{Metric, Policy};
+pub use policy::{Metric, Policy, PolicyError};
 
 use crate::inventory::{Inventory, SiteIdx};
 

@@ -239,19 +239,35 @@ pub fn num(v: f64) -> String {
 /// The built-in policy file.
 pub const EMBEDDED_POLICY: &str = include_str!("../../pipelines/hagiang/policy.yaml");
 
+/// A policy that cannot be used: the user's input, named by file and row; fatal at start.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("{file}: cannot read: {source}")]
+    Read { file: String, source: std::io::Error },
+    /// Not valid YAML of a policy, or a row out of range, out of order or unreachable.
+    #[error("{file}: {message}")]
+    Invalid { file: String, message: String },
+    /// An override names a site or level the inventory does not have, or a site cannot clear
+    /// a row.
+    #[error("readiness policy: {0}")]
+    Inventory(String),
+}
+
 impl Policy {
     pub fn embedded() -> Self {
         Self::parse(EMBEDDED_POLICY, "<embedded>/pipelines/hagiang/policy.yaml").expect("the embedded policy is valid (tested)")
     }
 
-    pub fn load(path: &Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
-        Self::parse(&text, &path.display().to_string())
+    pub fn load(path: &Path) -> Result<Self, PolicyError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Read { file: file.clone(), source })?;
+        Self::parse(&text, &file)
     }
 
-    pub fn parse(text: &str, file: &str) -> Result<Self, String> {
-        let p: Policy = serde_yaml::from_str(text).map_err(|e| format!("{file}: {e}"))?;
-        p.validate().map_err(|e| format!("{file}: {e}"))?;
+    pub fn parse(text: &str, file: &str) -> Result<Self, PolicyError> {
+        let invalid = |message: String| PolicyError::Invalid { file: file.to_string(), message };
+        let p: Policy = serde_yaml::from_str(text).map_err(|e| invalid(e.to_string()))?;
+        p.validate().map_err(invalid)?;
         Ok(p)
     }
 
@@ -368,7 +384,11 @@ impl Policy {
     /// Checks the policy against the inventory: per-site overrides name its sites, per-level
     /// overrides its levels, and every site can clear the spare capacity row when its link is
     /// idle (spare capacity = the link's capacity).
-    pub fn check_sites(&self, inventory: &crate::inventory::Inventory) -> Result<(), String> {
+    pub fn check_sites(&self, inventory: &crate::inventory::Inventory) -> Result<(), PolicyError> {
+        self.check_sites_text(inventory).map_err(PolicyError::Inventory)
+    }
+
+    fn check_sites_text(&self, inventory: &crate::inventory::Inventory) -> Result<(), String> {
         if let Some(id) = self.sites.keys().find(|id| inventory.by_id(id).is_none()) {
             return Err(format!("sites.{id}: not a site of the inventory"));
         }
@@ -447,18 +467,22 @@ mod tests {
 
     #[test]
     fn bad_policies_are_named() {
-        let e = Policy::parse("thresholds_typo: 1\n", "p.yaml").unwrap_err();
+        let e = Policy::parse("thresholds_typo: 1\n", "p.yaml").unwrap_err().to_string();
         assert!(e.contains("p.yaml") && e.contains("thresholds_typo"), "{e}");
-        let e =
-            Policy::parse("levels:\n  village: {}\n", "p.yaml").unwrap().check_sites(&crate::inventory::Inventory::embedded()).unwrap_err();
+        let e = Policy::parse("levels:\n  village: {}\n", "p.yaml")
+            .unwrap()
+            .check_sites(&crate::inventory::Inventory::embedded())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("levels.village: not a level of the inventory (province, district, commune)"), "{e}");
-        let e =
-            Policy::parse("levels:\n  commune:\n    mos_p5: {degraded: 3.0, not_ready: 3.5, clear_degraded: 3.1}\n", "p.yaml").unwrap_err();
+        let e = Policy::parse("levels:\n  commune:\n    mos_p5: {degraded: 3.0, not_ready: 3.5, clear_degraded: 3.1}\n", "p.yaml")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("mos thresholds out of order"), "{e}");
     }
 
     fn refused(yaml: &str) -> String {
-        Policy::parse(yaml, "p.yaml").unwrap_err()
+        Policy::parse(yaml, "p.yaml").unwrap_err().to_string()
     }
 
     /// The MOS row's clear level derived from the hysteresis (4.0 × 1.1 = 4.4) is above what a
@@ -485,7 +509,7 @@ mod tests {
         assert!(e.contains("thresholds.rtt_p95_seconds: clear_degraded 0.2 is on the wrong side of its threshold 0.1"), "{e}");
         // A spare-capacity clear level above what an idle 20 Mbit/s commune link gives.
         let p = Policy::parse("thresholds:\n  spare_capacity_need_ratio: {degraded: 9, not_ready: 5}\n", "p.yaml").unwrap();
-        let e = p.check_sites(&crate::inventory::Inventory::embedded()).unwrap_err();
+        let e = p.check_sites(&crate::inventory::Inventory::embedded()).unwrap_err().to_string();
         assert!(e.contains("thresholds.spare_capacity_need_ratio: clear_degraded 9.9 is unreachable by site"), "{e}");
     }
 

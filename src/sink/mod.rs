@@ -17,6 +17,13 @@ pub trait WindowSink: Send {
     /// is published (which exporters are alive: a quiet site is not a silent one).
     fn on_flows(&mut self, _flows: &datafusion::arrow::array::RecordBatch) {}
 
+    /// Receives the on-time records of `table` from each micro-batch (late ones left out), for
+    /// readers that judge raw records rather than windows.
+    fn on_records(&mut self, _table: &'static TableDef, _on_time: &datafusion::arrow::array::RecordBatch) {}
+
+    /// Called once a second, with or without new data.
+    fn on_tick(&mut self, _now: std::time::Instant) {}
+
     /// Receives the sites' verdicts after each window is judged (all tables of it closed).
     fn on_readiness(&mut self, _start_ns: i64, _end_ns: i64, _sites: &[crate::readiness::SiteReadiness]) {}
 }

@@ -1,3 +1,9 @@
+//! Readiness as a window sink, and its metrics.
+//!
+//! [`ReadinessSink`] takes from each table what its declaration gives readiness (closed windows
+//! or on-time records) and judges every site when the pipeline says the windows up to a time
+//! are complete. [`collect`] renders its metrics at scrape time.
+//!
 //! Readiness metrics: verdicts as state sets, reasons, utilisation and spare capacity, probe
 //! quality (histograms on the policy thresholds and rolling quantiles), roll-ups per district,
 //! along the inventory's hierarchy and for the province, and meeting counts. Rendered at scrape time from the engine's latest verdicts.
@@ -12,7 +18,55 @@ use super::prometheus::{family, gauge_metric, label};
 use crate::enrich::Direction;
 use crate::inventory::SiteIdx;
 use crate::readiness::meetings::{Phase, report};
-use crate::readiness::{Buckets, JITTER_BUCKETS, RTT_BUCKETS, SharedReadiness, Verdict};
+use crate::readiness::{Buckets, JITTER_BUCKETS, RTT_BUCKETS, SharedReadiness, SiteReadiness, Verdict};
+use crate::sink::WindowSink;
+use crate::table::{ReadinessFeed, TableDef};
+use crate::window::ClosedWindow;
+
+/// The readiness engine fed as a window sink; the verdicts are shared with the HTTP API and
+/// `/metrics` through [`SharedReadiness`].
+pub struct ReadinessSink {
+    shared: Arc<SharedReadiness>,
+}
+
+impl ReadinessSink {
+    pub fn new(shared: Arc<SharedReadiness>) -> Self {
+        Self { shared }
+    }
+
+    /// The verdicts and meetings, for the HTTP API and `/metrics`.
+    pub fn shared(&self) -> &Arc<SharedReadiness> {
+        &self.shared
+    }
+
+    /// Every table's windows up to `end_ns` are published: judges every site over them and
+    /// hands the verdicts to `then` (the other sinks).
+    pub fn windows_complete(&mut self, start_ns: i64, end_ns: i64, then: impl FnOnce(&[SiteReadiness])) {
+        let mut engine = self.shared.engine.write().expect("readiness lock");
+        engine.evaluate(start_ns, end_ns);
+        then(engine.latest());
+    }
+}
+
+impl WindowSink for ReadinessSink {
+    fn on_window(&mut self, table: &'static TableDef, window: &ClosedWindow) {
+        // Readiness takes each window once, as first published: corrections (a lagging
+        // exporter's records) reach the other sinks only.
+        if table.readiness == ReadinessFeed::Windows && window.previous.is_none() {
+            self.shared.engine.write().expect("readiness lock").observe_flow_window(&window.rows, window.end_ns);
+        }
+    }
+
+    fn on_records(&mut self, table: &'static TableDef, on_time: &datafusion::arrow::array::RecordBatch) {
+        if table.readiness == ReadinessFeed::OnTimeRecords {
+            self.shared.engine.write().expect("readiness lock").observe_probes(on_time);
+        }
+    }
+
+    fn on_tick(&mut self, now: std::time::Instant) {
+        self.shared.engine.write().expect("readiness lock").expire_if_stalled(now);
+    }
+}
 
 fn site_labels(s: &crate::readiness::SiteReadiness) -> Vec<LabelPair> {
     vec![label("site", &s.site), label("district", &s.district), label("level", &s.level)]

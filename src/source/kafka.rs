@@ -229,7 +229,7 @@ impl ClientContext for Context {
         for (name, topic) in &statistics.topics {
             for (p, partition) in &topic.partitions {
                 if *p >= 0 && partition.consumer_lag >= 0 {
-                    self.metrics.kafka_consumer_lag.with_label_values(&[name, &p.to_string()]).set(partition.consumer_lag);
+                    self.metrics.kafka.consumer_lag.with_label_values(&[name, &p.to_string()]).set(partition.consumer_lag);
                 }
             }
         }
@@ -312,7 +312,7 @@ impl ConsumerContext for Context {
                         Err(e) => tracing::error!(partition = %key, "{e}; starting at the committed offset"),
                     }
                 }
-                self.metrics.kafka_rebalances.with_label_values(&["assigned"]).inc_by(partitions.len() as u64);
+                self.metrics.kafka.rebalances.with_label_values(&["assigned"]).inc_by(partitions.len() as u64);
                 tracing::info!(partitions = ?partitions.iter().map(|(_, k)| k.to_string()).collect::<Vec<_>>(), "partitions assigned");
                 // The pipeline restores state before any batch of these partitions (queue order).
                 if self.events.blocking_send(KafkaEvent::Assigned(partitions)).is_err() {
@@ -326,7 +326,7 @@ impl ConsumerContext for Context {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 let partitions = self.keyed(tpl);
                 self.revocations.fetch_add(1, Ordering::AcqRel);
-                self.metrics.kafka_rebalances.with_label_values(&["revoked"]).inc_by(partitions.len() as u64);
+                self.metrics.kafka.rebalances.with_label_values(&["revoked"]).inc_by(partitions.len() as u64);
                 tracing::info!(partitions = ?partitions.iter().map(|(_, k)| k.to_string()).collect::<Vec<_>>(), "partitions revoked: checkpointing them");
                 let (reply, offsets) = std_mpsc::sync_channel(1);
                 if self.events.blocking_send(KafkaEvent::Revoked { partitions, reply }).is_ok() {
@@ -400,7 +400,7 @@ impl KafkaSource {
         let topics: HashMap<String, usize> = config.topics.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
         let formats: Vec<(Format, EventTime)> = config.topics.iter().map(|t| (t.format, t.event_time)).collect();
         metrics.register_kafka_broker_up();
-        let health = Arc::new(BrokerHealth::new(&config.brokers, metrics.kafka_broker_up.clone(), BROKER_DOWN_REMINDER));
+        let health = Arc::new(BrokerHealth::new(&config.brokers, metrics.kafka.broker_up.clone(), BROKER_DOWN_REMINDER));
         let context = Context {
             topics,
             health,
@@ -523,7 +523,7 @@ impl Poller {
             if let Some((batches, generation)) = held.take() {
                 match self.events.try_send(KafkaEvent::Batches(batches)) {
                     Ok(()) => {
-                        self.metrics.kafka_queued_batches.set(self.queued());
+                        self.metrics.kafka.queued_batches.set(self.queued());
                         if paused {
                             self.set_paused(false);
                             paused = false;
@@ -572,8 +572,8 @@ impl Poller {
             if let Err(e) = self.consumer.pause(&tpl) {
                 tracing::warn!("cannot pause partitions: {e}");
             }
-            self.metrics.kafka_paused.set(1);
-            self.metrics.kafka_pauses.inc();
+            self.metrics.kafka.paused.set(1);
+            self.metrics.kafka.pauses.inc();
             tracing::debug!(partitions = tpl.count(), "pipeline behind: partitions paused");
             return;
         }
@@ -583,7 +583,7 @@ impl Poller {
         if let Err(e) = self.consumer.resume(&partition_list(&paused)) {
             tracing::warn!("cannot resume partitions: {e}");
         }
-        self.metrics.kafka_paused.set(0);
+        self.metrics.kafka.paused.set(0);
         if current {
             let mut positions = TopicPartitionList::new();
             for ((topic, partition), next) in delivered.iter().filter(|(k, _)| paused.contains(k)) {

@@ -9,8 +9,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use siteflow::config::Config;
+use siteflow::driver::run_source as run;
 use siteflow::metrics::PipelineMetrics;
-use siteflow::pipeline::{Pipeline, Resources, run};
+use siteflow::pipeline::{Pipeline, Resources};
 use siteflow::sink::CollectSink;
 use siteflow::source::Source;
 use siteflow::types::{EventTime, Format, Messages, SourceBatch};

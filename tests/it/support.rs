@@ -8,8 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use siteflow::config::{Config, Pace, SimulatorConfig};
+use siteflow::driver::run_source as run;
 use siteflow::metrics::PipelineMetrics;
-use siteflow::pipeline::{Pipeline, Resources, RunSummary, run};
+use siteflow::pipeline::{Pipeline, Resources, RunSummary};
 use siteflow::sink::CollectSink;
 use siteflow::sink::prometheus::SiteMetrics;
 use siteflow::source::simulator::{GroundTruth, Scenario, Simulator};
@@ -159,7 +160,7 @@ async fn simulate_with(
         pipeline.keep_recent_flows(recent.clone());
         siteflow::history::declare_tables(history, &pipeline.output_schemas(), config.sql.top_talkers);
     }
-    let readiness = pipeline.readiness.clone();
+    let readiness = pipeline.readiness();
     let mut sim = Simulator::new(config.simulator.clone(), window_spec(config), res.inventory.clone(), scenario);
     let truth = sim.track_truth();
     let (_stop, stop_rx) = tokio::sync::watch::channel(false);

@@ -1,0 +1,267 @@
+//! The Kafka driver: where exactly-once is decided.
+//!
+//! The consumer thread ([`KafkaSource`]) owns the librdkafka consumer and sends events in
+//! order: partitions assigned, batches, partitions revoked (with a reply channel). This driver
+//! owns what makes every record count once:
+//!
+//! 1. on **assign**, each partition is restored from its checkpoint (offset, watermark,
+//!    exporter clocks, open windows, counter baselines) and its results logs are cut back to
+//!    the length the checkpoint recorded;
+//! 2. on each **batch**, messages below the partition's next offset (already counted before a
+//!    restart) are dropped, the rest are processed, rejected ones go to the dead-letter topic,
+//!    and the next offset advances; each published window's per-partition results are appended
+//!    to the partition's results logs;
+//! 3. every `checkpoint.interval_secs`, on **revoke** and at shutdown, each owned partition's
+//!    checkpoint is written *then* the covered offsets are handed to the consumer to commit.
+//!
+//! A crash between two checkpoints replays the records since the last one; the checkpoint's
+//! state and the truncated results logs make them count once.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use super::{Driver, End};
+use crate::checkpoint::{CheckpointStore, PartitionCheckpoint, PartitionKey};
+use crate::dead_letter::DeadLetters;
+use crate::metrics::PipelineMetrics;
+use crate::pipeline::{PartitionState, Pipeline, PipelineError};
+use crate::source::kafka::{KafkaEvent, KafkaSource};
+use crate::types::{Messages, PartitionId, SourceBatch, unix_now_ns};
+
+/// A partition this instance owns.
+#[derive(Debug)]
+struct Owned {
+    key: PartitionKey,
+    /// The first offset not yet processed; anything below it is already counted.
+    next_offset: i64,
+}
+
+/// Drives the pipeline from a Kafka consumer, with checkpoints.
+pub struct KafkaDriver {
+    source: KafkaSource,
+    events: mpsc::Receiver<KafkaEvent>,
+    store: CheckpointStore,
+    dead_letters: Option<DeadLetters>,
+    owned: HashMap<PartitionId, Owned>,
+    checkpoint_interval: Duration,
+    last_checkpoint: Instant,
+    metrics: Arc<PipelineMetrics>,
+}
+
+impl KafkaDriver {
+    /// Takes over a started consumer and its events; checkpoints go to `store` every
+    /// `checkpoint_interval`.
+    pub fn new(
+        source: KafkaSource,
+        events: mpsc::Receiver<KafkaEvent>,
+        store: CheckpointStore,
+        dead_letters: Option<DeadLetters>,
+        checkpoint_interval: Duration,
+        metrics: Arc<PipelineMetrics>,
+    ) -> Self {
+        Self { source, events, store, dead_letters, owned: HashMap::new(), checkpoint_interval, last_checkpoint: Instant::now(), metrics }
+    }
+
+    /// Takes over partitions: restores each from its checkpoint and cuts its results logs back
+    /// to what that checkpoint covers.
+    fn assign(&mut self, pipeline: &mut Pipeline, partitions: &[(PartitionId, PartitionKey)]) -> Result<(), PipelineError> {
+        let schemas = pipeline.state_schemas();
+        for (id, key) in partitions {
+            let ckpt = self.store.load(key, &schemas)?;
+            let lens = ckpt.as_ref().map_or_else(|| vec![0; schemas.len()], |c| c.results_len.clone());
+            for (table, len) in lens.iter().enumerate() {
+                self.store.truncate_results(table, key, *len)?;
+            }
+            let next_offset = match ckpt {
+                Some(c) => {
+                    let next_offset = c.next_offset;
+                    let state = PartitionState { max_event_ns: c.max_event_ns, states: c.states, counters: c.counters, clocks: c.clocks };
+                    pipeline.restore_partition(*id, Some(state))?;
+                    tracing::info!(partition = %key, next_offset, "partition restored from its checkpoint");
+                    next_offset
+                }
+                None => {
+                    pipeline.restore_partition(*id, None)?;
+                    tracing::info!(partition = %key, "partition has no checkpoint yet: starting at its committed offset, else its beginning");
+                    0
+                }
+            };
+            self.owned.insert(*id, Owned { key: key.clone(), next_offset });
+        }
+        Ok(())
+    }
+
+    /// Releases partitions: checkpoints them, drops their state, returns the offsets to commit.
+    fn revoke(&mut self, pipeline: &mut Pipeline, partitions: &[PartitionId]) -> Result<Vec<(PartitionKey, i64)>, PipelineError> {
+        let offsets = self.checkpoint_partitions(pipeline, partitions)?;
+        for id in partitions {
+            self.owned.remove(id);
+            pipeline.release_partition(*id);
+        }
+        Ok(offsets)
+    }
+
+    /// Checkpoints every owned partition; returns the offsets now safe to commit.
+    fn checkpoint(&mut self, pipeline: &mut Pipeline) -> Result<Vec<(PartitionKey, i64)>, PipelineError> {
+        let ids: Vec<PartitionId> = self.owned.keys().copied().collect();
+        self.checkpoint_partitions(pipeline, &ids)
+    }
+
+    fn checkpoint_partitions(&mut self, pipeline: &mut Pipeline, ids: &[PartitionId]) -> Result<Vec<(PartitionKey, i64)>, PipelineError> {
+        let started = Instant::now();
+        let result = self.write_checkpoints(pipeline, ids);
+        let outcome = if result.is_ok() { "ok" } else { "failed" };
+        self.metrics.checkpoints.written.with_label_values(&[outcome]).inc();
+        if result.is_ok() {
+            self.metrics.checkpoints.duration.observe(started.elapsed().as_secs_f64());
+            self.metrics.checkpoints.last_success.set(unix_now_ns() as f64 / 1e9);
+        }
+        result
+    }
+
+    fn write_checkpoints(&mut self, pipeline: &mut Pipeline, ids: &[PartitionId]) -> Result<Vec<(PartitionKey, i64)>, PipelineError> {
+        // The results logs first: the checkpoint records their lengths.
+        self.write_results(pipeline)?;
+        if let Some(dl) = &self.dead_letters {
+            dl.flush()?;
+        }
+        let schemas = pipeline.state_schemas();
+        let mut offsets = Vec::with_capacity(ids.len());
+        for id in ids {
+            let Some(owned) = self.owned.get(id) else { continue };
+            let results_len = (0..schemas.len()).map(|t| self.store.sync_results(t, &owned.key)).collect::<Result<Vec<_>, _>>()?;
+            let state = pipeline.partition_state(*id);
+            let ckpt = PartitionCheckpoint {
+                next_offset: owned.next_offset,
+                max_event_ns: state.max_event_ns,
+                results_len,
+                states: state.states,
+                counters: state.counters,
+                clocks: state.clocks,
+            };
+            self.store.save(&owned.key, &ckpt, &schemas)?;
+            offsets.push((owned.key.clone(), owned.next_offset));
+        }
+        Ok(offsets)
+    }
+
+    /// Appends the per-partition results of the windows published since the last call to the
+    /// partitions' results logs.
+    fn write_results(&mut self, pipeline: &mut Pipeline) -> Result<(), PipelineError> {
+        for c in pipeline.take_results() {
+            let Some(owned) = self.owned.get(&c.partition) else { continue };
+            self.store.append_results(c.table, &owned.key, &c.rows)?;
+        }
+        Ok(())
+    }
+
+    /// Drops messages a partition has already counted (delivered again after a restart).
+    fn skip_processed(&self, batch: &mut SourceBatch) {
+        let Some(owned) = self.owned.get(&batch.partition) else { return };
+        let from = owned.next_offset;
+        if batch.offsets.first().is_none_or(|&o| o >= from) {
+            return;
+        }
+        let keep = batch.offsets.iter().filter(|&&o| o >= from).count();
+        self.metrics.kafka.replayed_skipped.inc_by((batch.offsets.len() - keep) as u64);
+        let mut messages = Messages::with_capacity(keep, batch.messages.total_bytes());
+        let mut offsets = Vec::with_capacity(keep);
+        for (m, &o) in batch.messages.iter().zip(&batch.offsets) {
+            if o >= from {
+                messages.push(m);
+                offsets.push(o);
+            }
+        }
+        batch.messages = messages;
+        batch.offsets = offsets;
+    }
+
+    /// Processes one batch of an owned partition and moves its next offset on.
+    async fn process(&mut self, pipeline: &mut Pipeline, mut batch: SourceBatch) -> Result<(), PipelineError> {
+        self.skip_processed(&mut batch);
+        if batch.messages.is_empty() {
+            return Ok(());
+        }
+        let topic = self.owned.get(&batch.partition).map_or(batch.format.as_str(), |o| o.key.topic.as_str());
+        let stats = pipeline.process(&batch, topic).await?;
+        if let Some(owned) = self.owned.get_mut(&batch.partition) {
+            if let Some(dl) = &self.dead_letters {
+                dl.send(&owned.key, batch.format, &batch.messages, &batch.offsets, &stats);
+            }
+            if let (Some(first), Some(last)) = (batch.offsets.first(), batch.offsets.last()) {
+                if *first > owned.next_offset && owned.next_offset > 0 {
+                    // Legitimate after compaction or transactions; otherwise records were skipped.
+                    self.metrics.kafka.offset_gaps.inc();
+                    tracing::warn!(partition = %owned.key, expected = owned.next_offset, got = first, "offset gap in a partition");
+                }
+                owned.next_offset = last + 1;
+            }
+        }
+        self.write_results(pipeline)
+    }
+}
+
+impl Driver for KafkaDriver {
+    type Event = KafkaEvent;
+
+    fn next(&mut self) -> impl Future<Output = Option<KafkaEvent>> + Send {
+        self.events.recv()
+    }
+
+    async fn handle(&mut self, event: KafkaEvent, pipeline: &mut Pipeline) -> Result<(), PipelineError> {
+        match event {
+            KafkaEvent::Batches(batches) => {
+                self.metrics.kafka.queued_batches.set(self.events.len() as i64);
+                for batch in batches {
+                    self.process(pipeline, batch).await?;
+                }
+                Ok(())
+            }
+            KafkaEvent::Assigned(partitions) => self.assign(pipeline, &partitions),
+            KafkaEvent::Revoked { partitions, reply } => {
+                let ids: Vec<PartitionId> = partitions.iter().map(|(id, _)| *id).collect();
+                let offsets = self.revoke(pipeline, &ids)?;
+                let _ = reply.send(offsets);
+                Ok(())
+            }
+        }
+    }
+
+    fn tick(&mut self, pipeline: &mut Pipeline) -> Result<(), PipelineError> {
+        self.write_results(pipeline)?;
+        if self.last_checkpoint.elapsed() >= self.checkpoint_interval {
+            match self.checkpoint(pipeline) {
+                Ok(offsets) => self.source.commit(&offsets),
+                // Not fatal: the previous checkpoint still holds; the next attempt may succeed.
+                Err(e) => tracing::error!("checkpoint failed: {e}"),
+            }
+            self.last_checkpoint = Instant::now();
+        }
+        Ok(())
+    }
+
+    fn status_note(&self, _pipeline: &Pipeline) -> Option<String> {
+        Some(format!("Kafka lag {} messages", self.metrics.kafka_lag_total()))
+    }
+
+    async fn stop(mut self, pipeline: &mut Pipeline, end: End) -> Result<(), PipelineError> {
+        match end {
+            End::Shutdown => tracing::info!("shutdown requested: checkpointing open windows"),
+            End::SourceEnded => tracing::warn!("the Kafka consumer stopped"),
+        }
+        let offsets = self.checkpoint(pipeline)?;
+        // The consumer may be waiting in a rebalance for the pipeline: answer it, then stop.
+        self.events.close();
+        while let Ok(event) = self.events.try_recv() {
+            if let KafkaEvent::Revoked { reply, .. } = event {
+                let _ = reply.send(Vec::new());
+            }
+        }
+        let source = self.source;
+        tokio::task::spawn_blocking(move || source.stop(&offsets)).await.map_err(|e| PipelineError::Task(e.to_string()))
+    }
+}
