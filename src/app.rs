@@ -51,7 +51,7 @@ pub enum AppError {
 
 /// The source a configuration names, ready to start.
 pub enum SourcePlan {
-    Simulator(Simulator),
+    Simulator(Box<Simulator>),
     /// Kafka: the consumer starts with the pipeline (it joins the group at once).
     Kafka {
         store: CheckpointStore,
@@ -110,9 +110,12 @@ impl App {
         };
         let description = scenario.description.clone();
         let source = match config.source.kind {
-            SourceKind::Simulator => {
-                SourcePlan::Simulator(Simulator::new(config.simulator.clone(), config.window_spec(), resources.inventory.clone(), scenario))
-            }
+            SourceKind::Simulator => SourcePlan::Simulator(Box::new(Simulator::new(
+                config.simulator.clone(),
+                config.window_spec(),
+                resources.inventory.clone(),
+                scenario,
+            ))),
             SourceKind::Kafka => {
                 let checkpoints = config.checkpoint.dir.as_ref().map(resolve).ok_or(AppError::NoCheckpointDir)?;
                 let store = CheckpointStore::open(&checkpoints, pipeline.table_names())?;
@@ -133,7 +136,7 @@ impl App {
     pub fn start(self, shutdown: watch::Receiver<bool>) -> Result<(Running, JoinHandle<Result<RunSummary, PipelineError>>), AppError> {
         let App { config, resources, pipeline, source, history, state, .. } = self;
         let task = match source {
-            SourcePlan::Simulator(sim) => tokio::spawn(crate::driver::run_source(sim, pipeline, shutdown)),
+            SourcePlan::Simulator(sim) => tokio::spawn(crate::driver::run_source(*sim, pipeline, shutdown)),
             SourcePlan::Files(files) => tokio::spawn(crate::driver::run_source(files, pipeline, shutdown)),
             SourcePlan::Kafka { store, dead_letters, checkpoints } => {
                 let (consumer, events) = KafkaSource::start(&config.kafka, store.clone(), state.metrics.clone())?;
