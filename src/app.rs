@@ -148,7 +148,8 @@ impl App {
                     "consuming from Kafka"
                 );
                 let interval = Duration::from_secs(config.checkpoint.interval_secs);
-                let driver = KafkaDriver::new(consumer, events, store, dead_letters, interval, state.metrics.clone());
+                let driver = KafkaDriver::new(consumer, events, store, dead_letters, interval, state.metrics.clone())
+                    .readiness(state.ready.clone(), config.kafka.ready_lag);
                 tokio::spawn(crate::driver::run(driver, pipeline, shutdown))
             }
         };

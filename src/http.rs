@@ -209,7 +209,7 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     } else if state.ready.load(Ordering::Acquire) {
         (StatusCode::OK, "ready\n")
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "waiting for the first window to close\n")
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready: waiting for the first window to close (Kafka: or to join the group and catch up)\n")
     }
 }
 

@@ -493,6 +493,11 @@ async fn check(args: &CheckArgs) -> anyhow::Result<()> {
             })
             .collect();
         println!("  kafka: {} group {}: {}", config.kafka.brokers, config.kafka.group_id, topics.join(", "));
+        if !config.kafka.properties.is_empty() {
+            // Names only: values are often secrets.
+            let names: Vec<&str> = config.kafka.properties.keys().map(String::as_str).collect();
+            println!("  kafka properties: {}", names.join(", "));
+        }
         if let Some(dir) = &config.checkpoint.dir {
             println!("  checkpoints: {} every {} s", resolve(dir).display(), config.checkpoint.interval_secs);
         }

@@ -202,8 +202,11 @@ pub struct Pipeline {
     sinks: Vec<Box<dyn WindowSink>>,
     /// The sink that judges the sites; its verdicts go to the other sinks.
     readiness: ReadinessSink,
-    /// Set once the first window has been published (for `/readyz`).
+    /// Set once the first window has been published (for `/readyz`), unless a driver decides
+    /// (see [`Pipeline::leave_readiness_to_the_driver`]).
     pub ready: Arc<AtomicBool>,
+    /// Whether publishing the first window sets `ready`.
+    ready_on_first_window: bool,
     summary: RunSummary,
     /// Per-partition results of the windows published since the driver last took them (only
     /// kept after [`Pipeline::keep_results_per_partition`]).
@@ -268,6 +271,7 @@ impl Pipeline {
             metrics,
             sinks,
             ready: Arc::new(AtomicBool::new(false)),
+            ready_on_first_window: true,
             summary: RunSummary::default(),
             results: Vec::new(),
             recent_flows: None,
@@ -343,6 +347,12 @@ impl Pipeline {
     pub fn release_partition(&mut self, partition: PartitionId) {
         self.windows.release_partition(partition);
         self.counter_rates.release_partition(partition);
+    }
+
+    /// The first window published no longer sets `ready`: the driver knows better (the Kafka
+    /// driver: joined the group and caught up, since a backlog publishes windows long before).
+    pub fn leave_readiness_to_the_driver(&mut self) {
+        self.ready_on_first_window = false;
     }
 
     /// Site verdicts and meetings, shared with the HTTP API and /metrics.
@@ -594,7 +604,7 @@ impl Pipeline {
         self.metrics.windows.late_contributions.inc_by(closed.late_contributions);
         let Closed { windows, completed, contributions, .. } = closed;
         self.results.extend(contributions);
-        if !completed.is_empty() {
+        if !completed.is_empty() && self.ready_on_first_window {
             // Before the sinks see the window: whoever sees it on /metrics also sees /readyz ready.
             self.ready.store(true, Ordering::Release);
         }

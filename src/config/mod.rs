@@ -5,7 +5,11 @@
 //! and key named. Relative paths in a file are relative to that file's directory.
 //!
 //! Environment: `SITEFLOW_` + the key path joined with `__`, e.g. `SITEFLOW_HTTP__LISTEN=127.0.0.1:9900`
-//! or `SITEFLOW_WINDOW__SIZE_SECS=60`.
+//! or `SITEFLOW_WINDOW__SIZE_SECS=60`. librdkafka properties, whose names have dots, are
+//! `SITEFLOW_KAFKA__PROPERTIES__` + the name in capitals with `_` for `.`
+//! (`SITEFLOW_KAFKA__PROPERTIES__SASL_PASSWORD` sets `sasl.password`). Secrets (the tokens and
+//! every Kafka property) may instead name a file with a `_FILE` suffix
+//! (`SITEFLOW_API__TOKEN_FILE=/run/secrets/api-token`): its content, without the final newline.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -236,6 +240,9 @@ pub struct KafkaConfig {
     /// Topic for records that cannot be used, with the original payload and the reason in
     /// headers. Unset: bad records are only counted.
     pub dead_letter_topic: Option<String>,
+    /// `/readyz` turns ready once the group has assigned this instance its partitions (none is
+    /// fine: a spare replica) and each is at most this many messages behind its end.
+    pub ready_lag: u64,
 }
 
 impl Default for KafkaConfig {
@@ -250,6 +257,7 @@ impl Default for KafkaConfig {
             batch_linger_ms: 100,
             max_queued_batches: 4,
             dead_letter_topic: None,
+            ready_lag: 10_000,
         }
     }
 }
@@ -525,8 +533,67 @@ fn describe_figment_error(e: figment::Error) -> String {
 const CLIENT_VARIABLES: [&str; 2] = ["sql_url", "sql_token"];
 
 /// Secrets, read from the environment as they are (figment would turn `0123` into a number).
-const SECRET_VARIABLES: [(&str, fn(&mut Config) -> &mut Option<String>); 2] =
+type SecretField = fn(&mut Config) -> &mut Option<String>;
+const SECRET_VARIABLES: [(&str, SecretField); 2] =
     [("SITEFLOW_SQL__TOKEN", |c| &mut c.sql.token), ("SITEFLOW_API__TOKEN", |c| &mut c.api.token)];
+
+/// Variables that set one librdkafka property each (see the module doc).
+const KAFKA_PROPERTY_PREFIX: &str = "SITEFLOW_KAFKA__PROPERTIES__";
+
+/// The suffix of a variable that names a file holding the value (a mounted secret).
+const FILE_SUFFIX: &str = "_FILE";
+
+/// Whether figment must leave `key` (a variable after `SITEFLOW_`, any case) to
+/// [`apply_env_secrets`]: the tokens, Kafka properties and their `_FILE` forms.
+fn is_read_by_hand(key: &str) -> bool {
+    let key = key.to_ascii_uppercase();
+    let key = key.strip_suffix(FILE_SUFFIX).unwrap_or(&key);
+    key.starts_with(&KAFKA_PROPERTY_PREFIX["SITEFLOW_".len()..]) || SECRET_VARIABLES.iter().any(|(v, _)| v["SITEFLOW_".len()..] == *key)
+}
+
+/// A value from the environment: `name` itself, or the content of the file `name_FILE` names
+/// (without its final newline). Both set is an error: which one was meant?
+fn env_value(vars: &BTreeMap<String, String>, name: &str) -> Result<Option<String>, ConfigError> {
+    let file_variable = format!("{name}{FILE_SUFFIX}");
+    match (vars.get(name), vars.get(&file_variable)) {
+        (Some(_), Some(_)) => Err(ConfigError::Load(format!("{name} and {file_variable} are both set: keep one"))),
+        (Some(value), None) => Ok(Some(value.clone())),
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| ConfigError::Load(format!("{file_variable}: {path}: cannot read the secret: {e}")))?;
+            let text = text.strip_suffix('\n').map(|t| t.strip_suffix('\r').unwrap_or(t)).unwrap_or(&text);
+            Ok(Some(text.to_string()))
+        }
+        (None, None) => Ok(None),
+    }
+}
+
+/// Applies the variables figment leaves alone (see [`is_read_by_hand`]) from `vars` (the
+/// environment): the tokens and the librdkafka properties, values taken as they are.
+fn apply_env_secrets(config: &mut Config, vars: impl IntoIterator<Item = (String, String)>) -> Result<(), ConfigError> {
+    let vars: BTreeMap<String, String> = vars.into_iter().filter(|(k, _)| k.starts_with("SITEFLOW_")).collect();
+    for (variable, field) in SECRET_VARIABLES {
+        if let Some(value) = env_value(&vars, variable)? {
+            *field(config) = Some(value);
+        }
+    }
+    let properties: std::collections::BTreeSet<&str> = vars
+        .keys()
+        .filter_map(|k| k.strip_prefix(KAFKA_PROPERTY_PREFIX))
+        .map(|name| name.strip_suffix(FILE_SUFFIX).unwrap_or(name))
+        .collect();
+    for name in properties {
+        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_') {
+            return Err(ConfigError::Load(format!(
+                "{KAFKA_PROPERTY_PREFIX}{name}: a librdkafka property in capitals with _ for . (e.g. {KAFKA_PROPERTY_PREFIX}SASL_PASSWORD for sasl.password)"
+            )));
+        }
+        if let Some(value) = env_value(&vars, &format!("{KAFKA_PROPERTY_PREFIX}{name}"))? {
+            config.kafka.properties.insert(name.to_ascii_lowercase().replace('_', "."), value);
+        }
+    }
+    Ok(())
+}
 
 /// A secret is a string whatever it looks like (a YAML `token: 12345` too), and is never
 /// echoed in an error.
@@ -587,18 +654,11 @@ impl Config {
             figment = figment.merge(Yaml::file_exact(path));
         }
         // SITEFLOW_SQL_URL and SITEFLOW_SQL_TOKEN belong to the `siteflow sql` client, not here.
-        let env = Env::prefixed("SITEFLOW_")
-            .filter(|k| {
-                !CLIENT_VARIABLES.iter().any(|c| k == *c) && !SECRET_VARIABLES.iter().any(|(v, _)| v[9..].eq_ignore_ascii_case(k.as_str()))
-            })
-            .split("__");
+        let env =
+            Env::prefixed("SITEFLOW_").filter(|k| !CLIENT_VARIABLES.iter().any(|c| k == *c) && !is_read_by_hand(k.as_str())).split("__");
         figment = figment.merge(env);
         let mut config: Config = figment.extract().map_err(|e| ConfigError::Load(describe_figment_error(e)))?;
-        for (variable, field) in SECRET_VARIABLES {
-            if let Ok(value) = std::env::var(variable) {
-                *field(&mut config) = Some(value);
-            }
-        }
+        apply_env_secrets(&mut config, std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?))))?;
         config.validate(&file.map_or_else(|| "configuration".to_string(), |p| p.display().to_string()))?;
         Ok(config)
     }
@@ -747,6 +807,7 @@ impl Config {
             ("kafka.batch_max_bytes", k.batch_max_bytes as u64, 1, 1 << 30),
             ("kafka.batch_linger_ms", k.batch_linger_ms, 0, 60_000),
             ("kafka.max_queued_batches", k.max_queued_batches as u64, 1, 1_024),
+            ("kafka.ready_lag", k.ready_lag, 0, 1_000_000_000_000),
             ("checkpoint.interval_secs", self.checkpoint.interval_secs, 1, DAY),
             ("sql.max_rows", q.max_rows as u64, 1, 100_000_000),
             ("sql.timeout_secs", q.timeout_secs, 1, DAY),
@@ -810,6 +871,54 @@ pub fn resolve(path: &RelativePathBuf) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn kafka_properties_with_dots_and_secrets_from_files_come_from_the_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let password = dir.path().join("password");
+        std::fs::write(&password, "s3cret 0123\n").unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "000123").unwrap();
+        let mut c = Config::default();
+        apply_env_secrets(
+            &mut c,
+            vars(&[
+                ("SITEFLOW_KAFKA__PROPERTIES__SECURITY_PROTOCOL", "SASL_SSL"),
+                ("SITEFLOW_KAFKA__PROPERTIES__SASL_PASSWORD_FILE", password.to_str().unwrap()),
+                ("SITEFLOW_KAFKA__PROPERTIES__SESSION_TIMEOUT_MS", "45000"),
+                ("SITEFLOW_API__TOKEN_FILE", token.to_str().unwrap()),
+                ("SITEFLOW_SQL__TOKEN", "0042"),
+                ("OTHER_KAFKA__PROPERTIES__X", "ignored"),
+            ]),
+        )
+        .unwrap();
+        let props: Vec<(&str, &str)> = c.kafka.properties.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        assert_eq!(props, [("sasl.password", "s3cret 0123"), ("security.protocol", "SASL_SSL"), ("session.timeout.ms", "45000")]);
+        assert_eq!(c.api.token.as_deref(), Some("000123"));
+        assert_eq!(c.sql.token.as_deref(), Some("0042"));
+        // The variables it reads by hand are the ones figment leaves alone, in any case.
+        for k in ["kafka__properties__sasl_password", "KAFKA__PROPERTIES__SASL_PASSWORD_FILE", "api__token_file", "sql__token"] {
+            assert!(is_read_by_hand(k), "{k}");
+        }
+        assert!(!is_read_by_hand("kafka__brokers") && !is_read_by_hand("http__listen"));
+    }
+
+    #[test]
+    fn bad_secret_variables_are_named() {
+        let err = |pairs: &[(&str, &str)]| apply_env_secrets(&mut Config::default(), vars(pairs)).unwrap_err().to_string();
+        let e = err(&[("SITEFLOW_API__TOKEN", "a"), ("SITEFLOW_API__TOKEN_FILE", "/x")]);
+        assert_eq!(e, "SITEFLOW_API__TOKEN and SITEFLOW_API__TOKEN_FILE are both set: keep one");
+        let e = err(&[("SITEFLOW_KAFKA__PROPERTIES__SASL_PASSWORD_FILE", "/no/such/file")]);
+        assert!(e.starts_with("SITEFLOW_KAFKA__PROPERTIES__SASL_PASSWORD_FILE: /no/such/file: cannot read the secret"), "{e}");
+        let e = err(&[("SITEFLOW_KAFKA__PROPERTIES__sasl.password", "x")]);
+        assert!(e.starts_with("SITEFLOW_KAFKA__PROPERTIES__sasl.password: a librdkafka property in capitals"), "{e}");
+        let e = err(&[("SITEFLOW_KAFKA__PROPERTIES__", "x")]);
+        assert!(e.contains("a librdkafka property in capitals"), "{e}");
+    }
 
     #[test]
     fn every_table_has_its_sql_file_setting() {

@@ -20,6 +20,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
@@ -50,6 +51,10 @@ pub struct KafkaDriver {
     checkpoint_interval: Duration,
     last_checkpoint: Instant,
     metrics: Arc<PipelineMetrics>,
+    /// Whether the group has assigned this instance its partitions (an empty set included).
+    joined: bool,
+    /// `/readyz`'s flag, and the lag within which an instance counts as caught up.
+    ready: Option<(Arc<AtomicBool>, u64)>,
 }
 
 impl KafkaDriver {
@@ -63,12 +68,60 @@ impl KafkaDriver {
         checkpoint_interval: Duration,
         metrics: Arc<PipelineMetrics>,
     ) -> Self {
-        Self { source, events, store, dead_letters, owned: HashMap::new(), checkpoint_interval, last_checkpoint: Instant::now(), metrics }
+        Self {
+            source,
+            events,
+            store,
+            dead_letters,
+            owned: HashMap::new(),
+            checkpoint_interval,
+            last_checkpoint: Instant::now(),
+            metrics,
+            joined: false,
+            ready: None,
+        }
+    }
+
+    /// Raises `ready` (for `/readyz`) once the group has assigned this instance its partitions
+    /// and each is at most `ready_lag` messages behind its end. A replica that owns no
+    /// partition is ready as soon as it has joined; one catching up on a backlog is not.
+    pub fn readiness(mut self, ready: Arc<AtomicBool>, ready_lag: u64) -> Self {
+        self.ready = Some((ready, ready_lag));
+        self
+    }
+
+    /// See [`KafkaDriver::readiness`]. Once ready, an instance stays ready: falling behind
+    /// later shows in `siteflow_kafka_consumer_lag`, not by leaving the load balancer.
+    fn check_ready(&self) {
+        let Some((ready, ready_lag)) = &self.ready else { return };
+        if !self.joined || ready.load(Ordering::Acquire) {
+            return;
+        }
+        let mut behind = 0u64;
+        for owned in self.owned.values() {
+            // Not reported by the statistics yet: not known to be caught up.
+            let Some(at) = self.source.partition_end(&owned.key) else { return };
+            // Where this instance goes on from: its next offset, or the group's committed
+            // offset before its first batch of a partition without a checkpoint.
+            let position = owned.next_offset.max(at.committed);
+            behind = behind.max(at.end.saturating_sub(position).max(0) as u64);
+        }
+        if behind <= *ready_lag {
+            ready.store(true, Ordering::Release);
+            tracing::info!(
+                partitions = self.owned.len(),
+                behind,
+                ready_lag,
+                "ready: joined the consumer group with {} partition(s), each at most {ready_lag} message(s) behind its end (kafka.ready_lag)",
+                self.owned.len()
+            );
+        }
     }
 
     /// Takes over partitions: restores each from its checkpoint and cuts its results logs back
     /// to what that checkpoint covers.
     fn assign(&mut self, pipeline: &mut Pipeline, partitions: &[(PartitionId, PartitionKey)]) -> Result<(), PipelineError> {
+        self.joined = true;
         let schemas = pipeline.state_schemas();
         for (id, key) in partitions {
             let ckpt = self.store.load(key, &schemas)?;
@@ -208,6 +261,12 @@ impl KafkaDriver {
 impl Driver for KafkaDriver {
     type Event = KafkaEvent;
 
+    fn start(&mut self, pipeline: &mut Pipeline) {
+        if self.ready.is_some() {
+            pipeline.leave_readiness_to_the_driver();
+        }
+    }
+
     fn next(&mut self) -> impl Future<Output = Option<KafkaEvent>> + Send {
         self.events.recv()
     }
@@ -233,6 +292,7 @@ impl Driver for KafkaDriver {
 
     fn tick(&mut self, pipeline: &mut Pipeline) -> Result<(), PipelineError> {
         self.write_results(pipeline)?;
+        self.check_ready();
         if self.last_checkpoint.elapsed() >= self.checkpoint_interval {
             match self.checkpoint(pipeline) {
                 Ok(offsets) => self.source.commit(&offsets),

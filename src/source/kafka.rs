@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, mpsc as std_mpsc};
+use std::sync::{Arc, Mutex, mpsc as std_mpsc};
 use std::time::{Duration, Instant};
 
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
@@ -42,6 +42,18 @@ pub enum KafkaEvent {
     /// offsets to commit. The consumer waits for the reply before it lets them go.
     Revoked { partitions: Vec<(PartitionId, PartitionKey)>, reply: std_mpsc::SyncSender<Vec<(PartitionKey, i64)>> },
 }
+
+/// Where a partition stands at the broker, from librdkafka's statistics (every 5 s).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartitionEnd {
+    /// The offset after the last message a consumer may read (the last stable offset).
+    pub end: i64,
+    /// The group's committed offset; negative when none.
+    pub committed: i64,
+}
+
+/// The partitions' ends, written by the statistics callback, read by the driver.
+type PartitionEnds = Arc<Mutex<HashMap<PartitionKey, PartitionEnd>>>;
 
 /// The partition id the window stage sees: topic index and partition number.
 pub fn partition_id(topic_index: usize, partition: i32) -> PartitionId {
@@ -203,6 +215,8 @@ struct Context {
     /// Counts revocations: messages polled before one and not yet handed over are dropped.
     revocations: AtomicU64,
     stopping: Arc<AtomicBool>,
+    /// Each partition's end and committed offset, from the statistics.
+    ends: PartitionEnds,
 }
 
 impl Context {
@@ -226,10 +240,18 @@ impl ClientContext for Context {
             let states: Vec<String> = statistics.brokers.values().map(|b| format!("{} {}", b.name, b.state)).collect();
             self.health.down(&format!("no broker connected ({})", states.join(", ")), Instant::now());
         }
+        let mut ends = self.ends.lock().expect("partition ends lock");
         for (name, topic) in &statistics.topics {
             for (p, partition) in &topic.partitions {
                 if *p >= 0 && partition.consumer_lag >= 0 {
                     self.metrics.kafka.consumer_lag.with_label_values(&[name, &p.to_string()]).set(partition.consumer_lag);
+                }
+                // With read_committed (librdkafka's default) a consumer reads up to the last
+                // stable offset; without transactions it equals the high watermark.
+                let end = if partition.ls_offset >= 0 { partition.ls_offset } else { partition.hi_offset };
+                if *p >= 0 && end >= 0 {
+                    let key = PartitionKey { topic: name.clone(), partition: *p };
+                    ends.insert(key, PartitionEnd { end, committed: partition.committed_offset });
                 }
             }
         }
@@ -373,6 +395,7 @@ pub struct KafkaSource {
     consumer: Arc<BaseConsumer<Context>>,
     stopping: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
+    ends: PartitionEnds,
 }
 
 impl KafkaSource {
@@ -396,6 +419,7 @@ impl KafkaSource {
         client.set("enable.auto.commit", "false").set("enable.auto.offset.store", "false");
         client.set_log_level(RDKafkaLogLevel::Info);
         let (events, receiver) = mpsc::channel(config.max_queued_batches.max(1));
+        let ends = PartitionEnds::default();
         let stopping = Arc::new(AtomicBool::new(false));
         let topics: HashMap<String, usize> = config.topics.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
         let formats: Vec<(Format, EventTime)> = config.topics.iter().map(|t| (t.format, t.event_time)).collect();
@@ -410,6 +434,7 @@ impl KafkaSource {
             metrics: metrics.clone(),
             revocations: AtomicU64::new(0),
             stopping: stopping.clone(),
+            ends: ends.clone(),
         };
         let consumer: BaseConsumer<Context> =
             client.create_with_context(context).map_err(|e| KafkaError(format!("cannot create the consumer: {e}")))?;
@@ -432,7 +457,12 @@ impl KafkaSource {
             .name("kafka-consumer".into())
             .spawn(move || poller.run())
             .map_err(|e| KafkaError(format!("cannot start the consumer thread: {e}")))?;
-        Ok((Self { consumer, stopping, thread: Some(thread) }, receiver))
+        Ok((Self { consumer, stopping, thread: Some(thread), ends }, receiver))
+    }
+
+    /// Where `partition` stands at the broker, once librdkafka's statistics have reported it.
+    pub fn partition_end(&self, partition: &PartitionKey) -> Option<PartitionEnd> {
+        self.ends.lock().expect("partition ends lock").get(partition).copied()
     }
 
     /// Commits offsets covered by a checkpoint (asynchronously: the checkpoint is the truth).

@@ -109,6 +109,36 @@ fn kafka_configurations_are_checked() {
     assert!(out.contains("flows (goflow2_protobuf)") && out.contains("checkpoints:"), "{out}");
 }
 
+/// librdkafka properties have dots in their names: the environment sets them with `_` for `.`,
+/// and secrets come from files (`_FILE`), as mounted by Kubernetes or compose. `check` names
+/// the properties set and never prints their values.
+#[test]
+fn kafka_properties_and_secrets_come_from_the_environment_and_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let topics = "source: { kind: kafka }\nkafka:\n  topics: [ { name: flows, format: goflow2_json } ]\ncheckpoint: { dir: ckpt }\n";
+    let config = write(dir.path(), "kafka.yaml", topics);
+    let secret = write(dir.path(), "password", "hunter2-0123\n");
+    let env = [
+        ("SITEFLOW_KAFKA__PROPERTIES__SECURITY_PROTOCOL", "SASL_PLAINTEXT"),
+        ("SITEFLOW_KAFKA__PROPERTIES__SASL_PASSWORD_FILE", secret.to_str().unwrap()),
+    ];
+    let (ok, out, err) = check(&config, &env);
+    assert!(ok, "{err}");
+    assert!(out.contains("kafka properties: sasl.password, security.protocol"), "{out}");
+    assert!(!out.contains("hunter2") && !err.contains("hunter2"), "a secret was printed:\n{out}\n{err}");
+    // A secret file that cannot be read is named; so is a variable set twice.
+    assert_rejected(
+        &config,
+        &[("SITEFLOW_KAFKA__PROPERTIES__SASL_PASSWORD_FILE", "/nonexistent/pw")],
+        &["SITEFLOW_KAFKA__PROPERTIES__SASL_PASSWORD_FILE: /nonexistent/pw: cannot read the secret"],
+    );
+    assert_rejected(
+        &config,
+        &[("SITEFLOW_API__TOKEN", "x"), ("SITEFLOW_API__TOKEN_FILE", secret.to_str().unwrap())],
+        &["SITEFLOW_API__TOKEN and SITEFLOW_API__TOKEN_FILE are both set"],
+    );
+}
+
 #[test]
 fn version_names_the_build_and_the_metric_carries_it() {
     let out = crate::support::run_siteflow(&["version", "--json"], &[]);

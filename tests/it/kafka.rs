@@ -11,6 +11,9 @@ mod notices;
 #[path = "kafka_stale.rs"]
 mod stale;
 
+#[path = "kafka_ready.rs"]
+mod ready;
+
 use std::time::Duration;
 
 use crate::kafka_support::*;
