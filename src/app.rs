@@ -19,9 +19,8 @@ use crate::history::{History, HistoryError, HistoryOptions, HistorySink};
 use crate::http::AppState;
 use crate::metrics::PipelineMetrics;
 use crate::pipeline::{BuildError, Pipeline, PipelineError, Resources, RunSummary};
-use crate::replay::ReplayError;
 use crate::sink::prometheus::SiteMetrics;
-use crate::source::file::FileSource;
+use crate::source::file::{FileSource, FileSourceError};
 use crate::source::kafka::{KafkaError, KafkaSource};
 use crate::source::simulator::{Scenario, Simulator};
 use crate::sql::{RecentFlows, SqlEngine, SqlLimits};
@@ -46,7 +45,7 @@ pub enum AppError {
     #[error(transparent)]
     Kafka(#[from] KafkaError),
     #[error(transparent)]
-    Files(#[from] ReplayError),
+    Files(#[from] FileSourceError),
 }
 
 /// The source a configuration names, ready to start.

@@ -115,7 +115,7 @@ pub fn decode_limits(config: &Config) -> DecodeLimits {
 }
 
 /// Opens `inputs` and logs what each file turned out to be.
-fn open_files(inputs: &[FileInput], config: &Config) -> Result<FileSource, ReplayError> {
+fn open_files(inputs: &[FileInput], config: &Config) -> Result<FileSource, FileSourceError> {
     let source = FileSource::open(inputs, &decode_limits(config), BATCH_MESSAGES)?;
     for (path, format, compression, messages) in source.describe_files() {
         let how = if inputs.iter().any(|i| i.path == path && i.format.is_some()) { "given" } else { "detected" };
@@ -125,7 +125,7 @@ fn open_files(inputs: &[FileInput], config: &Config) -> Result<FileSource, Repla
 }
 
 /// The source of `source.kind: file` (for `siteflow run` and `check`).
-pub fn configured_source(config: &Config) -> Result<FileSource, ReplayError> {
+pub fn configured_source(config: &Config) -> Result<FileSource, FileSourceError> {
     let inputs: Vec<FileInput> =
         config.source.files.iter().map(|f| FileInput { path: f.path.relative(), format: f.format, event_time: f.event_time }).collect();
     open_files(&inputs, config)
