@@ -13,6 +13,9 @@ mod stale;
 
 #[path = "kafka_ready.rs"]
 mod ready;
+/// Back-pressure across rebalances (the stall after a takeover).
+#[path = "kafka_backpressure.rs"]
+mod backpressure;
 
 use std::time::Duration;
 
