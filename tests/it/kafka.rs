@@ -11,11 +11,11 @@ mod notices;
 #[path = "kafka_stale.rs"]
 mod stale;
 
-#[path = "kafka_ready.rs"]
-mod ready;
 /// Back-pressure across rebalances (the stall after a takeover).
 #[path = "kafka_backpressure.rs"]
 mod backpressure;
+#[path = "kafka_ready.rs"]
+mod ready;
 
 use std::time::Duration;
 

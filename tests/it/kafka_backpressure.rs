@@ -145,11 +145,8 @@ fn a_consumer_paused_for_back_pressure_fetches_again_after_every_rebalance() {
     let done = wait_while_progressing(Duration::from_secs(60), || delivered(&b_seen) == all, || delivered(&b_seen));
     {
         let s = b_seen.lock().unwrap();
-        let missing: Vec<String> = s
-            .owned
-            .iter()
-            .map(|p| format!("partition {p}: {} of {MESSAGES}", s.offsets.get(p).map_or(0, BTreeSet::len)))
-            .collect();
+        let missing: Vec<String> =
+            s.owned.iter().map(|p| format!("partition {p}: {} of {MESSAGES}", s.offsets.get(p).map_or(0, BTreeSet::len))).collect();
         assert!(done, "b stalled after the takeover ({}); it saw {s:?}", missing.join(", "));
         for p in &s.owned {
             assert_eq!(s.offsets[p], (0..MESSAGES).collect::<BTreeSet<i64>>(), "partition {p}: every offset once");
