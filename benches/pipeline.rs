@@ -109,7 +109,15 @@ fn stages(c: &mut Criterion) {
         let sim = Simulator::new(config.simulator.clone(), spec(), res.inventory.clone(), Scenario::default());
         let (_tx, rx) = tokio::sync::watch::channel(false);
         rt.block_on(siteflow::driver::run_source(sim, pipeline, rx)).unwrap();
-        let state = AppState { metrics, sites, ready: Default::default(), stopping: Default::default(), readiness, sql: None };
+        let state = AppState {
+            metrics,
+            sites,
+            ready: Default::default(),
+            stopping: Default::default(),
+            readiness,
+            sql: None,
+            meetings_topic: None,
+        };
         b.iter(|| render(&state).unwrap().len())
     });
     g.finish();

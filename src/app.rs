@@ -17,6 +17,7 @@ use crate::dead_letter::{DeadLetterError, DeadLetters};
 use crate::driver::kafka::KafkaDriver;
 use crate::history::{History, HistoryError, HistoryOptions, HistorySink};
 use crate::http::AppState;
+use crate::meetings_topic::{MeetingsTopic, MeetingsTopicError};
 use crate::metrics::PipelineMetrics;
 use crate::pipeline::{BuildError, Pipeline, PipelineError, Resources, RunSummary};
 use crate::sink::prometheus::SiteMetrics;
@@ -46,6 +47,8 @@ pub enum AppError {
     Kafka(#[from] KafkaError),
     #[error(transparent)]
     Files(#[from] FileSourceError),
+    #[error(transparent)]
+    MeetingsTopic(#[from] MeetingsTopicError),
 }
 
 /// The source a configuration names, ready to start.
@@ -106,7 +109,14 @@ impl App {
             stopping: Arc::new(AtomicBool::new(false)),
             readiness: pipeline.readiness(),
             sql: Some((engine, config.sql.token.clone())),
+            meetings_topic: None,
         };
+        let mut state = state;
+        if let Some(topic) = &config.kafka.meetings_topic {
+            let rejected = metrics.register_meetings_topic_rejected();
+            let shared = MeetingsTopic::start(&config.kafka, topic, state.readiness.clone(), config.api.max_meetings, rejected)?;
+            state.meetings_topic = Some(Arc::new(shared));
+        }
         let description = scenario.description.clone();
         let source = match config.source.kind {
             SourceKind::Simulator => SourcePlan::Simulator(Box::new(Simulator::new(

@@ -37,7 +37,8 @@ impl ProducerContext for Delivery {
     }
 }
 
-fn is_consumer_only(key: &str) -> bool {
+/// Properties only a consumer understands (a producer built from the same settings warns on them).
+pub fn is_consumer_only(key: &str) -> bool {
     const KEYS: [&str; 11] = [
         "session.timeout.ms",
         "heartbeat.interval.ms",

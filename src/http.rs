@@ -18,8 +18,9 @@ use axum::routing::get;
 use prometheus::TextEncoder;
 
 use crate::config::{ApiConfig, HttpConfig};
+use crate::meetings_topic::MeetingsTopic;
 use crate::metrics::PipelineMetrics;
-use crate::readiness::SharedReadiness;
+use crate::readiness::{Removal, SharedReadiness};
 use crate::sink::prometheus::SiteMetrics;
 use crate::sql::SqlEngine;
 
@@ -35,6 +36,8 @@ pub struct AppState {
     pub readiness: Arc<SharedReadiness>,
     /// The SQL API, if enabled, and the bearer token it requires (if any).
     pub sql: Option<(SqlEngine, Option<String>)>,
+    /// Where posted meetings are kept when shared by every instance (`kafka.meetings_topic`).
+    pub meetings_topic: Option<Arc<MeetingsTopic>>,
 }
 
 /// The router with the default API and HTTP limits.
@@ -206,6 +209,8 @@ async fn metrics(State(state): State<AppState>) -> axum::response::Response {
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     if state.stopping.load(Ordering::Acquire) {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
+    } else if state.meetings_topic.as_ref().is_some_and(|t| !t.loaded()) {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready: reading the meetings topic (kafka.meetings_topic)\n")
     } else if state.ready.load(Ordering::Acquire) {
         (StatusCode::OK, "ready\n")
     } else {
@@ -313,10 +318,28 @@ async fn add_meeting(
             format!("already {} meetings (api.max_meetings); delete past ones with DELETE /api/meetings/{{id}}", api.max_meetings),
         );
     }
-    match state.readiness.add_meeting(spec) {
-        Ok(m) => (StatusCode::CREATED, Json(serde_json::json!({ "meeting": m, "participants": m.participants.len() }))).into_response(),
-        Err(e) => error(StatusCode::BAD_REQUEST, e),
+    let Some(topic) = &state.meetings_topic else {
+        return match state.readiness.add_meeting(spec) {
+            Ok(m) => (StatusCode::CREATED, Json(serde_json::json!({ "meeting": m, "participants": m.participants.len() }))).into_response(),
+            Err(e) => error(StatusCode::BAD_REQUEST, e),
+        };
+    };
+    // Shared: checked here, written to the topic, and added once read back from it.
+    let meeting = match state.readiness.check_new_meeting(spec) {
+        Ok(m) => m,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    if let Err(e) = topic.put(&meeting.spec).await {
+        return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
     }
+    if !state.readiness.meetings.read().expect("meetings lock").iter().any(|m| m.spec == meeting.spec) {
+        // Another instance's write of the same id came first, or the store filled up meanwhile.
+        return error(
+            StatusCode::CONFLICT,
+            format!("meeting {:?} was not kept when read back from the topic (see the log)", meeting.spec.id),
+        );
+    }
+    (StatusCode::CREATED, Json(serde_json::json!({ "meeting": meeting, "participants": meeting.participants.len() }))).into_response()
 }
 
 async fn delete_meeting(
@@ -329,13 +352,23 @@ async fn delete_meeting(
     if let Err(refused) = may_write(&api, &headers, peer.map(|Extension(ConnectInfo(p))| p)) {
         return refused;
     }
-    let mut meetings = state.readiness.meetings.write().expect("meetings lock");
-    let before = meetings.len();
-    meetings.retain(|m| m.spec.id != id);
-    if meetings.len() == before {
-        return error(StatusCode::NOT_FOUND, format!("no meeting {id:?}"));
+    let scheduled = match state.readiness.meetings.read().expect("meetings lock").iter().find(|m| m.spec.id == id) {
+        None => return error(StatusCode::NOT_FOUND, format!("no meeting {id:?}")),
+        Some(m) => m.scheduled,
+    };
+    if scheduled {
+        return error(StatusCode::CONFLICT, format!("meeting {id:?} comes from the schedule file (readiness.meetings): edit the file"));
     }
-    StatusCode::NO_CONTENT.into_response()
+    let Some(topic) = &state.meetings_topic else {
+        return match state.readiness.remove_meeting(&id) {
+            Removal::Removed => StatusCode::NO_CONTENT.into_response(),
+            _ => error(StatusCode::NOT_FOUND, format!("no meeting {id:?}")),
+        };
+    };
+    match topic.delete(&id).await {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
 }
 
 async fn meeting_readiness(State(state): State<AppState>, Path(id): Path<String>) -> axum::response::Response {
@@ -523,6 +556,7 @@ mod tests {
             stopping: Default::default(),
             readiness: SharedReadiness::new(ReadinessEngine::new(inventory, Policy::default(), 10_000_000_000), Vec::new()),
             sql: None,
+            meetings_topic: None,
         };
         let text = render(&state).unwrap();
         assert!(text.contains("siteflow_records_received_total{format=\"goflow2_json\"} 0"), "{text}");

@@ -514,6 +514,9 @@ async fn check(args: &CheckArgs) -> anyhow::Result<()> {
         println!("  files: {}", files.join(", "));
     }
     println!("  readiness: period {} s, hold {} s; {} meeting(s)", res.policy.period_secs, res.policy.hold_secs, res.meetings.len());
+    if let Some(topic) = &config.kafka.meetings_topic {
+        println!("  meetings API: shared through topic {topic} (kafka.meetings_topic)");
+    }
     println!("  http: {}", config.http.listen);
     if args.explain {
         for (id, (table, _)) in res.sql.iter().enumerate() {

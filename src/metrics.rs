@@ -396,6 +396,16 @@ impl PipelineMetrics {
         }
     }
 
+    /// Exports `siteflow_meetings_topic_rejected_total` (with `kafka.meetings_topic` only).
+    pub fn register_meetings_topic_rejected(&self) -> prometheus::IntCounter {
+        let counter = prometheus::IntCounter::new(
+            "siteflow_meetings_topic_rejected_total",
+            "Records of the meetings topic skipped (not a meeting, unknown sites, a schedule file's id, over api.max_meetings); the log says why.",
+        )
+        .expect("valid metric");
+        register(&self.registry, counter)
+    }
+
     /// Records rejected, decoded records unmatched to a site, and records too late for their
     /// window, each over all its labels: what the shutdown summary and status line report.
     pub fn lost_records(&self) -> (u64, u64, u64) {

@@ -240,6 +240,10 @@ pub struct KafkaConfig {
     /// Topic for records that cannot be used, with the original payload and the reason in
     /// headers. Unset: bad records are only counted.
     pub dead_letter_topic: Option<String>,
+    /// Compacted topic that holds the meetings posted to `/api/meetings` (key: meeting id),
+    /// read by every instance from the beginning: meetings are shared by all instances and
+    /// survive restarts. Unset: posted meetings live in this instance's memory only.
+    pub meetings_topic: Option<String>,
     /// `/readyz` turns ready once the group has assigned this instance its partitions (none is
     /// fine: a spare replica) and each is at most this many messages behind its end.
     pub ready_lag: u64,
@@ -257,6 +261,7 @@ impl Default for KafkaConfig {
             batch_linger_ms: 100,
             max_queued_batches: 4,
             dead_letter_topic: None,
+            meetings_topic: None,
             ready_lag: 10_000,
         }
     }
@@ -746,6 +751,18 @@ impl Config {
                 );
             }
         }
+        if let Some(topic) = &self.kafka.meetings_topic {
+            let topics = self.kafka.topics.iter().map(|t| t.name.as_str()).chain(self.kafka.dead_letter_topic.as_deref());
+            if topic.trim().is_empty() {
+                return invalid("kafka.meetings_topic", "name a topic, or leave it unset (null)".into());
+            }
+            if let Some(same) = topics.into_iter().find(|t| t == topic) {
+                return invalid(
+                    "kafka.meetings_topic",
+                    format!("{same:?} is also an input or the dead-letter topic: use a topic of its own"),
+                );
+            }
+        }
         if self.source.kind == SourceKind::File {
             if self.source.files.is_empty() {
                 return invalid("source.files", "list at least one file (`- { path: flows.json.gz }`) when source.kind is file".into());
@@ -934,6 +951,20 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         Config::default().validate("defaults").unwrap();
+    }
+
+    #[test]
+    fn the_meetings_topic_is_a_topic_of_its_own() {
+        let mut c = Config::default();
+        c.kafka.meetings_topic = Some(" ".into());
+        let err = c.validate("m.yaml").unwrap_err().to_string();
+        assert!(err.starts_with("m.yaml: kafka.meetings_topic: name a topic"), "{err}");
+        c.kafka.dead_letter_topic = Some("siteflow.dead".into());
+        c.kafka.meetings_topic = Some("siteflow.dead".into());
+        let err = c.validate("m.yaml").unwrap_err().to_string();
+        assert!(err.contains("\"siteflow.dead\" is also an input or the dead-letter topic"), "{err}");
+        c.kafka.meetings_topic = Some("siteflow.meetings".into());
+        c.validate("m.yaml").unwrap();
     }
 
     #[test]

@@ -92,6 +92,9 @@ pub struct Meeting {
     pub need_bytes_per_second: f64,
     #[serde(skip)]
     pub participants: Vec<SiteIdx>,
+    /// From the schedule file (`readiness.meetings`): the file, not the API, changes it.
+    #[serde(skip)]
+    pub scheduled: bool,
 }
 
 /// Where a meeting stands at a given time.
@@ -139,7 +142,7 @@ impl Meeting {
         if set.is_empty() {
             return Err(at("no participants".into()));
         }
-        Ok(Meeting { spec, need_bytes_per_second: need, participants: set.into_iter().collect() })
+        Ok(Meeting { spec, need_bytes_per_second: need, participants: set.into_iter().collect(), scheduled: false })
     }
 
     pub fn start_ns(&self) -> i64 {
@@ -195,7 +198,8 @@ pub fn load_schedule(path: &Path, inventory: &Inventory, policy: &Policy) -> Res
         if out.iter().any(|m| m.spec.id == spec.id) {
             return Err(format!("{file}: meeting {:?}: duplicate id", spec.id));
         }
-        out.push(Meeting::resolve(spec, inventory, policy).map_err(|e| format!("{file}: {e}"))?);
+        let meeting = Meeting::resolve(spec, inventory, policy).map_err(|e| format!("{file}: {e}"))?;
+        out.push(Meeting { scheduled: true, ..meeting });
     }
     Ok(out)
 }

@@ -613,6 +613,15 @@ fn traffic_stats(windows: &VecDeque<(i64, f64, f64)>, capacity: f64, window_secs
     TrafficStats { windows: windows.len(), utilisation_mean_ratio: [mean(0), mean(1)], spare_min_bytes_per_second: [spare(0), spare(1)] }
 }
 
+/// What removing a meeting did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Removal {
+    Removed,
+    NotFound,
+    /// It comes from the schedule file: edit the file instead.
+    Scheduled,
+}
+
 /// The engine and the meeting schedule, shared between the pipeline and the HTTP API.
 #[derive(Debug)]
 pub struct SharedReadiness {
@@ -627,14 +636,54 @@ impl SharedReadiness {
 
     /// Adds a meeting; its id must be new.
     pub fn add_meeting(&self, spec: MeetingSpec) -> Result<Meeting, String> {
+        let meeting = self.check_new_meeting(spec)?;
+        self.meetings.write().expect("meetings lock").push(meeting.clone());
+        Ok(meeting)
+    }
+
+    /// Resolves a meeting to add, without adding it: its id must be new.
+    pub fn check_new_meeting(&self, spec: MeetingSpec) -> Result<Meeting, String> {
         let engine = self.engine.read().expect("readiness lock");
         let meeting = Meeting::resolve(spec, engine.inventory(), engine.policy())?;
-        let mut meetings = self.meetings.write().expect("meetings lock");
-        if meetings.iter().any(|m| m.spec.id == meeting.spec.id) {
+        if self.meetings.read().expect("meetings lock").iter().any(|m| m.spec.id == meeting.spec.id) {
             return Err(format!("meeting {:?}: an id already in the schedule", meeting.spec.id));
         }
-        meetings.push(meeting.clone());
         Ok(meeting)
+    }
+
+    /// Removes a meeting added through the API (one from the schedule file stays).
+    pub fn remove_meeting(&self, id: &str) -> Removal {
+        let mut meetings = self.meetings.write().expect("meetings lock");
+        match meetings.iter().position(|m| m.spec.id == id) {
+            None => Removal::NotFound,
+            Some(i) if meetings[i].scheduled => Removal::Scheduled,
+            Some(i) => {
+                meetings.remove(i);
+                Removal::Removed
+            }
+        }
+    }
+
+    /// Puts a meeting read from the shared meetings topic, replacing the one with its id; at
+    /// most `max` meetings are kept. A schedule file's meeting is not replaced.
+    pub fn put_shared_meeting(&self, spec: MeetingSpec, max: usize) -> Result<(), String> {
+        let meeting = {
+            let engine = self.engine.read().expect("readiness lock");
+            Meeting::resolve(spec, engine.inventory(), engine.policy())?
+        };
+        let mut meetings = self.meetings.write().expect("meetings lock");
+        match meetings.iter().position(|m| m.spec.id == meeting.spec.id) {
+            Some(i) if meetings[i].scheduled => Err(format!("meeting {:?}: the id of a meeting in the schedule file", meeting.spec.id)),
+            Some(i) => {
+                meetings[i] = meeting;
+                Ok(())
+            }
+            None if meetings.len() >= max => Err(format!("meeting {:?}: already {max} meetings (api.max_meetings)", meeting.spec.id)),
+            None => {
+                meetings.push(meeting);
+                Ok(())
+            }
+        }
     }
 
     /// The readiness report of one meeting.

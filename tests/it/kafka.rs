@@ -14,6 +14,9 @@ mod stale;
 /// Back-pressure across rebalances (the stall after a takeover).
 #[path = "kafka_backpressure.rs"]
 mod backpressure;
+/// Meetings shared through a compacted topic.
+#[path = "kafka_meetings.rs"]
+mod meetings;
 #[path = "kafka_ready.rs"]
 mod ready;
 

@@ -83,10 +83,17 @@ impl Broker {
     }
 
     pub fn create_topic(&self, name: &str, partitions: u32) {
-        let out = Command::new(tansu())
-            .args(["topic", "create", name, "--broker", &self.url(), "--partitions", &partitions.to_string()])
-            .output()
-            .unwrap();
+        self.create_topic_with(name, partitions, &[]);
+    }
+
+    /// Creates a topic with topic configs, e.g. `cleanup.policy=compact`.
+    pub fn create_topic_with(&self, name: &str, partitions: u32, configs: &[&str]) {
+        let (url, partitions) = (self.url(), partitions.to_string());
+        let mut args = vec!["topic", "create", name, "--broker", &url, "--partitions", &partitions];
+        for c in configs {
+            args.extend(["--config", c]);
+        }
+        let out = Command::new(tansu()).args(&args).output().unwrap();
         assert!(out.status.success(), "tansu topic create {name}: {}", String::from_utf8_lossy(&out.stderr));
     }
 
