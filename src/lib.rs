@@ -26,6 +26,7 @@ pub mod rates;
 pub mod readiness;
 pub mod replay;
 pub mod schema;
+pub mod shuffle;
 pub mod sink;
 pub mod source;
 pub mod sql;

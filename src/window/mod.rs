@@ -363,17 +363,25 @@ impl WindowOperator {
         // partition, so memory follows the groups, not the batches.
         for start in crowded {
             let states = t.open.remove(&start).unwrap_or_default();
-            let mut by_partition: BTreeMap<PartitionId, Vec<RecordBatch>> = BTreeMap::new();
-            for (p, b) in states {
-                by_partition.entry(p).or_default().push(b);
-            }
-            let mut merged = Vec::with_capacity(by_partition.len());
-            for (p, batches) in by_partition {
-                merged.extend(t.aggregate.reduce(batches).await?.into_iter().map(|b| (p, b)));
-            }
-            t.open.insert(start, merged);
+            t.open.insert(start, Self::compact_per_partition(&t.aggregate, states).await?);
         }
         Ok(outcome)
+    }
+
+    /// Merges a window's states into one per partition.
+    async fn compact_per_partition(
+        aggregate: &SplitAggregate,
+        states: Vec<(PartitionId, RecordBatch)>,
+    ) -> Result<Vec<(PartitionId, RecordBatch)>, DataFusionError> {
+        let mut by_partition: BTreeMap<PartitionId, Vec<RecordBatch>> = BTreeMap::new();
+        for (p, b) in states {
+            by_partition.entry(p).or_default().push(b);
+        }
+        let mut merged = Vec::with_capacity(by_partition.len());
+        for (p, batches) in by_partition {
+            merged.extend(aggregate.reduce(batches).await?.into_iter().map(|b| (p, b)));
+        }
+        Ok(merged)
     }
 
     /// Lets idle and lagging clocks stop holding the watermark back (call on a timer).
@@ -523,6 +531,51 @@ impl WindowOperator {
             .iter()
             .map(|t| t.open.values().flat_map(|v| v.iter().filter(|(p, _)| *p == partition).map(|(_, b)| b.clone())).collect())
             .collect()
+    }
+
+    /// Takes a partition's open states per table, leaving its windows to the stage they are
+    /// handed to (the ingest stage of a scale-out deployment closes no window itself).
+    pub fn take_partition_states(&mut self, partition: PartitionId) -> Vec<Vec<RecordBatch>> {
+        let taken = self.partition_states(partition);
+        for t in &mut self.tables {
+            for states in t.open.values_mut() {
+                states.retain(|(p, _)| *p != partition);
+            }
+            t.open.retain(|_, v| !v.is_empty());
+        }
+        taken
+    }
+
+    /// Merges partial states another stage made from `partition`'s records, then advances that
+    /// partition's clocks to `clocks` (its clocks after those records). States first: a window
+    /// closes only once every partition's clocks have passed it, so no state arrives after the
+    /// clock that would have closed its window without it.
+    pub async fn merge_partition_states(
+        &mut self,
+        partition: PartitionId,
+        clocks: &[(ExporterKey, i64)],
+        states: Vec<Vec<RecordBatch>>,
+        now: Instant,
+    ) -> Result<(), DataFusionError> {
+        for (t, batches) in self.tables.iter_mut().zip(states) {
+            let window_col = t.aggregate.state_window_column();
+            let mut crowded = Vec::new();
+            for batch in batches {
+                for (start, rows) in split_by_window(&batch, window_col)? {
+                    let open = t.open.entry(start).or_default();
+                    open.push((partition, rows));
+                    if open.len() == COMPACT_OPEN_STATES {
+                        crowded.push(start);
+                    }
+                }
+            }
+            for start in crowded {
+                let states = t.open.remove(&start).unwrap_or_default();
+                t.open.insert(start, Self::compact_per_partition(&t.aggregate, states).await?);
+            }
+        }
+        self.watermarks.advance_to(partition, clocks, now);
+        Ok(())
     }
 
     /// Registers partitions before their first records (see [`Watermarks::register`]).

@@ -244,6 +244,21 @@ impl Watermarks {
         self.partitions.insert(partition, pc);
     }
 
+    /// Advances a partition's clocks to those another stage reports (the site stage of a
+    /// scale-out deployment is fed partial aggregates and the clocks of the partition that made
+    /// them, not records). Each clock only moves forward; a clock counts as active when it
+    /// moves, so one that stops moving turns idle after the idle timeout, as its records would.
+    pub fn advance_to(&mut self, partition: PartitionId, clocks: &[(ExporterKey, i64)], now: Instant) {
+        let pc = self.partitions.entry(partition).or_insert_with(|| PartitionClocks::new(i64::MIN, now));
+        for &(k, t) in clocks {
+            let clock = pc.clocks.entry(k).or_insert(Clock { max_event_ns: i64::MIN, last_active: now });
+            if t > clock.max_event_ns {
+                *clock = Clock { max_event_ns: t, last_active: now };
+            }
+            pc.lead_ns = pc.lead_ns.max(t);
+        }
+    }
+
     /// Forgets a partition this instance no longer owns.
     pub fn forget(&mut self, partition: PartitionId) {
         self.partitions.remove(&partition);
