@@ -12,8 +12,9 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::checkpoint::{CheckpointError, CheckpointStore};
-use crate::config::{Config, SourceKind, resolve};
+use crate::config::{Config, SourceKind, Stage, resolve};
 use crate::dead_letter::{DeadLetterError, DeadLetters};
+use crate::driver::ingest::IngestOutput;
 use crate::driver::kafka::KafkaDriver;
 use crate::history::{History, HistoryError, HistoryOptions, HistorySink};
 use crate::http::AppState;
@@ -49,6 +50,8 @@ pub enum AppError {
     Files(#[from] FileSourceError),
     #[error(transparent)]
     MeetingsTopic(#[from] MeetingsTopicError),
+    #[error(transparent)]
+    HandOff(#[from] crate::shuffle::IngestError),
 }
 
 /// The source a configuration names, ready to start.
@@ -157,8 +160,11 @@ impl App {
                     "consuming from Kafka"
                 );
                 let interval = Duration::from_secs(config.checkpoint.interval_secs);
-                let driver = KafkaDriver::new(consumer, events, store, dead_letters, interval, state.metrics.clone())
+                let mut driver = KafkaDriver::new(consumer, events, store, dead_letters, interval, state.metrics.clone())
                     .readiness(state.ready.clone(), config.kafka.ready_lag);
+                if config.scale_out.stage == Stage::Ingest {
+                    driver = driver.hand_on(IngestOutput::new(&config.kafka, &config.scale_out.topic, pipeline.state_schemas())?);
+                }
                 tokio::spawn(crate::driver::run(driver, pipeline, shutdown))
             }
         };

@@ -70,6 +70,9 @@ struct Header {
     /// checkpoints of older versions: one clock for the partition).
     #[serde(default)]
     clocks: Vec<(String, i64)>,
+    /// The internal partition of each message in the outbox (after the states).
+    #[serde(default)]
+    outbox: Vec<i32>,
 }
 
 /// One partition's saved state.
@@ -86,6 +89,10 @@ pub struct PartitionCheckpoint {
     pub counters: Vec<CounterBaseline>,
     /// The partition's event-time clocks: (exporter, largest event time).
     pub clocks: Vec<(crate::window::ExporterKey, i64)>,
+    /// The ingest stage of a scale-out deployment: messages for the internal topic (its
+    /// partition, the encoded partial) written with the checkpoint and produced after it, so
+    /// that a crash after the checkpoint sends them again, unchanged (docs/scale-out.md).
+    pub outbox: Vec<(i32, Vec<u8>)>,
 }
 
 /// The checkpoint directory.
@@ -177,6 +184,14 @@ impl CheckpointStore {
             let batches = reader.collect::<Result<Vec<_>, _>>().map_err(|e| err(&path, e))?;
             states.push(batches);
         }
+        let mut outbox = Vec::with_capacity(header.outbox.len());
+        for &partition in &header.outbox {
+            let len_bytes = rest.get(at..at + 8).ok_or_else(|| err(&path, "truncated outbox"))?;
+            let len = u64::from_le_bytes(len_bytes.try_into().expect("8 bytes")) as usize;
+            let message = rest.get(at + 8..at + 8 + len).ok_or_else(|| err(&path, "truncated outbox"))?;
+            at += 8 + len;
+            outbox.push((partition, message.to_vec()));
+        }
         let results_len = self.tables.iter().map(|t| header.results_len.get(t).copied().unwrap_or(0)).collect();
         Ok(Some(PartitionCheckpoint {
             next_offset: header.next_offset,
@@ -185,6 +200,7 @@ impl CheckpointStore {
             states,
             counters: header.counters,
             clocks: header.clocks.iter().filter_map(|(e, t)| e.parse::<std::net::Ipv6Addr>().ok().map(|a| (u128::from(a), *t))).collect(),
+            outbox,
         }))
     }
 
@@ -201,6 +217,7 @@ impl CheckpointStore {
             written_unix_ms: chrono::Utc::now().timestamp_millis(),
             counters: ckpt.counters.clone(),
             clocks: ckpt.clocks.iter().map(|(e, t)| (std::net::Ipv6Addr::from(*e).to_string(), *t)).collect(),
+            outbox: ckpt.outbox.iter().map(|(p, _)| *p).collect(),
         };
         let header = serde_json::to_vec(&header).expect("header serialises");
         let mut bytes = Vec::with_capacity(4096);
@@ -218,6 +235,10 @@ impl CheckpointStore {
             }
             bytes.extend_from_slice(&(ipc.len() as u64).to_le_bytes());
             bytes.extend_from_slice(&ipc);
+        }
+        for (_, message) in &ckpt.outbox {
+            bytes.extend_from_slice(&(message.len() as u64).to_le_bytes());
+            bytes.extend_from_slice(message);
         }
         replace_file(&path, &bytes)
     }
@@ -301,6 +322,7 @@ mod tests {
             states: vec![vec![batch(5)]],
             counters,
             clocks: vec![(0xac10_0215, 7), (0, 5)],
+            outbox: vec![(2, b"partial for 2".to_vec()), (0, Vec::new())],
         };
         store.save(&key, &ckpt, &[batch(1).schema()]).unwrap();
         let len2 = store.append_results(0, &key, &batch(20)).unwrap();
@@ -310,6 +332,7 @@ mod tests {
         assert_eq!(back.states[0], vec![batch(5)]);
         assert_eq!(back.counters, ckpt.counters);
         assert_eq!(back.clocks, ckpt.clocks);
+        assert_eq!(back.outbox, ckpt.outbox);
         assert_eq!(store.next_offset(&key).unwrap(), Some(42));
         store.truncate_results(0, &key, back.results_len[0]).unwrap();
         let text = fs::read_to_string(store.results_path(0, &key)).unwrap();

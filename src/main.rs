@@ -234,6 +234,11 @@ struct RunArgs {
     /// Address for /metrics, /healthz and /readyz (overrides http.listen).
     #[arg(long, value_name = "ADDR")]
     listen: Option<SocketAddr>,
+    /// Which part of a scale-out to run (overrides scale_out.stage): `all` (everything in this
+    /// process) or `ingest` (decode, enrich, aggregate partially and hand the partial aggregates
+    /// to scale_out.topic; docs/scale-out.md).
+    #[arg(long, value_name = "STAGE", value_parser = ["all", "ingest"])]
+    stage: Option<String>,
 }
 
 #[derive(Args)]
@@ -614,6 +619,10 @@ fn main() -> ExitCode {
                 let mut config = Config::load(Some(&args.config))?;
                 if let Some(listen) = args.listen {
                     config.http.listen = listen;
+                }
+                if let Some(stage) = args.stage.as_deref().and_then(siteflow::config::Stage::parse) {
+                    config.scale_out.stage = stage;
+                    config.validate(&args.config.display().to_string())?;
                 }
                 init_logging(&config);
                 serve(config).await

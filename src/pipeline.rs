@@ -60,6 +60,9 @@ pub enum PipelineError {
     /// The dead-letter topic did not take the rejected messages.
     #[error(transparent)]
     DeadLetters(#[from] crate::dead_letter::DeadLetterError),
+    /// The ingest stage could not hand its partial aggregates on.
+    #[error(transparent)]
+    HandOff(#[from] crate::shuffle::IngestError),
     /// A task the run waits for panicked or was cancelled.
     #[error("a pipeline task ended abnormally: {0}")]
     Task(String),
@@ -224,6 +227,9 @@ pub struct Pipeline {
     status: crate::notices::StatusLog,
     /// Per table: whether its first window was published.
     first_published: Vec<bool>,
+    /// The ingest stage of a scale-out: windows are not closed here; their partial states are
+    /// taken at each checkpoint and handed on (see [`Pipeline::hand_windows_on`]).
+    hand_on: bool,
 }
 
 /// How long to wait before warning again about a source whose records are still rejected.
@@ -282,6 +288,7 @@ impl Pipeline {
                 REJECTION_WARN_REPEAT.max(Duration::from_secs(config.log.rejection_warn_after_secs)),
             ),
             status: crate::notices::StatusLog::new(Duration::from_secs(config.log.status_interval_secs), Instant::now()),
+            hand_on: false,
         })
     }
 
@@ -347,6 +354,19 @@ impl Pipeline {
     pub fn release_partition(&mut self, partition: PartitionId) {
         self.windows.release_partition(partition);
         self.counter_rates.release_partition(partition);
+    }
+
+    /// Makes this the ingest stage of a scale-out: no window closes here; the driver takes each
+    /// partition's partial states ([`Pipeline::take_partition_states`]) and hands them to the
+    /// site stage, which publishes them.
+    pub fn hand_windows_on(&mut self) {
+        self.hand_on = true;
+        self.ready_on_first_window = false;
+    }
+
+    /// Takes a partition's open partial states, per table (the ingest stage's span).
+    pub fn take_partition_states(&mut self, partition: PartitionId) -> Vec<Vec<RecordBatch>> {
+        self.windows.take_partition_states(partition)
     }
 
     /// The first window published no longer sets `ready`: the driver knows better (the Kafka
@@ -432,8 +452,10 @@ impl Pipeline {
         {
             newest.fetch_max(t, Ordering::Relaxed);
         }
-        let closed = self.windows.close_ready(batch.received).await?;
-        self.publish(closed, false);
+        if !self.hand_on {
+            let closed = self.windows.close_ready(batch.received).await?;
+            self.publish(closed, false);
+        }
         Ok(stats)
     }
 
@@ -492,9 +514,11 @@ impl Pipeline {
         for sink in &mut self.sinks {
             sink.on_tick(now);
         }
-        self.windows.advance_idle(now);
-        let closed = self.windows.close_ready(now).await?;
-        self.publish(closed, false);
+        if !self.hand_on {
+            self.windows.advance_idle(now);
+            let closed = self.windows.close_ready(now).await?;
+            self.publish(closed, false);
+        }
         self.notify(now, status_note);
         Ok(())
     }

@@ -30,6 +30,20 @@ pub enum ShuffleError {
     Arrow { table: usize, source: ArrowError },
 }
 
+/// The internal topic cannot be written: at start the configuration's fault; later the
+/// checkpoint fails (and is retried) rather than commit offsets whose partials are not out.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error("scale_out.topic {topic:?}: {message}")]
+    Setup { topic: String, message: String },
+    #[error("scale_out.topic {topic:?}: {failed} partial(s) not delivered; they stay in the checkpoint and are sent again")]
+    NotDelivered { topic: String, failed: u64 },
+    #[error("scale_out: cutting states by site: {0}")]
+    Route(#[from] datafusion::arrow::error::ArrowError),
+    #[error("scale_out: encoding a partial: {0}")]
+    Encode(#[from] ShuffleError),
+}
+
 /// One span of one source partition, for one partition of the internal topic.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Partial {
@@ -41,6 +55,9 @@ pub struct Partial {
     pub clocks: Vec<(ExporterKey, i64)>,
     /// Per table (registry order), the state rows of the sites routed to this partition.
     pub states: Vec<Vec<RecordBatch>>,
+    /// A span too large for one message is cut into `parts` messages, sent in order.
+    pub part: u32,
+    pub parts: u32,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -52,6 +69,8 @@ struct Header {
     /// Exporter keys as decimal strings (JSON numbers stop at 64 bits).
     clocks: Vec<(String, i64)>,
     tables: usize,
+    part: u32,
+    parts: u32,
 }
 
 impl Partial {
@@ -65,6 +84,8 @@ impl Partial {
             to: self.to_offset,
             clocks: self.clocks.iter().map(|(k, t)| (k.to_string(), *t)).collect(),
             tables: self.states.len(),
+            part: self.part,
+            parts: self.parts,
         };
         let mut out = serde_json::to_vec(&header).expect("a header serialises");
         out.push(b'\n');
@@ -114,7 +135,49 @@ impl Partial {
             return Err(malformed(format!("{} bytes after the last table", rest.len())));
         }
         let source = PartitionKey { topic: header.topic, partition: header.partition };
-        Ok(Self { source, from_offset: header.from, to_offset: header.to, clocks, states })
+        if header.parts == 0 || header.part >= header.parts {
+            return Err(malformed(format!("part {} of {}", header.part, header.parts)));
+        }
+        Ok(Self { source, from_offset: header.from, to_offset: header.to, clocks, states, part: header.part, parts: header.parts })
+    }
+
+    /// Encodes the partial in as many parts as it takes for each message to stay under
+    /// `max_bytes` (brokers refuse messages above their `message.max.bytes`, 1 MB by default);
+    /// the rows are cut evenly, the clocks go with every part.
+    pub fn encode_parts(&self, schemas: &[SchemaRef], max_bytes: usize) -> Result<Vec<Vec<u8>>, ShuffleError> {
+        let rows: usize = self.states.iter().flatten().map(RecordBatch::num_rows).sum();
+        let mut parts = 1usize;
+        loop {
+            let pieces = self.cut_rows(parts as u32);
+            let encoded = pieces.iter().map(|p| p.encode(schemas)).collect::<Result<Vec<_>, _>>()?;
+            if encoded.iter().all(|e| e.len() <= max_bytes) || parts >= rows.max(1) {
+                return Ok(encoded);
+            }
+            parts = (parts * 2).min(rows.max(1));
+        }
+    }
+
+    /// The partial cut into `parts` pieces of about the same number of rows.
+    fn cut_rows(&self, parts: u32) -> Vec<Partial> {
+        let n = parts.max(1) as usize;
+        let mut pieces: Vec<Partial> = (0..n)
+            .map(|i| Partial { states: vec![Vec::new(); self.states.len()], part: i as u32, parts: n as u32, ..self.clone() })
+            .collect();
+        let rows: Vec<(usize, &RecordBatch)> = self.states.iter().enumerate().flat_map(|(t, bs)| bs.iter().map(move |b| (t, b))).collect();
+        let total: usize = rows.iter().map(|(_, b)| b.num_rows()).sum();
+        let per = total.div_ceil(n).max(1);
+        let mut at = 0usize;
+        for (table, batch) in rows {
+            let mut offset = 0;
+            while offset < batch.num_rows() {
+                let piece = (at / per).min(n - 1);
+                let take = (per - at % per).min(batch.num_rows() - offset);
+                pieces[piece].states[table].push(batch.slice(offset, take));
+                offset += take;
+                at += take;
+            }
+        }
+        pieces
     }
 }
 
@@ -148,6 +211,8 @@ pub fn route(
             to_offset: span.1,
             clocks: clocks.to_vec(),
             states: vec![Vec::new(); states.len()],
+            part: 0,
+            parts: 1,
         })
         .collect();
     for (table, batches) in states.iter().enumerate() {
@@ -180,24 +245,44 @@ pub enum Admission {
     Overlap,
 }
 
-/// Per source partition, the end of the last span merged: kept in the site stage's checkpoint
-/// with the internal partition's offset, so spans are merged exactly once across crashes of
-/// either stage.
+/// Per source partition, the last span merged and how many of its parts: kept in the site
+/// stage's checkpoint with the internal partition's offset, so spans are merged exactly once
+/// across crashes of either stage.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ledger {
-    merged_to: BTreeMap<String, i64>,
+    merged: BTreeMap<String, Progress>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct Progress {
+    to: i64,
+    next_part: u32,
+    parts: u32,
 }
 
 impl Ledger {
+    /// Whether to merge a partial: the next part of the span being merged, or the first part of
+    /// a span that starts where the last complete one ended (or later: offsets have gaps).
     pub fn admit(&mut self, partial: &Partial) -> Admission {
         let key = partial.source.to_string();
-        match self.merged_to.get(&key) {
-            Some(&to) if partial.to_offset <= to => Admission::Duplicate,
-            Some(&to) if partial.from_offset < to => Admission::Overlap,
-            _ => {
-                self.merged_to.insert(key, partial.to_offset);
+        let (to, part) = (partial.to_offset, partial.part);
+        let next = Progress { to, next_part: part + 1, parts: partial.parts };
+        match self.merged.get_mut(&key) {
+            None if part == 0 => {
+                self.merged.insert(key, next);
                 Admission::Merge
             }
+            None => Admission::Overlap,
+            Some(m) if to < m.to || (to == m.to && part < m.next_part) => Admission::Duplicate,
+            Some(m) if to == m.to && part == m.next_part => {
+                m.next_part += 1;
+                Admission::Merge
+            }
+            Some(m) if to > m.to && m.next_part >= m.parts && partial.from_offset >= m.to && part == 0 => {
+                *m = next;
+                Admission::Merge
+            }
+            Some(_) => Admission::Overlap,
         }
     }
 }
@@ -329,15 +414,19 @@ mod tests {
             let source = PartitionKey { topic: "flows".into(), partition: *p as i32 };
             let partials = route(&source, (from, offsets[*p as usize]), &clocks, &states, &site_cols, sites).unwrap();
             for (q, partial) in partials.iter().enumerate() {
-                let bytes = partial.encode(&schemas).unwrap();
+                // Small messages: spans go in several parts.
+                let messages = partial.encode_parts(&schemas, 2_000).unwrap();
                 sent += 1;
+                // A replay sends the whole span again, from its first part.
                 let copies = if replay > 0 && sent % replay == 0 { 2 } else { 1 };
                 for _ in 0..copies {
-                    let got = Partial::decode(&bytes, &schemas).unwrap();
-                    let (op, ledger) = &mut stage[q];
-                    if ledger.admit(&got) == Admission::Merge {
-                        op.merge_partition_states(*p, &got.clocks, got.states, now).await.unwrap();
-                        fold(&op.close_ready(now).await.unwrap().windows, &mut latest);
+                    for bytes in &messages {
+                        let got = Partial::decode(bytes, &schemas).unwrap();
+                        let (op, ledger) = &mut stage[q];
+                        if ledger.admit(&got) == Admission::Merge {
+                            op.merge_partition_states(*p, &got.clocks, got.states, now).await.unwrap();
+                            fold(&op.close_ready(now).await.unwrap().windows, &mut latest);
+                        }
                     }
                 }
             }
@@ -391,6 +480,8 @@ mod tests {
             to_offset: 12,
             clocks: vec![(u128::MAX, 15 * S), (1, 5 * S)],
             states: op.take_partition_states(0),
+            part: 0,
+            parts: 1,
         };
         let bytes = partial.encode(&schemas).unwrap();
         assert_eq!(Partial::decode(&bytes, &schemas).unwrap(), partial);
@@ -412,6 +503,8 @@ mod tests {
             to_offset: to,
             clocks: vec![],
             states: vec![],
+            part: 0,
+            parts: 1,
         };
         let mut ledger = Ledger::default();
         assert_eq!(ledger.admit(&partial(0, 10)), Admission::Merge);
@@ -423,6 +516,15 @@ mod tests {
         // Another source partition has its own spans.
         let other = Partial { source: PartitionKey { topic: "flows".into(), partition: 1 }, ..partial(0, 10) };
         assert_eq!(ledger.admit(&other), Admission::Merge);
+        // A span in three parts, replayed from its first part after a crash in the middle.
+        let part = |i| Partial { part: i, parts: 3, ..partial(30, 40) };
+        assert_eq!(ledger.admit(&part(0)), Admission::Merge);
+        assert_eq!(ledger.admit(&part(1)), Admission::Merge);
+        assert_eq!(ledger.admit(&part(0)), Admission::Duplicate);
+        assert_eq!(ledger.admit(&part(1)), Admission::Duplicate);
+        assert_eq!(ledger.admit(&partial(40, 50)), Admission::Overlap, "the next span before the last part");
+        assert_eq!(ledger.admit(&part(2)), Admission::Merge);
+        assert_eq!(ledger.admit(&partial(40, 50)), Admission::Merge);
     }
 
     #[test]

@@ -34,6 +34,7 @@ pub struct Config {
     pub simulator: SimulatorConfig,
     pub kafka: KafkaConfig,
     pub checkpoint: CheckpointConfig,
+    pub scale_out: ScaleOutConfig,
     pub readiness: ReadinessConfig,
     pub http: HttpConfig,
     pub api: ApiConfig,
@@ -264,6 +265,44 @@ impl Default for KafkaConfig {
             meetings_topic: None,
             ready_lag: 10_000,
         }
+    }
+}
+
+/// Which part of a scale-out deployment an instance runs (docs/scale-out.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Stage {
+    /// Everything in one process, without an internal topic.
+    #[default]
+    All,
+    /// Decode, enrich and aggregate each window partially; hand the partial aggregates to
+    /// `scale_out.topic`, cut by site, exactly once. Needs `source.kind: kafka`.
+    Ingest,
+}
+
+impl Stage {
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "all" => Some(Self::All),
+            "ingest" => Some(Self::Ingest),
+            _ => None,
+        }
+    }
+}
+
+/// Scale-out in two stages through Kafka (in progress: the ingest stage; docs/scale-out.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScaleOutConfig {
+    /// `all` (default): one process does everything; `ingest`: the first stage only.
+    pub stage: Stage,
+    /// The internal topic between the stages; its partitions split the sites.
+    pub topic: String,
+}
+
+impl Default for ScaleOutConfig {
+    fn default() -> Self {
+        Self { stage: Stage::All, topic: "siteflow.partials".into() }
     }
 }
 
@@ -749,6 +788,14 @@ impl Config {
                     "kafka.properties",
                     format!("`{key}` is set by siteflow (use kafka.brokers / kafka.group_id; commits follow checkpoints)"),
                 );
+            }
+        }
+        if self.scale_out.stage == Stage::Ingest {
+            if self.source.kind != SourceKind::Kafka {
+                return invalid("scale_out.stage", "ingest reads Kafka: set source.kind: kafka".into());
+            }
+            if self.scale_out.topic.trim().is_empty() || self.kafka.topics.iter().any(|t| t.name == self.scale_out.topic) {
+                return invalid("scale_out.topic", format!("{:?}: name a topic of its own (not an input)", self.scale_out.topic));
             }
         }
         if let Some(topic) = &self.kafka.meetings_topic {

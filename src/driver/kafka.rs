@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
+use super::ingest::IngestOutput;
 use super::{Driver, End};
 use crate::checkpoint::{CheckpointStore, PartitionCheckpoint, PartitionKey};
 use crate::dead_letter::DeadLetters;
@@ -55,6 +56,8 @@ pub struct KafkaDriver {
     joined: bool,
     /// `/readyz`'s flag, and the lag within which an instance counts as caught up.
     ready: Option<(Arc<AtomicBool>, u64)>,
+    /// The ingest stage of a scale-out: where the partial aggregates go at each checkpoint.
+    ingest: Option<IngestOutput>,
 }
 
 impl KafkaDriver {
@@ -79,7 +82,15 @@ impl KafkaDriver {
             metrics,
             joined: false,
             ready: None,
+            ingest: None,
         }
+    }
+
+    /// Runs the ingest stage of a scale-out: no window closes here; at each checkpoint every
+    /// owned partition's partial states go to the internal topic through the outbox.
+    pub fn hand_on(mut self, output: IngestOutput) -> Self {
+        self.ingest = Some(output);
+        self
     }
 
     /// Raises `ready` (for `/readyz`) once the group has assigned this instance its partitions
@@ -132,12 +143,18 @@ impl KafkaDriver {
             let next_offset = match ckpt {
                 Some(c) => {
                     let next_offset = c.next_offset;
+                    if let Some(out) = &mut self.ingest {
+                        out.restored(*id, Some(next_offset), c.outbox);
+                    }
                     let state = PartitionState { max_event_ns: c.max_event_ns, states: c.states, counters: c.counters, clocks: c.clocks };
                     pipeline.restore_partition(*id, Some(state))?;
                     tracing::info!(partition = %key, next_offset, "partition restored from its checkpoint");
                     next_offset
                 }
                 None => {
+                    if let Some(out) = &mut self.ingest {
+                        out.restored(*id, None, Vec::new());
+                    }
                     pipeline.restore_partition(*id, None)?;
                     tracing::info!(partition = %key, "partition has no checkpoint yet: starting at its committed offset, else its beginning");
                     0
@@ -154,6 +171,9 @@ impl KafkaDriver {
         for id in partitions {
             self.owned.remove(id);
             pipeline.release_partition(*id);
+            if let Some(out) = &mut self.ingest {
+                out.released(*id);
+            }
         }
         Ok(offsets)
     }
@@ -187,6 +207,16 @@ impl KafkaDriver {
         for id in ids {
             let Some(owned) = self.owned.get(id) else { continue };
             let results_len = (0..schemas.len()).map(|t| self.store.sync_results(t, &owned.key)).collect::<Result<Vec<_>, _>>()?;
+            // The ingest stage hands the span's states on (they leave the pipeline) through
+            // the outbox written with the checkpoint.
+            let outbox = match &mut self.ingest {
+                Some(out) => {
+                    let states = pipeline.take_partition_states(*id);
+                    let clocks = pipeline.partition_state(*id).clocks;
+                    out.cut(*id, &owned.key, owned.next_offset, &clocks, &states)?
+                }
+                None => Vec::new(),
+            };
             let state = pipeline.partition_state(*id);
             let ckpt = PartitionCheckpoint {
                 next_offset: owned.next_offset,
@@ -195,9 +225,17 @@ impl KafkaDriver {
                 states: state.states,
                 counters: state.counters,
                 clocks: state.clocks,
+                outbox,
             };
             self.store.save(&owned.key, &ckpt, &schemas)?;
             offsets.push((owned.key.clone(), owned.next_offset));
+        }
+        // The partials are in the checkpoints' outboxes: whoever restores a checkpoint sends
+        // them again, so a failed delivery is retried at the next checkpoint, never lost.
+        if let Some(out) = &mut self.ingest
+            && let Err(e) = out.deliver()
+        {
+            tracing::warn!("{e}");
         }
         Ok(offsets)
     }
@@ -239,6 +277,9 @@ impl KafkaDriver {
         if batch.messages.is_empty() {
             return Ok(());
         }
+        if let (Some(out), Some(first)) = (&mut self.ingest, batch.offsets.first()) {
+            out.starts_at(batch.partition, *first);
+        }
         let topic = self.owned.get(&batch.partition).map_or(batch.format.as_str(), |o| o.key.topic.as_str());
         let stats = pipeline.process(&batch, topic).await?;
         if let Some(owned) = self.owned.get_mut(&batch.partition) {
@@ -264,6 +305,9 @@ impl Driver for KafkaDriver {
     fn start(&mut self, pipeline: &mut Pipeline) {
         if self.ready.is_some() {
             pipeline.leave_readiness_to_the_driver();
+        }
+        if self.ingest.is_some() {
+            pipeline.hand_windows_on();
         }
     }
 

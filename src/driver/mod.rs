@@ -7,6 +7,7 @@
 //! - [`kafka::KafkaDriver`]: the Kafka consumer, which owns exactly-once (offsets, checkpoints,
 //!   results logs, dead letters). At shutdown open windows are checkpointed, not flushed.
 
+pub mod ingest;
 pub mod kafka;
 
 use std::future::Future;

@@ -19,6 +19,9 @@ mod backpressure;
 mod meetings;
 #[path = "kafka_ready.rs"]
 mod ready;
+/// The ingest stage of a scale-out.
+#[path = "kafka_scale_out.rs"]
+mod scale_out;
 
 use std::time::Duration;
 
