@@ -207,13 +207,14 @@ impl KafkaDriver {
         for id in ids {
             let Some(owned) = self.owned.get(id) else { continue };
             let results_len = (0..schemas.len()).map(|t| self.store.sync_results(t, &owned.key)).collect::<Result<Vec<_>, _>>()?;
-            // The ingest stage hands the span's states on (they leave the pipeline) through
-            // the outbox written with the checkpoint.
+            // The ingest stage hands the span's states on through the outbox written with the
+            // checkpoint; they leave the pipeline only once they are in it.
             let outbox = match &mut self.ingest {
                 Some(out) => {
-                    let states = pipeline.take_partition_states(*id);
-                    let clocks = pipeline.partition_state(*id).clocks;
-                    out.cut(*id, &owned.key, owned.next_offset, &clocks, &states)?
+                    let state = pipeline.partition_state(*id);
+                    let outbox = out.cut(*id, &owned.key, owned.next_offset, &state.clocks, &state.states)?;
+                    pipeline.take_partition_states(*id);
+                    outbox
                 }
                 None => Vec::new(),
             };
