@@ -284,7 +284,9 @@ impl Demo {
             .env("SITEFLOW_HISTORY__DIR", dir.join("history"))
             .env("SITEFLOW_HISTORY__FLUSH_INTERVAL_SECS", "2")
             .env("SITEFLOW_SQL__TOKEN", TOKEN)
-            .env("SITEFLOW_SQL__TIMEOUT_SECS", "5")
+            // Long enough that the memory limit below is always reached first, even in a debug
+            // build on a loaded machine; the timeout case then runs a query without an end.
+            .env("SITEFLOW_SQL__TIMEOUT_SECS", "30")
             .env("SITEFLOW_SQL__MEMORY_LIMIT_MB", "16")
             .env("NO_COLOR", "1")
             .stdout(std::process::Stdio::null())
@@ -401,7 +403,7 @@ fn history_survives_a_restart_without_duplicates_and_the_api_serves_every_format
     assert_eq!(status, 413, "{}", String::from_utf8_lossy(&body));
     assert!(error(status, &body, "memory_limit").contains("sql.memory_limit_mb"));
     let (status, _, body) =
-        demo.post("SELECT count(*) FROM range(2000000000) WHERE sqrt(CAST(value AS DOUBLE)) > 1", None, None, Some(TOKEN));
+        demo.post("SELECT count(*) FROM range(9000000000000000000) WHERE sqrt(CAST(value AS DOUBLE)) > 1", None, None, Some(TOKEN));
     assert_eq!(status, 408, "{}", String::from_utf8_lossy(&body));
     assert!(error(status, &body, "timeout").contains("sql.timeout_secs"));
     // After refused and failed queries, the service still serves.
