@@ -8,6 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
 use std::time::Duration;
 
@@ -21,7 +22,8 @@ use super::test_dir;
 use crate::kafka_support::*;
 
 const PARTITIONS: i32 = 4;
-const MESSAGES: i64 = 100;
+/// Enough that the slow consumer is still behind (so paused) through both rebalances.
+const MESSAGES: i64 = 1_000;
 
 /// What a consumer's "pipeline" saw: per partition the offsets delivered since its latest
 /// assignment, how many assignments and revocations, and how many revocations found the
@@ -55,9 +57,13 @@ fn config(broker: &Broker) -> KafkaConfig {
     c
 }
 
-/// Starts a consumer and a thread that takes one event every `pace` (answering revocations at
-/// once, committing nothing), recording what it sees.
-fn consumer(broker: &Broker, dir: &std::path::Path, pace: Duration) -> (KafkaSource, Arc<PipelineMetrics>, Shared, thread::JoinHandle<()>) {
+/// Starts a consumer and a thread that takes one batch event every `pace_ms` milliseconds
+/// (answering revocations at once, committing nothing), recording what it sees.
+fn consumer(
+    broker: &Broker,
+    dir: &std::path::Path,
+    pace_ms: Arc<AtomicU64>,
+) -> (KafkaSource, Arc<PipelineMetrics>, Shared, thread::JoinHandle<()>) {
     let metrics = metrics();
     let store = CheckpointStore::open(dir, vec!["flows".into()]).unwrap();
     let (source, mut events) = KafkaSource::start(&config(broker), store, metrics.clone()).unwrap();
@@ -87,12 +93,25 @@ fn consumer(broker: &Broker, dir: &std::path::Path, pace: Duration) -> (KafkaSou
                         s.offsets.entry(b.partition).or_default().extend(b.offsets);
                     }
                     drop(s);
-                    thread::sleep(pace);
+                    thread::sleep(Duration::from_millis(pace_ms.load(Ordering::Relaxed)));
                 }
             }
         }
     });
     (source, metrics, seen, pipeline)
+}
+
+/// A short account of what a consumer saw (for failure messages).
+fn summary(seen: &Shared) -> String {
+    let s = seen.lock().unwrap();
+    let counts: Vec<String> = s.offsets.iter().map(|(p, o)| format!("{p}: {}", o.len())).collect();
+    format!(
+        "owns {:?}, offsets per partition since its assignment {{{}}}, {} assignments, {} revocations while paused",
+        s.owned,
+        counts.join(", "),
+        s.assignments,
+        s.revoked_while_paused
+    )
 }
 
 /// Offsets seen of the owned partitions.
@@ -114,31 +133,33 @@ fn a_consumer_paused_for_back_pressure_fetches_again_after_every_rebalance() {
     }
     flush(&producer);
 
-    let pace = Duration::from_millis(100);
-    let (b, b_metrics, b_seen, b_pipeline) = consumer(&broker, &dir.path().join("b"), pace);
-    let alone = wait_until(Duration::from_secs(60), || b_seen.lock().unwrap().owned.len() == PARTITIONS as usize);
-    assert!(alone, "b was not assigned the {PARTITIONS} partitions: {:?}", b_seen.lock().unwrap());
+    let b_pace = Arc::new(AtomicU64::new(100));
+    let (b, b_metrics, b_seen, b_pipeline) = consumer(&broker, &dir.path().join("b"), b_pace.clone());
+    let alone = wait_until(Duration::from_secs(120), || b_seen.lock().unwrap().owned.len() == PARTITIONS as usize);
+    assert!(alone, "b was not assigned the {PARTITIONS} partitions: {}", summary(&b_seen));
     let paused = wait_until(Duration::from_secs(60), || b_metrics.kafka.paused.get() == 1);
     assert!(paused, "b never paused for back-pressure");
 
     // A second member joins (b's partitions are revoked while paused and half come back)...
-    let (a, _, a_seen, a_pipeline) = consumer(&broker, &dir.path().join("a"), Duration::ZERO);
-    let split = wait_until(Duration::from_secs(60), || {
+    let (a, _, a_seen, a_pipeline) = consumer(&broker, &dir.path().join("a"), Arc::new(AtomicU64::new(0)));
+    let split = wait_until(Duration::from_secs(120), || {
         let (sa, sb) = (a_seen.lock().unwrap().owned.len(), b_seen.lock().unwrap().owned.len());
         sa > 0 && sb > 0 && sa + sb == PARTITIONS as usize
     });
-    assert!(split, "a and b did not split the partitions:\na: {:?}\nb: {:?}", a_seen.lock().unwrap(), b_seen.lock().unwrap());
+    assert!(split, "a and b did not split the partitions:\na: {}\nb: {}", summary(&a_seen), summary(&b_seen));
     // ... b reads again from the partitions it kept ...
     let before = delivered(&b_seen);
     let reading = wait_until(Duration::from_secs(60), || delivered(&b_seen) > before);
-    assert!(reading, "b stopped fetching after the first rebalance: {:?}", b_seen.lock().unwrap());
+    assert!(reading, "b stopped fetching after the first rebalance: {}", summary(&b_seen));
     // ... and it leaves again while b is paused: b owns all four partitions again.
     let paused = wait_until(Duration::from_secs(60), || b_metrics.kafka.paused.get() == 1);
     assert!(paused, "b did not pause for back-pressure after the first rebalance");
     a.stop(&[]);
     a_pipeline.join().unwrap();
-    let took_over = wait_until(Duration::from_secs(60), || b_seen.lock().unwrap().owned.len() == PARTITIONS as usize);
-    assert!(took_over, "b did not take all partitions back: {:?}", b_seen.lock().unwrap());
+    let took_over = wait_until(Duration::from_secs(120), || b_seen.lock().unwrap().owned.len() == PARTITIONS as usize);
+    assert!(took_over, "b did not take all partitions back: {}", summary(&b_seen));
+    // From here on b reads as fast as it can: the partitions it had paused must all fetch.
+    b_pace.store(0, Ordering::Relaxed);
 
     // Nothing was committed: after its last assignment each partition delivers every message.
     let all = (PARTITIONS * MESSAGES as i32) as usize;
@@ -147,7 +168,7 @@ fn a_consumer_paused_for_back_pressure_fetches_again_after_every_rebalance() {
         let s = b_seen.lock().unwrap();
         let missing: Vec<String> =
             s.owned.iter().map(|p| format!("partition {p}: {} of {MESSAGES}", s.offsets.get(p).map_or(0, BTreeSet::len))).collect();
-        assert!(done, "b stalled after the takeover ({}); it saw {s:?}", missing.join(", "));
+        assert!(done, "b stalled after the takeover ({})", missing.join(", "));
         for p in &s.owned {
             assert_eq!(s.offsets[p], (0..MESSAGES).collect::<BTreeSet<i64>>(), "partition {p}: every offset once");
         }

@@ -211,7 +211,12 @@ fn hostile_sql_gets_typed_errors_and_the_service_goes_on() {
             "invalid_query",
             "ecursive",
         ),
-        ("SELECT count(*) FROM range(9000000000000000000) WHERE sqrt(CAST(value AS DOUBLE)) > 1".into(), 408, "timeout", "sql.timeout_secs"),
+        (
+            "SELECT count(*) FROM range(9000000000000000000) WHERE sqrt(CAST(value AS DOUBLE)) > 1".into(),
+            408,
+            "timeout",
+            "sql.timeout_secs",
+        ),
     ];
     for (sql, status, kind, word) in &cases {
         let started = Instant::now();
