@@ -22,7 +22,9 @@ use super::test_dir;
 use crate::kafka_support::*;
 
 const PARTITIONS: i32 = 4;
-/// Enough that the slow consumer is still behind (so paused) through both rebalances.
+/// Enough that the slow consumer is still behind (so paused) through both rebalances. (With
+/// 100, the code before the fix stalls here, but the fixed code sometimes drains its backlog
+/// before the second pause check; with 1,000 both pass: the test does not yet tell them apart.)
 const MESSAGES: i64 = 1_000;
 
 /// What a consumer's "pipeline" saw: per partition the offsets delivered since its latest
