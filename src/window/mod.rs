@@ -128,6 +128,37 @@ struct WindowedTable {
     results_log: bool,
 }
 
+impl WindowedTable {
+    /// Files a partition's partial states under their open windows. A window open long (a
+    /// large lateness) collects a state per micro-batch: once crowded, its states are merged per
+    /// partition, so memory follows the groups, not the batches.
+    async fn file_open_states(&mut self, partition: PartitionId, states: Vec<RecordBatch>) -> Result<(), DataFusionError> {
+        let window_col = self.aggregate.state_window_column();
+        let mut crowded = Vec::new();
+        for state in states {
+            for (start, rows) in split_by_window(&state, window_col)? {
+                let open = self.open.entry(start).or_default();
+                open.push((partition, rows));
+                if open.len() == COMPACT_OPEN_STATES {
+                    crowded.push(start);
+                }
+            }
+        }
+        for start in crowded {
+            let mut by_partition: BTreeMap<PartitionId, Vec<RecordBatch>> = BTreeMap::new();
+            for (p, b) in self.open.remove(&start).unwrap_or_default() {
+                by_partition.entry(p).or_default().push(b);
+            }
+            let mut merged = Vec::with_capacity(by_partition.len());
+            for (p, batches) in by_partition {
+                merged.extend(self.aggregate.reduce(batches).await?.into_iter().map(|b| (p, b)));
+            }
+            self.open.insert(start, merged);
+        }
+        Ok(())
+    }
+}
+
 /// What closing a window means for its outputs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum CloseKind {
@@ -347,41 +378,10 @@ impl WindowOperator {
             let on_time = BooleanArray::from_iter(assignment.late.iter().map(|late| Some(!late)));
             input = filter_record_batch(&input, &on_time)?;
         }
-        let window_col = t.aggregate.state_window_column();
         outcome.on_time = Some(input.clone());
-        let mut crowded = Vec::new();
-        for state in t.aggregate.partial(input).await? {
-            for (start, rows) in split_by_window(&state, window_col)? {
-                let states = t.open.entry(start).or_default();
-                states.push((partition, rows));
-                if states.len() == COMPACT_OPEN_STATES {
-                    crowded.push(start);
-                }
-            }
-        }
-        // A window open long (a large lateness) collects a state per micro-batch: merge them per
-        // partition, so memory follows the groups, not the batches.
-        for start in crowded {
-            let states = t.open.remove(&start).unwrap_or_default();
-            t.open.insert(start, Self::compact_per_partition(&t.aggregate, states).await?);
-        }
+        let states = t.aggregate.partial(input).await?;
+        t.file_open_states(partition, states).await?;
         Ok(outcome)
-    }
-
-    /// Merges a window's states into one per partition.
-    async fn compact_per_partition(
-        aggregate: &SplitAggregate,
-        states: Vec<(PartitionId, RecordBatch)>,
-    ) -> Result<Vec<(PartitionId, RecordBatch)>, DataFusionError> {
-        let mut by_partition: BTreeMap<PartitionId, Vec<RecordBatch>> = BTreeMap::new();
-        for (p, b) in states {
-            by_partition.entry(p).or_default().push(b);
-        }
-        let mut merged = Vec::with_capacity(by_partition.len());
-        for (p, batches) in by_partition {
-            merged.extend(aggregate.reduce(batches).await?.into_iter().map(|b| (p, b)));
-        }
-        Ok(merged)
     }
 
     /// Lets idle and lagging clocks stop holding the watermark back (call on a timer).
@@ -558,21 +558,7 @@ impl WindowOperator {
         now: Instant,
     ) -> Result<(), DataFusionError> {
         for (t, batches) in self.tables.iter_mut().zip(states) {
-            let window_col = t.aggregate.state_window_column();
-            let mut crowded = Vec::new();
-            for batch in batches {
-                for (start, rows) in split_by_window(&batch, window_col)? {
-                    let open = t.open.entry(start).or_default();
-                    open.push((partition, rows));
-                    if open.len() == COMPACT_OPEN_STATES {
-                        crowded.push(start);
-                    }
-                }
-            }
-            for start in crowded {
-                let states = t.open.remove(&start).unwrap_or_default();
-                t.open.insert(start, Self::compact_per_partition(&t.aggregate, states).await?);
-            }
+            t.file_open_states(partition, batches).await?;
         }
         self.watermarks.advance_to(partition, clocks, now);
         Ok(())
