@@ -16,6 +16,7 @@ use crate::config::{Config, SourceKind, Stage, resolve};
 use crate::dead_letter::{DeadLetterError, DeadLetters};
 use crate::driver::ingest::IngestOutput;
 use crate::driver::kafka::KafkaDriver;
+use crate::driver::site::SiteDriver;
 use crate::history::{History, HistoryError, HistoryOptions, HistorySink};
 use crate::http::AppState;
 use crate::meetings_topic::{MeetingsTopic, MeetingsTopicError};
@@ -52,6 +53,9 @@ pub enum AppError {
     MeetingsTopic(#[from] MeetingsTopicError),
     #[error(transparent)]
     HandOff(#[from] crate::shuffle::IngestError),
+    /// The site stage cannot start (its message names the topic).
+    #[error("{0}")]
+    ScaleOut(String),
 }
 
 /// The source a configuration names, ready to start.
@@ -150,6 +154,31 @@ impl App {
         let task = match source {
             SourcePlan::Simulator(sim) => tokio::spawn(crate::driver::run_source(*sim, pipeline, shutdown)),
             SourcePlan::Files(files) => tokio::spawn(crate::driver::run_source(files, pipeline, shutdown)),
+            SourcePlan::Kafka { store, checkpoints, .. } if config.scale_out.stage == Stage::Site => {
+                let kafka = config.site_stage_kafka();
+                let (consumer, events) = KafkaSource::start(&kafka, store.clone(), state.metrics.clone())?;
+                tracing::info!(
+                    brokers = %kafka.brokers,
+                    group = %kafka.group_id,
+                    topic = %config.scale_out.topic,
+                    checkpoints = %checkpoints.display(),
+                    "site stage: consuming the internal topic"
+                );
+                let interval = Duration::from_secs(config.checkpoint.interval_secs);
+                let driver = SiteDriver::new(
+                    consumer,
+                    events,
+                    store,
+                    pipeline.state_schemas(),
+                    &config.kafka,
+                    &config.scale_out.topic,
+                    interval,
+                    state.metrics.clone(),
+                )
+                .map_err(AppError::ScaleOut)?
+                .readiness(state.ready.clone(), config.kafka.ready_lag);
+                tokio::spawn(crate::driver::run(driver, pipeline, shutdown))
+            }
             SourcePlan::Kafka { store, dead_letters, checkpoints } => {
                 let (consumer, events) = KafkaSource::start(&config.kafka, store.clone(), state.metrics.clone())?;
                 tracing::info!(

@@ -73,6 +73,12 @@ struct Header {
     /// The internal partition of each message in the outbox (after the states).
     #[serde(default)]
     outbox: Vec<i32>,
+    /// The site stage: which spans of each source partition were merged.
+    #[serde(default)]
+    ledger: Option<crate::shuffle::Ledger>,
+    /// The site stage: how many encoded partials of open states follow the outbox.
+    #[serde(default)]
+    sources: usize,
 }
 
 /// One partition's saved state.
@@ -93,6 +99,16 @@ pub struct PartitionCheckpoint {
     /// partition, the encoded partial) written with the checkpoint and produced after it, so
     /// that a crash after the checkpoint sends them again, unchanged (docs/scale-out.md).
     pub outbox: Vec<(i32, Vec<u8>)>,
+    /// The site stage of a scale-out, for one internal partition: the ledger of the spans
+    /// merged, and per source partition its open states and clocks as an encoded partial.
+    pub site_stage: Option<SiteStageState>,
+}
+
+/// What a site-stage checkpoint of one internal partition adds (docs/scale-out.md).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SiteStageState {
+    pub ledger: crate::shuffle::Ledger,
+    pub sources: Vec<Vec<u8>>,
 }
 
 /// The checkpoint directory.
@@ -192,6 +208,20 @@ impl CheckpointStore {
             at += 8 + len;
             outbox.push((partition, message.to_vec()));
         }
+        let site_stage = match header.ledger {
+            None => None,
+            Some(ledger) => {
+                let mut sources = Vec::with_capacity(header.sources);
+                for _ in 0..header.sources {
+                    let len_bytes = rest.get(at..at + 8).ok_or_else(|| err(&path, "truncated sources"))?;
+                    let len = u64::from_le_bytes(len_bytes.try_into().expect("8 bytes")) as usize;
+                    let source = rest.get(at + 8..at + 8 + len).ok_or_else(|| err(&path, "truncated sources"))?;
+                    at += 8 + len;
+                    sources.push(source.to_vec());
+                }
+                Some(SiteStageState { ledger, sources })
+            }
+        };
         let results_len = self.tables.iter().map(|t| header.results_len.get(t).copied().unwrap_or(0)).collect();
         Ok(Some(PartitionCheckpoint {
             next_offset: header.next_offset,
@@ -201,6 +231,7 @@ impl CheckpointStore {
             counters: header.counters,
             clocks: header.clocks.iter().filter_map(|(e, t)| e.parse::<std::net::Ipv6Addr>().ok().map(|a| (u128::from(a), *t))).collect(),
             outbox,
+            site_stage,
         }))
     }
 
@@ -218,6 +249,8 @@ impl CheckpointStore {
             counters: ckpt.counters.clone(),
             clocks: ckpt.clocks.iter().map(|(e, t)| (std::net::Ipv6Addr::from(*e).to_string(), *t)).collect(),
             outbox: ckpt.outbox.iter().map(|(p, _)| *p).collect(),
+            ledger: ckpt.site_stage.as_ref().map(|s| s.ledger.clone()),
+            sources: ckpt.site_stage.as_ref().map_or(0, |s| s.sources.len()),
         };
         let header = serde_json::to_vec(&header).expect("header serialises");
         let mut bytes = Vec::with_capacity(4096);
@@ -236,7 +269,8 @@ impl CheckpointStore {
             bytes.extend_from_slice(&(ipc.len() as u64).to_le_bytes());
             bytes.extend_from_slice(&ipc);
         }
-        for (_, message) in &ckpt.outbox {
+        let sources = ckpt.site_stage.iter().flat_map(|s| &s.sources);
+        for message in ckpt.outbox.iter().map(|(_, m)| m).chain(sources) {
             bytes.extend_from_slice(&(message.len() as u64).to_le_bytes());
             bytes.extend_from_slice(message);
         }
@@ -323,6 +357,7 @@ mod tests {
             counters,
             clocks: vec![(0xac10_0215, 7), (0, 5)],
             outbox: vec![(2, b"partial for 2".to_vec()), (0, Vec::new())],
+            site_stage: Some(SiteStageState { ledger: crate::shuffle::Ledger::default(), sources: vec![b"open states".to_vec(), vec![]] }),
         };
         store.save(&key, &ckpt, &[batch(1).schema()]).unwrap();
         let len2 = store.append_results(0, &key, &batch(20)).unwrap();
@@ -333,6 +368,7 @@ mod tests {
         assert_eq!(back.counters, ckpt.counters);
         assert_eq!(back.clocks, ckpt.clocks);
         assert_eq!(back.outbox, ckpt.outbox);
+        assert_eq!(back.site_stage, ckpt.site_stage);
         assert_eq!(store.next_offset(&key).unwrap(), Some(42));
         store.truncate_results(0, &key, back.results_len[0]).unwrap();
         let text = fs::read_to_string(store.results_path(0, &key)).unwrap();

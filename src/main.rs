@@ -235,9 +235,10 @@ struct RunArgs {
     #[arg(long, value_name = "ADDR")]
     listen: Option<SocketAddr>,
     /// Which part of a scale-out to run (overrides scale_out.stage): `all` (everything in this
-    /// process) or `ingest` (decode, enrich, aggregate partially and hand the partial aggregates
-    /// to scale_out.topic; docs/scale-out.md).
-    #[arg(long, value_name = "STAGE", value_parser = ["all", "ingest"])]
+    /// process), `ingest` (decode, enrich, aggregate partially and hand the partial aggregates
+    /// to scale_out.topic) or `site` (merge them for the sites of the internal partitions the
+    /// group assigns; judge, export, answer SQL for those sites). See docs/scale-out.md.
+    #[arg(long, value_name = "STAGE", value_parser = ["all", "ingest", "site"])]
     stage: Option<String>,
 }
 

@@ -396,6 +396,23 @@ impl PipelineMetrics {
         }
     }
 
+    /// Exports `siteflow_scale_out_partials_total` (the site stage of a scale-out only).
+    pub fn register_partials(&self) -> IntCounterVec {
+        let counter = IntCounterVec::new(
+            prometheus::Opts::new(
+                "siteflow_scale_out_partials_total",
+                "Messages of the internal topic read by the site stage, by outcome: merged, duplicate (a replay, dropped), overlap (cannot be merged exactly, dropped), malformed (skipped).",
+            ),
+            &["outcome"],
+        )
+        .expect("valid metric");
+        let counter = register(&self.registry, counter);
+        for outcome in ["merged", "duplicate", "overlap", "malformed"] {
+            counter.with_label_values(&[outcome]);
+        }
+        counter
+    }
+
     /// Exports `siteflow_meetings_topic_rejected_total` (with `kafka.meetings_topic` only).
     pub fn register_meetings_topic_rejected(&self) -> prometheus::IntCounter {
         let counter = prometheus::IntCounter::new(

@@ -26,7 +26,7 @@ use crate::readiness::{Meeting, Policy, PolicyError, ReadinessEngine, SharedRead
 use crate::sink::WindowSink;
 use crate::sink::readiness::ReadinessSink;
 use crate::sql::RecentFlows;
-use crate::table::{Input, TABLES, TableDef};
+use crate::table::{Input, ReadinessFeed, TABLES, TableDef};
 use crate::types::{Format, PartitionId, SourceBatch, unix_now_ns};
 use crate::window::{Closed, ClosedWindow, Contribution, ExporterKey, TableId, WindowOperator, WindowSpec};
 
@@ -230,6 +230,9 @@ pub struct Pipeline {
     /// The ingest stage of a scale-out: windows are not closed here; their partial states are
     /// taken at each checkpoint and handed on (see [`Pipeline::hand_windows_on`]).
     hand_on: bool,
+    /// The ingest stage: per partition, the on-time records readiness reads one by one, handed
+    /// on with the partition's states.
+    handed_records: std::collections::HashMap<PartitionId, Vec<RecordBatch>>,
 }
 
 /// How long to wait before warning again about a source whose records are still rejected.
@@ -289,6 +292,7 @@ impl Pipeline {
             ),
             status: crate::notices::StatusLog::new(Duration::from_secs(config.log.status_interval_secs), Instant::now()),
             hand_on: false,
+            handed_records: Default::default(),
         })
     }
 
@@ -344,6 +348,7 @@ impl Pipeline {
 
     /// Takes `partition` over: from its saved state, or from nothing.
     pub fn restore_partition(&mut self, partition: PartitionId, state: Option<PartitionState>) -> Result<(), PipelineError> {
+        self.handed_records.remove(&partition);
         let state = state.unwrap_or_else(|| PartitionState { states: vec![Vec::new(); self.windows.table_count()], ..Default::default() });
         self.windows.restore_partition(partition, state.max_event_ns, &state.clocks, state.states, Instant::now())?;
         self.counter_rates.restore_partition(partition, &state.counters);
@@ -352,6 +357,7 @@ impl Pipeline {
 
     /// Lets `partition` go (after its state was saved): its open windows and baselines are dropped.
     pub fn release_partition(&mut self, partition: PartitionId) {
+        self.handed_records.remove(&partition);
         self.windows.release_partition(partition);
         self.counter_rates.release_partition(partition);
     }
@@ -367,6 +373,38 @@ impl Pipeline {
     /// Takes a partition's open partial states, per table (the ingest stage's span).
     pub fn take_partition_states(&mut self, partition: PartitionId) -> Vec<Vec<RecordBatch>> {
         self.windows.take_partition_states(partition)
+    }
+
+    /// Takes a partition's on-time records that readiness reads one by one (the ingest stage
+    /// hands them on with the partition's states).
+    pub fn take_partition_records(&mut self, partition: PartitionId) -> Vec<RecordBatch> {
+        self.handed_records.remove(&partition).unwrap_or_default()
+    }
+
+    /// The site stage of a scale-out: merges what an ingest stage made of one source
+    /// partition's span (`partition` is this stage's id for that source on one internal
+    /// partition), then publishes what that closes. Readiness reads the span's on-time records
+    /// before the clocks move, as it would have read them before the window closed.
+    pub async fn merge_partial(
+        &mut self,
+        partition: PartitionId,
+        clocks: &[(ExporterKey, i64)],
+        states: Vec<Vec<RecordBatch>>,
+        records: &[RecordBatch],
+        now: Instant,
+    ) -> Result<(), PipelineError> {
+        if let Some(table) = self.tables.iter().copied().find(|t| t.readiness == ReadinessFeed::OnTimeRecords) {
+            for rows in records {
+                self.readiness.on_records(table, rows);
+                for sink in &mut self.sinks {
+                    sink.on_records(table, rows);
+                }
+            }
+        }
+        self.windows.merge_partition_states(partition, clocks, states, now).await?;
+        let closed = self.windows.close_ready(now).await?;
+        self.publish(closed, false);
+        Ok(())
     }
 
     /// The first window published no longer sets `ready`: the driver knows better (the Kafka
@@ -497,6 +535,12 @@ impl Pipeline {
                 self.metrics.records_late.with_label_values(&[table.name]).inc_by(outcome.late);
             }
             if let Some(on_time) = &outcome.on_time {
+                if self.hand_on {
+                    if table.readiness == ReadinessFeed::OnTimeRecords {
+                        self.handed_records.entry(batch.partition).or_default().push(on_time.clone());
+                    }
+                    continue;
+                }
                 self.readiness.on_records(table, on_time);
                 for sink in &mut self.sinks {
                     sink.on_records(table, on_time);

@@ -55,6 +55,9 @@ pub struct Partial {
     pub clocks: Vec<(ExporterKey, i64)>,
     /// Per table (registry order), the state rows of the sites routed to this partition.
     pub states: Vec<Vec<RecordBatch>>,
+    /// The span's on-time records that readiness reads one by one (probe results), of the
+    /// sites routed to this partition: the site stage judges them as one instance would.
+    pub records: Vec<RecordBatch>,
     /// A span too large for one message is cut into `parts` messages, sent in order.
     pub part: u32,
     pub parts: u32,
@@ -71,6 +74,9 @@ struct Header {
     tables: usize,
     part: u32,
     parts: u32,
+    /// Whether an Arrow IPC stream of on-time records follows the tables.
+    #[serde(default)]
+    records: bool,
 }
 
 impl Partial {
@@ -86,6 +92,7 @@ impl Partial {
             tables: self.states.len(),
             part: self.part,
             parts: self.parts,
+            records: !self.records.is_empty(),
         };
         let mut out = serde_json::to_vec(&header).expect("a header serialises");
         out.push(b'\n');
@@ -94,6 +101,19 @@ impl Partial {
             let arrow = |source| ShuffleError::Arrow { table, source };
             let mut writer = StreamWriter::try_new(&mut ipc, schema).map_err(arrow)?;
             for b in batches.iter().filter(|b| b.num_rows() > 0) {
+                writer.write(b).map_err(arrow)?;
+            }
+            writer.finish().map_err(arrow)?;
+            drop(writer);
+            out.extend_from_slice(&(ipc.len() as u64).to_le_bytes());
+            out.extend_from_slice(&ipc);
+        }
+        if let Some(first) = self.records.first() {
+            let table = schemas.len();
+            let arrow = |source| ShuffleError::Arrow { table, source };
+            let mut ipc = Vec::new();
+            let mut writer = StreamWriter::try_new(&mut ipc, &first.schema()).map_err(arrow)?;
+            for b in &self.records {
                 writer.write(b).map_err(arrow)?;
             }
             writer.finish().map_err(arrow)?;
@@ -131,6 +151,16 @@ impl Partial {
             states.push(reader.collect::<Result<Vec<_>, _>>().map_err(arrow)?);
             rest = tail;
         }
+        let mut records = Vec::new();
+        if header.records {
+            let table = schemas.len();
+            let (len, tail) = rest.split_at_checked(8).ok_or_else(|| malformed("records: truncated".into()))?;
+            let len = u64::from_le_bytes(len.try_into().expect("8 bytes")) as usize;
+            let (ipc, tail) = tail.split_at_checked(len).ok_or_else(|| malformed("records: truncated".into()))?;
+            let arrow = |source| ShuffleError::Arrow { table, source };
+            records = StreamReader::try_new(ipc, None).map_err(arrow)?.collect::<Result<Vec<_>, _>>().map_err(arrow)?;
+            rest = tail;
+        }
         if !rest.is_empty() {
             return Err(malformed(format!("{} bytes after the last table", rest.len())));
         }
@@ -138,7 +168,7 @@ impl Partial {
         if header.parts == 0 || header.part >= header.parts {
             return Err(malformed(format!("part {} of {}", header.part, header.parts)));
         }
-        Ok(Self { source, from_offset: header.from, to_offset: header.to, clocks, states, part: header.part, parts: header.parts })
+        Ok(Self { source, from_offset: header.from, to_offset: header.to, clocks, states, records, part: header.part, parts: header.parts })
     }
 
     /// Encodes the partial in as many parts as it takes for each message to stay under
@@ -157,11 +187,18 @@ impl Partial {
         }
     }
 
-    /// The partial cut into `parts` pieces of about the same number of rows.
+    /// The partial cut into `parts` pieces of about the same number of state rows (the on-time
+    /// records, few, go with the first).
     fn cut_rows(&self, parts: u32) -> Vec<Partial> {
         let n = parts.max(1) as usize;
         let mut pieces: Vec<Partial> = (0..n)
-            .map(|i| Partial { states: vec![Vec::new(); self.states.len()], part: i as u32, parts: n as u32, ..self.clone() })
+            .map(|i| Partial {
+                states: vec![Vec::new(); self.states.len()],
+                records: if i == 0 { self.records.clone() } else { Vec::new() },
+                part: i as u32,
+                parts: n as u32,
+                ..self.clone()
+            })
             .collect();
         let rows: Vec<(usize, &RecordBatch)> = self.states.iter().enumerate().flat_map(|(t, bs)| bs.iter().map(move |b| (t, b))).collect();
         let total: usize = rows.iter().map(|(_, b)| b.num_rows()).sum();
@@ -192,17 +229,35 @@ pub fn partition_of(site: &str, partitions: u32) -> u32 {
     (h % u64::from(partitions.max(1))) as u32
 }
 
-/// Cuts one span's states by site into one partial per internal partition (every partition
-/// gets one, empty or not: it carries the source's clocks). `site_columns[t]` is the index of
-/// table `t`'s `site` column in its state rows.
-pub fn route(
-    source: &PartitionKey,
-    span: (i64, i64),
-    clocks: &[(ExporterKey, i64)],
-    states: &[Vec<RecordBatch>],
-    site_columns: &[usize],
-    partitions: u32,
-) -> Result<Vec<Partial>, ArrowError> {
+/// What one span of one source partition produced: its clocks after the span, its open states
+/// per table, and its on-time records that readiness reads one by one.
+pub struct Span<'a> {
+    pub source: &'a PartitionKey,
+    pub offsets: (i64, i64),
+    pub clocks: &'a [(ExporterKey, i64)],
+    pub states: &'a [Vec<RecordBatch>],
+    pub records: &'a [RecordBatch],
+}
+
+/// The partition of each row of `batch`, by its `site` column (at `column`).
+fn targets(batch: &RecordBatch, column: usize, partitions: u32) -> Result<Vec<u32>, ArrowError> {
+    let sites = cast(batch.column(column), &DataType::Utf8)?;
+    let sites = sites.as_string::<i32>();
+    Ok((0..sites.len()).map(|i| partition_of(if sites.is_null(i) { "" } else { sites.value(i) }, partitions)).collect())
+}
+
+/// The rows of `batch` whose target is `q`, if any.
+fn rows_for(batch: &RecordBatch, targets: &[u32], q: usize) -> Result<Option<RecordBatch>, ArrowError> {
+    let mask = BooleanArray::from_iter(targets.iter().map(|&t| Some(t as usize == q)));
+    let rows = filter_record_batch(batch, &mask)?;
+    Ok((rows.num_rows() > 0).then_some(rows))
+}
+
+/// Cuts one span by site into one partial per internal partition (every partition gets one,
+/// empty or not: it carries the source's clocks). `site_columns[t]` is the index of table `t`'s
+/// `site` column in its state rows.
+pub fn route(span: &Span<'_>, site_columns: &[usize], partitions: u32) -> Result<Vec<Partial>, ArrowError> {
+    let Span { source, offsets: span, clocks, states, records } = *span;
     let n = partitions.max(1) as usize;
     let mut out: Vec<Partial> = (0..n)
         .map(|_| Partial {
@@ -211,23 +266,24 @@ pub fn route(
             to_offset: span.1,
             clocks: clocks.to_vec(),
             states: vec![Vec::new(); states.len()],
+            records: Vec::new(),
             part: 0,
             parts: 1,
         })
         .collect();
     for (table, batches) in states.iter().enumerate() {
         for batch in batches.iter().filter(|b| b.num_rows() > 0) {
-            let sites = cast(batch.column(site_columns[table]), &DataType::Utf8)?;
-            let sites = sites.as_string::<i32>();
-            let targets: Vec<u32> =
-                (0..sites.len()).map(|i| partition_of(if sites.is_null(i) { "" } else { sites.value(i) }, partitions)).collect();
+            let targets = targets(batch, site_columns[table], partitions)?;
             for (q, partial) in out.iter_mut().enumerate() {
-                let mask = BooleanArray::from_iter(targets.iter().map(|&t| Some(t as usize == q)));
-                let rows = filter_record_batch(batch, &mask)?;
-                if rows.num_rows() > 0 {
-                    partial.states[table].push(rows);
-                }
+                partial.states[table].extend(rows_for(batch, &targets, q)?);
             }
+        }
+    }
+    for batch in records.iter().filter(|b| b.num_rows() > 0) {
+        let column = batch.schema().index_of("site")?;
+        let targets = targets(batch, column, partitions)?;
+        for (q, partial) in out.iter_mut().enumerate() {
+            partial.records.extend(rows_for(batch, &targets, q)?);
         }
     }
     Ok(out)
@@ -412,7 +468,8 @@ mod tests {
             let from = offsets[*p as usize];
             offsets[*p as usize] += records.len() as i64;
             let source = PartitionKey { topic: "flows".into(), partition: *p as i32 };
-            let partials = route(&source, (from, offsets[*p as usize]), &clocks, &states, &site_cols, sites).unwrap();
+            let span = Span { source: &source, offsets: (from, offsets[*p as usize]), clocks: &clocks, states: &states, records: &[] };
+            let partials = route(&span, &site_cols, sites).unwrap();
             for (q, partial) in partials.iter().enumerate() {
                 // Small messages: spans go in several parts.
                 let messages = partial.encode_parts(&schemas, 2_000).unwrap();
@@ -480,6 +537,7 @@ mod tests {
             to_offset: 12,
             clocks: vec![(u128::MAX, 15 * S), (1, 5 * S)],
             states: op.take_partition_states(0),
+            records: vec![batch(&[(7 * S, 1, 2, 3)])],
             part: 0,
             parts: 1,
         };
@@ -503,6 +561,7 @@ mod tests {
             to_offset: to,
             clocks: vec![],
             states: vec![],
+            records: vec![],
             part: 0,
             parts: 1,
         };

@@ -278,6 +278,9 @@ pub enum Stage {
     /// Decode, enrich and aggregate each window partially; hand the partial aggregates to
     /// `scale_out.topic`, cut by site, exactly once. Needs `source.kind: kafka`.
     Ingest,
+    /// Merge the partial aggregates of `scale_out.topic` for the sites of the internal
+    /// partitions this instance is assigned; judge, export and answer SQL for those sites.
+    Site,
 }
 
 impl Stage {
@@ -285,16 +288,18 @@ impl Stage {
         match text {
             "all" => Some(Self::All),
             "ingest" => Some(Self::Ingest),
+            "site" => Some(Self::Site),
             _ => None,
         }
     }
 }
 
-/// Scale-out in two stages through Kafka (in progress: the ingest stage; docs/scale-out.md).
+/// Scale-out in two stages through Kafka (docs/scale-out.md).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ScaleOutConfig {
-    /// `all` (default): one process does everything; `ingest`: the first stage only.
+    /// `all` (default): one process does everything; `ingest`: the first stage only; `site`:
+    /// the second stage only.
     pub stage: Stage,
     /// The internal topic between the stages; its partitions split the sites.
     pub topic: String,
@@ -790,9 +795,10 @@ impl Config {
                 );
             }
         }
-        if self.scale_out.stage == Stage::Ingest {
+        if let stage @ (Stage::Ingest | Stage::Site) = self.scale_out.stage {
             if self.source.kind != SourceKind::Kafka {
-                return invalid("scale_out.stage", "ingest reads Kafka: set source.kind: kafka".into());
+                let name = if stage == Stage::Ingest { "ingest" } else { "site" };
+                return invalid("scale_out.stage", format!("{name} reads Kafka: set source.kind: kafka"));
             }
             if self.scale_out.topic.trim().is_empty() || self.kafka.topics.iter().any(|t| t.name == self.scale_out.topic) {
                 return invalid("scale_out.topic", format!("{:?}: name a topic of its own (not an input)", self.scale_out.topic));
@@ -911,6 +917,21 @@ impl Config {
 
     pub fn window_size(&self) -> Duration {
         Duration::from_secs(self.window.size_secs)
+    }
+
+    /// The site stage's consumer: the internal topic, in a group of its own (`<group_id>.site`).
+    pub fn site_stage_kafka(&self) -> KafkaConfig {
+        KafkaConfig {
+            group_id: format!("{}.site", self.kafka.group_id),
+            // The consumer only batches the messages; the site stage decodes partials itself.
+            topics: vec![TopicConfig {
+                name: self.scale_out.topic.clone(),
+                format: crate::types::Format::Goflow2Json,
+                event_time: Default::default(),
+            }],
+            dead_letter_topic: None,
+            ..self.kafka.clone()
+        }
     }
 
     /// The window stage's timing, from `window.*`.

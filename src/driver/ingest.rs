@@ -19,7 +19,7 @@ use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, T
 
 use crate::checkpoint::PartitionKey;
 use crate::config::KafkaConfig;
-use crate::shuffle::{IngestError, route, site_columns};
+use crate::shuffle::{IngestError, Span, route, site_columns};
 use crate::types::PartitionId;
 use crate::window::ExporterKey;
 
@@ -119,8 +119,8 @@ impl IngestOutput {
         self.pending.remove(&id);
     }
 
-    /// Ends the span of `id` at `to`: its states become partials; returns the outbox to write
-    /// into the checkpoint (what is still pending, this span included).
+    /// Ends the span of `id` at `to`: its states and on-time records become partials; returns
+    /// the outbox to write into the checkpoint (what is still pending, this span included).
     pub fn cut(
         &mut self,
         id: PartitionId,
@@ -128,10 +128,12 @@ impl IngestOutput {
         to: i64,
         clocks: &[(ExporterKey, i64)],
         states: &[Vec<RecordBatch>],
+        records: &[RecordBatch],
     ) -> Result<Vec<(i32, Vec<u8>)>, IngestError> {
         let from = *self.span_from.get(&id).unwrap_or(&to);
         if to > from {
-            let partials = route(source, (from, to), clocks, states, &self.site_columns, self.partitions)?;
+            let span = Span { source, offsets: (from, to), clocks, states, records };
+            let partials = route(&span, &self.site_columns, self.partitions)?;
             let pending = self.pending.entry(id).or_default();
             for (q, partial) in partials.iter().enumerate() {
                 for message in partial.encode_parts(&self.schemas, MAX_MESSAGE_BYTES)? {

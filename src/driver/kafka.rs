@@ -42,6 +42,21 @@ struct Owned {
     next_offset: i64,
 }
 
+/// How many messages the owned partition furthest from its end is behind (`None` while the
+/// statistics have not reported one of them yet: not known to be caught up). `positions` are
+/// the owned partitions with their next offsets.
+pub(super) fn furthest_behind<'a>(source: &KafkaSource, positions: impl Iterator<Item = (&'a PartitionKey, i64)>) -> Option<u64> {
+    let mut behind = 0u64;
+    for (key, next_offset) in positions {
+        let at = source.partition_end(key)?;
+        // Where this instance goes on from: its next offset, or the group's committed offset
+        // before its first batch of a partition without a checkpoint.
+        let position = next_offset.max(at.committed);
+        behind = behind.max(at.end.saturating_sub(position).max(0) as u64);
+    }
+    Some(behind)
+}
+
 /// Drives the pipeline from a Kafka consumer, with checkpoints.
 pub struct KafkaDriver {
     source: KafkaSource,
@@ -108,15 +123,7 @@ impl KafkaDriver {
         if !self.joined || ready.load(Ordering::Acquire) {
             return;
         }
-        let mut behind = 0u64;
-        for owned in self.owned.values() {
-            // Not reported by the statistics yet: not known to be caught up.
-            let Some(at) = self.source.partition_end(&owned.key) else { return };
-            // Where this instance goes on from: its next offset, or the group's committed
-            // offset before its first batch of a partition without a checkpoint.
-            let position = owned.next_offset.max(at.committed);
-            behind = behind.max(at.end.saturating_sub(position).max(0) as u64);
-        }
+        let Some(behind) = furthest_behind(&self.source, self.owned.values().map(|o| (&o.key, o.next_offset))) else { return };
         if behind <= *ready_lag {
             ready.store(true, Ordering::Release);
             tracing::info!(
@@ -212,7 +219,8 @@ impl KafkaDriver {
             let outbox = match &mut self.ingest {
                 Some(out) => {
                     let state = pipeline.partition_state(*id);
-                    let outbox = out.cut(*id, &owned.key, owned.next_offset, &state.clocks, &state.states)?;
+                    let records = pipeline.take_partition_records(*id);
+                    let outbox = out.cut(*id, &owned.key, owned.next_offset, &state.clocks, &state.states, &records)?;
                     pipeline.take_partition_states(*id);
                     outbox
                 }
@@ -227,6 +235,7 @@ impl KafkaDriver {
                 counters: state.counters,
                 clocks: state.clocks,
                 outbox,
+                site_stage: None,
             };
             self.store.save(&owned.key, &ckpt, &schemas)?;
             offsets.push((owned.key.clone(), owned.next_offset));

@@ -9,6 +9,7 @@
 
 pub mod ingest;
 pub mod kafka;
+pub mod site;
 
 use std::future::Future;
 use std::time::Duration;

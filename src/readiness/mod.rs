@@ -236,6 +236,9 @@ pub struct ReadinessEngine {
     /// Wall-clock time of the latest evaluation, to notice a stalled pipeline.
     evaluated_wall: Option<std::time::Instant>,
     scratch: Scratch,
+    /// The sites this instance judges (`None`: all). In a scale-out each site belongs to one
+    /// site-stage instance; the others neither judge nor export it.
+    owned: Option<Vec<bool>>,
 }
 
 /// Histograms reused for every site's percentiles (reset, never reallocated). Two significant
@@ -294,7 +297,23 @@ impl ReadinessEngine {
             evaluated_at_ns: None,
             evaluated_wall: None,
             scratch: Scratch::default(),
+            owned: None,
         }
+    }
+
+    /// Judges only the sites marked in `owned` (inventory order; `None`: every site).
+    pub fn set_owned(&mut self, owned: Option<Vec<bool>>) {
+        self.owned = owned;
+    }
+
+    /// Whether this instance judges site `i` (inventory order).
+    pub fn owns(&self, i: usize) -> bool {
+        self.owned.as_ref().is_none_or(|o| o.get(i).copied().unwrap_or(false))
+    }
+
+    /// The latest verdicts of the sites this instance judges (all, outside a scale-out).
+    pub fn owned_latest(&self) -> Vec<&SiteReadiness> {
+        self.latest.iter().enumerate().filter(|(i, _)| self.owns(*i)).map(|(_, s)| s).collect()
     }
 
     pub fn policy(&self) -> &Policy {
@@ -381,6 +400,9 @@ impl ReadinessEngine {
         let window_secs = self.window_ns as f64 / 1e9;
         let first_window = self.evaluated_at_ns.is_none();
         for (i, state) in self.sites.iter_mut().enumerate() {
+            if self.owned.as_ref().is_some_and(|o| !o.get(i).copied().unwrap_or(false)) {
+                continue;
+            }
             let site = self.inventory.site(i as SiteIdx);
             let capacity = site.capacity_bytes_per_sec();
             let pending = std::mem::take(&mut state.pending_bytes);
@@ -490,7 +512,8 @@ impl ReadinessEngine {
 
     /// Sites per verdict, for a district (or all when `None`).
     pub fn counts(&self, district: Option<&str>) -> [(Verdict, usize); 4] {
-        Verdict::ALL.map(|v| (v, self.latest.iter().filter(|s| s.verdict == v && district.is_none_or(|d| s.district == d)).count()))
+        let owned = self.owned_latest();
+        Verdict::ALL.map(|v| (v, owned.iter().filter(|s| s.verdict == v && district.is_none_or(|d| s.district == d)).count()))
     }
 
     /// Roll-ups along the hierarchy: for every site with sites below it, those sites (any
@@ -502,7 +525,8 @@ impl ReadinessEngine {
             .map(|p| {
                 let mut levels: Vec<(String, [(Verdict, usize); 4])> = Vec::new();
                 for level in inv.levels() {
-                    let below: Vec<SiteIdx> = inv.select(None, Some(level), Some(p));
+                    let below: Vec<SiteIdx> =
+                        inv.select(None, Some(level), Some(p)).into_iter().filter(|&s| self.owns(usize::from(s))).collect();
                     if below.is_empty() {
                         continue;
                     }

@@ -44,7 +44,8 @@ impl ReadinessSink {
     pub fn windows_complete(&mut self, start_ns: i64, end_ns: i64, then: impl FnOnce(&[SiteReadiness])) {
         let mut engine = self.shared.engine.write().expect("readiness lock");
         engine.evaluate(start_ns, end_ns);
-        then(engine.latest());
+        let owned: Vec<SiteReadiness> = engine.owned_latest().into_iter().cloned().collect();
+        then(&owned);
     }
 }
 
@@ -118,7 +119,8 @@ pub fn collect(shared: &Arc<SharedReadiness>) -> Vec<MetricFamily> {
     let mut rtt_hist = Vec::new();
     let mut jitter_hist = Vec::new();
     let now_ns = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64);
-    for (i, s) in latest.iter().enumerate() {
+    // In a scale-out each site is exported by the one instance that judges it.
+    for (i, s) in latest.iter().enumerate().filter(|(i, _)| engine.owns(*i)) {
         let labels = site_labels(s);
         for v in Verdict::ALL {
             states.push(gauge_metric(with(labels.clone(), "state", v.as_str()), f64::from(u8::from(s.verdict == v))));
@@ -194,7 +196,7 @@ pub fn collect(shared: &Arc<SharedReadiness>) -> Vec<MetricFamily> {
         jitter_hist,
     ));
 
-    let mut districts: Vec<&str> = latest.iter().map(|s| s.district.as_str()).collect();
+    let mut districts: Vec<&str> = engine.owned_latest().into_iter().map(|s| s.district.as_str()).collect();
     districts.sort_unstable();
     districts.dedup();
     let mut by_district = Vec::new();
@@ -231,7 +233,9 @@ pub fn collect(shared: &Arc<SharedReadiness>) -> Vec<MetricFamily> {
     let meetings = shared.meetings.read().expect("meetings lock");
     let (mut watched, mut counts, mut at_risk, mut participant_risk) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for m in meetings.iter() {
-        let r = report(m, latest, engine.policy(), engine.evaluated_at_ns());
+        let mut owned = m.clone();
+        owned.participants.retain(|&s| engine.owns(usize::from(s)));
+        let r = report(&owned, latest, engine.policy(), engine.evaluated_at_ns());
         let id = &m.spec.id;
         let is_watched = matches!(r.phase, Phase::Lead | Phase::InProgress);
         watched.push(gauge_metric(vec![label("meeting", id)], f64::from(u8::from(is_watched))));
