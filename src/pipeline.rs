@@ -375,6 +375,13 @@ impl Pipeline {
         self.windows.take_partition_states(partition)
     }
 
+    /// Makes this the site stage of a scale-out: windows wait for every registered source
+    /// partition's first partial (until it goes idle), as they wait for its first records on
+    /// one instance.
+    pub fn merge_partials(&mut self) {
+        self.windows.wait_for_unheard_partitions();
+    }
+
     /// Takes a partition's on-time records that readiness reads one by one (the ingest stage
     /// hands them on with the partition's states).
     pub fn take_partition_records(&mut self, partition: PartitionId) -> Vec<RecordBatch> {

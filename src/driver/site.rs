@@ -357,6 +357,7 @@ impl Driver for SiteDriver {
         if self.ready.is_some() {
             pipeline.leave_readiness_to_the_driver();
         }
+        pipeline.merge_partials();
         // Nothing is judged here before the group assigns this instance its sites.
         self.set_ownership(pipeline);
     }

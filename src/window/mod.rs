@@ -384,6 +384,12 @@ impl WindowOperator {
         Ok(outcome)
     }
 
+    /// Registered partitions not heard from yet hold publication back until they go idle (the
+    /// site stage of a scale-out; see [`Watermarks::wait_for_unheard`]).
+    pub fn wait_for_unheard_partitions(&mut self) {
+        self.watermarks.wait_for_unheard();
+    }
+
     /// Lets idle and lagging clocks stop holding the watermark back (call on a timer).
     pub fn advance_idle(&mut self, now: Instant) {
         self.watermarks.advance(now);

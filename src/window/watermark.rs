@@ -81,6 +81,9 @@ pub struct Watermarks {
     partitions: HashMap<PartitionId, PartitionClocks>,
     /// Monotonic: windows ending at or before it are published.
     watermark: Option<i64>,
+    /// Whether a registered partition not heard from yet holds publication back until it goes
+    /// idle (see [`Watermarks::wait_for_unheard`]).
+    wait_for_unheard: bool,
 }
 
 /// Where each record of a batch goes: its window start, or late.
@@ -95,7 +98,16 @@ pub struct Assignment {
 impl Watermarks {
     pub fn new(timing: Timing) -> Self {
         assert!(timing.size_ns > 0 && timing.lateness_ns >= 0 && timing.publish_delay_ns >= 0);
-        Self { timing, partitions: HashMap::new(), watermark: None }
+        Self { timing, partitions: HashMap::new(), watermark: None, wait_for_unheard: false }
+    }
+
+    /// Registered partitions not heard from yet hold publication back until they go idle. The
+    /// site stage of a scale-out needs it: a source's first partial carries a whole span (many
+    /// windows), so without it the first source heard from would publish those windows before
+    /// the others' states arrive (each reader of records hears from every partition within a
+    /// batch or two, so it does not).
+    pub fn wait_for_unheard(&mut self) {
+        self.wait_for_unheard = true;
     }
 
     pub fn size_ns(&self) -> i64 {
@@ -166,12 +178,16 @@ impl Watermarks {
             .partitions
             .values()
             .filter_map(|pc| {
+                let unheard = pc.lead_ns == i64::MIN && now.duration_since(pc.since) < idle;
+                if self.wait_for_unheard && unheard {
+                    return Some(i64::MIN);
+                }
                 let lead = pc.clocks.values().filter(is_active).map(|c| c.max_event_ns).max()?;
                 let cutoff = lead.saturating_sub(self.timing.max_skew_ns);
                 pc.clocks.values().filter(is_active).map(|c| c.max_event_ns).filter(|&t| t >= cutoff).min()
             })
             .min();
-        let Some(slowest) = slowest else { return };
+        let Some(slowest) = slowest.filter(|&t| t != i64::MIN) else { return };
         let w = slowest.saturating_sub(self.timing.publish_delay_ns);
         self.watermark = Some(self.watermark.map_or(w, |old| old.max(w)));
     }
@@ -339,6 +355,31 @@ mod tests {
         assert_eq!(w.watermark(), Some(95 * S));
         w.assign(1, &[450 * S], Some(&[2]), now);
         assert_eq!(w.watermark(), Some(395 * S), "now partition 0 is the slowest");
+    }
+
+    #[test]
+    fn the_site_stage_waits_for_partitions_not_heard_from_until_they_go_idle() {
+        let t0 = Instant::now();
+        let timing = Timing { idle_timeout: Duration::from_secs(10), ..timing(10 * S, 0) };
+        let (mut strict, mut lax) = (Watermarks::new(timing), Watermarks::new(timing));
+        strict.wait_for_unheard();
+        for w in [&mut strict, &mut lax] {
+            w.register(0, t0);
+            w.register(1, t0);
+            w.advance_to(0, &[(7, 300 * S)], t0);
+            w.advance(t0);
+        }
+        assert_eq!(lax.watermark(), Some(300 * S), "one reading records publishes as soon as it hears from one");
+        assert_eq!(strict.watermark(), None, "partition 1 has not sent its first span yet");
+        strict.advance_to(1, &[(8, 200 * S)], t0);
+        strict.advance(t0);
+        assert_eq!(strict.watermark(), Some(200 * S));
+        let mut silent = Watermarks::new(timing);
+        silent.wait_for_unheard();
+        silent.register(1, t0);
+        silent.advance_to(0, &[(7, 300 * S)], t0 + Duration::from_secs(11));
+        silent.advance(t0 + Duration::from_secs(11));
+        assert_eq!(silent.watermark(), Some(300 * S), "a partition silent since its registration went idle");
     }
 
     #[test]
