@@ -396,8 +396,9 @@ impl PipelineMetrics {
         }
     }
 
-    /// Exports `siteflow_scale_out_partials_total` (the site stage of a scale-out only).
-    pub fn register_partials(&self) -> IntCounterVec {
+    /// Exports `siteflow_scale_out_partials_total` and `siteflow_scale_out_owned_partitions`
+    /// (the site stage of a scale-out only).
+    pub fn register_site_stage(&self) -> (IntCounterVec, IntGauge) {
         let counter = IntCounterVec::new(
             prometheus::Opts::new(
                 "siteflow_scale_out_partials_total",
@@ -410,7 +411,12 @@ impl PipelineMetrics {
         for outcome in ["merged", "duplicate", "overlap", "malformed"] {
             counter.with_label_values(&[outcome]);
         }
-        counter
+        let owned = IntGauge::new(
+            "siteflow_scale_out_owned_partitions",
+            "Partitions of the internal topic this site-stage instance owns (its sites are judged and exported here only).",
+        )
+        .expect("valid metric");
+        (counter, register(&self.registry, owned))
     }
 
     /// Exports `siteflow_meetings_topic_rejected_total` (with `kafka.meetings_topic` only).

@@ -375,10 +375,11 @@ impl Pipeline {
         self.windows.take_partition_states(partition)
     }
 
-    /// Makes this the site stage of a scale-out: windows wait for every registered source
-    /// partition's first partial (until it goes idle), as they wait for its first records on
-    /// one instance.
-    pub fn merge_partials(&mut self) {
+    /// Windows wait for every registered partition's first records (or, in the site stage of
+    /// a scale-out, its first partial) until it goes idle: the Kafka drivers register what the
+    /// group assigns. Without it, a backlog in several topics is published as the fastest
+    /// partition reads it (probes before any flow) and every window arrives as corrections.
+    pub fn wait_for_unheard_partitions(&mut self) {
         self.windows.wait_for_unheard_partitions();
     }
 
@@ -450,6 +451,8 @@ impl Pipeline {
             return Ok(DecodeStats::default());
         }
         self.limits.max_time_ns = unix_now_ns().saturating_add(self.max_future_ns);
+        // Read, whatever its records turn out to be: it no longer holds windows back as unheard.
+        self.windows.heard_from(batch.partition, batch.received);
         let (decoded, stats) = decode_with(batch.format, batch.event_time, &batch.messages, &self.limits);
         self.metrics.record_decode(batch.format, batch.messages.total_bytes(), &stats);
         self.rejections.observe(source, batch.format, &stats, batch.received);

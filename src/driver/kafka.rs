@@ -313,6 +313,7 @@ impl Driver for KafkaDriver {
     type Event = KafkaEvent;
 
     fn start(&mut self, pipeline: &mut Pipeline) {
+        pipeline.wait_for_unheard_partitions();
         if self.ready.is_some() {
             pipeline.leave_readiness_to_the_driver();
         }

@@ -65,6 +65,7 @@ pub struct SiteDriver {
     last_checkpoint: Instant,
     metrics: Arc<PipelineMetrics>,
     partials: IntCounterVec,
+    owned_gauge: prometheus::IntGauge,
     joined: bool,
     ready: Option<(Arc<AtomicBool>, u64)>,
 }
@@ -84,7 +85,7 @@ impl SiteDriver {
         metrics: Arc<PipelineMetrics>,
     ) -> Result<Self, String> {
         let (partitions, inputs) = read_partitions(kafka, topic)?;
-        let partials = metrics.register_partials();
+        let (partials, owned_gauge) = metrics.register_site_stage();
         tracing::info!(
             topic,
             partitions,
@@ -105,6 +106,7 @@ impl SiteDriver {
             last_checkpoint: Instant::now(),
             metrics,
             partials,
+            owned_gauge,
             joined: false,
             ready: None,
         })
@@ -156,6 +158,7 @@ impl SiteDriver {
     /// Judges and exports only the sites of the owned internal partitions.
     fn set_ownership(&self, pipeline: &Pipeline) {
         let owned: Vec<i32> = self.owned.values().map(|o| o.key.partition).collect();
+        self.owned_gauge.set(owned.len() as i64);
         let shared = pipeline.readiness();
         let mut engine = shared.engine.write().expect("readiness lock");
         let mask = engine.inventory().sites().iter().map(|s| owned.contains(&(partition_of(&s.id, self.partitions) as i32))).collect();
@@ -357,7 +360,7 @@ impl Driver for SiteDriver {
         if self.ready.is_some() {
             pipeline.leave_readiness_to_the_driver();
         }
-        pipeline.merge_partials();
+        pipeline.wait_for_unheard_partitions();
         // Nothing is judged here before the group assigns this instance its sites.
         self.set_ownership(pipeline);
     }

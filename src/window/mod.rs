@@ -390,6 +390,11 @@ impl WindowOperator {
         self.watermarks.wait_for_unheard();
     }
 
+    /// A partition delivered messages without any record (see [`Watermarks::heard_from`]).
+    pub fn heard_from(&mut self, partition: PartitionId, now: Instant) {
+        self.watermarks.heard_from(partition, now);
+    }
+
     /// Lets idle and lagging clocks stop holding the watermark back (call on a timer).
     pub fn advance_idle(&mut self, now: Instant) {
         self.watermarks.advance(now);

@@ -50,11 +50,13 @@ struct PartitionClocks {
     lead_ns: i64,
     /// When the partition was registered (assigned, restored or first seen).
     since: Instant,
+    /// Whether it has delivered anything since (records, or messages that were all rejected).
+    heard: bool,
 }
 
 impl PartitionClocks {
     fn new(lead_ns: i64, now: Instant) -> Self {
-        Self { clocks: HashMap::new(), lead_ns, since: now }
+        Self { clocks: HashMap::new(), lead_ns, since: now, heard: lead_ns != i64::MIN }
     }
 }
 
@@ -101,11 +103,12 @@ impl Watermarks {
         Self { timing, partitions: HashMap::new(), watermark: None, wait_for_unheard: false }
     }
 
-    /// Registered partitions not heard from yet hold publication back until they go idle. The
-    /// site stage of a scale-out needs it: a source's first partial carries a whole span (many
-    /// windows), so without it the first source heard from would publish those windows before
-    /// the others' states arrive (each reader of records hears from every partition within a
-    /// batch or two, so it does not).
+    /// Registered partitions not heard from yet hold publication back until they go idle.
+    /// Consumers of Kafka need it: a backlog over several topics is read unevenly at first (a
+    /// topic of small probe messages reaches minutes of event time before the first flow
+    /// arrives), and the site stage of a scale-out hears from each source one span (many
+    /// windows) at a time. Without it those windows would be published without the silent
+    /// partitions' records and corrected later.
     pub fn wait_for_unheard(&mut self) {
         self.wait_for_unheard = true;
     }
@@ -128,6 +131,7 @@ impl Watermarks {
     pub fn assign(&mut self, partition: PartitionId, times_ns: &[i64], exporters: Option<&[ExporterKey]>, now: Instant) -> Assignment {
         let t = self.timing;
         let p = self.partitions.entry(partition).or_insert_with(|| PartitionClocks::new(i64::MIN, now));
+        p.heard = true;
         let mut out =
             Assignment { window_starts: Vec::with_capacity(times_ns.len()), late: Vec::with_capacity(times_ns.len()), late_count: 0 };
         let fresh = Clock { max_event_ns: i64::MIN, last_active: now };
@@ -178,7 +182,7 @@ impl Watermarks {
             .partitions
             .values()
             .filter_map(|pc| {
-                let unheard = pc.lead_ns == i64::MIN && now.duration_since(pc.since) < idle;
+                let unheard = !pc.heard && now.duration_since(pc.since) < idle;
                 if self.wait_for_unheard && unheard {
                     return Some(i64::MIN);
                 }
@@ -266,6 +270,7 @@ impl Watermarks {
     /// moves, so one that stops moving turns idle after the idle timeout, as its records would.
     pub fn advance_to(&mut self, partition: PartitionId, clocks: &[(ExporterKey, i64)], now: Instant) {
         let pc = self.partitions.entry(partition).or_insert_with(|| PartitionClocks::new(i64::MIN, now));
+        pc.heard = true;
         for &(k, t) in clocks {
             let clock = pc.clocks.entry(k).or_insert(Clock { max_event_ns: i64::MIN, last_active: now });
             if t > clock.max_event_ns {
@@ -273,6 +278,12 @@ impl Watermarks {
             }
             pc.lead_ns = pc.lead_ns.max(t);
         }
+    }
+
+    /// A partition delivered messages that gave no record (all rejected): it has been read,
+    /// so it no longer holds publication back as unheard.
+    pub fn heard_from(&mut self, partition: PartitionId, now: Instant) {
+        self.partitions.entry(partition).or_insert_with(|| PartitionClocks::new(i64::MIN, now)).heard = true;
     }
 
     /// Forgets a partition this instance no longer owns.
@@ -380,6 +391,13 @@ mod tests {
         silent.advance_to(0, &[(7, 300 * S)], t0 + Duration::from_secs(11));
         silent.advance(t0 + Duration::from_secs(11));
         assert_eq!(silent.watermark(), Some(300 * S), "a partition silent since its registration went idle");
+        let mut garbage = Watermarks::new(timing);
+        garbage.wait_for_unheard();
+        garbage.register(1, t0);
+        garbage.advance_to(0, &[(7, 300 * S)], t0);
+        garbage.heard_from(1, t0);
+        garbage.advance(t0);
+        assert_eq!(garbage.watermark(), Some(300 * S), "a partition read, its records all rejected, holds nothing");
     }
 
     #[test]

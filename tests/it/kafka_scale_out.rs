@@ -146,3 +146,253 @@ fn the_ingest_stage_hands_every_span_on_exactly_once_through_sigkills() {
     assert_eq!(a.metric("siteflow_windows_closed_total", "").unwrap_or(0.0), 0.0, "the ingest stage closed windows");
     eprintln!("{} duplicate partials dropped by the ledger", merged.1);
 }
+
+/// Produces the district-congestion scenario (6 minutes of event time ending about two hours
+/// ago) to `flows` (4 partitions) and `probes` (2 partitions), up to 100 records per message,
+/// messages spread round-robin. Then one far-future flow and probe per partition closes every
+/// window of the data. Returns the simulator's ground truth (per site, direction and window)
+/// and the end of the data (seconds).
+fn produce_scenario(broker: &Broker) -> (Totals, i64) {
+    use siteflow::inventory::Inventory;
+    use siteflow::source::simulator::{Scenario, Simulator};
+    let inventory = std::sync::Arc::new(Inventory::embedded());
+    let scenario =
+        Scenario::load(&crate::support::repo().join("pipelines/hagiang/scenarios/district-congestion.yaml"), &inventory).unwrap();
+    let start_s = start_ns() / S;
+    let mut config = crate::support::fast_config(360, 600);
+    config.simulator.start_unix_secs = Some(start_s as u64);
+    config.simulator.too_late_ratio = 0.0;
+    config.window.size_secs = 10;
+    let producer = broker.producer();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+    let produce = |sim: &mut Simulator, sent: &mut [usize; 2]| {
+        while let Some(batch) = rt.block_on(sim.next()) {
+            let (topic, partitions, slot) =
+                if batch.format == siteflow::types::Format::Goflow2Json { ("flows", 4, 0) } else { ("probes", 2, 1) };
+            let lines: Vec<&[u8]> = batch.messages.iter().collect();
+            for chunk in lines.chunks(100) {
+                let payload = chunk.join(&b'\n');
+                send(&producer, topic, (sent[slot] % partitions) as i32, &payload);
+                sent[slot] += 1;
+            }
+        }
+    };
+    let mut sim = Simulator::new(config.simulator.clone(), config.window_spec(), inventory.clone(), scenario);
+    let truth = sim.track_truth();
+    let mut sent = [0usize; 2];
+    produce(&mut sim, &mut sent);
+    // One message per partition an hour later: every window of the data closes.
+    let end_s = start_s + 360;
+    let mut later = config.simulator.clone();
+    (later.start_unix_secs, later.duration_secs, later.records_per_sec) = (Some(end_s as u64 + 3600), Some(5), 10);
+    let mut sim = Simulator::new(later, config.window_spec(), inventory.clone(), Scenario::default());
+    let mut sentinels = [0usize, 0usize];
+    while sentinels[0] < 4 || sentinels[1] < 2 {
+        let Some(batch) = rt.block_on(sim.next()) else { break };
+        let (topic, slot, partitions) =
+            if batch.format == siteflow::types::Format::Goflow2Json { ("flows", 0, 4) } else { ("probes", 1, 2) };
+        for message in batch.messages.iter() {
+            if sentinels[slot] < partitions {
+                send(&producer, topic, sentinels[slot] as i32, message);
+                sentinels[slot] += 1;
+            }
+        }
+    }
+    assert_eq!(sentinels, [4, 2], "the sentinel simulation is too short");
+    flush(&producer);
+    let truth = truth.lock().unwrap();
+    let mut totals = Totals::new();
+    for ((site, direction, window), tally) in &truth.flows {
+        let key = (inventory.site(*site).id.clone(), direction.as_str().to_string(), window / S);
+        totals.insert(key, (tally.bytes, tally.packets, tally.records));
+    }
+    (totals, end_s)
+}
+
+/// `(window_end, site, verdict)` of every evaluation an instance recorded, before `end_s`.
+fn verdicts(i: &Instance, end_s: i64) -> Vec<(String, String, String)> {
+    let query = "SELECT CAST(window_end AS VARCHAR) AS e, site, verdict, CAST(window_end AS BIGINT) AS t FROM readiness ORDER BY e, site";
+    let body = serde_json::json!({ "query": query, "format": "csv" }).to_string();
+    let Ok((200, text)) = crate::support::http_request(i.http, "POST", "/api/sql", Some(&body)) else { return Vec::new() };
+    text.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            let t: i64 = f.get(3)?.parse().ok()?;
+            (t / S < end_s).then(|| (f[0].to_string(), f[1].to_string(), f[2].to_string()))
+        })
+        .collect()
+}
+
+/// The sites an instance exports readiness for on /metrics.
+fn exported_sites(i: &Instance) -> Vec<String> {
+    let (_, body) = crate::support::http_get(i.http, "/metrics").unwrap_or_default();
+    let mut sites: Vec<String> = body
+        .lines()
+        .filter(|l| l.starts_with("siteflow_site_readiness{") && l.contains("state=\"ready\""))
+        .filter_map(|l| l.split("site=\"").nth(1)?.split('"').next().map(str::to_string))
+        .collect();
+    sites.sort();
+    sites
+}
+
+/// The district-congestion scenario on `flows` and `probes`, one instance reading them as the
+/// reference, and the two stages: three site-stage instances (one internal partition each,
+/// settled before any data) and one ingest instance.
+struct TwoStages {
+    dir: tempfile::TempDir,
+    _broker: Broker,
+    sites: Vec<Instance>,
+    reference: Instance,
+    ingest: Instance,
+    truth: Totals,
+    end_s: i64,
+}
+
+impl TwoStages {
+    fn start() -> Self {
+        let dir = test_dir();
+        let broker = Broker::start(dir.path());
+        broker.create_topic("flows", 4);
+        broker.create_topic("probes", 2);
+        broker.create_topic("siteflow.partials", INTERNAL_PARTITIONS as u32);
+        let topics = [("flows", "goflow2_json"), ("probes", "siteflow_probe_json")];
+        let scaled = dir.path().join("scaled");
+        let site_env = [("SITEFLOW_SCALE_OUT__STAGE", "site")];
+        let sites: Vec<Instance> =
+            ["s1", "s2", "s3"].iter().map(|n| Instance::start_with_env(dir.path(), n, &broker, &topics, &scaled, "", &site_env)).collect();
+        let settled = wait_until(Duration::from_secs(120), || sites.iter().all(|i| owned(i) == 1.0));
+        assert!(settled, "the site stage did not settle one internal partition per instance:\n{}", sites[0].log_summary());
+        let (truth, end_s) = produce_scenario(&broker);
+        let reference = Instance::start_with_env(
+            dir.path(),
+            "reference",
+            &broker,
+            &topics,
+            &dir.path().join("reference"),
+            "",
+            &[("SITEFLOW_KAFKA__GROUP_ID", "reference")],
+        );
+        let ingest =
+            Instance::start_with_env(dir.path(), "ingest", &broker, &topics, &scaled, "", &[("SITEFLOW_SCALE_OUT__STAGE", "ingest")]);
+        Self { dir, _broker: broker, sites, reference, ingest, truth, end_s }
+    }
+
+    /// Waits (while results keep coming) until the per-site window totals of the reference and
+    /// of the site stages each equal the ground truth.
+    fn assert_exact_totals(&self) {
+        let (reference, scaled) = (self.dir.path().join("reference"), self.dir.path().join("scaled"));
+        let site_logs: Vec<&Instance> = self.sites.iter().collect();
+        for (name, ckpt, log) in [("reference", reference, &self.reference), ("site stage", scaled, site_logs[0])] {
+            let progress = || read_flow_results(&ckpt).values().map(|v| v.2).sum::<u64>();
+            let done = wait_while_progressing(STALL, || before(&read_flow_results(&ckpt), self.end_s) == self.truth, progress);
+            let got = before(&read_flow_results(&ckpt), self.end_s);
+            assert!(
+                done,
+                "{name}: per-site window totals differ from the ground truth: {}\n{}\n{}",
+                diff(&self.truth, &got),
+                log.log_summary(),
+                self.ingest.log_summary()
+            );
+        }
+    }
+}
+
+fn owned(i: &Instance) -> f64 {
+    i.metric("siteflow_scale_out_owned_partitions", "").unwrap_or(-1.0)
+}
+
+#[test]
+fn three_site_stage_instances_publish_and_judge_what_one_instance_does() {
+    let run = TwoStages::start();
+    let (sites, end_s) = (&run.sites, run.end_s);
+    run.assert_exact_totals();
+
+    // Verdicts: every evaluation of every site, the three site stages together = the reference.
+    let want = verdicts(&run.reference, end_s);
+    let mut got = Vec::new();
+    let progress = || sites.iter().map(|i| verdicts(i, end_s).len()).sum::<usize>();
+    let same = wait_while_progressing(
+        STALL,
+        || {
+            got = sites.iter().flat_map(|i| verdicts(i, end_s)).collect::<Vec<_>>();
+            got.sort();
+            got == want
+        },
+        progress,
+    );
+    let evaluations: std::collections::BTreeSet<&String> = want.iter().map(|(e, _, _)| e).collect();
+    assert!(evaluations.len() >= 20, "the reference judged only {} windows", evaluations.len());
+    let count = |v: &str| want.iter().filter(|(_, _, x)| x == v).count();
+    assert!(
+        count("ready") > 0 && count("not_ready") > 0,
+        "the scenario's verdicts: {} ready, {} not ready",
+        count("ready"),
+        count("not_ready")
+    );
+    if !same {
+        let extra: Vec<_> = got.iter().filter(|r| !want.contains(r)).take(5).collect();
+        let missing: Vec<_> = want.iter().filter(|r| !got.contains(r)).take(5).collect();
+        panic!(
+            "{} verdicts from the site stage, {} from the reference; first extra {extra:?}, first missing {missing:?}",
+            got.len(),
+            want.len()
+        );
+    }
+
+    // /metrics: each site is exported by exactly one instance, all 242 by the three.
+    let mut exported: Vec<String> = sites.iter().flat_map(exported_sites).collect();
+    let per_instance: Vec<usize> = sites.iter().map(exported_sites).map(|s| s.len()).collect();
+    exported.sort();
+    let total = exported.len();
+    exported.dedup();
+    assert_eq!((total, exported.len()), (242, 242), "sites exported per instance: {per_instance:?}");
+    assert!(per_instance.iter().all(|&n| n > 0 && n < 242), "{per_instance:?}");
+    assert_eq!(exported, exported_sites(&run.reference));
+}
+
+#[test]
+fn a_site_stage_instance_killed_mid_run_loses_nothing_and_its_sites_are_judged_again() {
+    let mut run = TwoStages::start();
+    // SIGKILL of s2 once it has merged partials and while the ingest stage is still reading.
+    let merged = |i: &Instance| i.metric("siteflow_scale_out_partials_total", "outcome=\"merged\"").unwrap_or(0.0);
+    let received = |i: &Instance| i.metric("siteflow_records_received_total", "").unwrap_or(0.0) as u64;
+    let total: u64 = run.truth.values().map(|v| v.2).sum();
+    assert!(wait_until(Duration::from_secs(120), || merged(&run.sites[1]) > 0.0), "s2 merged nothing:\n{}", run.sites[1].log_summary());
+    assert!(received(&run.ingest) < total, "the ingest stage finished before the kill: make the input bigger");
+    run.sites[1].kill();
+    let survivors = [&run.sites[0], &run.sites[2]];
+    let taken_over = wait_until(Duration::from_secs(120), || survivors.iter().map(|i| owned(i)).sum::<f64>() == 3.0);
+    assert!(taken_over, "the survivors did not take over s2's internal partition:\n{}", survivors[0].log_summary());
+    run.assert_exact_totals();
+
+    // The last window's verdicts: every site judged by one survivor, as the reference judges it.
+    let last = |rows: Vec<(String, String, String)>| -> Vec<(String, String, String)> {
+        let end = rows.iter().map(|r| r.0.clone()).max().unwrap_or_default();
+        rows.into_iter().filter(|r| r.0 == end).collect()
+    };
+    let want = last(verdicts(&run.reference, run.end_s));
+    assert_eq!(want.len(), 242, "the reference's last evaluation");
+    let mut got = Vec::new();
+    let progress = || survivors.iter().map(|i| verdicts(i, run.end_s).len()).sum::<usize>();
+    let same = wait_while_progressing(
+        STALL,
+        || {
+            let mut rows: Vec<_> = survivors.iter().flat_map(|i| verdicts(i, run.end_s)).collect();
+            rows.sort();
+            got = last(rows);
+            got == want
+        },
+        progress,
+    );
+    let differ: Vec<_> = want.iter().zip(&got).filter(|(a, b)| a != b).take(5).collect();
+    assert!(
+        same,
+        "{} sites judged in the survivors' last evaluation, {} in the reference's; first differences {differ:?}",
+        got.len(),
+        want.len()
+    );
+    let mut exported: Vec<String> = survivors.iter().flat_map(|i| exported_sites(i)).collect();
+    exported.sort();
+    assert_eq!(exported, exported_sites(&run.reference), "every site exported once by the survivors");
+}
