@@ -22,6 +22,7 @@ use crate::http::AppState;
 use crate::meetings_topic::{MeetingsTopic, MeetingsTopicError};
 use crate::metrics::PipelineMetrics;
 use crate::pipeline::{BuildError, Pipeline, PipelineError, Resources, RunSummary};
+use crate::readiness_topic::ReadinessTopic;
 use crate::sink::prometheus::SiteMetrics;
 use crate::source::file::{FileSource, FileSourceError};
 use crate::source::kafka::{KafkaError, KafkaSource};
@@ -177,6 +178,10 @@ impl App {
                 )
                 .map_err(AppError::ScaleOut)?
                 .readiness(state.ready.clone(), config.kafka.ready_lag);
+                let mut pipeline = pipeline;
+                let shared = ReadinessTopic::start(&config.kafka, &config.scale_out.readiness_topic, state.readiness.clone())
+                    .map_err(AppError::ScaleOut)?;
+                pipeline.add_sink(Box::new(shared));
                 tokio::spawn(crate::driver::run(driver, pipeline, shutdown))
             }
             SourcePlan::Kafka { store, dead_letters, checkpoints } => {

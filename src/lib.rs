@@ -24,6 +24,7 @@ pub mod notices;
 pub mod pipeline;
 pub mod rates;
 pub mod readiness;
+pub mod readiness_topic;
 pub mod replay;
 pub mod schema;
 pub mod shuffle;

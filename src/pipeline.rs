@@ -296,6 +296,11 @@ impl Pipeline {
         })
     }
 
+    /// Adds a sink after the pipeline was built (what a driver brings, e.g. the readiness topic).
+    pub fn add_sink(&mut self, sink: Box<dyn WindowSink>) {
+        self.sinks.push(sink);
+    }
+
     /// Keeps each published window's per-partition results for [`Pipeline::take_results`]
     /// (what the Kafka driver's results logs hold), for the tables that log them.
     pub fn keep_results_per_partition(&mut self) {

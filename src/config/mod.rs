@@ -303,11 +303,14 @@ pub struct ScaleOutConfig {
     pub stage: Stage,
     /// The internal topic between the stages; its partitions split the sites.
     pub topic: String,
+    /// The site stage: a compacted topic where each instance writes its sites' verdicts and
+    /// reads the others', so that any instance answers `/api/readiness` for every site.
+    pub readiness_topic: String,
 }
 
 impl Default for ScaleOutConfig {
     fn default() -> Self {
-        Self { stage: Stage::All, topic: "siteflow.partials".into() }
+        Self { stage: Stage::All, topic: "siteflow.partials".into(), readiness_topic: "siteflow.readiness".into() }
     }
 }
 

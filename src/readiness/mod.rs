@@ -651,11 +651,43 @@ pub enum Removal {
 pub struct SharedReadiness {
     pub engine: std::sync::RwLock<ReadinessEngine>,
     pub meetings: std::sync::RwLock<Vec<Meeting>>,
+    /// In a scale-out, the latest verdict of each site judged by another site-stage instance,
+    /// as that instance's `/api/readiness` shows it (read from the readiness topic).
+    peer_verdicts: std::sync::RwLock<std::collections::HashMap<String, serde_json::Value>>,
 }
 
 impl SharedReadiness {
     pub fn new(engine: ReadinessEngine, meetings: Vec<Meeting>) -> Arc<Self> {
-        Arc::new(Self { engine: std::sync::RwLock::new(engine), meetings: std::sync::RwLock::new(meetings) })
+        Arc::new(Self {
+            engine: std::sync::RwLock::new(engine),
+            meetings: std::sync::RwLock::new(meetings),
+            peer_verdicts: Default::default(),
+        })
+    }
+
+    /// Keeps (or with `None` forgets) the latest verdict of `site` from the readiness topic.
+    pub fn put_peer_verdict(&self, site: &str, verdict: Option<serde_json::Value>) {
+        let mut peers = self.peer_verdicts.write().expect("peer verdicts lock");
+        match verdict {
+            Some(v) => peers.insert(site.to_string(), v),
+            None => peers.remove(site),
+        };
+    }
+
+    /// Every site's latest verdict as `/api/readiness` shows it, in inventory order: this
+    /// instance's for the sites it judges, the owner's (from the readiness topic) for the others.
+    pub fn verdicts(&self) -> Vec<serde_json::Value> {
+        let engine = self.engine.read().expect("readiness lock");
+        let peers = self.peer_verdicts.read().expect("peer verdicts lock");
+        engine
+            .latest()
+            .iter()
+            .enumerate()
+            .map(|(i, s)| match peers.get(&s.site) {
+                Some(v) if !engine.owns(i) => v.clone(),
+                _ => serde_json::to_value(s).expect("a verdict serialises"),
+            })
+            .collect()
     }
 
     /// Adds a meeting; its id must be new.

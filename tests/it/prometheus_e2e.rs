@@ -12,19 +12,19 @@ use siteflow::inventory::Inventory;
 
 use crate::support::{KillOnDrop, free_addr, http_get, http_request, repo, siteflow, url_encode};
 
-fn query(prom: std::net::SocketAddr, q: &str) -> Vec<Value> {
+pub(crate) fn query(prom: std::net::SocketAddr, q: &str) -> Vec<Value> {
     let (status, body) = http_get(prom, &format!("/api/v1/query?query={}", url_encode(q))).unwrap();
     assert_eq!(status, 200, "{q}: {body}");
     let v: Value = serde_json::from_str(&body).unwrap();
     v["data"]["result"].as_array().cloned().unwrap_or_default()
 }
 
-fn label_set(results: &[Value], label: &str) -> BTreeSet<String> {
+pub(crate) fn label_set(results: &[Value], label: &str) -> BTreeSet<String> {
     results.iter().filter_map(|r| r["metric"][label].as_str().map(String::from)).collect()
 }
 
 /// Active alerts as (alertname, state, site) triples.
-fn alerts(prom: std::net::SocketAddr) -> Vec<(String, String, String)> {
+pub(crate) fn alerts(prom: std::net::SocketAddr) -> Vec<(String, String, String)> {
     let (_, body) = http_get(prom, "/api/v1/alerts").unwrap();
     let v: Value = serde_json::from_str(&body).unwrap();
     v["data"]["alerts"]
@@ -42,7 +42,7 @@ fn alerts(prom: std::net::SocketAddr) -> Vec<(String, String, String)> {
         .collect()
 }
 
-fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+pub(crate) fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let start = Instant::now();
     loop {
         if let Some(v) = f() {
