@@ -75,7 +75,7 @@ struct Header {
     outbox: Vec<i32>,
     /// The site stage: which spans of each source partition were merged.
     #[serde(default)]
-    ledger: Option<crate::shuffle::Ledger>,
+    ledger: Option<serde_json::Value>,
     /// The site stage: how many encoded partials of open states follow the outbox.
     #[serde(default)]
     sources: usize,
@@ -107,7 +107,8 @@ pub struct PartitionCheckpoint {
 /// What a site-stage checkpoint of one internal partition adds (docs/scale-out.md).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SiteStageState {
-    pub ledger: crate::shuffle::Ledger,
+    /// The ledger of the spans merged, as the site stage serialises it.
+    pub ledger: serde_json::Value,
     pub sources: Vec<Vec<u8>>,
 }
 
@@ -357,7 +358,7 @@ mod tests {
             counters,
             clocks: vec![(0xac10_0215, 7), (0, 5)],
             outbox: vec![(2, b"partial for 2".to_vec()), (0, Vec::new())],
-            site_stage: Some(SiteStageState { ledger: crate::shuffle::Ledger::default(), sources: vec![b"open states".to_vec(), vec![]] }),
+            site_stage: Some(SiteStageState { ledger: serde_json::json!({"merged": {}}), sources: vec![b"open states".to_vec(), vec![]] }),
         };
         store.save(&key, &ckpt, &[batch(1).schema()]).unwrap();
         let len2 = store.append_results(0, &key, &batch(20)).unwrap();

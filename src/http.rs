@@ -247,20 +247,17 @@ async fn readiness(
         return error(StatusCode::BAD_REQUEST, format!("state {s:?} is not one of ready, degraded, not_ready, unknown"));
     }
     // In a scale-out, the sites other instances judge come from the readiness topic.
-    let text = |v: &serde_json::Value, key: &str| v.get(key).and_then(|x| x.as_str()).unwrap_or_default().to_string();
-    let sites: Vec<serde_json::Value> = state
+    let sites: Vec<_> = state
         .readiness
         .verdicts()
         .into_iter()
-        .filter(|s| f.site.as_ref().is_none_or(|x| &text(s, "site") == x))
-        .filter(|s| f.district.as_ref().is_none_or(|x| &text(s, "district") == x))
-        .filter(|s| f.level.as_ref().is_none_or(|x| &text(s, "level") == x))
-        .filter(|s| f.state.as_ref().is_none_or(|x| &text(s, "verdict") == x))
+        .filter(|s| f.site.as_ref().is_none_or(|x| &s.site == x))
+        .filter(|s| f.district.as_ref().is_none_or(|x| &s.district == x))
+        .filter(|s| f.level.as_ref().is_none_or(|x| &s.level == x))
+        .filter(|s| f.state.as_ref().is_none_or(|x| s.verdict.as_str() == x))
         .collect();
-    let counts: std::collections::BTreeMap<&str, usize> = crate::readiness::Verdict::ALL
-        .iter()
-        .map(|v| (v.as_str(), sites.iter().filter(|s| text(s, "verdict") == v.as_str()).count()))
-        .collect();
+    let counts: std::collections::BTreeMap<&str, usize> =
+        crate::readiness::Verdict::ALL.iter().map(|v| (v.as_str(), sites.iter().filter(|s| s.verdict == *v).count())).collect();
     let evaluated_at = state
         .readiness
         .engine

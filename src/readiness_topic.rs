@@ -125,10 +125,19 @@ fn read(consumer: &BaseConsumer<DefaultConsumerContext>, topic: &str, readiness:
             }
         };
         let Some(site) = message.key().and_then(|k| std::str::from_utf8(k).ok()) else { continue };
-        match message.payload().filter(|p| !p.is_empty()).map(serde_json::from_slice::<serde_json::Value>) {
-            None => readiness.put_peer_verdict(site, None),
-            Some(Ok(v)) if v.get("verdict").and_then(|v| v.as_str()).is_some() => readiness.put_peer_verdict(site, Some(v)),
-            Some(_) => tracing::warn!(topic, site, offset = message.offset(), "readiness topic: a record that is not a verdict, skipped"),
+        match message.payload().filter(|p| !p.is_empty()).map(serde_json::from_slice::<SiteReadiness>) {
+            None => {
+                readiness.put_peer_verdict(site, None);
+            }
+            Some(Ok(v)) if v.site == site => {
+                if !readiness.put_peer_verdict(site, Some(v)) {
+                    tracing::warn!(topic, site, offset = message.offset(), "readiness topic: a site this inventory does not have, skipped");
+                }
+            }
+            Some(Ok(_)) => {
+                tracing::warn!(topic, site, offset = message.offset(), "readiness topic: the key is not the verdict's site, skipped")
+            }
+            Some(Err(e)) => tracing::warn!(topic, site, offset = message.offset(), "readiness topic: not a verdict, skipped: {e}"),
         }
     }
 }

@@ -179,7 +179,11 @@ impl SiteDriver {
                 Some(c) => (c.next_offset, c.site_stage.unwrap_or_default()),
                 None => (0, SiteStageState::default()),
             };
-            self.owned.insert(*q, Owned { key: key.clone(), next_offset, ledger: site_stage.ledger, sources: BTreeMap::new() });
+            let ledger = match site_stage.ledger {
+                serde_json::Value::Null => Ledger::default(),
+                saved => serde_json::from_value(saved).map_err(|e| store_error(&self.store, format!("{key}: the ledger: {e}")))?,
+            };
+            self.owned.insert(*q, Owned { key: key.clone(), next_offset, ledger, sources: BTreeMap::new() });
             for bytes in &site_stage.sources {
                 let saved = Partial::decode(bytes, &self.schemas).map_err(|e| store_error(&self.store, format!("{key}: {e}")))?;
                 let state = PartitionState {
@@ -261,7 +265,7 @@ impl SiteDriver {
                 counters: Vec::new(),
                 clocks: Vec::new(),
                 outbox: Vec::new(),
-                site_stage: Some(SiteStageState { ledger: owned.ledger.clone(), sources }),
+                site_stage: Some(SiteStageState { ledger: serde_json::to_value(&owned.ledger).expect("a ledger serialises"), sources }),
             };
             self.store.save(&owned.key, &ckpt, &self.schemas)?;
             offsets.push((owned.key.clone(), owned.next_offset));

@@ -4,12 +4,12 @@
 //! pass the clear thresholds. The shown level follows the target only after the target has held
 //! for the hold time, so a signal oscillating around a threshold does not flap.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::policy::{Metric, Threshold};
 
 /// Severity of one row.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Level {
     Ready,

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use datafusion::arrow::array::{Array, AsArray, RecordBatch};
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, Float64Type, TimestampNanosecondType};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 pub use hysteresis::{HeldLevel, Level};
 pub use meetings::{Meeting, MeetingSpec};
@@ -23,7 +23,7 @@ pub use policy::{Metric, Policy, PolicyError};
 use crate::inventory::{Inventory, SiteIdx};
 
 /// A site's verdict.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Verdict {
     Ready,
@@ -54,7 +54,7 @@ impl Verdict {
 }
 
 /// Why a row is shown at its level.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Cause {
     /// The value is past the level's threshold.
@@ -83,11 +83,12 @@ impl Cause {
 
 /// Why a row is not ready: which metric, its value, the threshold of its level, whether it is
 /// over that threshold or held (hysteresis, hold time), and the level it must pass to clear.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Reason {
     pub metric: Metric,
     pub level: Level,
     /// The row's value; for freshness, the staler telemetry's age in seconds (null if never seen).
+    #[serde(deserialize_with = "nan_if_null")]
     pub value: f64,
     pub threshold: f64,
     pub cause: Cause,
@@ -95,8 +96,13 @@ pub struct Reason {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub clear: Option<f64>,
     /// In words: what is missing or stale, or how much of the hold time has run.
-    #[serde(skip_serializing_if = "String::is_empty")]
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub detail: String,
+}
+
+/// JSON has no NaN: serde_json writes it as null; read null back as NaN.
+fn nan_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 /// A row's value as a reason shows it: four decimals, or in words when there is no number to
@@ -136,7 +142,7 @@ impl std::fmt::Display for Reason {
 }
 
 /// Probe statistics over the rolling period.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ProbeStats {
     pub samples: usize,
     pub rtt_p50_seconds: f64,
@@ -148,15 +154,16 @@ pub struct ProbeStats {
 }
 
 /// Traffic statistics over the rolling period, per direction (`[in, out]`).
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct TrafficStats {
     pub windows: usize,
     pub utilisation_mean_ratio: [f64; 2],
     pub spare_min_bytes_per_second: [f64; 2],
 }
 
-/// The latest evaluation of one site.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// The latest evaluation of one site. Serialised for `/api/readiness` and, in a scale-out, the
+/// readiness topic, where the other site-stage instances read it back.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SiteReadiness {
     pub site: String,
     pub name: String,
@@ -653,7 +660,7 @@ pub struct SharedReadiness {
     pub meetings: std::sync::RwLock<Vec<Meeting>>,
     /// In a scale-out, the latest verdict of each site judged by another site-stage instance,
     /// as that instance's `/api/readiness` shows it (read from the readiness topic).
-    peer_verdicts: std::sync::RwLock<std::collections::HashMap<String, serde_json::Value>>,
+    peer_verdicts: std::sync::RwLock<std::collections::HashMap<String, SiteReadiness>>,
 }
 
 impl SharedReadiness {
@@ -665,18 +672,23 @@ impl SharedReadiness {
         })
     }
 
-    /// Keeps (or with `None` forgets) the latest verdict of `site` from the readiness topic.
-    pub fn put_peer_verdict(&self, site: &str, verdict: Option<serde_json::Value>) {
+    /// Keeps (or with `None` forgets) the latest verdict of `site` from the readiness topic;
+    /// `false` for a site the inventory does not have (not kept).
+    pub fn put_peer_verdict(&self, site: &str, verdict: Option<SiteReadiness>) -> bool {
+        if self.engine.read().expect("readiness lock").inventory().by_id(site).is_none() {
+            return false;
+        }
         let mut peers = self.peer_verdicts.write().expect("peer verdicts lock");
         match verdict {
             Some(v) => peers.insert(site.to_string(), v),
             None => peers.remove(site),
         };
+        true
     }
 
-    /// Every site's latest verdict as `/api/readiness` shows it, in inventory order: this
-    /// instance's for the sites it judges, the owner's (from the readiness topic) for the others.
-    pub fn verdicts(&self) -> Vec<serde_json::Value> {
+    /// Every site's latest verdict, in inventory order: this instance's for the sites it
+    /// judges, the owner's (from the readiness topic) for the others in a scale-out.
+    pub fn verdicts(&self) -> Vec<SiteReadiness> {
         let engine = self.engine.read().expect("readiness lock");
         let peers = self.peer_verdicts.read().expect("peer verdicts lock");
         engine
@@ -684,8 +696,8 @@ impl SharedReadiness {
             .iter()
             .enumerate()
             .map(|(i, s)| match peers.get(&s.site) {
-                Some(v) if !engine.owns(i) => v.clone(),
-                _ => serde_json::to_value(s).expect("a verdict serialises"),
+                Some(peer) if !engine.owns(i) => peer.clone(),
+                _ => s.clone(),
             })
             .collect()
     }
@@ -743,11 +755,13 @@ impl SharedReadiness {
     }
 
     /// The readiness report of one meeting.
+    /// A meeting's report over every participant's latest verdict (in a scale-out, the owners').
     pub fn meeting_report(&self, id: &str) -> Option<meetings::MeetingReport> {
+        let verdicts = self.verdicts();
         let engine = self.engine.read().expect("readiness lock");
         let meetings = self.meetings.read().expect("meetings lock");
         let m = meetings.iter().find(|m| m.spec.id == id)?;
-        Some(meetings::report(m, engine.latest(), engine.policy(), engine.evaluated_at_ns()))
+        Some(meetings::report(m, &verdicts, engine.policy(), engine.evaluated_at_ns()))
     }
 }
 
@@ -860,6 +874,21 @@ mod tests {
         assert_eq!(b.verdict, Verdict::Unknown, "{:?}", b.reasons);
         assert_eq!(b.reasons.last().unwrap().metric, Metric::Freshness);
         assert_eq!(e.counts(None), [(Verdict::Ready, 0), (Verdict::Degraded, 0), (Verdict::NotReady, 1), (Verdict::Unknown, 1)]);
+
+        // What the readiness topic carries reads back the same (an unknown age is null, then NaN).
+        let mut never = ReadinessEngine::new(e.inventory().clone(), Policy::default(), 10 * S);
+        never.evaluate(t, t + 10 * S);
+        for s in e.latest().iter().chain(never.latest()) {
+            let json = serde_json::to_string(s).unwrap();
+            let back: SiteReadiness = serde_json::from_str(&json).unwrap();
+            assert_eq!(serde_json::to_string(&back).unwrap(), json);
+        }
+        assert!(never.latest().iter().any(|s| s.reasons.iter().any(|r| r.value.is_nan())), "a reason without a value was checked");
+
+        // A scale-out instance judges, counts and rolls up only its own sites.
+        e.set_owned(Some(vec![false, true]));
+        assert_eq!(e.owned_latest().iter().map(|s| s.site.as_str()).collect::<Vec<_>>(), ["b"]);
+        assert_eq!(e.counts(None).iter().map(|(_, n)| n).sum::<usize>(), 1);
     }
 
     /// Reasons say whether a row is over its threshold, held by hysteresis or by the hold

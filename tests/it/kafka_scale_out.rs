@@ -513,6 +513,8 @@ fn prometheus_over_three_site_stage_instances_alerts_for_exactly_the_faulty_site
             .expect("the prometheus server (scripts/test.sh installs it)"),
     );
 
+    let up = wait_until(Duration::from_secs(60), || crate::support::http_get(prom, "/-/ready").is_ok_and(|(s, _)| s == 200));
+    assert!(up, "Prometheus did not start: {}", std::fs::read_to_string(dir.path().join("prometheus.log")).unwrap_or_default());
     let inventory = siteflow::inventory::Inventory::embedded();
     let meo_vac: BTreeSet<String> =
         inventory.sites().iter().filter(|s| s.district == "Mèo Vạc" && s.level == "commune").map(|s| s.id.clone()).collect();
@@ -550,6 +552,21 @@ fn prometheus_over_three_site_stage_instances_alerts_for_exactly_the_faulty_site
     let affected: BTreeSet<String> = not_ready.union(&unknown).cloned().collect();
     for (name, state, site) in &firing {
         assert!(site.is_empty() || affected.contains(site), "{name} ({state}) names healthy site {site}");
+    }
+
+    // Any instance reports the meeting over every participant (the owners' verdicts).
+    for i in &sites {
+        let (status, body) = crate::support::http_get(i.http, "/api/meetings/giao-ban-e2e/readiness").unwrap();
+        assert_eq!(status, 200, "{body}");
+        let report: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let at_risk: BTreeSet<String> = report["participants"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["at_risk"] == true)
+            .map(|p| p["site"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(at_risk, meo_vac, "{}: the meeting's participants at risk", i.log.display());
     }
     stop.store(true, std::sync::atomic::Ordering::Release);
     producing.join().unwrap();
