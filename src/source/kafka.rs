@@ -344,6 +344,14 @@ impl ConsumerContext for Context {
                 if let Err(e) = result {
                     tracing::error!("assign failed: {e}");
                 }
+                // librdkafka keeps a partition's pause flag while it is not assigned, and a resume
+                // issued then (the poller resumes what it paused once the pipeline catches up)
+                // may not reach it: a partition paused before a rebalance would never fetch
+                // again once assigned (seen on a loaded CI machine). Whatever was paused before,
+                // an assigned partition starts fetching; the poller pauses it again if need be.
+                if let Err(e) = consumer.resume(tpl) {
+                    tracing::warn!("cannot resume the assigned partitions: {e}");
+                }
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 let partitions = self.keyed(tpl);

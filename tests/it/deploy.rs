@@ -441,6 +441,15 @@ fn compose_siteflow_services_share_checkpoints_and_pass_siteflow_check() {
     let mut wanted: BTreeSet<&str> = topics.keys().map(String::as_str).collect();
     wanted.insert(s(&config["kafka"]["dead_letter_topic"]));
     assert_eq!(created, wanted, "kafka-init creates exactly siteflow's topics");
+    // The two stages: the ingest service hands on through the internal topic, the site stage
+    // (the `siteflow` service) shares its verdicts through the readiness topic.
+    for topic in [s(&config["scale_out"]["topic"]), s(&config["scale_out"]["readiness_topic"])] {
+        assert!(init.contains(&format!("--topic {topic} ")), "kafka-init creates {topic}");
+    }
+    let command = |service: &str| c["services"][service]["command"].as_sequence().unwrap().iter().map(s).collect::<Vec<_>>().join(" ");
+    assert!(command("siteflow").ends_with("--stage site"), "{}", command("siteflow"));
+    assert!(command("siteflow-ingest").ends_with("--stage ingest"), "{}", command("siteflow-ingest"));
+    assert_eq!(c["services"]["siteflow-ingest"]["volumes"], sf["volumes"], "both stages mount the config and the checkpoints");
     assert_eq!(c["services"]["kafka"]["environment"]["KAFKA_AUTO_CREATE_TOPICS_ENABLE"].as_str(), Some("false"));
 
     let goflow2: Vec<&str> = c["services"]["goflow2"]["command"].as_sequence().unwrap().iter().map(s).collect();
@@ -510,6 +519,15 @@ fn compose_prometheus_config_and_rules_pass_promtool() {
     let job = p["scrape_configs"].as_sequence().unwrap().iter().find(|j| j["job_name"].as_str() == Some("siteflow")).expect("job siteflow");
     let dns = &job["dns_sd_configs"][0];
     assert_eq!(dns["names"][0].as_str(), Some("siteflow"));
+    let scraped: BTreeSet<&str> = dns["names"].as_sequence().unwrap().iter().map(s).collect();
+    let instances: BTreeSet<&str> = c["services"]
+        .as_mapping()
+        .unwrap()
+        .iter()
+        .filter(|(_, v)| v["image"].as_str().is_some_and(|i| i.starts_with("siteflow:")))
+        .map(|(k, _)| s(k))
+        .collect();
+    assert_eq!(scraped, instances, "every siteflow service of both stages is scraped");
     assert_eq!(dns["port"].as_u64(), Some(u64::from(listen_port(&sf_config))));
     assert_eq!(p["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"][0].as_str(), Some("alertmanager:9093"));
     assert!(c["services"]["alertmanager"].is_mapping());

@@ -248,8 +248,8 @@ fn exported_sites(i: &Instance) -> Vec<String> {
 }
 
 /// The district-congestion scenario on `flows` and `probes`, one instance reading them as the
-/// reference, and the two stages: three site-stage instances (one internal partition each,
-/// settled before any data) and one ingest instance.
+/// reference, and the two stages: `site_instances` site-stage instances (the internal
+/// partitions settled over them before any data) and one ingest instance.
 struct TwoStages {
     dir: tempfile::TempDir,
     _broker: Broker,
@@ -261,7 +261,7 @@ struct TwoStages {
 }
 
 impl TwoStages {
-    fn start() -> Self {
+    fn start(site_instances: usize) -> Self {
         let dir = test_dir();
         let broker = Broker::start(dir.path());
         broker.create_topic("flows", 4);
@@ -271,10 +271,14 @@ impl TwoStages {
         let topics = [("flows", "goflow2_json"), ("probes", "siteflow_probe_json")];
         let scaled = dir.path().join("scaled");
         let site_env = [("SITEFLOW_SCALE_OUT__STAGE", "site")];
-        let sites: Vec<Instance> =
-            ["s1", "s2", "s3"].iter().map(|n| Instance::start_with_env(dir.path(), n, &broker, &topics, &scaled, "", &site_env)).collect();
-        let settled = wait_until(Duration::from_secs(120), || sites.iter().all(|i| owned(i) == 1.0));
-        assert!(settled, "the site stage did not settle one internal partition per instance:\n{}", sites[0].log_summary());
+        let sites: Vec<Instance> = (1..=site_instances)
+            .map(|n| Instance::start_with_env(dir.path(), &format!("s{n}"), &broker, &topics, &scaled, "", &site_env))
+            .collect();
+        let settled = wait_until(Duration::from_secs(120), || {
+            let owned: Vec<f64> = sites.iter().map(owned).collect();
+            owned.iter().all(|&n| n >= 1.0) && owned.iter().sum::<f64>() == f64::from(INTERNAL_PARTITIONS)
+        });
+        assert!(settled, "the site stage did not settle its internal partitions over the instances:\n{}", sites[0].log_summary());
         let (truth, end_s) = produce_scenario(&broker);
         let reference = Instance::start_with_env(
             dir.path(),
@@ -316,7 +320,7 @@ fn owned(i: &Instance) -> f64 {
 
 #[test]
 fn three_site_stage_instances_publish_and_judge_what_one_instance_does() {
-    let run = TwoStages::start();
+    let run = TwoStages::start(3);
     let (sites, end_s) = (&run.sites, run.end_s);
     run.assert_exact_totals();
 
@@ -364,39 +368,41 @@ fn three_site_stage_instances_publish_and_judge_what_one_instance_does() {
 
     // /api/readiness: any site-stage instance answers for all 242 sites, as the reference does
     // (the others' verdicts through the readiness topic).
-    let want = api_verdicts(&run.reference);
-    assert_eq!(want.len(), 242);
+    // Both turn every verdict `unknown` once no window has closed for the freshness limit:
+    // compared as they are at the same moment.
     for i in sites {
-        let mut got = BTreeMap::new();
+        let (mut want, mut got) = (BTreeMap::new(), BTreeMap::new());
         let same = wait_while_progressing(
             STALL,
             || {
+                want = api_verdicts(&run.reference);
                 got = api_verdicts(i);
-                got == want
+                want.len() == 242 && got == want
             },
-            || api_verdicts(i),
+            || (api_verdicts(&run.reference), api_verdicts(i)),
         );
         let differ: Vec<_> = want.iter().filter(|(k, v)| got.get(*k) != Some(v)).take(5).collect();
         assert!(same, "{}: /api/readiness differs from the reference's for {differ:?}", i.log.display());
     }
 }
 
-/// SIGKILL of a site-stage instance mid-run, then its restart (as an orchestrator restarts a
-/// pod). Restarted rather than left dead: Tansu 0.6.0's group coordinator does not hand a
-/// killed member's partitions to the survivors (docs/scale-out.md, "Known limits").
+/// SIGKILL of the site stage mid-run, then its restart (as an orchestrator restarts a pod).
+/// One site-stage instance: Tansu 0.6.0's group coordinator never expires a killed member, so
+/// with several the killed one's partition stays assigned to it (docs/scale-out.md, "Known
+/// limits"); with one, the restarted instance gets every partition back.
 #[test]
 fn a_site_stage_instance_killed_mid_run_loses_nothing_and_its_sites_are_judged_again() {
-    let mut run = TwoStages::start();
+    let mut run = TwoStages::start(1);
     let merged = |i: &Instance| i.metric("siteflow_scale_out_partials_total", "outcome=\"merged\"").unwrap_or(0.0);
     let received = |i: &Instance| i.metric("siteflow_records_received_total", "").unwrap_or(0.0) as u64;
     let total: u64 = run.truth.values().map(|v| v.2).sum();
-    assert!(wait_until(Duration::from_secs(120), || merged(&run.sites[1]) > 0.0), "s2 merged nothing:\n{}", run.sites[1].log_summary());
+    assert!(wait_until(Duration::from_secs(120), || merged(&run.sites[0]) > 0.0), "s1 merged nothing:\n{}", run.sites[0].log_summary());
     assert!(received(&run.ingest) < total, "the ingest stage finished before the kill: make the input bigger");
-    run.sites[1].kill();
-    run.sites[1].restart();
-    let survivors = [&run.sites[0], &run.sites[1], &run.sites[2]];
-    let taken_over = wait_until(Duration::from_secs(120), || survivors.iter().all(|i| owned(i) == 1.0));
-    assert!(taken_over, "s2 did not get an internal partition back:\n{}", run.sites[1].log_summary());
+    run.sites[0].kill();
+    run.sites[0].restart();
+    let survivors = [&run.sites[0]];
+    let taken_over = wait_until(Duration::from_secs(120), || owned(&run.sites[0]) == f64::from(INTERNAL_PARTITIONS));
+    assert!(taken_over, "the restarted site stage did not get its partitions back:\n{}", run.sites[0].log_summary());
     run.assert_exact_totals();
 
     // The last window's verdicts: every site judged by one survivor, as the reference judges it.
