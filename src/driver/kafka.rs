@@ -194,12 +194,7 @@ impl KafkaDriver {
     fn checkpoint_partitions(&mut self, pipeline: &mut Pipeline, ids: &[PartitionId]) -> Result<Vec<(PartitionKey, i64)>, PipelineError> {
         let started = Instant::now();
         let result = self.write_checkpoints(pipeline, ids);
-        let outcome = if result.is_ok() { "ok" } else { "failed" };
-        self.metrics.checkpoints.written.with_label_values(&[outcome]).inc();
-        if result.is_ok() {
-            self.metrics.checkpoints.duration.observe(started.elapsed().as_secs_f64());
-            self.metrics.checkpoints.last_success.set(unix_now_ns() as f64 / 1e9);
-        }
+        count_checkpoint(&self.metrics, started, result.is_ok());
         result
     }
 
@@ -369,14 +364,31 @@ impl Driver for KafkaDriver {
             End::SourceEnded => tracing::warn!("the Kafka consumer stopped"),
         }
         let offsets = self.checkpoint(pipeline)?;
-        // The consumer may be waiting in a rebalance for the pipeline: answer it, then stop.
-        self.events.close();
-        while let Ok(event) = self.events.try_recv() {
-            if let KafkaEvent::Revoked { reply, .. } = event {
-                let _ = reply.send(Vec::new());
-            }
-        }
-        let source = self.source;
-        tokio::task::spawn_blocking(move || source.stop(&offsets)).await.map_err(|e| PipelineError::Task(e.to_string()))
+        stop_consumer(self.source, self.events, offsets).await
     }
+}
+
+/// Counts a checkpoint of every owned partition (outcome, and duration and time when it worked).
+pub(super) fn count_checkpoint(metrics: &PipelineMetrics, started: Instant, ok: bool) {
+    metrics.checkpoints.written.with_label_values(&[if ok { "ok" } else { "failed" }]).inc();
+    if ok {
+        metrics.checkpoints.duration.observe(started.elapsed().as_secs_f64());
+        metrics.checkpoints.last_success.set(unix_now_ns() as f64 / 1e9);
+    }
+}
+
+/// Stops the consumer after the last checkpoint: it may be waiting in a rebalance for the
+/// pipeline, so pending revocations are answered first; then `offsets` are committed.
+pub(super) async fn stop_consumer(
+    source: KafkaSource,
+    mut events: mpsc::Receiver<KafkaEvent>,
+    offsets: Vec<(PartitionKey, i64)>,
+) -> Result<(), PipelineError> {
+    events.close();
+    while let Ok(event) = events.try_recv() {
+        if let KafkaEvent::Revoked { reply, .. } = event {
+            let _ = reply.send(Vec::new());
+        }
+    }
+    tokio::task::spawn_blocking(move || source.stop(&offsets)).await.map_err(|e| PipelineError::Task(e.to_string()))
 }

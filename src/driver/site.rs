@@ -27,7 +27,7 @@ use prometheus::IntCounterVec;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use tokio::sync::mpsc;
 
-use super::kafka::furthest_behind;
+use super::kafka::{count_checkpoint, furthest_behind, stop_consumer};
 use super::{Driver, End};
 use crate::checkpoint::{CheckpointStore, PartitionCheckpoint, PartitionKey, SiteStageState};
 use crate::config::KafkaConfig;
@@ -35,7 +35,7 @@ use crate::metrics::PipelineMetrics;
 use crate::pipeline::{PartitionState, Pipeline, PipelineError};
 use crate::shuffle::{Admission, Ledger, Partial, partition_of};
 use crate::source::kafka::{KafkaEvent, KafkaSource};
-use crate::types::{PartitionId, SourceBatch, unix_now_ns};
+use crate::types::{PartitionId, SourceBatch};
 
 /// An internal partition this instance owns.
 struct Owned {
@@ -226,12 +226,7 @@ impl SiteDriver {
     fn checkpoint_partitions(&mut self, pipeline: &mut Pipeline, ids: &[PartitionId]) -> Result<Vec<(PartitionKey, i64)>, PipelineError> {
         let started = Instant::now();
         let result = self.write_checkpoints(pipeline, ids);
-        let outcome = if result.is_ok() { "ok" } else { "failed" };
-        self.metrics.checkpoints.written.with_label_values(&[outcome]).inc();
-        if result.is_ok() {
-            self.metrics.checkpoints.duration.observe(started.elapsed().as_secs_f64());
-            self.metrics.checkpoints.last_success.set(unix_now_ns() as f64 / 1e9);
-        }
+        count_checkpoint(&self.metrics, started, result.is_ok());
         result
     }
 
@@ -420,13 +415,6 @@ impl Driver for SiteDriver {
             End::SourceEnded => tracing::warn!("the Kafka consumer stopped"),
         }
         let offsets = self.checkpoint(pipeline)?;
-        self.events.close();
-        while let Ok(event) = self.events.try_recv() {
-            if let KafkaEvent::Revoked { reply, .. } = event {
-                let _ = reply.send(Vec::new());
-            }
-        }
-        let source = self.source;
-        tokio::task::spawn_blocking(move || source.stop(&offsets)).await.map_err(|e| PipelineError::Task(e.to_string()))
+        stop_consumer(self.source, self.events, offsets).await
     }
 }
