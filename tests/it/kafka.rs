@@ -161,30 +161,27 @@ fn skewed_exporters_and_disordered_exports_reach_every_output_exactly() {
     let producer = broker.producer();
     // (partition, exporter, clock offset): two routers share partition 0.
     let exporters = [(0, "192.0.2.11", 0), (0, "192.0.2.12", -300 * S), (1, "192.0.2.13", 0)];
-    let mut last_ns = start;
-    for step in 0..300 {
-        // One export per router every 2 s for 10 minutes, after the lagging clock's start.
-        let now = start + 400 * S + step * 2 * S;
-        for (partition, exporter, offset) in exporters {
-            let mut payload = String::new();
-            for _ in 0..20 {
-                let t = now + offset - traffic.rng().i64(0..60 * S);
-                let f = traffic.flow(t);
-                payload.push_str(&traffic.goflow2_json_from(&f, exporter));
-                payload.push('\n');
+    // One export per router every 2 s for 10 minutes, after the lagging clock's start.
+    let produce_steps = |steps: std::ops::Range<i64>, traffic: &mut Traffic| {
+        for step in steps {
+            let now = start + 400 * S + step * 2 * S;
+            for (partition, exporter, offset) in exporters {
+                let mut payload = String::new();
+                for _ in 0..20 {
+                    let t = now + offset - traffic.rng().i64(0..60 * S);
+                    let f = traffic.flow(t);
+                    payload.push_str(&traffic.goflow2_json_from(&f, exporter));
+                    payload.push('\n');
+                }
+                send(&producer, "flows", partition, payload.as_bytes());
             }
-            send(&producer, "flows", partition, payload.as_bytes());
         }
-        last_ns = now;
-    }
-    // The on-time routers move an hour on (one flow each): every data window gets published.
-    let end_s = last_ns.div_euclid(10 * S) * 10 + 10;
-    for (partition, exporter, _) in [exporters[0], exporters[2]] {
-        let f = Flow { site: 0, inbound: true, t_ns: (end_s + 3600) * S, bytes: 1, packets: 1, sampling: 1 };
-        send(&producer, "flows", partition, traffic.goflow2_json_from(&f, exporter).as_bytes());
-    }
-    flush(&producer);
-
+        flush(&producer);
+    };
+    // The first five minutes, then the instance, which publishes the on-time routers' windows
+    // before the lagging router's records for them exist: those become corrections, whatever
+    // batches the consumer happens to read (a backlog read in one batch would hide them).
+    produce_steps(0..150, &mut traffic);
     let checkpoints = dir.path().join("ckpt");
     // The lagging router falls silent at the end: after 5 s it stops holding its windows open.
     let a = Instance::start_with_env(
@@ -196,6 +193,24 @@ fn skewed_exporters_and_disordered_exports_reach_every_output_exactly() {
         "",
         &[("SITEFLOW_WINDOW__ALLOWED_LATENESS_MS", "120000"), ("SITEFLOW_WINDOW__IDLE_PARTITION_TIMEOUT_SECS", "5")],
     );
+    // The lagging router's second half (event time start+340 s..start+700 s) lands on these.
+    let published = (start / S + 500) as f64;
+    let closed = || a.metric("siteflow_last_closed_window_end_timestamp_seconds", "table=\"flows\"").unwrap_or(0.0);
+    let first_half_published = wait_while_progressing(
+        STALL,
+        || closed() >= published,
+        || (a.metric("siteflow_records_decoded_total", "format=\"goflow2_json\""), closed() as i64),
+    );
+    assert!(first_half_published, "the first half's windows up to {published} were not published:\n{}", a.log_summary());
+    produce_steps(150..300, &mut traffic);
+    let last_ns = start + 400 * S + 299 * 2 * S;
+    // The on-time routers move an hour on (one flow each): every data window gets published.
+    let end_s = last_ns.div_euclid(10 * S) * 10 + 10;
+    for (partition, exporter, _) in [exporters[0], exporters[2]] {
+        let f = Flow { site: 0, inbound: true, t_ns: (end_s + 3600) * S, bytes: 1, packets: 1, sampling: 1 };
+        send(&producer, "flows", partition, traffic.goflow2_json_from(&f, exporter).as_bytes());
+    }
+    flush(&producer);
     assert_exact(&checkpoints, &traffic.truth, end_s, STALL, &[&a]);
 
     // /metrics: nothing late, windows corrected, and the counters per site and direction equal
