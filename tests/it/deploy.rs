@@ -762,20 +762,60 @@ fn kubernetes_configmap_config_passes_siteflow_check_where_the_statefulset_mount
     assert_eq!(container["securityContext"]["allowPrivilegeEscalation"].as_bool(), Some(false));
     assert!(container["resources"]["requests"]["memory"].is_string() && container["resources"]["limits"]["memory"].is_string());
 
-    // Selectors agree with the pod labels; the PodMonitor names the job the rules select.
-    let labels = &sts["spec"]["template"]["metadata"]["labels"];
-    let selects = |selector: &Value| selector.as_mapping().unwrap().iter().all(|(k, v)| &labels[k] == v);
-    assert!(selects(&sts["spec"]["selector"]["matchLabels"]));
-    assert!(selects(&manifest("PodDisruptionBudget")["spec"]["selector"]["matchLabels"]));
+    // The two stages: the StatefulSet runs the site stage, a Deployment the ingest stage, on
+    // the same image, configuration and checkpoint claim.
+    let args_of = |c: &Value| c["args"].as_sequence().unwrap().iter().map(s).collect::<Vec<_>>().join(" ");
+    assert!(args_of(container).ends_with("--stage site"), "{}", args_of(container));
+    for topic in ["topic", "readiness_topic"] {
+        assert!(config["scale_out"][topic].as_str().is_some_and(|t| !t.is_empty()), "scale_out.{topic} set");
+    }
+    let ingest = manifest("Deployment");
+    let ingest_pod = &ingest["spec"]["template"]["spec"];
+    let ingest_container = &ingest_pod["containers"][0];
+    assert!(args_of(ingest_container).ends_with("--stage ingest"), "{}", args_of(ingest_container));
+    assert_eq!(ingest_container["args"].as_sequence().unwrap()[..3], container["args"].as_sequence().unwrap()[..3], "the same configuration file");
+    assert_eq!(ingest_container["image"], container["image"]);
+    let ingest_mounts = ingest_container["volumeMounts"].as_sequence().unwrap();
+    let ingest_volumes = ingest_pod["volumes"].as_sequence().unwrap();
+    let volume_at = |mounts: &[Value], volumes: &[Value], dir: &str| -> Value {
+        let m = mounts.iter().find(|m| dir.starts_with(s(&m["mountPath"]))).unwrap_or_else(|| panic!("{dir} on a volume"));
+        volumes.iter().find(|v| v["name"] == m["name"]).cloned().unwrap_or_else(|| panic!("volume {:?}", m["name"]))
+    };
+    let checkpoint_dir = s(&config["checkpoint"]["dir"]);
+    assert_eq!(volume_at(ingest_mounts, ingest_volumes, checkpoint_dir)["persistentVolumeClaim"]["claimName"], pvc["metadata"]["name"]);
+    assert!(volume_at(ingest_mounts, ingest_volumes, s(&config["history"]["dir"]))["emptyDir"].is_mapping());
+    assert_eq!(volume_at(ingest_mounts, ingest_volumes, args[2])["configMap"]["name"], cm["metadata"]["name"]);
+    assert_eq!(ingest_pod["securityContext"], pod["securityContext"]);
+    assert_eq!(ingest_container["securityContext"], container["securityContext"]);
+
+    // Selectors: each controller and disruption budget takes its own stage's pods only, the
+    // API services the site stage's, and the PodMonitor both, under the job the rules select.
+    let site_labels = &sts["spec"]["template"]["metadata"]["labels"];
+    let ingest_labels = &ingest["spec"]["template"]["metadata"]["labels"];
+    let selects = |selector: &Value, labels: &Value| selector.as_mapping().unwrap().iter().all(|(k, v)| &labels[k] == v);
+    let selects_only = |selector: &Value, labels: &Value| {
+        let other = if labels == site_labels { ingest_labels } else { site_labels };
+        selects(selector, labels) && !selects(selector, other)
+    };
+    assert!(selects_only(&sts["spec"]["selector"]["matchLabels"], site_labels));
+    assert!(selects_only(&ingest["spec"]["selector"]["matchLabels"], ingest_labels));
+    let budgets: Vec<Value> =
+        kubernetes_files().iter().flat_map(|p| yaml_docs(p)).filter(|d| d["kind"].as_str() == Some("PodDisruptionBudget")).collect();
+    assert_eq!(budgets.len(), 2, "one per stage");
+    let budget_of = |labels: &Value| budgets.iter().filter(|b| selects_only(&b["spec"]["selector"]["matchLabels"], labels)).count();
+    assert_eq!((budget_of(site_labels), budget_of(ingest_labels)), (1, 1));
     let pm = manifest("PodMonitor");
-    assert!(selects(&pm["spec"]["selector"]["matchLabels"]));
-    assert_eq!(labels[s(&pm["spec"]["jobLabel"])].as_str(), Some("siteflow"), "job=\"siteflow\" as the rules expect");
+    for labels in [site_labels, ingest_labels] {
+        assert!(selects(&pm["spec"]["selector"]["matchLabels"], labels));
+        assert_eq!(labels[s(&pm["spec"]["jobLabel"])].as_str(), Some("siteflow"), "job=\"siteflow\" as the rules expect");
+    }
     assert_eq!(pm["spec"]["podMetricsEndpoints"][0]["port"].as_str(), Some("http"));
+    assert_eq!(ingest_container["ports"], container["ports"]);
     let services: Vec<Value> =
         kubernetes_files().iter().flat_map(|p| yaml_docs(p)).filter(|d| d["kind"].as_str() == Some("Service")).collect();
     assert_eq!(services.len(), 2);
     for svc in &services {
-        assert!(selects(&svc["spec"]["selector"]));
+        assert!(selects_only(&svc["spec"]["selector"], site_labels), "{:?} routes to the site stage", svc["metadata"]["name"]);
         assert_eq!(svc["spec"]["ports"][0]["port"].as_u64(), Some(u64::from(port)));
     }
     assert!(
