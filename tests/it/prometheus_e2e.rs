@@ -42,13 +42,20 @@ pub(crate) fn alerts(prom: std::net::SocketAddr) -> Vec<(String, String, String)
         .collect()
 }
 
-pub(crate) fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+pub(crate) fn wait_until<T>(what: &str, timeout: Duration, f: impl FnMut() -> Option<T>) -> T {
+    try_until(timeout, f).unwrap_or_else(|| panic!("timed out after {timeout:?} waiting for {what}"))
+}
+
+/// `f`'s first `Some`, or `None` once `timeout` has passed.
+pub(crate) fn try_until<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     let start = Instant::now();
     loop {
         if let Some(v) = f() {
-            return v;
+            return Some(v);
         }
-        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        if start.elapsed() >= timeout {
+            return None;
+        }
         std::thread::sleep(Duration::from_secs(1));
     }
 }
@@ -134,11 +141,37 @@ fn prometheus_sees_exactly_the_faulty_sites_and_every_dashboard_query_has_data()
     // Alerts: SiteNotReady and MeetingParticipantAtRisk fire (for: 1m) for exactly the affected
     // sites; no alert of any kind names a healthy site.
     let at_risk: BTreeSet<String> = meo_vac_communes.clone();
-    let firing = wait_until("SiteNotReady and MeetingParticipantAtRisk to fire", Duration::from_secs(150), || {
-        let a = alerts(prom_addr);
+    // Ends on progress: fails once the alerts have not changed for 150 s (a loaded machine that
+    // closes windows late delays them, and they still move).
+    let mut seen = String::new();
+    let (mut last, mut changed) = (Vec::new(), Instant::now());
+    let firing = try_until(Duration::MAX, || {
+        let mut a = alerts(prom_addr);
+        a.sort();
+        if a != last {
+            (last, changed) = (a.clone(), Instant::now());
+        } else if changed.elapsed() > Duration::from_secs(150) {
+            return Some(None);
+        }
         let of =
             |name: &str| a.iter().filter(|(n, s, _)| n == name && s == "firing").map(|(_, _, site)| site.clone()).collect::<BTreeSet<_>>();
-        (of("SiteNotReady") == not_ready && of("MeetingParticipantAtRisk") == at_risk).then_some(a)
+        let pending = |name: &str| a.iter().filter(|(n, s, _)| n == name && s == "pending").count();
+        seen = format!(
+            "SiteNotReady firing for {:?} ({} pending), MeetingParticipantAtRisk firing for {:?} ({} pending); verdicts now: {} not ready, {} unknown",
+            of("SiteNotReady"),
+            pending("SiteNotReady"),
+            of("MeetingParticipantAtRisk"),
+            pending("MeetingParticipantAtRisk"),
+            query(prom_addr, "siteflow_site_readiness{state=\"not_ready\"} == 1").len(),
+            query(prom_addr, "siteflow_site_readiness{state=\"unknown\"} == 1").len(),
+        );
+        (of("SiteNotReady") == not_ready && of("MeetingParticipantAtRisk") == at_risk).then_some(Some(a))
+    })
+    .flatten()
+    .unwrap_or_else(|| {
+        let log = std::fs::read_to_string(work.path().join("siteflow.log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(15).collect();
+        panic!("SiteNotReady and MeetingParticipantAtRisk did not fire for exactly the faulty sites (no change for 150 s); last seen: {seen}\nsiteflow log (last lines, newest first):\n{}", tail.join("\n"))
     });
     let affected: BTreeSet<String> = not_ready.union(&unknown).cloned().collect();
     for (name, state, site) in &firing {
