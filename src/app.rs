@@ -28,6 +28,7 @@ use crate::source::file::{FileSource, FileSourceError};
 use crate::source::kafka::{KafkaError, KafkaSource};
 use crate::source::simulator::{Scenario, Simulator};
 use crate::sql::{RecentFlows, SqlEngine, SqlLimits};
+use crate::windows_topic::WindowsTopic;
 
 /// A configuration that cannot be turned into a running siteflow, naming what is wrong. All of
 /// them are the user's input (or the machine's: a directory that cannot be written).
@@ -97,8 +98,12 @@ impl App {
         let stale_after = Duration::from_secs(config.window.size_secs * u64::from(resources.policy.freshness_windows));
         let sites = SiteMetrics::new(resources.inventory.clone(), config.window.size_secs as f64).stale_after(stale_after);
         let history = History::open(HistoryOptions::from_config(&config.history))?;
-        let sinks: Vec<Box<dyn crate::sink::WindowSink>> =
-            vec![Box::new(sites.clone()), Box::new(HistorySink::new(history.clone(), config.sql.top_talkers))];
+        let mut history_sink = HistorySink::new(history.clone(), config.sql.top_talkers);
+        if config.scale_out.stage == Stage::Site {
+            // The windows topic brings this instance's windows back after a restart too.
+            history_sink = history_sink.replacing();
+        }
+        let sinks: Vec<Box<dyn crate::sink::WindowSink>> = vec![Box::new(sites.clone()), Box::new(history_sink)];
         let mut pipeline = Pipeline::build(&config, &resources, metrics.clone(), sinks).await?;
         crate::history::declare_tables(&history, &pipeline.output_schemas(), config.sql.top_talkers);
         let recent_flows = RecentFlows::new(config.sql.recent_flows_max_rows, config.sql.recent_flows_max_mb << 20);
@@ -182,6 +187,15 @@ impl App {
                 let shared = ReadinessTopic::start(&config.kafka, &config.scale_out.readiness_topic, state.readiness.clone())
                     .map_err(AppError::ScaleOut)?;
                 pipeline.add_sink(Box::new(shared));
+                let windows = WindowsTopic::start(
+                    &config.kafka,
+                    &config.scale_out.windows_topic,
+                    history.clone(),
+                    config.sql.top_talkers,
+                    state.metrics.register_windows_topic(),
+                )
+                .map_err(AppError::ScaleOut)?;
+                pipeline.add_sink(Box::new(windows));
                 tokio::spawn(crate::driver::run(driver, pipeline, shutdown))
             }
             SourcePlan::Kafka { store, dead_letters, checkpoints } => {

@@ -7,7 +7,9 @@
 //! (window starts in ns). Dates older than the retention are deleted once their files were
 //! also written longer ago than the retention (a replay of last year's flows stays queryable
 //! for the retention); a past date with many small files is compacted into one. A published
-//! window that is corrected has its rows replaced, in memory or on disk. Without a directory, windows stay in memory only, bounded
+//! window that is corrected has its rows replaced, in memory or on disk, site by site (on a
+//! site-stage instance the window also holds the other instances' sites, which
+//! `windows_topic` brings in). Without a directory, windows stay in memory only, bounded
 //! by `max_memory_rows` per table (the oldest rows go first).
 
 use std::collections::BTreeMap;
@@ -83,7 +85,13 @@ struct TableHistory {
 #[derive(Debug, Default)]
 struct Inner {
     tables: BTreeMap<String, TableHistory>,
+    /// Per topic and partition, the offset of the last message whose rows are in the history
+    /// (`windows_topic`): saved with each flush, so a restart reads on from there.
+    applied: BTreeMap<String, BTreeMap<i32, i64>>,
 }
+
+/// Where the applied offsets are kept, next to the tables' directories.
+const APPLIED_FILE: &str = "applied-offsets.json";
 
 /// What a query sees of one table at one instant.
 #[derive(Debug, Clone)]
@@ -101,7 +109,7 @@ pub struct History {
 }
 
 /// Dictionary columns (site labels) as plain strings: one schema for memory and Parquet.
-fn normalise(batch: &RecordBatch) -> RecordBatch {
+pub(crate) fn normalise(batch: &RecordBatch) -> RecordBatch {
     let mut fields = Vec::with_capacity(batch.num_columns());
     let mut columns: Vec<ArrayRef> = Vec::with_capacity(batch.num_columns());
     for (f, c) in batch.schema().fields().iter().zip(batch.columns()) {
@@ -170,6 +178,9 @@ pub enum HistoryError {
     Parquet(#[from] ParquetError),
     #[error("history rows: {0}")]
     Arrow(#[from] ArrowError),
+    /// The file of applied offsets is not what siteflow writes.
+    #[error("history offsets file {}: {message}; delete it to read the windows topic from its beginning", path.display())]
+    Applied { path: PathBuf, message: String },
 }
 
 impl History {
@@ -198,6 +209,12 @@ impl History {
                     }
                     t.files.insert(d, files);
                 }
+            }
+            let applied = dir.join(APPLIED_FILE);
+            if applied.exists() {
+                let text = std::fs::read(&applied).map_err(unusable)?;
+                inner.applied =
+                    serde_json::from_slice(&text).map_err(|e| HistoryError::Applied { path: applied, message: e.to_string() })?;
             }
         }
         Ok(Self { options, inner: Arc::new(Mutex::new(inner)) })
@@ -233,11 +250,15 @@ impl History {
         }
     }
 
-    /// Replaces the rows of one window (a correction of a published window): its rows leave
-    /// memory and the files that hold it are rewritten without them, then the new rows join
-    /// memory — all under the lock, so a query sees the window exactly once.
+    /// Replaces the rows of one window for the sites in `rows` (a correction of a published
+    /// window, or another instance's sites): their rows leave memory and the files that hold
+    /// them are rewritten without them, then the new rows join memory — all under the lock, so a
+    /// query sees the window exactly once. Rows of other sites stay; a table without a `site`
+    /// column has the whole window replaced.
     pub fn replace_window(&self, table: &str, start_ns: i64, rows: &RecordBatch) -> Result<(), HistoryError> {
         let rows = normalise(rows);
+        let sites = sites_of(&rows);
+        let without_window = |batch: &RecordBatch, start_ns: i64| without_window(batch, start_ns, sites.as_ref());
         let mut inner = self.inner.lock().expect("history lock");
         let t = inner.tables.entry(table.to_string()).or_default();
         t.schema.get_or_insert_with(|| rows.schema());
@@ -284,6 +305,22 @@ impl History {
         Ok(())
     }
 
+    /// The schema a table's rows have in the history (declared or first seen).
+    pub fn schema_of(&self, table: &str) -> Option<SchemaRef> {
+        self.inner.lock().expect("history lock").tables.get(table).and_then(|t| t.schema.clone())
+    }
+
+    /// The offsets applied from `topic` (partition → offset of the last message applied).
+    pub fn applied_offsets(&self, topic: &str) -> BTreeMap<i32, i64> {
+        self.inner.lock().expect("history lock").applied.get(topic).cloned().unwrap_or_default()
+    }
+
+    /// Notes that the rows of the message at `offset` are in the history (call after applying
+    /// them); saved with the next flush.
+    pub fn note_applied(&self, topic: &str, partition: i32, offset: i64) {
+        self.inner.lock().expect("history lock").applied.entry(topic.to_string()).or_default().insert(partition, offset);
+    }
+
     /// Every table's rows at this instant.
     pub fn snapshot(&self) -> BTreeMap<String, TableSnapshot> {
         let inner = self.inner.lock().expect("history lock");
@@ -327,6 +364,14 @@ impl History {
             }
             t.memory.clear();
             t.memory_rows = 0;
+        }
+        // Every row applied so far is on disk now: a restart reads on after these offsets.
+        if !inner.applied.is_empty() {
+            let path = dir.join(APPLIED_FILE);
+            let tmp = path.with_extension("json.tmp");
+            std::fs::write(&tmp, serde_json::to_vec(&inner.applied).expect("offsets serialise"))?;
+            std::fs::File::open(&tmp)?.sync_all()?;
+            std::fs::rename(&tmp, &path)?;
         }
         drop(inner);
         self.retain_and_compact(chrono::Utc::now())?;
@@ -418,12 +463,35 @@ fn holds_window(batch: &RecordBatch, start_ns: i64) -> bool {
         .is_none_or(|starts| starts.values().contains(&start_ns))
 }
 
-/// The rows of `batch` not of the window starting at `start_ns`.
-fn without_window(batch: &RecordBatch, start_ns: i64) -> Result<RecordBatch, datafusion::arrow::error::ArrowError> {
+/// How a null `site` is matched (a correction of a window's null-site rows replaces them).
+const NULL_SITE: &str = "\0null";
+
+/// The distinct values of the `site` column, or `None` for a table without one.
+fn sites_of(batch: &RecordBatch) -> Option<std::collections::HashSet<String>> {
+    let text = cast(batch.column_by_name("site")?, &DataType::Utf8).ok()?;
+    Some(text.as_string::<i32>().iter().map(|v| v.unwrap_or(NULL_SITE).to_string()).collect())
+}
+
+/// The rows of `batch` not of the window starting at `start_ns` (of those of `sites` only, when
+/// given).
+fn without_window(
+    batch: &RecordBatch,
+    start_ns: i64,
+    sites: Option<&std::collections::HashSet<String>>,
+) -> Result<RecordBatch, datafusion::arrow::error::ArrowError> {
     let Some(starts) = batch.column_by_name("window_start").and_then(|c| c.as_primitive_opt::<TimestampNanosecondType>()) else {
         return Ok(batch.clone());
     };
-    let keep = datafusion::arrow::array::BooleanArray::from_iter(starts.values().iter().map(|&s| Some(s != start_ns)));
+    let site_text = match (sites, batch.column_by_name("site")) {
+        (Some(_), Some(c)) => Some(cast(c, &DataType::Utf8)?),
+        _ => None,
+    };
+    let site_values = site_text.as_ref().map(|c| c.as_string::<i32>());
+    let keep = datafusion::arrow::array::BooleanArray::from_iter(starts.values().iter().enumerate().map(|(i, &s)| {
+        let replaced = s == start_ns
+            && site_values.zip(sites).is_none_or(|(v, sites)| sites.contains(if v.is_valid(i) { v.value(i) } else { NULL_SITE }));
+        Some(!replaced)
+    }));
     datafusion::arrow::compute::filter_record_batch(batch, &keep)
 }
 
@@ -508,12 +576,29 @@ pub fn declare_tables(history: &History, tables: &[(&'static TableDef, SchemaRef
 pub struct HistorySink {
     history: History,
     top_talkers: usize,
+    /// Every window replaces its sites' rows, also the first time it is published.
+    replace_always: bool,
 }
 
 impl HistorySink {
     /// `top_talkers`: conversations kept per site, direction and window.
     pub fn new(history: History, top_talkers: usize) -> Self {
-        Self { history, top_talkers }
+        Self { history, top_talkers, replace_always: false }
+    }
+
+    /// Files every window and evaluation site by site, replacing what the history holds of
+    /// those sites: on a site-stage instance, where the same window of the same sites can also
+    /// arrive through the windows topic (its own, written before a restart), so neither order
+    /// counts them twice. Costs a scan of the rows in memory per window.
+    pub fn replacing(mut self) -> Self {
+        self.replace_always = true;
+        self
+    }
+
+    fn replace(&self, name: &str, start_ns: i64, rows: &RecordBatch) {
+        if let Err(e) = self.history.replace_window(name, start_ns, rows) {
+            tracing::error!(table = name, window_start = start_ns, "history: correcting a window failed: {e:#}");
+        }
     }
 }
 
@@ -521,34 +606,41 @@ impl WindowSink for HistorySink {
     fn on_window(&mut self, table: &'static TableDef, window: &ClosedWindow) {
         let name = table.sql_table;
         let rows = if table.top_talkers { top_n(&window.rows, self.top_talkers) } else { window.rows.clone() };
-        if window.previous.is_none() {
+        if window.previous.is_none() && !self.replace_always {
             return self.history.append(name, &rows);
         }
         // A correction: one row per key and window in SQL, with the corrected values.
-        if let Err(e) = self.history.replace_window(name, window.start_ns, &rows) {
-            tracing::error!(table = name, window_start = window.start_ns, "history: correcting a window failed: {e:#}");
-        }
+        self.replace(name, window.start_ns, &rows);
     }
 
     fn on_readiness(&mut self, start_ns: i64, end_ns: i64, sites: &[SiteReadiness]) {
-        let n = sites.len();
-        let reasons: Vec<String> = sites.iter().map(|s| s.reasons.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")).collect();
-        let strings = |f: &dyn Fn(&SiteReadiness) -> &str| -> ArrayRef {
-            Arc::new(datafusion::arrow::array::StringArray::from_iter_values(sites.iter().map(f)))
-        };
-        let ts = |v: i64| -> ArrayRef { Arc::new(datafusion::arrow::array::TimestampNanosecondArray::from(vec![v; n])) };
-        let columns = vec![
-            ts(start_ns),
-            ts(end_ns),
-            strings(&|s| &s.site),
-            strings(&|s| &s.district),
-            strings(&|s| &s.level),
-            strings(&|s| s.verdict.as_str()),
-            Arc::new(datafusion::arrow::array::StringArray::from(reasons)) as ArrayRef,
-        ];
-        let batch = RecordBatch::try_new(readiness_schema(), columns).expect("columns match readiness_schema");
-        self.history.append(READINESS_TABLE, &batch);
+        let rows = readiness_rows(start_ns, end_ns, sites);
+        if self.replace_always {
+            self.replace(READINESS_TABLE, start_ns, &rows);
+        } else {
+            self.history.append(READINESS_TABLE, &rows);
+        }
     }
+}
+
+/// The `readiness` table's rows of one evaluation.
+pub fn readiness_rows(start_ns: i64, end_ns: i64, sites: &[SiteReadiness]) -> RecordBatch {
+    let n = sites.len();
+    let reasons: Vec<String> = sites.iter().map(|s| s.reasons.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")).collect();
+    let strings = |f: &dyn Fn(&SiteReadiness) -> &str| -> ArrayRef {
+        Arc::new(datafusion::arrow::array::StringArray::from_iter_values(sites.iter().map(f)))
+    };
+    let ts = |v: i64| -> ArrayRef { Arc::new(datafusion::arrow::array::TimestampNanosecondArray::from(vec![v; n])) };
+    let columns = vec![
+        ts(start_ns),
+        ts(end_ns),
+        strings(&|s| &s.site),
+        strings(&|s| &s.district),
+        strings(&|s| &s.level),
+        strings(&|s| s.verdict.as_str()),
+        Arc::new(datafusion::arrow::array::StringArray::from(reasons)) as ArrayRef,
+    ];
+    RecordBatch::try_new(readiness_schema(), columns).expect("columns match readiness_schema")
 }
 
 #[cfg(test)]
@@ -636,5 +728,72 @@ mod tests {
         assert_eq!(rows(&h), (5, 1), "window today+10 stays on disk; the corrected rows are in memory");
         h.flush().unwrap();
         assert_eq!(rows(&h), (0, 6));
+    }
+
+    fn site_rows(rows: &[(i64, &str, u64)]) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("window_start", DataType::Timestamp(TimeUnit::Nanosecond, None), false),
+            Field::new("site", DataType::Utf8, false),
+            Field::new("bytes", DataType::UInt64, false),
+        ]));
+        let columns: Vec<ArrayRef> = vec![
+            Arc::new(TimestampNanosecondArray::from(rows.iter().map(|r| r.0).collect::<Vec<_>>())),
+            Arc::new(datafusion::arrow::array::StringArray::from(rows.iter().map(|r| r.1).collect::<Vec<_>>())),
+            Arc::new(UInt64Array::from(rows.iter().map(|r| r.2).collect::<Vec<_>>())),
+        ];
+        RecordBatch::try_new(schema, columns).unwrap()
+    }
+
+    /// All rows of `site_windows`, memory and disk, sorted.
+    fn all_rows(h: &History) -> Vec<(i64, String, u64)> {
+        let snap = &h.snapshot()["site_windows"];
+        let mut batches = snap.memory.clone();
+        for f in &snap.files {
+            batches.extend(
+                ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(f).unwrap()).unwrap().build().unwrap().map(|b| b.unwrap()),
+            );
+        }
+        let mut out = Vec::new();
+        for b in batches {
+            let (w, s, v) = (
+                b.column(0).as_primitive::<TimestampNanosecondType>(),
+                b.column(1).as_string::<i32>(),
+                b.column(2).as_primitive::<datafusion::arrow::datatypes::UInt64Type>(),
+            );
+            out.extend((0..b.num_rows()).map(|i| (w.value(i), s.value(i).to_string(), v.value(i))));
+        }
+        out.sort();
+        out
+    }
+
+    /// Two instances' sites in one window: each replaces only its own sites' rows, on disk and in
+    /// memory, and a message read twice changes nothing.
+    #[test]
+    fn a_window_is_replaced_site_by_site_and_applied_offsets_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let options =
+            HistoryOptions { dir: Some(dir.path().to_path_buf()), retention_days: 30, compact_min_files: 100, max_memory_rows: 0 };
+        let w = chrono::Utc::now().timestamp_nanos_opt().unwrap() / DAY_NS * DAY_NS;
+        let h = History::open(options.clone()).unwrap();
+        // This instance's sites a and b; another instance's site c comes in through the topic.
+        h.append("site_windows", &site_rows(&[(w, "a", 1), (w, "b", 2), (w + 10, "a", 3)]));
+        h.replace_window("site_windows", w, &site_rows(&[(w, "c", 4)])).unwrap();
+        h.note_applied("siteflow.windows", 0, 41);
+        h.flush().unwrap();
+        // A correction of c (on disk now), then of a and b here: no other site's rows move.
+        h.replace_window("site_windows", w, &site_rows(&[(w, "c", 5)])).unwrap();
+        h.replace_window("site_windows", w, &site_rows(&[(w, "a", 6), (w, "b", 7)])).unwrap();
+        h.replace_window("site_windows", w, &site_rows(&[(w, "a", 6), (w, "b", 7)])).unwrap();
+        let want = vec![(w, "a".to_string(), 6), (w, "b".to_string(), 7), (w, "c".to_string(), 5), (w + 10, "a".to_string(), 3)];
+        assert_eq!(all_rows(&h), want);
+        // Offsets are saved with a flush, not before.
+        h.note_applied("siteflow.windows", 0, 42);
+        h.note_applied("siteflow.windows", 1, 7);
+        assert_eq!(History::open(options.clone()).unwrap().applied_offsets("siteflow.windows"), BTreeMap::from([(0, 41)]));
+        h.flush().unwrap();
+        let again = History::open(options).unwrap();
+        assert_eq!(again.applied_offsets("siteflow.windows"), BTreeMap::from([(0, 42), (1, 7)]));
+        assert_eq!(all_rows(&again), want);
+        assert!(again.applied_offsets("other").is_empty());
     }
 }

@@ -34,3 +34,4 @@ pub mod sql;
 pub mod table;
 pub mod types;
 pub mod window;
+pub mod windows_topic;

@@ -419,6 +419,29 @@ impl PipelineMetrics {
         (counter, register(&self.registry, owned))
     }
 
+    /// Exports `siteflow_scale_out_windows_written_total` and
+    /// `siteflow_scale_out_windows_read_total` (the site stage of a scale-out only).
+    pub fn register_windows_topic(&self) -> (prometheus::IntCounter, IntCounterVec) {
+        let written = prometheus::IntCounter::new(
+            "siteflow_scale_out_windows_written_total",
+            "Messages this site-stage instance wrote to the windows topic (its sites' windows and verdicts, for the other instances' SQL).",
+        )
+        .expect("valid metric");
+        let read = IntCounterVec::new(
+            prometheus::Opts::new(
+                "siteflow_scale_out_windows_read_total",
+                "Messages of the windows topic read, by outcome: applied (another instance's sites filed into this instance's SQL tables), own (written here, already filed), rejected (skipped; the log says why).",
+            ),
+            &["outcome"],
+        )
+        .expect("valid metric");
+        let read = register(&self.registry, read);
+        for outcome in ["applied", "own", "rejected"] {
+            read.with_label_values(&[outcome]);
+        }
+        (register(&self.registry, written), read)
+    }
+
     /// Exports `siteflow_meetings_topic_rejected_total` (with `kafka.meetings_topic` only).
     pub fn register_meetings_topic_rejected(&self) -> prometheus::IntCounter {
         let counter = prometheus::IntCounter::new(

@@ -306,11 +306,19 @@ pub struct ScaleOutConfig {
     /// The site stage: a compacted topic where each instance writes its sites' verdicts and
     /// reads the others', so that any instance answers `/api/readiness` for every site.
     pub readiness_topic: String,
+    /// The site stage: a topic where each instance writes its sites' closed windows and
+    /// verdicts and reads the others', so that SQL on any instance covers every site.
+    pub windows_topic: String,
 }
 
 impl Default for ScaleOutConfig {
     fn default() -> Self {
-        Self { stage: Stage::All, topic: "siteflow.partials".into(), readiness_topic: "siteflow.readiness".into() }
+        Self {
+            stage: Stage::All,
+            topic: "siteflow.partials".into(),
+            readiness_topic: "siteflow.readiness".into(),
+            windows_topic: "siteflow.windows".into(),
+        }
     }
 }
 

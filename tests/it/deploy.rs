@@ -443,7 +443,7 @@ fn compose_siteflow_services_share_checkpoints_and_pass_siteflow_check() {
     assert_eq!(created, wanted, "kafka-init creates exactly siteflow's topics");
     // The two stages: the ingest service hands on through the internal topic, the site stage
     // (the `siteflow` service) shares its verdicts through the readiness topic.
-    for topic in [s(&config["scale_out"]["topic"]), s(&config["scale_out"]["readiness_topic"])] {
+    for topic in [s(&config["scale_out"]["topic"]), s(&config["scale_out"]["readiness_topic"]), s(&config["scale_out"]["windows_topic"])] {
         assert!(init.contains(&format!("--topic {topic} ")), "kafka-init creates {topic}");
     }
     let command = |service: &str| c["services"][service]["command"].as_sequence().unwrap().iter().map(s).collect::<Vec<_>>().join(" ");
@@ -766,14 +766,18 @@ fn kubernetes_configmap_config_passes_siteflow_check_where_the_statefulset_mount
     // the same image, configuration and checkpoint claim.
     let args_of = |c: &Value| c["args"].as_sequence().unwrap().iter().map(s).collect::<Vec<_>>().join(" ");
     assert!(args_of(container).ends_with("--stage site"), "{}", args_of(container));
-    for topic in ["topic", "readiness_topic"] {
+    for topic in ["topic", "readiness_topic", "windows_topic"] {
         assert!(config["scale_out"][topic].as_str().is_some_and(|t| !t.is_empty()), "scale_out.{topic} set");
     }
     let ingest = manifest("Deployment");
     let ingest_pod = &ingest["spec"]["template"]["spec"];
     let ingest_container = &ingest_pod["containers"][0];
     assert!(args_of(ingest_container).ends_with("--stage ingest"), "{}", args_of(ingest_container));
-    assert_eq!(ingest_container["args"].as_sequence().unwrap()[..3], container["args"].as_sequence().unwrap()[..3], "the same configuration file");
+    assert_eq!(
+        ingest_container["args"].as_sequence().unwrap()[..3],
+        container["args"].as_sequence().unwrap()[..3],
+        "the same configuration file"
+    );
     assert_eq!(ingest_container["image"], container["image"]);
     let ingest_mounts = ingest_container["volumeMounts"].as_sequence().unwrap();
     let ingest_volumes = ingest_pod["volumes"].as_sequence().unwrap();

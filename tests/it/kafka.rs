@@ -235,20 +235,7 @@ fn skewed_exporters_and_disordered_exports_reach_every_output_exactly() {
     }
 
     // SQL: one row per site, direction and window, with the corrected totals.
-    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
-    let query = format!(
-        "SELECT site, direction, CAST(window_start AS BIGINT) / 1000000000 AS w, bytes, packets, records FROM site_windows \
-         WHERE window_start < to_timestamp_seconds({end_s})"
-    );
-    let mut resp = agent.post(format!("http://{}/api/sql?format=csv", a.http)).header("Content-Type", "text/plain").send(&query).unwrap();
-    let csv = resp.body_mut().read_to_string().unwrap();
-    let mut sql = Totals::new();
-    for line in csv.lines().skip(1) {
-        let f: Vec<&str> = line.split(',').collect();
-        let key = (f[0].to_string(), f[1].to_string(), f[2].parse().unwrap());
-        let prev = sql.insert(key, (f[3].parse().unwrap(), f[4].parse().unwrap(), f[5].parse().unwrap()));
-        assert!(prev.is_none(), "one row per site, direction and window: {line}");
-    }
+    let sql = sql_window_totals(&a, end_s).expect("SQL answers");
     assert_eq!(sql, traffic.truth, "SQL differs: {}", diff(&traffic.truth, &sql));
 }
 

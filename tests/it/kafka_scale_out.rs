@@ -280,6 +280,7 @@ impl TwoStages {
         broker.create_topic("probes", 2);
         broker.create_topic("siteflow.partials", INTERNAL_PARTITIONS as u32);
         broker.create_topic_with("siteflow.readiness", 2, &["cleanup.policy=compact"]);
+        broker.create_topic("siteflow.windows", 2);
         let topics = [("flows", "goflow2_json"), ("probes", "siteflow_probe_json")];
         let scaled = dir.path().join("scaled");
         let site_env = [("SITEFLOW_SCALE_OUT__STAGE", "site")];
@@ -342,19 +343,10 @@ fn three_site_stage_instances_publish_and_judge_what_one_instance_does() {
     let (sites, end_s) = (&run.sites, run.end_s);
     run.assert_exact_totals();
 
-    // Verdicts: every evaluation of every site, the three site stages together = the reference.
+    // SQL on any site-stage instance covers every site (the others' windows and verdicts come
+    // through the windows topic): per-site window totals = the ground truth, and every
+    // evaluation of every site = the reference's.
     let want = verdicts(&run.reference, end_s);
-    let mut got = Vec::new();
-    let progress = || sites.iter().map(|i| verdicts(i, end_s).len()).sum::<usize>();
-    let same = wait_while_progressing(
-        STALL,
-        || {
-            got = sites.iter().flat_map(|i| verdicts(i, end_s)).collect::<Vec<_>>();
-            got.sort();
-            got == want
-        },
-        progress,
-    );
     let evaluations: std::collections::BTreeSet<&String> = want.iter().map(|(e, _, _)| e).collect();
     assert!(evaluations.len() >= 20, "the reference judged only {} windows", evaluations.len());
     let count = |v: &str| want.iter().filter(|(_, _, x)| x == v).count();
@@ -364,14 +356,42 @@ fn three_site_stage_instances_publish_and_judge_what_one_instance_does() {
         count("ready"),
         count("not_ready")
     );
-    if !same {
-        let extra: Vec<_> = got.iter().filter(|r| !want.contains(r)).take(5).collect();
-        let missing: Vec<_> = want.iter().filter(|r| !got.contains(r)).take(5).collect();
-        panic!(
-            "{} verdicts from the site stage, {} from the reference; first extra {extra:?}, first missing {missing:?}",
-            got.len(),
-            want.len()
+    for i in sites {
+        let mut totals = None;
+        let same = wait_while_progressing(
+            STALL,
+            || {
+                totals = sql_window_totals(i, end_s);
+                totals.as_ref() == Some(&run.truth)
+            },
+            || i.metric("siteflow_scale_out_windows_read_total", "outcome=\"applied\""),
         );
+        assert!(
+            same,
+            "{}: SQL site_windows differs from the ground truth: {}",
+            i.log.display(),
+            diff(&run.truth, &totals.unwrap_or_default())
+        );
+        let mut got = Vec::new();
+        let same = wait_while_progressing(
+            STALL,
+            || {
+                got = verdicts(i, end_s);
+                got == want
+            },
+            || i.metric("siteflow_scale_out_windows_read_total", "outcome=\"applied\""),
+        );
+        if !same {
+            let extra: Vec<_> = got.iter().filter(|r| !want.contains(r)).take(5).collect();
+            let missing: Vec<_> = want.iter().filter(|r| !got.contains(r)).take(5).collect();
+            panic!(
+                "{}: {} verdicts in SQL, {} in the reference's; first extra {extra:?}, first missing {missing:?}",
+                i.log.display(),
+                got.len(),
+                want.len()
+            );
+        }
+        assert_eq!(i.metric("siteflow_scale_out_windows_read_total", "outcome=\"rejected\""), Some(0.0), "{}", i.log_summary());
     }
 
     // /metrics: each site is exported by exactly one instance, all 242 by the three.
@@ -426,6 +446,23 @@ fn a_site_stage_instance_killed_mid_run_loses_nothing_and_its_sites_are_judged_a
     run.produce_rest();
     let survivors = [&run.sites[0]];
     run.assert_exact_totals();
+    // SQL after the restart: each window once, though the restarted instance read its own
+    // windows back from the windows topic and also published again those after its checkpoint.
+    let mut totals = None;
+    let same = wait_while_progressing(
+        STALL,
+        || {
+            totals = sql_window_totals(&run.sites[0], run.end_s);
+            totals.as_ref() == Some(&run.truth)
+        },
+        || run.sites[0].metric("siteflow_scale_out_windows_read_total", "outcome=\"applied\""),
+    );
+    assert!(same, "SQL site_windows after the restart differs from the ground truth: {}", diff(&run.truth, &totals.unwrap_or_default()));
+    let rows = verdicts(&run.sites[0], run.end_s);
+    let mut keys: Vec<(&String, &String)> = rows.iter().map(|(e, site, _)| (e, site)).collect();
+    keys.sort();
+    keys.dedup();
+    assert_eq!(keys.len(), rows.len(), "SQL readiness: one verdict per site and evaluation after the restart");
 
     // The last window's verdicts: every site judged by one survivor, as the reference judges it.
     let last = |rows: Vec<(String, String, String)>| -> Vec<(String, String, String)> {
@@ -501,6 +538,7 @@ fn prometheus_over_three_site_stage_instances_alerts_for_exactly_the_faulty_site
     broker.create_topic("probes", 2);
     broker.create_topic("siteflow.partials", INTERNAL_PARTITIONS as u32);
     broker.create_topic_with("siteflow.readiness", 1, &["cleanup.policy=compact"]);
+    broker.create_topic("siteflow.windows", 1);
     broker.create_topic_with("siteflow.meetings", 1, &["cleanup.policy=compact"]);
     let topics = [("flows", "goflow2_json"), ("probes", "siteflow_probe_json")];
     let scaled = dir.path().join("scaled");
@@ -598,4 +636,34 @@ fn prometheus_over_three_site_stage_instances_alerts_for_exactly_the_faulty_site
     }
     stop.store(true, std::sync::atomic::Ordering::Release);
     producing.join().unwrap();
+}
+
+/// A site-stage instance needs three topics besides the input: it refuses to start, naming the
+/// first one missing, and starts once they all exist.
+#[test]
+fn a_site_stage_instance_names_each_missing_topic_and_starts_once_all_exist() {
+    let dir = test_dir();
+    let broker = Broker::start(dir.path());
+    broker.create_topic("flows", 1);
+    let env = [("SITEFLOW_SCALE_OUT__STAGE", "site")];
+    let checkpoints = dir.path().join("ckpt");
+    let create: [(&str, &str, &dyn Fn()); 3] = [
+        ("scale_out.topic \"siteflow.partials\": does not exist", "siteflow.partials", &|| broker.create_topic("siteflow.partials", 2)),
+        ("scale_out.readiness_topic \"siteflow.readiness\": does not exist", "siteflow.readiness", &|| {
+            broker.create_topic_with("siteflow.readiness", 1, &["cleanup.policy=compact"])
+        }),
+        ("scale_out.windows_topic \"siteflow.windows\": does not exist", "siteflow.windows", &|| {
+            broker.create_topic("siteflow.windows", 1)
+        }),
+    ];
+    for (n, (message, topic, make)) in create.iter().enumerate() {
+        let mut i = Instance::start_with_env(dir.path(), &format!("s{n}"), &broker, &[("flows", "goflow2_json")], &checkpoints, "", &env);
+        let exited = wait_until(Duration::from_secs(60), || !i.is_running());
+        assert!(exited, "started without {topic}:\n{}", i.log_summary());
+        assert!(i.log_text().contains(message), "the error names {topic}:\n{}", i.log_text());
+        make();
+    }
+    let i = Instance::start_with_env(dir.path(), "all", &broker, &[("flows", "goflow2_json")], &checkpoints, "", &env);
+    let owns = wait_until(Duration::from_secs(60), || owned(&i) == 2.0);
+    assert!(owns, "with every topic, the site stage did not take its partitions:\n{}", i.log_summary());
 }

@@ -318,6 +318,29 @@ pub fn before(totals: &Totals, end_s: i64) -> Totals {
     totals.iter().filter(|((_, _, w), _)| *w < end_s).map(|(k, v)| (k.clone(), *v)).collect()
 }
 
+/// An instance's SQL `site_windows` before `end_s`, as totals; `None` if SQL does not answer.
+/// Panics on two rows of one site, direction and window.
+pub fn sql_window_totals(i: &Instance, end_s: i64) -> Option<Totals> {
+    let query = format!(
+        "SELECT site, direction, CAST(window_start AS BIGINT) / 1000000000 AS w, bytes, packets, records FROM site_windows \
+         WHERE window_start < to_timestamp_seconds({end_s})"
+    );
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let mut resp = agent.post(format!("http://{}/api/sql?format=csv", i.http)).header("Content-Type", "text/plain").send(&query).ok()?;
+    if resp.status() != 200 {
+        return None;
+    }
+    let csv = resp.body_mut().read_to_string().ok()?;
+    let mut sql = Totals::new();
+    for line in csv.lines().skip(1) {
+        let f: Vec<&str> = line.split(',').collect();
+        let key = (f[0].to_string(), f[1].to_string(), f[2].parse().unwrap());
+        let prev = sql.insert(key, (f[3].parse().unwrap(), f[4].parse().unwrap(), f[5].parse().unwrap()));
+        assert!(prev.is_none(), "{}: one row per site, direction and window: {line}", i.log.display());
+    }
+    Some(sql)
+}
+
 /// A short description of how two totals differ.
 pub fn diff(expected: &Totals, got: &Totals) -> String {
     let missing = expected.keys().filter(|k| !got.contains_key(*k)).count();
