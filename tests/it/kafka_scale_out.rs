@@ -464,32 +464,37 @@ fn a_site_stage_instance_killed_mid_run_loses_nothing_and_its_sites_are_judged_a
     keys.dedup();
     assert_eq!(keys.len(), rows.len(), "SQL readiness: one verdict per site and evaluation after the restart");
 
-    // The last window's verdicts: every site judged by one survivor, as the reference judges it.
+    assert_survivors_judge_every_site(&run, &survivors);
+}
+
+/// After a kill: each survivor's SQL holds the reference's last evaluation (all 242 sites, its
+/// own and, through the windows topic, the others'), and the survivors export every site once.
+fn assert_survivors_judge_every_site(run: &TwoStages, survivors: &[&Instance]) {
     let last = |rows: Vec<(String, String, String)>| -> Vec<(String, String, String)> {
         let end = rows.iter().map(|r| r.0.clone()).max().unwrap_or_default();
         rows.into_iter().filter(|r| r.0 == end).collect()
     };
     let want = last(verdicts(&run.reference, run.end_s));
     assert_eq!(want.len(), 242, "the reference's last evaluation");
-    let mut got = Vec::new();
-    let progress = || survivors.iter().map(|i| verdicts(i, run.end_s).len()).sum::<usize>();
-    let same = wait_while_progressing(
-        STALL,
-        || {
-            let mut rows: Vec<_> = survivors.iter().flat_map(|i| verdicts(i, run.end_s)).collect();
-            rows.sort();
-            got = last(rows);
-            got == want
-        },
-        progress,
-    );
-    let differ: Vec<_> = want.iter().zip(&got).filter(|(a, b)| a != b).take(5).collect();
-    assert!(
-        same,
-        "{} sites judged in the survivors' last evaluation, {} in the reference's; first differences {differ:?}",
-        got.len(),
-        want.len()
-    );
+    for i in survivors {
+        let mut got = Vec::new();
+        let same = wait_while_progressing(
+            STALL,
+            || {
+                got = last(verdicts(i, run.end_s));
+                got == want
+            },
+            || verdicts(i, run.end_s).len(),
+        );
+        let differ: Vec<_> = want.iter().zip(&got).filter(|(a, b)| a != b).take(5).collect();
+        assert!(
+            same,
+            "{}: {} sites judged in its last evaluation, {} in the reference's; first differences {differ:?}",
+            i.log.display(),
+            got.len(),
+            want.len()
+        );
+    }
     let mut exported: Vec<String> = survivors.iter().flat_map(|i| exported_sites(i)).collect();
     exported.sort();
     assert_eq!(exported, exported_sites(&run.reference), "every site exported once");
