@@ -403,6 +403,24 @@ fn three_site_stage_instances_publish_and_judge_what_one_instance_does() {
     assert_eq!((total, exported.len()), (242, 242), "sites exported per instance: {per_instance:?}");
     assert!(per_instance.iter().all(|&n| n > 0 && n < 242), "{per_instance:?}");
     assert_eq!(exported, exported_sites(&run.reference));
+    // The byte counters of the three together = the ground truth, per site and direction (the
+    // far-future sentinels' windows never close).
+    let mut want_bytes: BTreeMap<(String, String), u64> = BTreeMap::new();
+    for ((site, direction, _), v) in &run.truth {
+        *want_bytes.entry((site.clone(), direction.clone())).or_default() += v.0;
+    }
+    let label = |line: &str, name: &str| line.split(&format!("{name}=\"")).nth(1).and_then(|r| r.split('"').next()).map(str::to_string);
+    let mut got_bytes: BTreeMap<(String, String), u64> = BTreeMap::new();
+    for i in sites {
+        let body = crate::support::http_get(i.http, "/metrics").unwrap().1;
+        for line in body.lines().filter(|l| l.starts_with("siteflow_site_bytes_total{")) {
+            let (Some(site), Some(direction)) = (label(line, "site"), label(line, "direction")) else { continue };
+            let v = line.rsplit(' ').next().unwrap().parse::<f64>().unwrap() as u64;
+            *got_bytes.entry((site, direction)).or_default() += v;
+        }
+    }
+    got_bytes.retain(|_, v| *v > 0);
+    assert_eq!(got_bytes, want_bytes, "siteflow_site_bytes_total over the three instances");
 
     // /api/readiness: any site-stage instance answers for all 242 sites, as the reference does
     // (the others' verdicts through the readiness topic).
