@@ -37,24 +37,6 @@ impl ProducerContext for Delivery {
     }
 }
 
-/// Properties only a consumer understands (a producer built from the same settings warns on them).
-pub fn is_consumer_only(key: &str) -> bool {
-    const KEYS: [&str; 11] = [
-        "session.timeout.ms",
-        "heartbeat.interval.ms",
-        "max.poll.interval.ms",
-        "partition.assignment.strategy",
-        "group.instance.id",
-        "group.protocol",
-        "auto.offset.reset",
-        "isolation.level",
-        "enable.partition.eof",
-        "check.crcs",
-        "auto.commit.interval.ms",
-    ];
-    KEYS.contains(&key) || key.starts_with("fetch.") || key.starts_with("queued.")
-}
-
 /// The dead-letter producer failed. At start it is the configuration's fault (fatal); a failed
 /// flush before a checkpoint stops the run, since committing would lose the rejected records.
 #[derive(Debug, thiserror::Error)]
@@ -77,7 +59,7 @@ impl DeadLetters {
         let mut client = ClientConfig::new();
         client.set("bootstrap.servers", &config.brokers);
         // The shared properties (TLS, SASL...) minus those only a consumer understands.
-        for (k, v) in config.properties.iter().filter(|(k, _)| !is_consumer_only(k)) {
+        for (k, v) in config.properties.iter().filter(|(k, _)| !crate::kafka_client::is_consumer_only(k)) {
             client.set(k, v);
         }
         // Bad records must not be lost to a short outage.

@@ -18,6 +18,7 @@ pub mod event_time;
 pub mod history;
 pub mod http;
 pub mod inventory;
+pub mod kafka_client;
 pub mod meetings_topic;
 pub mod metrics;
 pub mod notices;

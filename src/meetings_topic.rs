@@ -92,7 +92,7 @@ impl MeetingsTopic {
     ) -> Result<Self, MeetingsTopicError> {
         let mut client = ClientConfig::new();
         client.set("bootstrap.servers", &config.brokers);
-        for (k, v) in config.properties.iter().filter(|(k, _)| !crate::dead_letter::is_consumer_only(k)) {
+        for (k, v) in config.properties.iter().filter(|(k, _)| !crate::kafka_client::is_consumer_only(k)) {
             client.set(k, v);
         }
         client.set("linger.ms", "0").set("message.timeout.ms", &WRITE_TIMEOUT.as_millis().to_string());

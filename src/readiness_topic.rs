@@ -10,13 +10,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer, DefaultConsumerContext};
+use rdkafka::consumer::{BaseConsumer, DefaultConsumerContext};
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, ThreadedProducer};
-use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::topic_partition_list::Offset;
 
 use crate::config::KafkaConfig;
+use crate::kafka_client;
 use crate::readiness::{SharedReadiness, SiteReadiness};
 use crate::sink::WindowSink;
 
@@ -38,15 +38,9 @@ impl ReadinessTopic {
     /// Checks that `topic` exists, then starts reading it into `readiness`.
     pub fn start(config: &KafkaConfig, topic: &str, readiness: Arc<SharedReadiness>) -> Result<Self, String> {
         let setup = |m: String| format!("scale_out.readiness_topic {topic:?}: {m}");
-        let mut client = ClientConfig::new();
-        client.set("bootstrap.servers", &config.brokers);
-        for (k, v) in config.properties.iter().filter(|(k, _)| !crate::dead_letter::is_consumer_only(k)) {
-            client.set(k, v);
-        }
-        client.set("linger.ms", "20");
-        let producer: ThreadedProducer<DefaultProducerContext> =
-            client.create().map_err(|e| setup(format!("cannot create the producer: {e}")))?;
-        let consumer = reader(config, topic).map_err(setup)?;
+        let producer = kafka_client::producer(config).map_err(setup)?;
+        let missing = "create it with cleanup.policy=compact (docs/operations.md)";
+        let consumer = kafka_client::whole_topic_reader(config, topic, "readiness", missing, |_| Offset::Beginning).map_err(setup)?;
         let stopping = Arc::new(AtomicBool::new(false));
         let stop = stopping.clone();
         let name = topic.to_string();
@@ -89,28 +83,6 @@ impl ReadinessTopic {
             }
         }
     }
-}
-
-/// A consumer assigned every partition of `topic` from the beginning (never committed).
-fn reader(config: &KafkaConfig, topic: &str) -> Result<BaseConsumer<DefaultConsumerContext>, String> {
-    let mut client = ClientConfig::new();
-    client.set("bootstrap.servers", &config.brokers);
-    for (k, v) in &config.properties {
-        client.set(k, v);
-    }
-    client.set("group.id", format!("{}.readiness", config.group_id)).set("enable.auto.commit", "false");
-    let consumer: BaseConsumer<DefaultConsumerContext> = client.create().map_err(|e| format!("cannot create the reader: {e}"))?;
-    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(30)).map_err(|e| format!("cannot read its metadata: {e}"))?;
-    let partitions: Vec<i32> = metadata.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
-    if partitions.is_empty() {
-        return Err("does not exist; create it with cleanup.policy=compact (docs/operations.md)".into());
-    }
-    let mut tpl = TopicPartitionList::new();
-    for p in partitions {
-        tpl.add_partition_offset(topic, p, Offset::Beginning).map_err(|e| e.to_string())?;
-    }
-    consumer.assign(&tpl).map_err(|e| format!("cannot assign its partitions: {e}"))?;
-    Ok(consumer)
 }
 
 /// Reads every record until `stopping`: a site's latest verdict, or a tombstone.

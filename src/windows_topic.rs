@@ -25,14 +25,14 @@ use datafusion::arrow::datatypes::DataType;
 use datafusion::arrow::ipc::reader::StreamReader;
 use datafusion::arrow::ipc::writer::StreamWriter;
 use prometheus::{IntCounter, IntCounterVec};
-use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer, DefaultConsumerContext};
+use rdkafka::consumer::{BaseConsumer, DefaultConsumerContext};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
-use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::topic_partition_list::Offset;
 
 use crate::config::KafkaConfig;
 use crate::history::{History, READINESS_TABLE, readiness_rows, top_n};
+use crate::kafka_client;
 use crate::readiness::SiteReadiness;
 use crate::sink::WindowSink;
 use crate::table::TableDef;
@@ -70,15 +70,12 @@ impl WindowsTopic {
         (written, read): (IntCounter, IntCounterVec),
     ) -> Result<Self, String> {
         let setup = |m: String| format!("scale_out.windows_topic {topic:?}: {m}");
-        let mut client = ClientConfig::new();
-        client.set("bootstrap.servers", &config.brokers);
-        for (k, v) in config.properties.iter().filter(|(k, _)| !crate::dead_letter::is_consumer_only(k)) {
-            client.set(k, v);
-        }
-        client.set("linger.ms", "20");
-        let producer: ThreadedProducer<DefaultProducerContext> =
-            client.create().map_err(|e| setup(format!("cannot create the producer: {e}")))?;
-        let consumer = reader(config, topic, &history).map_err(setup)?;
+        let producer = kafka_client::producer(config).map_err(setup)?;
+        // After the offsets whose rows the history holds (saved with its flushes).
+        let applied = history.applied_offsets(topic);
+        let start = |p| applied.get(&p).map_or(Offset::Beginning, |o| Offset::Offset(o + 1));
+        let missing = "create it (docs/operations.md, \"Two stages\")";
+        let consumer = kafka_client::whole_topic_reader(config, topic, "windows", missing, start).map_err(setup)?;
         let origin = format!("{}-{}", std::process::id(), chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0));
         let stopping = Arc::new(AtomicBool::new(false));
         let reading = Reading { topic: topic.to_string(), origin: origin.clone(), history, read, said_skipped: Default::default() };
@@ -161,31 +158,6 @@ fn split_by_site(rows: &RecordBatch, parts: usize) -> Vec<RecordBatch> {
         .filter(|i| !i.is_empty())
         .map(|i| take_record_batch(rows, &UInt32Array::from(i)).expect("indices within the batch"))
         .collect()
-}
-
-/// A consumer assigned every partition of `topic`, after the offsets the history has applied
-/// (never committed: each instance reads everything).
-fn reader(config: &KafkaConfig, topic: &str, history: &History) -> Result<BaseConsumer<DefaultConsumerContext>, String> {
-    let mut client = ClientConfig::new();
-    client.set("bootstrap.servers", &config.brokers);
-    for (k, v) in &config.properties {
-        client.set(k, v);
-    }
-    client.set("group.id", format!("{}.windows", config.group_id)).set("enable.auto.commit", "false");
-    let consumer: BaseConsumer<DefaultConsumerContext> = client.create().map_err(|e| format!("cannot create the reader: {e}"))?;
-    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(30)).map_err(|e| format!("cannot read its metadata: {e}"))?;
-    let partitions: Vec<i32> = metadata.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
-    if partitions.is_empty() {
-        return Err("does not exist; create it (docs/operations.md, \"Two stages\")".into());
-    }
-    let applied = history.applied_offsets(topic);
-    let mut tpl = TopicPartitionList::new();
-    for p in partitions {
-        let from = applied.get(&p).map_or(Offset::Beginning, |o| Offset::Offset(o + 1));
-        tpl.add_partition_offset(topic, p, from).map_err(|e| e.to_string())?;
-    }
-    consumer.assign(&tpl).map_err(|e| format!("cannot assign its partitions: {e}"))?;
-    Ok(consumer)
 }
 
 /// The reader thread's state.

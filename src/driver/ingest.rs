@@ -64,7 +64,7 @@ impl IngestOutput {
         let site_columns = site_columns(&schemas).map_err(setup)?;
         let mut client = ClientConfig::new();
         client.set("bootstrap.servers", &kafka.brokers);
-        for (k, v) in kafka.properties.iter().filter(|(k, _)| !crate::dead_letter::is_consumer_only(k)) {
+        for (k, v) in kafka.properties.iter().filter(|(k, _)| !crate::kafka_client::is_consumer_only(k)) {
             client.set(k, v);
         }
         // Partials must not be lost to a short outage, nor reordered within a partition (a
