@@ -287,6 +287,11 @@ impl SiteDriver {
                 self.metrics.kafka.replayed_skipped.inc();
                 continue;
             }
+            if *offset > owned.next_offset && owned.next_offset > 0 {
+                // The ledger then drops the rest of a span cut in parts (`overlap`).
+                self.metrics.kafka.offset_gaps.inc();
+                tracing::warn!(partition = %owned.key, expected = owned.next_offset, got = offset, "offset gap in an internal partition");
+            }
             owned.next_offset = offset + 1;
             let partial = match Partial::decode(message, &self.schemas) {
                 Ok(p) => p,
