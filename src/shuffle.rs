@@ -299,6 +299,10 @@ pub enum Admission {
     /// It overlaps a merged span without repeating it: cannot be merged exactly; dropped and
     /// counted (the ingest stage replays only whole spans, so this is a bug or a foreign writer).
     Overlap,
+    /// The first part of the next span while the last one still misses parts (messages lost
+    /// to an offset gap): merge it, and the missing parts are given up, so that one lost
+    /// message costs its span and not every span after it.
+    MergeAfterLoss,
 }
 
 /// Per source partition, the last span merged and how many of its parts: kept in the site
@@ -334,9 +338,10 @@ impl Ledger {
                 m.next_part += 1;
                 Admission::Merge
             }
-            Some(m) if to > m.to && m.next_part >= m.parts && partial.from_offset >= m.to && part == 0 => {
+            Some(m) if to > m.to && partial.from_offset >= m.to && part == 0 => {
+                let complete = m.next_part >= m.parts;
                 *m = next;
-                Admission::Merge
+                if complete { Admission::Merge } else { Admission::MergeAfterLoss }
             }
             Some(_) => Admission::Overlap,
         }
@@ -581,9 +586,15 @@ mod tests {
         assert_eq!(ledger.admit(&part(1)), Admission::Merge);
         assert_eq!(ledger.admit(&part(0)), Admission::Duplicate);
         assert_eq!(ledger.admit(&part(1)), Admission::Duplicate);
-        assert_eq!(ledger.admit(&partial(40, 50)), Admission::Overlap, "the next span before the last part");
         assert_eq!(ledger.admit(&part(2)), Admission::Merge);
         assert_eq!(ledger.admit(&partial(40, 50)), Admission::Merge);
+        // A part lost (an offset gap): the next span is merged and the lost part given up; it
+        // cannot come later in the same partition, and a replay of its span is a duplicate.
+        let part = |i| Partial { part: i, parts: 3, ..partial(50, 60) };
+        assert_eq!(ledger.admit(&part(0)), Admission::Merge);
+        assert_eq!(ledger.admit(&part(2)), Admission::Overlap, "a part that skips ahead");
+        assert_eq!(ledger.admit(&partial(60, 70)), Admission::MergeAfterLoss, "the next span before the last part");
+        assert_eq!(ledger.admit(&part(1)), Admission::Duplicate);
     }
 
     #[test]

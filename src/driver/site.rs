@@ -302,7 +302,16 @@ impl SiteDriver {
                 }
             };
             match owned.ledger.admit(&partial) {
-                Admission::Merge => {
+                admission @ (Admission::Merge | Admission::MergeAfterLoss) => {
+                    if admission == Admission::MergeAfterLoss {
+                        tracing::warn!(
+                            partition = %owned.key,
+                            offset,
+                            source = %partial.source,
+                            from = partial.from_offset,
+                            "the previous span of this source misses parts (an offset gap; counted as overlaps): given up, merging the next"
+                        );
+                    }
                     let id = self.composite(pipeline, q, &partial.source, None)?;
                     pipeline.merge_partial(id, &partial.clocks, partial.states, &partial.records, Instant::now()).await?;
                     self.partials.with_label_values(&["merged"]).inc();

@@ -67,8 +67,8 @@ fn merge(config: &Config, partitions: &[Vec<Vec<u8>>]) -> (Totals, usize) {
                     rt.block_on(windows.merge_partition_states(id, &partial.clocks, partial.states, now)).unwrap();
                 }
                 Admission::Duplicate => duplicates += 1,
-                Admission::Overlap => panic!(
-                    "partition {q}: a partial overlaps a merged span: {:?} {}..{}",
+                Admission::Overlap | Admission::MergeAfterLoss => panic!(
+                    "partition {q}: a partial overlaps a merged span or follows a span with parts missing: {:?} {}..{}",
                     partial.source, partial.from_offset, partial.to_offset
                 ),
             }
