@@ -55,7 +55,11 @@ pub fn whole_topic_reader(
     for (k, v) in &config.properties {
         client.set(k, v);
     }
-    client.set("group.id", format!("{}.{group_suffix}", config.group_id)).set("enable.auto.commit", "false");
+    // A start offset the topic's retention has deleted meanwhile: from the oldest one left.
+    client
+        .set("group.id", format!("{}.{group_suffix}", config.group_id))
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest");
     let consumer: BaseConsumer<DefaultConsumerContext> = client.create().map_err(|e| format!("cannot create the reader: {e}"))?;
     let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(30)).map_err(|e| format!("cannot read its metadata: {e}"))?;
     let partitions: Vec<i32> = metadata.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
