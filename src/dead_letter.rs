@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::ClientContext;
-use rdkafka::config::ClientConfig;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 
@@ -56,12 +55,7 @@ pub struct DeadLetters {
 
 impl DeadLetters {
     pub fn new(config: &KafkaConfig, topic: &str, metrics: Arc<PipelineMetrics>) -> Result<Self, DeadLetterError> {
-        let mut client = ClientConfig::new();
-        client.set("bootstrap.servers", &config.brokers);
-        // The shared properties (TLS, SASL...) minus those only a consumer understands.
-        for (k, v) in config.properties.iter().filter(|(k, _)| !crate::kafka_client::is_consumer_only(k)) {
-            client.set(k, v);
-        }
+        let mut client = crate::kafka_client::producer_config(config);
         // Bad records must not be lost to a short outage.
         client.set("message.timeout.ms", "300000").set("linger.ms", "20");
         let producer = client.create_with_context(Delivery { metrics: metrics.clone() }).map_err(DeadLetterError::Create)?;

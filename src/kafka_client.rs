@@ -12,7 +12,7 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use crate::config::KafkaConfig;
 
 /// Properties only a consumer understands (a producer built from the same settings warns on them).
-pub fn is_consumer_only(key: &str) -> bool {
+fn is_consumer_only(key: &str) -> bool {
     const KEYS: [&str; 11] = [
         "session.timeout.ms",
         "heartbeat.interval.ms",
@@ -29,15 +29,20 @@ pub fn is_consumer_only(key: &str) -> bool {
     KEYS.contains(&key) || key.starts_with("fetch.") || key.starts_with("queued.")
 }
 
-/// A producer with `kafka.properties` (the consumer-only ones left out), batching for 20 ms.
-pub fn producer(config: &KafkaConfig) -> Result<ThreadedProducer<DefaultProducerContext>, String> {
+/// A producer's settings: the brokers and the shared `kafka.properties` (TLS, SASL...) minus
+/// those only a consumer understands; each producer adds its own.
+pub fn producer_config(config: &KafkaConfig) -> ClientConfig {
     let mut client = ClientConfig::new();
     client.set("bootstrap.servers", &config.brokers);
     for (k, v) in config.properties.iter().filter(|(k, _)| !is_consumer_only(k)) {
         client.set(k, v);
     }
-    client.set("linger.ms", "20");
-    client.create().map_err(|e| format!("cannot create the producer: {e}"))
+    client
+}
+
+/// A producer for the shared topics, batching for 20 ms.
+pub fn producer(config: &KafkaConfig) -> Result<ThreadedProducer<DefaultProducerContext>, String> {
+    producer_config(config).set("linger.ms", "20").create().map_err(|e| format!("cannot create the producer: {e}"))
 }
 
 /// A consumer assigned every partition of `topic`, each from `start(partition)`; group

@@ -15,11 +15,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use rdkafka::ClientContext;
-use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer, DefaultConsumerContext};
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext, ThreadedProducer};
-use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::topic_partition_list::Offset;
 use tokio::sync::{oneshot, watch};
 
 use crate::config::KafkaConfig;
@@ -90,11 +89,7 @@ impl MeetingsTopic {
         max_meetings: usize,
         rejected: prometheus::IntCounter,
     ) -> Result<Self, MeetingsTopicError> {
-        let mut client = ClientConfig::new();
-        client.set("bootstrap.servers", &config.brokers);
-        for (k, v) in config.properties.iter().filter(|(k, _)| !crate::kafka_client::is_consumer_only(k)) {
-            client.set(k, v);
-        }
+        let mut client = crate::kafka_client::producer_config(config);
         client.set("linger.ms", "0").set("message.timeout.ms", &WRITE_TIMEOUT.as_millis().to_string());
         let producer = client.create_with_context(Acks).map_err(MeetingsTopicError::Producer)?;
         let (report, read) = watch::channel(ReadUpTo::default());
@@ -194,29 +189,16 @@ impl Reader {
     /// A consumer assigned every partition of the topic from the beginning, and each
     /// partition's end now (what must be read before this instance is ready).
     fn assign(&self) -> Result<(BaseConsumer, HashMap<i32, i64>), String> {
-        let mut client = ClientConfig::new();
-        client.set("bootstrap.servers", &self.config.brokers);
-        for (k, v) in &self.config.properties {
-            client.set(k, v);
-        }
         // Assigned by hand, never committed: every start reads the whole topic.
-        client.set("group.id", format!("{}.meetings", self.config.group_id)).set("enable.auto.commit", "false");
-        let consumer: BaseConsumer<DefaultConsumerContext> = client.create().map_err(|e| format!("cannot create the reader: {e}"))?;
-        let metadata =
-            consumer.fetch_metadata(Some(&self.topic), Duration::from_secs(10)).map_err(|e| format!("cannot read its metadata: {e}"))?;
-        let partitions: Vec<i32> = metadata.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
-        if partitions.is_empty() {
-            return Err("does not exist; create it with cleanup.policy=compact (docs/operations.md)".into());
-        }
+        let missing = "create it with cleanup.policy=compact (docs/operations.md)";
+        let consumer = crate::kafka_client::whole_topic_reader(&self.config, &self.topic, "meetings", missing, |_| Offset::Beginning)?;
+        let assigned = consumer.assignment().map_err(|e| format!("cannot read its assignment: {e}"))?;
         let mut ends = HashMap::new();
-        let mut tpl = TopicPartitionList::new();
-        for p in partitions {
+        for p in assigned.elements().iter().map(|e| e.partition()) {
             let (_, high) =
                 consumer.fetch_watermarks(&self.topic, p, Duration::from_secs(10)).map_err(|e| format!("partition {p}: {e}"))?;
             ends.insert(p, high);
-            tpl.add_partition_offset(&self.topic, p, Offset::Beginning).map_err(|e| e.to_string())?;
         }
-        consumer.assign(&tpl).map_err(|e| format!("cannot assign its partitions: {e}"))?;
         Ok((consumer, ends))
     }
 

@@ -14,7 +14,6 @@ use std::time::Duration;
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::SchemaRef;
 use rdkafka::ClientContext;
-use rdkafka::config::ClientConfig;
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 
 use crate::checkpoint::PartitionKey;
@@ -62,11 +61,7 @@ impl IngestOutput {
     pub fn new(kafka: &KafkaConfig, topic: &str, schemas: Vec<SchemaRef>) -> Result<Self, IngestError> {
         let setup = |message: String| IngestError::Setup { topic: topic.to_string(), message };
         let site_columns = site_columns(&schemas).map_err(setup)?;
-        let mut client = ClientConfig::new();
-        client.set("bootstrap.servers", &kafka.brokers);
-        for (k, v) in kafka.properties.iter().filter(|(k, _)| !crate::kafka_client::is_consumer_only(k)) {
-            client.set(k, v);
-        }
+        let mut client = crate::kafka_client::producer_config(kafka);
         // Partials must not be lost to a short outage, nor reordered within a partition (a
         // retry may repeat one: the site stage's ledger drops repeats).
         client.set("message.timeout.ms", "300000").set("linger.ms", "5").set("max.in.flight.requests.per.connection", "1");

@@ -292,11 +292,7 @@ impl KafkaDriver {
                 dl.send(&owned.key, batch.format, &batch.messages, &batch.offsets, &stats);
             }
             if let (Some(first), Some(last)) = (batch.offsets.first(), batch.offsets.last()) {
-                if *first > owned.next_offset && owned.next_offset > 0 {
-                    // Legitimate after compaction or transactions; otherwise records were skipped.
-                    self.metrics.kafka.offset_gaps.inc();
-                    tracing::warn!(partition = %owned.key, expected = owned.next_offset, got = first, "offset gap in a partition");
-                }
+                count_offset_gap(&self.metrics, &owned.key, owned.next_offset, *first);
                 owned.next_offset = last + 1;
             }
         }
@@ -365,6 +361,15 @@ impl Driver for KafkaDriver {
         }
         let offsets = self.checkpoint(pipeline)?;
         stop_consumer(self.source, self.events, offsets).await
+    }
+}
+
+/// Counts and logs an offset gap: `got` past the `expected` next offset. Legitimate after
+/// compaction or transactions; otherwise messages were skipped.
+pub(super) fn count_offset_gap(metrics: &PipelineMetrics, key: &PartitionKey, expected: i64, got: i64) {
+    if got > expected && expected > 0 {
+        metrics.kafka.offset_gaps.inc();
+        tracing::warn!(partition = %key, expected, got, "offset gap in a partition");
     }
 }
 

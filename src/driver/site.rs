@@ -27,7 +27,7 @@ use prometheus::IntCounterVec;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use tokio::sync::mpsc;
 
-use super::kafka::{count_checkpoint, furthest_behind, stop_consumer};
+use super::kafka::{count_checkpoint, count_offset_gap, furthest_behind, stop_consumer};
 use super::{Driver, End};
 use crate::checkpoint::{CheckpointStore, PartitionCheckpoint, PartitionKey, SiteStageState};
 use crate::config::KafkaConfig;
@@ -287,11 +287,8 @@ impl SiteDriver {
                 self.metrics.kafka.replayed_skipped.inc();
                 continue;
             }
-            if *offset > owned.next_offset && owned.next_offset > 0 {
-                // The ledger then drops the rest of a span cut in parts (`overlap`).
-                self.metrics.kafka.offset_gaps.inc();
-                tracing::warn!(partition = %owned.key, expected = owned.next_offset, got = offset, "offset gap in an internal partition");
-            }
+            // After a gap the ledger drops the rest of a span cut in parts (`overlap`).
+            count_offset_gap(&self.metrics, &owned.key, owned.next_offset, *offset);
             owned.next_offset = offset + 1;
             let partial = match Partial::decode(message, &self.schemas) {
                 Ok(p) => p,
