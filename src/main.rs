@@ -84,7 +84,7 @@ Tables (docs/sql.md has every column and ten example questions):
   interface_windows  window_start, site, district, level, interface, direction, bytes,
                      bytes_per_second, samples
   top_talkers        window_start, site, district, level, direction, src_addr, dst_addr, proto,
-                     bytes, packets, records, rank
+                     bytes, packets, records, error, rank (bytes within error, docs/sql.md)
   readiness          window_start, window_end, site, district, level, verdict, reasons
   flows_recent       site, district, level, direction, event_time, exporter, src_addr, dst_addr,
                      src_port, dst_port, proto, bytes, packets, sampling_rate, flow_start, ...

@@ -74,13 +74,24 @@ pub struct SplitAggregate {
     task: Arc<TaskContext>,
     state_window_column: usize,
     group_keys: Vec<String>,
+    compact_open_states: usize,
 }
+
+/// An open window with this many states has them merged per partition: memory follows the
+/// groups, not the micro-batches.
+const COMPACT_OPEN_STATES: usize = 64;
+/// The same for an aggregation with bounded state per group (`heavy_hitters`): its per-batch
+/// states are about as large as the batch until merged, and a merge costs at most `capacity`
+/// counters per group, so they are merged early.
+const COMPACT_OPEN_BOUNDED_STATES: usize = 16;
 
 fn session() -> SessionContext {
     let mut config = SessionConfig::new().with_target_partitions(1).with_batch_size(8192);
     // Plans are executed many times: no run-time filters that carry state between runs.
     config.options_mut().optimizer.enable_dynamic_filter_pushdown = false;
-    SessionContext::new_with_config(config)
+    let ctx = SessionContext::new_with_config(config);
+    ctx.register_udaf(super::heavy_hitters::udaf());
+    ctx
 }
 
 /// Only queries: a pipeline file must not create, change or read anything else.
@@ -221,12 +232,30 @@ impl SplitAggregate {
             return Err(PlanError::Shape(format!("the query must select {WINDOW_START}")));
         }
         let group_keys = keys.iter().map(|k| k.to_string()).collect();
-        Ok(Self { input, states, partial, final_plan, reduce_input, reduce_plan, task: ctx.task_ctx(), state_window_column, group_keys })
+        let bounded = agg.aggr_expr().iter().any(|a| a.fun().name() == super::heavy_hitters::NAME);
+        let compact_open_states = if bounded { COMPACT_OPEN_BOUNDED_STATES } else { COMPACT_OPEN_STATES };
+        Ok(Self {
+            input,
+            states,
+            partial,
+            final_plan,
+            reduce_input,
+            reduce_plan,
+            task: ctx.task_ctx(),
+            state_window_column,
+            group_keys,
+            compact_open_states,
+        })
     }
 
     /// Names of the GROUP BY keys.
     pub fn group_keys(&self) -> &[String] {
         &self.group_keys
+    }
+
+    /// How many states an open window collects before they are merged per partition.
+    pub fn compact_open_states(&self) -> usize {
+        self.compact_open_states
     }
 
     /// Schema of the rows a closed window produces.

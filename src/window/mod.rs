@@ -6,6 +6,7 @@
 //! the rows to the sinks as a [`ClosedWindow`].
 
 pub mod aggregate;
+pub mod heavy_hitters;
 pub mod watermark;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -139,7 +140,7 @@ impl WindowedTable {
             for (start, rows) in split_by_window(&state, window_col)? {
                 let open = self.open.entry(start).or_default();
                 open.push((partition, rows));
-                if open.len() == COMPACT_OPEN_STATES {
+                if open.len() == self.aggregate.compact_open_states() {
                     crowded.push(start);
                 }
             }
@@ -172,8 +173,6 @@ enum CloseKind {
 
 /// More published states than this are merged into one per group.
 const COMPACT_STATES: usize = 8;
-/// An open window with this many states has them merged per partition.
-const COMPACT_OPEN_STATES: usize = 64;
 
 /// What one micro-batch did.
 #[derive(Debug, Default, Clone, PartialEq)]

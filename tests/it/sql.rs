@@ -171,6 +171,7 @@ async fn every_example_of_the_sql_guide_gives_the_independently_computed_answer(
                 let total: u64 = run.truth.flows.iter().filter(|((s, _, _), _)| *s == pai_lung).map(|(_, t)| t.bytes).sum();
                 let share = bytes[0] as f64 / total as f64;
                 assert!((0.4..0.6).contains(&share), "{question}: the talker's share of Pải Lủng's bytes is {share}");
+                talker_within_its_error(&run, &engine, &inv, 100).await;
             }
             9 => {
                 let mut peaks: Vec<(i64, String)> =
@@ -203,6 +204,74 @@ async fn every_example_of_the_sql_guide_gives_the_independently_computed_answer(
             _ => unreachable!(),
         }
     }
+}
+
+/// The scenario's talker, window by window and direction by direction, in table `top_talkers`:
+/// listed, with `bytes - error <= true bytes <= bytes` and `error <= window bytes / capacity`
+/// (the guarantee of `heavy_hitters`).
+async fn talker_within_its_error(run: &SimRun, engine: &SqlEngine, inv: &Inventory, capacity: u64) {
+    let pai_lung = inv.by_id("meo-vac.pai-lung").unwrap();
+    let got = run_query(
+        engine,
+        "SELECT window_start, direction, bytes, error FROM top_talkers \
+         WHERE site = 'meo-vac.pai-lung' AND (src_addr = '203.0.113.250' OR dst_addr = '203.0.113.250')",
+    )
+    .await;
+    let mut listed: BTreeMap<(i64, String), (u64, u64)> = BTreeMap::new();
+    let (starts, directions, bytes, errors) =
+        (ints(&got, "window_start"), strings(&got, "direction"), ints(&got, "bytes"), ints(&got, "error"));
+    for i in 0..starts.len() {
+        let before = listed.insert((starts[i], directions[i].clone()), (bytes[i] as u64, errors[i] as u64));
+        assert!(before.is_none(), "the talker is one conversation per window and direction");
+    }
+    let talker_windows: Vec<_> = run.truth.talkers.iter().filter(|((s, _, _), _)| *s == pai_lung).collect();
+    assert!(talker_windows.len() > 10, "the scenario plants the talker in many windows");
+    for ((s, direction, start), truth) in talker_windows {
+        let d = if *direction == Direction::In { "in" } else { "out" };
+        let n = run.truth.flows[&(*s, *direction, *start)].bytes;
+        let Some(&(bytes, error)) = listed.get(&(*start, d.to_string())) else {
+            panic!("window {start} {d}: the talker ({} of {n} bytes) is not listed", truth.bytes);
+        };
+        assert!(bytes - error <= truth.bytes && truth.bytes <= bytes, "window {start} {d}: {bytes} - {error} against true {}", truth.bytes);
+        assert!(error * capacity <= n, "window {start} {d}: error {error} above {n} bytes / {capacity}");
+    }
+}
+
+/// A capacity below the conversations per site and window (the bounded regime): the talker is
+/// still found in every window, within the stated error, and the site totals are untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_heavy_hitters_capacity_still_finds_the_talker_within_its_error() {
+    let _serial = crate::sql_hostile::serial();
+    let inventory = Arc::new(Inventory::embedded());
+    let scenario =
+        Scenario::load(&repo().join("pipelines/hagiang/scenarios/district-congestion.yaml"), &inventory).expect("scenario loads");
+    let dir = tempfile::tempdir().unwrap();
+    let sql = std::fs::read_to_string(repo().join("pipelines/hagiang/top_talkers.sql")).unwrap();
+    let path = dir.path().join("top_talkers.sql");
+    std::fs::write(&path, sql.replace("heavy_hitters(100,", "heavy_hitters(3,")).unwrap();
+    let mut config = fast_config(300, 3000);
+    config.pipeline.top_talkers_sql = Some(figment::value::magic::RelativePathBuf::from(path));
+    config.sql.max_rows = 10_000_000;
+    let (run, engine) = simulate_with_sql(&config, scenario).await;
+    talker_within_its_error(&run, &engine, &inventory, 3).await;
+    // Every row, the talker's or not: at most 3 per group, and an error within N / 3.
+    let rows = run_query(&engine, "SELECT window_start, site, direction, error FROM top_talkers").await;
+    let (starts, sites, directions, errors) =
+        (ints(&rows, "window_start"), strings(&rows, "site"), strings(&rows, "direction"), ints(&rows, "error"));
+    let mut per_group: BTreeMap<(i64, &str, &str), usize> = BTreeMap::new();
+    for i in 0..starts.len() {
+        *per_group.entry((starts[i], &sites[i], &directions[i])).or_default() += 1;
+        let d = if directions[i] == "in" { Direction::In } else { Direction::Out };
+        let n = run.truth.flows[&(inventory.by_id(&sites[i]).unwrap(), d, starts[i])].bytes;
+        assert!(errors[i] as u64 * 3 <= n, "{} {} {}: error {} above {n} / 3", starts[i], sites[i], directions[i], errors[i]);
+    }
+    assert!(per_group.values().all(|n| *n <= 3), "at most 3 conversations per site, direction and window");
+    let approximate = errors.iter().filter(|e| **e > 0).count();
+    assert!(
+        approximate > errors.len() / 4,
+        "3 counters for dozens of conversations: most estimates carry an error ({approximate} of {})",
+        errors.len()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

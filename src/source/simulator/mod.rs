@@ -54,6 +54,8 @@ pub struct Tally {
 #[derive(Debug, Default, Clone)]
 pub struct GroundTruth {
     pub flows: HashMap<(SiteIdx, Direction, i64), Tally>,
+    /// The scenario's top-talker conversations, per (site, direction, window start): part of `flows`.
+    pub talkers: HashMap<(SiteIdx, Direction, i64), Tally>,
     /// Probe results per (site, window start).
     pub probes: HashMap<(SiteIdx, i64), u64>,
     pub flow_records: u64,
@@ -344,10 +346,16 @@ impl Simulator {
             } else if late {
                 truth.late_flows += 1;
             } else {
-                let tally = truth.flows.entry((site_idx, direction, window_start(event_t, self.window.size_ns()))).or_default();
-                tally.bytes += bytes * u64::from(sampling);
-                tally.packets += packets * u64::from(sampling);
-                tally.records += 1;
+                let key = (site_idx, direction, window_start(event_t, self.window.size_ns()));
+                let add = |tally: &mut Tally| {
+                    tally.bytes += bytes * u64::from(sampling);
+                    tally.packets += packets * u64::from(sampling);
+                    tally.records += 1;
+                };
+                add(truth.flows.entry(key).or_default());
+                if talker.is_some() {
+                    add(truth.talkers.entry(key).or_default());
+                }
             }
         }
     }
