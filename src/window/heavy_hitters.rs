@@ -19,7 +19,6 @@
 //! The result is a list of structs (the keys, `bytes`, `packets`, `records`, `error`), largest
 //! first, ties broken by key; SQL's `unnest` turns it into rows.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use datafusion::arrow::array::{Array, ArrayRef, AsArray, BinaryArray, BooleanArray, Int64Array, ListArray, StructArray, UInt64Array};
@@ -173,11 +172,28 @@ pub struct Counter {
 }
 
 /// A Space-Saving summary: at most `capacity` counters once pruned, and `bound`, the most bytes
-/// any unlisted key can have had.
+/// any unlisted key can have had. Keys live in one byte arena per summary (most records bring a
+/// new conversation: one allocation each would cost more than the counting).
 #[derive(Debug, Clone, Default)]
 pub struct Summary {
     pub bound: u64,
-    pub counters: HashMap<Box<[u8]>, Counter, foldhash::fast::FixedState>,
+    arena: Vec<u8>,
+    entries: Vec<Entry>,
+    /// Indices into `entries`, hashed by key.
+    index: hashbrown::HashTable<u32>,
+}
+
+/// A listed key (its bytes in the arena) and its counter.
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    start: u32,
+    len: u32,
+    counter: Counter,
+}
+
+fn hash(key: &[u8]) -> u64 {
+    use std::hash::BuildHasher as _;
+    foldhash::fast::FixedState::with_seed(0x5eed).hash_one(key)
 }
 
 /// Order of the result: most bytes first, then by key.
@@ -186,19 +202,52 @@ fn rank(a: (&[u8], &Counter), b: (&[u8], &Counter)) -> std::cmp::Ordering {
 }
 
 impl Summary {
+    /// How many keys are listed.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    fn key(&self, e: &Entry) -> &[u8] {
+        &self.arena[e.start as usize..(e.start + e.len) as usize]
+    }
+
+    /// The counter of `key`, or a new one made by `enter` (the key's first counter here).
+    fn counter(&mut self, key: &[u8], enter: impl FnOnce() -> Counter) -> (&mut Counter, bool) {
+        let h = hash(key);
+        let (arena, entries) = (&self.arena, &self.entries);
+        let found = self.index.find(h, |&i| {
+            let e = &entries[i as usize];
+            &arena[e.start as usize..(e.start + e.len) as usize] == key
+        });
+        if let Some(&i) = found {
+            return (&mut self.entries[i as usize].counter, false);
+        }
+        let i = self.entries.len() as u32;
+        let start = self.arena.len() as u32;
+        self.arena.extend_from_slice(key);
+        self.entries.push(Entry { start, len: key.len() as u32, counter: enter() });
+        let (arena, entries) = (&self.arena, &self.entries);
+        self.index.insert_unique(h, i, |&j| {
+            let e = &entries[j as usize];
+            hash(&arena[e.start as usize..(e.start + e.len) as usize])
+        });
+        (&mut self.entries[i as usize].counter, true)
+    }
+
     /// Adds one record. A key not listed may have had up to `bound` bytes already: it enters with
     /// that much, counted as its error. (Deferring the prune to the end of a batch makes this the
-    /// merge of the batch's exact summary.)
+    /// merge of the batch's exact summary.) Returns whether the key is new.
     pub fn add(&mut self, key: &[u8], bytes: u64, packets: u64) -> bool {
-        if let Some(c) = self.counters.get_mut(key) {
-            c.bytes = c.bytes.saturating_add(bytes);
-            c.packets = c.packets.saturating_add(packets);
-            c.records += 1;
-            return false;
-        }
         let bound = self.bound;
-        self.counters.insert(key.into(), Counter { bytes: bytes.saturating_add(bound), error: bound, packets, records: 1 });
-        true
+        let (c, new) = self.counter(key, || Counter { bytes: bound, error: bound, packets: 0, records: 0 });
+        c.bytes = c.bytes.saturating_add(bytes);
+        c.packets = c.packets.saturating_add(packets);
+        c.records += 1;
+        new
     }
 
     /// Merges another summary (its `bound` and counters) into this one, without pruning: merging
@@ -209,24 +258,22 @@ impl Summary {
         let own_bound = self.bound;
         // A key listed here but not there may have had up to `bound` bytes there.
         if bound > 0 {
-            for c in self.counters.values_mut() {
-                c.bytes = c.bytes.saturating_add(bound);
-                c.error = c.error.saturating_add(bound);
+            for e in &mut self.entries {
+                e.counter.bytes = e.counter.bytes.saturating_add(bound);
+                e.counter.error = e.counter.error.saturating_add(bound);
             }
         }
         for (key, other) in counters {
-            match self.counters.get_mut(key) {
-                Some(c) => {
-                    c.bytes = (c.bytes - bound).saturating_add(other.bytes);
-                    c.error = (c.error - bound).saturating_add(other.error);
-                    c.packets = c.packets.saturating_add(other.packets);
-                    c.records = c.records.saturating_add(other.records);
-                }
-                None => {
-                    let entered =
-                        Counter { bytes: other.bytes.saturating_add(own_bound), error: other.error.saturating_add(own_bound), ..other };
-                    self.counters.insert(key.into(), entered);
-                }
+            let (c, new) = self.counter(key, || Counter {
+                bytes: other.bytes.saturating_add(own_bound),
+                error: other.error.saturating_add(own_bound),
+                ..other
+            });
+            if !new {
+                c.bytes = (c.bytes - bound).saturating_add(other.bytes);
+                c.error = (c.error - bound).saturating_add(other.error);
+                c.packets = c.packets.saturating_add(other.packets);
+                c.records = c.records.saturating_add(other.records);
             }
         }
         self.bound = own_bound.saturating_add(bound);
@@ -234,27 +281,38 @@ impl Summary {
 
     /// Keeps the `capacity` largest counters; the largest one dropped raises `bound`.
     pub fn prune(&mut self, capacity: usize) {
-        if self.counters.len() <= capacity {
+        if self.entries.len() <= capacity {
             return;
         }
-        let mut ranked: Vec<(&[u8], &Counter)> = self.counters.iter().map(|(k, c)| (k.as_ref(), c)).collect();
-        ranked.select_nth_unstable_by(capacity, |a, b| rank(*a, *b));
-        let (cut_key, cut) = ranked[capacity];
-        let (cut_key, cut) = (Box::<[u8]>::from(cut_key), *cut);
-        self.bound = self.bound.max(cut.bytes);
-        self.counters.retain(|k, c| rank((k, c), (&cut_key, &cut)).is_lt());
+        let mut order: Vec<u32> = (0..self.entries.len() as u32).collect();
+        {
+            let by_rank = |a: &u32, b: &u32| {
+                let (a, b) = (&self.entries[*a as usize], &self.entries[*b as usize]);
+                rank((self.key(a), &a.counter), (self.key(b), &b.counter))
+            };
+            order.select_nth_unstable_by(capacity, by_rank);
+        }
+        self.bound = self.bound.max(self.entries[order[capacity] as usize].counter.bytes);
+        let mut kept = Summary { bound: self.bound, ..Summary::default() };
+        kept.arena.reserve(self.arena.len() / self.entries.len() * capacity);
+        kept.entries.reserve(capacity);
+        for &i in &order[..capacity] {
+            let e = self.entries[i as usize];
+            let counter = e.counter;
+            kept.counter(self.key(&e), || counter);
+        }
+        *self = kept;
     }
 
     /// The counters, largest first.
     pub fn ranked(&self) -> Vec<(&[u8], &Counter)> {
-        let mut ranked: Vec<(&[u8], &Counter)> = self.counters.iter().map(|(k, c)| (k.as_ref(), c)).collect();
+        let mut ranked: Vec<(&[u8], &Counter)> = self.entries.iter().map(|e| (self.key(e), &e.counter)).collect();
         ranked.sort_unstable_by(|a, b| rank(*a, *b));
         ranked
     }
 
     fn size(&self) -> usize {
-        self.counters.capacity() * (size_of::<Box<[u8]>>() + size_of::<Counter>() + 8)
-            + self.counters.keys().map(|k| k.len()).sum::<usize>()
+        self.arena.capacity() + self.entries.capacity() * size_of::<Entry>() + self.index.capacity() * 5
     }
 }
 
@@ -287,7 +345,7 @@ impl Groups {
             }
             let value = |a: &UInt64Array| if a.is_null(i) { 0 } else { a.value(i) };
             let summary = &mut self.summaries[g];
-            if summary.add(rows.row(i).as_ref(), value(bytes), value(packets)) && summary.counters.len() == self.capacity + 1 {
+            if summary.add(rows.row(i).as_ref(), value(bytes), value(packets)) && summary.len() == self.capacity + 1 {
                 crowded.push(g);
             }
         }
@@ -323,7 +381,7 @@ impl Groups {
             let summary = &mut self.summaries[g];
             summary.merge(bound, counters);
             // Pruned once per batch, or when one group has gathered many states' counters.
-            if summary.counters.len() > PRUNE_AT * self.capacity {
+            if summary.len() > PRUNE_AT * self.capacity {
                 summary.prune(self.capacity);
             }
             merged.push(g);
