@@ -16,7 +16,7 @@ use datafusion::error::DataFusionError;
 
 use crate::checkpoint::CheckpointError;
 use crate::config::{Config, resolve};
-use crate::decode::{DecodeLimits, DecodeStats, Decoded, decode_with};
+use crate::decode::{DecodeLimits, DecodeStats, Decoded, decode_parallel};
 use crate::enrich::{EnrichStats, Enricher, Sampling};
 use crate::inventory::{Inventory, InventoryError, addr_from_ip};
 use crate::metrics::PipelineMetrics;
@@ -192,6 +192,8 @@ pub struct RunSummary {
 /// The processing chain with its state.
 pub struct Pipeline {
     limits: DecodeLimits,
+    /// Threads decoding one batch (`decode.threads`, resolved).
+    decode_threads: usize,
     max_future_ns: i64,
     /// Spreads flows of `event_time: spread` sources over the windows they cover.
     spreader: crate::event_time::Spreader,
@@ -266,6 +268,7 @@ impl Pipeline {
                 min_time_ns: DecodeLimits::MIN_TIME_NS,
                 max_time_ns: i64::MAX,
             },
+            decode_threads: config.decode.decode_threads(),
             max_future_ns: (config.decode.max_future_secs as i64).saturating_mul(1_000_000_000),
             spreader: crate::event_time::Spreader::new(config.window_size(), config.decode.max_spread_windows),
             enricher: Enricher::new(res.inventory.clone(), sampling),
@@ -458,7 +461,7 @@ impl Pipeline {
         self.limits.max_time_ns = unix_now_ns().saturating_add(self.max_future_ns);
         // Read, whatever its records turn out to be: it no longer holds windows back as unheard.
         self.windows.heard_from(batch.partition, batch.received);
-        let (decoded, stats) = decode_with(batch.format, batch.event_time, &batch.messages, &self.limits);
+        let (decoded, stats) = decode_parallel(batch.format, batch.event_time, &batch.messages, &self.limits, self.decode_threads);
         self.metrics.record_decode(batch.format, batch.messages.total_bytes(), &stats);
         self.rejections.observe(source, batch.format, &stats, batch.received);
         self.summary.batches += 1;

@@ -130,8 +130,14 @@ impl Messages {
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &[u8]> {
-        let starts = std::iter::once(0).chain(self.ends.iter().copied());
-        starts.zip(self.ends.iter().copied()).map(|(s, e)| &self.data[s..e])
+        self.iter_range(0..self.ends.len())
+    }
+
+    /// Messages `range` (indices into the batch), in order.
+    pub fn iter_range(&self, range: std::ops::Range<usize>) -> impl Iterator<Item = &[u8]> {
+        let start = if range.start == 0 { 0 } else { self.ends[range.start - 1] };
+        let starts = std::iter::once(start).chain(self.ends[range.clone()].iter().copied());
+        starts.zip(self.ends[range].iter().copied()).map(|(s, e)| &self.data[s..e])
     }
 }
 

@@ -137,11 +137,25 @@ pub struct DecodeConfig {
     /// earlier (a long flow, a broken start time) is spread over the last ones only and counted
     /// in `siteflow_flows_spread_clamped_total`.
     pub max_spread_windows: u32,
+    /// Threads that decode one micro-batch of flow messages side by side (0: as many as the
+    /// cores this process may run on). Decoding is most of a record's cost; the rest of the
+    /// pipeline stays on one thread.
+    pub threads: usize,
 }
 
 impl Default for DecodeConfig {
     fn default() -> Self {
-        Self { max_message_bytes: 1 << 20, max_bytes_per_record: 1 << 40, max_future_secs: 86_400, max_spread_windows: 360 }
+        Self { max_message_bytes: 1 << 20, max_bytes_per_record: 1 << 40, max_future_secs: 86_400, max_spread_windows: 360, threads: 0 }
+    }
+}
+
+impl DecodeConfig {
+    /// `threads`, with 0 resolved to the cores this process may run on (its CPU affinity).
+    pub fn decode_threads(&self) -> usize {
+        match self.threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
     }
 }
 
@@ -883,6 +897,7 @@ impl Config {
             ("decode.max_message_bytes", d.max_message_bytes as u64, 1, 1 << 30),
             ("decode.max_bytes_per_record", d.max_bytes_per_record, 1, 1 << 50),
             ("decode.max_future_secs", d.max_future_secs, 0, 365 * DAY),
+            ("decode.threads", d.threads as u64, 0, 256),
             ("sampling.default_rate", self.sampling.default_rate as u64, 1, 1 << 24),
             ("kafka.batch_max_messages", k.batch_max_messages as u64, 1, 1 << 24),
             ("kafka.batch_max_bytes", k.batch_max_bytes as u64, 1, 1 << 30),

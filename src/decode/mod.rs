@@ -223,12 +223,40 @@ impl DecodeStats {
     pub fn rejected_total(&self) -> u64 {
         self.rejected.iter().map(|(_, n)| n).sum()
     }
+
+    /// Adds the counts of the records after this one's (a later part of the same batch).
+    fn absorb(&mut self, later: DecodeStats) {
+        self.records += later.records;
+        self.decoded += later.decoded;
+        for (reason, n) in later.rejected {
+            match self.rejected.iter_mut().find(|(r, _)| *r == reason) {
+                Some((_, m)) => *m += n,
+                None => self.rejected.push((reason, n)),
+            }
+        }
+        self.missing_sampling_rate += later.missing_sampling_rate;
+        self.bad.extend(later.bad);
+        self.no_traffic += later.no_traffic;
+        self.event_time_fallback += later.event_time_fallback;
+        self.at = later.at;
+    }
 }
 
 /// Calls `f` on each record of each message: messages may carry newline-separated records.
 /// Oversize messages are rejected whole, blank lines skipped.
-pub fn for_each_record(msgs: &Messages, limits: &DecodeLimits, stats: &mut DecodeStats, mut f: impl FnMut(&[u8], &mut DecodeStats)) {
-    for (i, msg) in msgs.iter().enumerate() {
+pub fn for_each_record(msgs: &Messages, limits: &DecodeLimits, stats: &mut DecodeStats, f: impl FnMut(&[u8], &mut DecodeStats)) {
+    for_each_record_in(msgs, 0..msgs.len(), limits, stats, f)
+}
+
+/// [`for_each_record`] over messages `range` of the batch (indices stay the batch's).
+fn for_each_record_in(
+    msgs: &Messages,
+    range: std::ops::Range<usize>,
+    limits: &DecodeLimits,
+    stats: &mut DecodeStats,
+    mut f: impl FnMut(&[u8], &mut DecodeStats),
+) {
+    for (i, msg) in range.clone().zip(msgs.iter_range(range)) {
         stats.at(i, 0..msg.len());
         if msg.len() > limits.max_message_bytes {
             stats.reject(RejectReason::Oversize);
@@ -593,24 +621,26 @@ fn push_flow(cols: &mut FlowColumns, stats: &mut DecodeStats, how: FlowDecoding,
 /// Decodes newline-delimited JSON flow records with `decode_record` into flow columns.
 fn decode_json_flows(
     msgs: &Messages,
+    range: std::ops::Range<usize>,
     how: FlowDecoding,
     stats: &mut DecodeStats,
     decode_record: fn(&[u8], &DecodeLimits) -> Result<FlowRecord, RejectReason>,
 ) -> RecordBatch {
-    let mut cols = FlowColumns::with_capacity(msgs.len());
-    for_each_record(msgs, how.limits, stats, |rec, stats| push_flow(&mut cols, stats, how, decode_record(rec, how.limits)));
+    let mut cols = FlowColumns::with_capacity(range.len());
+    for_each_record_in(msgs, range, how.limits, stats, |rec, stats| push_flow(&mut cols, stats, how, decode_record(rec, how.limits)));
     cols.finish()
 }
 
 /// Decodes binary flow messages (no newline framing) with `decode_message`.
 fn decode_binary_flows(
     msgs: &Messages,
+    range: std::ops::Range<usize>,
     how: FlowDecoding,
     stats: &mut DecodeStats,
     decode_message: impl Fn(&[u8], &mut dyn FnMut(Result<FlowRecord, RejectReason>)),
 ) -> RecordBatch {
-    let mut cols = FlowColumns::with_capacity(msgs.len());
-    for (i, msg) in msgs.iter().enumerate() {
+    let mut cols = FlowColumns::with_capacity(range.len());
+    for (i, msg) in range.clone().zip(msgs.iter_range(range)) {
         stats.at(i, 0..msg.len());
         if msg.len() > how.limits.max_message_bytes {
             stats.reject(RejectReason::Oversize);
@@ -619,6 +649,58 @@ fn decode_binary_flows(
         decode_message(msg, &mut |r| push_flow(&mut cols, stats, how, r));
     }
     cols.finish()
+}
+
+/// Decodes messages `range` of a batch of flow messages.
+fn decode_flows(format: Format, msgs: &Messages, range: std::ops::Range<usize>, how: FlowDecoding, stats: &mut DecodeStats) -> RecordBatch {
+    let limits = how.limits;
+    match format {
+        Format::PmacctJson => decode_json_flows(msgs, range, how, stats, pmacct_json::decode_record),
+        Format::Goflow2Protobuf => decode_binary_flows(msgs, range, how, stats, |m, emit| goflow2_pb::decode_delimited(m, limits, emit)),
+        Format::Goflow2ProtobufPlain => decode_binary_flows(msgs, range, how, stats, |m, emit| emit(goflow2_pb::decode_plain(m, limits))),
+        _ => decode_json_flows(msgs, range, how, stats, goflow2_json::decode_record),
+    }
+}
+
+/// Fewer messages than this per thread are not worth a thread.
+const MIN_MESSAGES_PER_THREAD: usize = 256;
+
+/// As [`decode_with`], on up to `threads` threads: a batch of flow messages is cut into
+/// consecutive runs of messages, decoded side by side and joined in order, so rows, counts and
+/// the dead-letter positions are those of one thread. Telemetry keeps one thread (its rows are
+/// matched to their messages' order afterwards).
+pub fn decode_parallel(
+    format: Format,
+    event_time: EventTime,
+    msgs: &Messages,
+    limits: &DecodeLimits,
+    threads: usize,
+) -> (Decoded, DecodeStats) {
+    let threads = threads.min(msgs.len() / MIN_MESSAGES_PER_THREAD).max(1);
+    if threads == 1 || !format.is_flows() {
+        return decode_with(format, event_time, msgs, limits);
+    }
+    let how = FlowDecoding { limits, event_time };
+    let per = msgs.len().div_ceil(threads);
+    let ranges: Vec<std::ops::Range<usize>> = (0..threads).map(|t| t * per..((t + 1) * per).min(msgs.len())).collect();
+    let parts: Vec<(RecordBatch, DecodeStats)> = std::thread::scope(|scope| {
+        let decode_part = move |range: std::ops::Range<usize>| {
+            let mut stats = DecodeStats::default();
+            (decode_flows(format, msgs, range, how, &mut stats), stats)
+        };
+        let others: Vec<_> = ranges[1..].iter().cloned().map(|r| scope.spawn(move || decode_part(r))).collect();
+        let first = decode_part(ranges[0].clone());
+        std::iter::once(first).chain(others.into_iter().map(|h| h.join().expect("a decode thread panicked"))).collect()
+    });
+    let schema = parts[0].0.schema();
+    let mut stats = DecodeStats::default();
+    let mut batches = Vec::with_capacity(parts.len());
+    for (batch, part) in parts {
+        batches.push(batch);
+        stats.absorb(part);
+    }
+    let rows = datafusion::arrow::compute::concat_batches(&schema, &batches).expect("parts share the flow schema");
+    (Decoded::Flows(rows), stats)
 }
 
 /// Decodes a batch of messages of one format, flows placed by their end ([`EventTime::FlowEnd`]).
@@ -631,13 +713,8 @@ pub fn decode_with(format: Format, event_time: EventTime, msgs: &Messages, limit
     let mut stats = DecodeStats::default();
     let how = FlowDecoding { limits, event_time };
     let decoded = match format {
-        Format::Goflow2Json => Decoded::Flows(decode_json_flows(msgs, how, &mut stats, goflow2_json::decode_record)),
-        Format::PmacctJson => Decoded::Flows(decode_json_flows(msgs, how, &mut stats, pmacct_json::decode_record)),
-        Format::Goflow2Protobuf => {
-            Decoded::Flows(decode_binary_flows(msgs, how, &mut stats, |m, emit| goflow2_pb::decode_delimited(m, limits, emit)))
-        }
-        Format::Goflow2ProtobufPlain => {
-            Decoded::Flows(decode_binary_flows(msgs, how, &mut stats, |m, emit| emit(goflow2_pb::decode_plain(m, limits))))
+        Format::Goflow2Json | Format::PmacctJson | Format::Goflow2Protobuf | Format::Goflow2ProtobufPlain => {
+            Decoded::Flows(decode_flows(format, msgs, 0..msgs.len(), how, &mut stats))
         }
         Format::SiteflowProbeJson => {
             let mut cols = ProbeColumns::default();
@@ -704,6 +781,39 @@ mod tests {
             Format::Goflow2Protobuf => m.encode_length_delimited_to_vec(),
             Format::Goflow2ProtobufPlain => m.encode_to_vec(),
             _ => unreachable!("a flow format"),
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 16, ..ProptestConfig::default() })]
+        /// Decoding on several threads gives the rows, counts and dead-letter positions of one
+        /// thread, for every flow format, with bad and oversize messages anywhere in the batch.
+        #[test]
+        fn decoding_on_several_threads_equals_one_thread(
+            kinds in proptest::collection::vec(0u8..10, 0..3000),
+            threads in 1usize..5,
+            format in prop_oneof![Just(Format::Goflow2Json), Just(Format::PmacctJson), Just(Format::Goflow2Protobuf)],
+        ) {
+            let mut msgs = Messages::with_capacity(kinds.len(), 0);
+            for (i, kind) in kinds.iter().enumerate() {
+                let t = 1_764_000_000_000_000_000 + i as i64 * 1_000_000;
+                match kind {
+                    0 => msgs.push(b"{not json"),
+                    1 => msgs.push(&[b'x'; 5000]),
+                    2 if format != Format::Goflow2Protobuf => {
+                        let mut two = flow_message(format, t, t, t);
+                        two.push(b'\n');
+                        two.extend(flow_message(format, 0, t + 1, t));
+                        msgs.push(&two);
+                    }
+                    _ => msgs.push(&flow_message(format, t - 5, t, t + 7)),
+                }
+            }
+            let (one, one_stats) = decode_with(format, EventTime::FlowEnd, &msgs, &limits());
+            let (many, many_stats) = decode_parallel(format, EventTime::FlowEnd, &msgs, &limits(), threads);
+            let (Decoded::Flows(one), Decoded::Flows(many)) = (one, many) else { panic!("flows decode to flows") };
+            prop_assert_eq!(one, many);
+            prop_assert_eq!(one_stats, many_stats);
         }
     }
 
