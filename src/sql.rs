@@ -498,6 +498,8 @@ fn session_template(inventory: Arc<Inventory>, window_secs: f64, limits: &SqlLim
     for udf in udfs(inventory, window_secs) {
         ctx.register_udf(udf);
     }
+    // The pipeline's bounded top-talker aggregate, for ad hoc questions on flows_recent.
+    ctx.register_udaf(crate::window::heavy_hitters::udaf());
     for (name, growth) in GROWING {
         if let Some(inner) = ctx.state().scalar_functions().get(*name).cloned() {
             let bounded = Bounded { inner, growth: *growth, max_bytes: limits.max_value_bytes(), max_pairs: MAX_LEVENSHTEIN_PAIRS };

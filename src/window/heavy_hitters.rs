@@ -38,7 +38,9 @@ pub const NAME: &str = "heavy_hitters";
 /// The largest capacity accepted: one state row stays well under the shared topics' message size.
 pub const MAX_CAPACITY: usize = 4096;
 /// A group merging many states is pruned once it holds this many times `capacity` counters.
-const PRUNE_AT: usize = 8;
+const PRUNE_AT: usize = 2;
+/// Keys a new summary has room for.
+const INITIAL_ROOM: usize = 64;
 /// Arguments before the keys: capacity, bytes, packets.
 const FIXED_ARGS: usize = 3;
 
@@ -226,6 +228,9 @@ impl Summary {
         if let Some(&i) = found {
             return (&mut self.entries[i as usize].counter, false);
         }
+        if self.entries.capacity() == 0 {
+            self.reserve(INITIAL_ROOM, key.len());
+        }
         let i = self.entries.len() as u32;
         let start = self.arena.len() as u32;
         self.arena.extend_from_slice(key);
@@ -236,6 +241,18 @@ impl Summary {
             hash(&arena[e.start as usize..(e.start + e.len) as usize])
         });
         (&mut self.entries[i as usize].counter, true)
+    }
+
+    /// Room for `entries` keys of `key_len` bytes without growing (growing a fresh summary
+    /// step by step cost more than the counting).
+    fn reserve(&mut self, entries: usize, key_len: usize) {
+        self.arena.reserve(entries * key_len);
+        self.entries.reserve(entries);
+        let (arena, list) = (&self.arena, &self.entries);
+        self.index.reserve(entries, |&j| {
+            let e = &list[j as usize];
+            hash(&arena[e.start as usize..(e.start + e.len) as usize])
+        });
     }
 
     /// Adds one record. A key not listed may have had up to `bound` bytes already: it enters with
@@ -294,8 +311,7 @@ impl Summary {
         }
         self.bound = self.bound.max(self.entries[order[capacity] as usize].counter.bytes);
         let mut kept = Summary { bound: self.bound, ..Summary::default() };
-        kept.arena.reserve(self.arena.len() / self.entries.len() * capacity);
-        kept.entries.reserve(capacity);
+        kept.reserve(PRUNE_AT * capacity + 1, self.arena.len() / self.entries.len());
         for &i in &order[..capacity] {
             let e = self.entries[i as usize];
             let counter = e.counter;

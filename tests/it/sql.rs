@@ -266,6 +266,17 @@ async fn a_small_heavy_hitters_capacity_still_finds_the_talker_within_its_error(
         assert!(errors[i] as u64 * 3 <= n, "{} {} {}: error {} above {n} / 3", starts[i], sites[i], directions[i], errors[i]);
     }
     assert!(per_group.values().all(|n| *n <= 3), "at most 3 conversations per site, direction and window");
+    // The aggregate answers ad hoc questions too, and a bad call is the caller's error.
+    let recent = run_query(
+        &engine,
+        "SELECT site, t.src_addr AS src_addr, t.bytes AS bytes FROM \
+         (SELECT site, unnest(heavy_hitters(5, bytes, packets, src_addr)) AS t FROM flows_recent GROUP BY site)",
+    )
+    .await;
+    assert!(!recent.is_empty() && recent.iter().map(RecordBatch::num_rows).sum::<usize>() <= 5 * 242);
+    let e = engine.query("SELECT heavy_hitters(0, bytes, packets, src_addr) FROM flows_recent").await.expect_err("capacity 0");
+    assert_eq!(e.status(), 400, "{e}");
+    assert!(e.to_string().contains("capacity"), "{e}");
     let approximate = errors.iter().filter(|e| **e > 0).count();
     assert!(
         approximate > errors.len() / 4,
