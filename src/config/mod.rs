@@ -138,14 +138,14 @@ pub struct DecodeConfig {
     /// in `siteflow_flows_spread_clamped_total`.
     pub max_spread_windows: u32,
     /// Threads that decode one micro-batch of flow messages side by side (0: as many as the
-    /// cores this process may run on). Decoding is most of a record's cost; the rest of the
-    /// pipeline stays on one thread.
+    /// cores this process may run on). The rest of the pipeline stays on one thread. Default 1:
+    /// on the 2-core benchmark machine two threads gained nothing (BENCHMARKS.md).
     pub threads: usize,
 }
 
 impl Default for DecodeConfig {
     fn default() -> Self {
-        Self { max_message_bytes: 1 << 20, max_bytes_per_record: 1 << 40, max_future_secs: 86_400, max_spread_windows: 360, threads: 0 }
+        Self { max_message_bytes: 1 << 20, max_bytes_per_record: 1 << 40, max_future_secs: 86_400, max_spread_windows: 360, threads: 1 }
     }
 }
 

@@ -683,15 +683,16 @@ pub fn decode_parallel(
     let how = FlowDecoding { limits, event_time };
     let per = msgs.len().div_ceil(threads);
     let ranges: Vec<std::ops::Range<usize>> = (0..threads).map(|t| t * per..((t + 1) * per).min(msgs.len())).collect();
-    let parts: Vec<(RecordBatch, DecodeStats)> = std::thread::scope(|scope| {
-        let decode_part = move |range: std::ops::Range<usize>| {
+    // rayon's pool lives as long as the process: a thread spawned per batch cost more (fresh
+    // stacks and allocator arenas) than it saved.
+    use rayon::prelude::*;
+    let parts: Vec<(RecordBatch, DecodeStats)> = ranges
+        .into_par_iter()
+        .map(|range| {
             let mut stats = DecodeStats::default();
             (decode_flows(format, msgs, range, how, &mut stats), stats)
-        };
-        let others: Vec<_> = ranges[1..].iter().cloned().map(|r| scope.spawn(move || decode_part(r))).collect();
-        let first = decode_part(ranges[0].clone());
-        std::iter::once(first).chain(others.into_iter().map(|h| h.join().expect("a decode thread panicked"))).collect()
-    });
+        })
+        .collect();
     let schema = parts[0].0.schema();
     let mut stats = DecodeStats::default();
     let mut batches = Vec::with_capacity(parts.len());
