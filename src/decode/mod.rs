@@ -683,8 +683,7 @@ pub fn decode_parallel(
     let how = FlowDecoding { limits, event_time };
     let per = msgs.len().div_ceil(threads);
     let ranges: Vec<std::ops::Range<usize>> = (0..threads).map(|t| t * per..((t + 1) * per).min(msgs.len())).collect();
-    // rayon's pool lives as long as the process: a thread spawned per batch cost more (fresh
-    // stacks and allocator arenas) than it saved.
+    // rayon's pool lives as long as the process: no thread is started per batch.
     use rayon::prelude::*;
     let parts: Vec<(RecordBatch, DecodeStats)> = ranges
         .into_par_iter()
