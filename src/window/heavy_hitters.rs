@@ -73,8 +73,48 @@ fn result_entry(key_fields: &[FieldRef]) -> Fields {
     fields.into()
 }
 
+/// The element field of a list of `entry` structs: one definition for the declared types and
+/// the built arrays, which must match exactly.
+fn item_of(entry: Fields) -> FieldRef {
+    Arc::new(Field::new("item", DataType::Struct(entry), false))
+}
+
 fn list_of(entry: Fields) -> DataType {
-    DataType::List(Arc::new(Field::new("item", DataType::Struct(entry), false)))
+    DataType::List(item_of(entry))
+}
+
+/// A list per summary of `entry` structs made of `columns`, `lengths` entries each.
+fn lists(entry: Fields, columns: Vec<ArrayRef>, lengths: Vec<usize>) -> Result<ListArray> {
+    let entries = StructArray::try_new(entry.clone(), columns, None)?;
+    Ok(ListArray::try_new(item_of(entry), OffsetBuffer::from_lengths(lengths), Arc::new(entries), None)?)
+}
+
+/// The counters of several summaries, each ranked, laid end to end (the rows of their lists).
+#[derive(Default)]
+struct Ranked<'a> {
+    keys: Vec<&'a [u8]>,
+    counters: Vec<Counter>,
+    /// Entries per summary.
+    lengths: Vec<usize>,
+}
+
+impl<'a> Ranked<'a> {
+    fn of(summaries: &'a [Summary]) -> Self {
+        let mut out = Ranked { lengths: Vec::with_capacity(summaries.len()), ..Ranked::default() };
+        for summary in summaries {
+            let ranked = summary.ranked();
+            out.lengths.push(ranked.len());
+            for (key, c) in ranked {
+                out.keys.push(key);
+                out.counters.push(*c);
+            }
+        }
+        out
+    }
+
+    fn column(&self, field: impl Fn(&Counter) -> u64) -> ArrayRef {
+        Arc::new(UInt64Array::from_iter_values(self.counters.iter().map(field)))
+    }
 }
 
 /// The struct of one state entry: the key in arrow's row format, then the counters.
@@ -413,65 +453,28 @@ impl Groups {
     /// State columns for `summaries`: bounds and counter lists (largest first).
     fn state_of(summaries: &[Summary]) -> Result<Vec<ArrayRef>> {
         let bounds = UInt64Array::from_iter_values(summaries.iter().map(|s| s.bound));
-        let (mut keys, mut bytes, mut errors, mut packets, mut records) = (vec![], vec![], vec![], vec![], vec![]);
-        let mut lengths = Vec::with_capacity(summaries.len());
-        for summary in summaries {
-            let ranked = summary.ranked();
-            lengths.push(ranked.len());
-            for (key, c) in ranked {
-                keys.push(key);
-                bytes.push(c.bytes);
-                errors.push(c.error);
-                packets.push(c.packets);
-                records.push(c.records);
-            }
-        }
+        let ranked = Ranked::of(summaries);
         let columns: Vec<ArrayRef> = vec![
-            Arc::new(BinaryArray::from_iter_values(keys)),
-            Arc::new(UInt64Array::from(bytes)),
-            Arc::new(UInt64Array::from(errors)),
-            Arc::new(UInt64Array::from(packets)),
-            Arc::new(UInt64Array::from(records)),
+            Arc::new(BinaryArray::from_iter_values(&ranked.keys)),
+            ranked.column(|c| c.bytes),
+            ranked.column(|c| c.error),
+            ranked.column(|c| c.packets),
+            ranked.column(|c| c.records),
         ];
-        let entries = StructArray::try_new(state_entry(), columns, None)?;
-        let lists = ListArray::try_new(
-            Arc::new(Field::new("item", DataType::Struct(state_entry()), false)),
-            OffsetBuffer::from_lengths(lengths),
-            Arc::new(entries),
-            None,
-        )?;
-        Ok(vec![Arc::new(bounds), Arc::new(lists)])
+        Ok(vec![Arc::new(bounds), Arc::new(lists(state_entry(), columns, ranked.lengths)?)])
     }
 
     /// Result lists for `summaries`: keys back in their columns' types, largest first.
     fn evaluate_of(&self, summaries: &[Summary]) -> Result<ArrayRef> {
         let parser = self.keys.parser();
-        let (mut keys, mut bytes, mut errors, mut packets, mut records) = (vec![], vec![], vec![], vec![], vec![]);
-        let mut lengths = Vec::with_capacity(summaries.len());
-        for summary in summaries {
-            let ranked = summary.ranked();
-            lengths.push(ranked.len());
-            for (key, c) in ranked {
-                keys.push(parser.parse(key));
-                bytes.push(c.bytes);
-                errors.push(c.error);
-                packets.push(c.packets);
-                records.push(i64::try_from(c.records).unwrap_or(i64::MAX));
-            }
-        }
-        let mut columns = self.keys.convert_rows(keys)?;
-        columns.push(Arc::new(UInt64Array::from(bytes)));
-        columns.push(Arc::new(UInt64Array::from(packets)));
-        columns.push(Arc::new(Int64Array::from(records)));
-        columns.push(Arc::new(UInt64Array::from(errors)));
-        let entries = StructArray::try_new(self.result_entry.clone(), columns, None)?;
-        let lists = ListArray::try_new(
-            Arc::new(Field::new("item", DataType::Struct(self.result_entry.clone()), false)),
-            OffsetBuffer::from_lengths(lengths),
-            Arc::new(entries),
-            None,
-        )?;
-        Ok(Arc::new(lists))
+        let ranked = Ranked::of(summaries);
+        let mut columns = self.keys.convert_rows(ranked.keys.iter().map(|k| parser.parse(k)))?;
+        columns.push(ranked.column(|c| c.bytes));
+        columns.push(ranked.column(|c| c.packets));
+        let records = ranked.counters.iter().map(|c| i64::try_from(c.records).unwrap_or(i64::MAX));
+        columns.push(Arc::new(Int64Array::from_iter_values(records)));
+        columns.push(ranked.column(|c| c.error));
+        Ok(Arc::new(lists(self.result_entry.clone(), columns, ranked.lengths)?))
     }
 
     fn size(&self) -> usize {
