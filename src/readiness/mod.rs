@@ -3,6 +3,7 @@
 //! the verdict is the worst row. Probe percentiles come from hdrhistogram over the period's
 //! samples; traffic from the closed flow windows.
 
+pub mod connection;
 pub mod emodel;
 pub mod hysteresis;
 pub mod meetings;
@@ -67,6 +68,10 @@ pub enum Cause {
     Stale,
     /// Freshness: a kind of telemetry is missing from the period.
     Missing,
+    /// Connection: the site's probe rounds are lost (docs/readiness.md, connection status).
+    Unreachable,
+    /// Connection: down with a site above it in the hierarchy.
+    UpstreamDown,
 }
 
 impl Cause {
@@ -77,6 +82,8 @@ impl Cause {
             Cause::Hold => "hold",
             Cause::Stale => "stale",
             Cause::Missing => "missing",
+            Cause::Unreachable => "unreachable",
+            Cause::UpstreamDown => "upstream_down",
         }
     }
 }
@@ -115,6 +122,7 @@ fn reason_value(metric: Metric, value: f64) -> String {
         Metric::Rtt | Metric::Jitter | Metric::Loss | Metric::Mos => "none (no probe answered)".into(),
         Metric::Utilisation | Metric::SpareCapacity => "none (no traffic figure)".into(),
         Metric::Freshness => "none (never received)".into(),
+        Metric::Connection => "down".into(),
     }
 }
 
@@ -137,6 +145,7 @@ impl std::fmt::Display for Reason {
             Cause::Hold => write!(f, "{m}={value} held by the hold time ({}{clear})", self.detail),
             Cause::Stale => write!(f, "{m}: {} (limit {threshold} s)", self.detail),
             Cause::Missing => write!(f, "{m}: missing {}", self.detail),
+            Cause::Unreachable | Cause::UpstreamDown => write!(f, "{m}: down ({})", self.detail),
         }
     }
 }
@@ -173,6 +182,12 @@ pub struct SiteReadiness {
     pub reasons: Vec<Reason>,
     pub probes: Option<ProbeStats>,
     pub traffic: Option<TrafficStats>,
+    /// Up, down or unknown, from its probe rounds and the hierarchy.
+    #[serde(default)]
+    pub connection: connection::Status,
+    /// Up time / (up + down time) this calendar month (UTC), since the process started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub availability_month: Option<f64>,
     /// Event time of the site's newest record (ns since the epoch), if any.
     #[serde(skip)]
     pub newest_event_ns: Option<i64>,
@@ -227,6 +242,7 @@ struct SiteState {
     last_flow_window_end: Option<i64>,
     last_probe_ns: Option<i64>,
     rows: Vec<(Metric, HeldLevel)>,
+    connection: connection::Tracker,
     rtt_buckets: Buckets,
     jitter_buckets: Buckets,
 }
@@ -291,6 +307,8 @@ impl ReadinessEngine {
                 reasons: Vec::new(),
                 probes: None,
                 traffic: None,
+                connection: connection::Status::default(),
+                availability_month: None,
                 newest_event_ns: None,
                 rows_without_spare: Vec::new(),
             })
@@ -370,6 +388,7 @@ impl ReadinessEngine {
             s.rtt_buckets.observe(&RTT_BUCKETS, sample.rtt_s);
             s.jitter_buckets.observe(&JITTER_BUCKETS, sample.jitter_s);
             s.last_probe_ns = Some(s.last_probe_ns.map_or(sample.t_ns, |p| p.max(sample.t_ns)));
+            s.connection.observe_round(sample.t_ns, sample.loss);
             s.samples.push_back(sample);
         }
     }
@@ -406,6 +425,7 @@ impl ReadinessEngine {
         let need = self.policy.default_need();
         let window_secs = self.window_ns as f64 / 1e9;
         let first_window = self.evaluated_at_ns.is_none();
+        self.evaluate_connections(end_ns, stale_ns);
         for (i, state) in self.sites.iter_mut().enumerate() {
             if self.owned.as_ref().is_some_and(|o| !o.get(i).copied().unwrap_or(false)) {
                 continue;
@@ -467,9 +487,14 @@ impl ReadinessEngine {
                 }
                 worst = worst.max(level);
             }
-            // Both kinds of telemetry must be fresh: quality without traffic, or traffic without
-            // quality, cannot say a link is ready. The reason says which is stale or missing.
-            let verdict = if probe_age >= stale_secs || flow_age >= stale_secs || probes.is_none() || traffic.is_none() {
+            // A down site is not ready whatever else is known of it; otherwise both kinds of
+            // telemetry must be fresh: quality without traffic, or traffic without quality,
+            // cannot say a link is ready. The reason says which is stale or missing.
+            let connection = state.connection.status().clone();
+            let verdict = if connection.state == connection::State::Down {
+                reasons.insert(0, connection_reason(&connection));
+                Verdict::NotReady
+            } else if probe_age >= stale_secs || flow_age >= stale_secs || probes.is_none() || traffic.is_none() {
                 reasons.push(freshness_reason(probe_age, flow_age, stale_secs, probes.is_none(), traffic.is_none(), first_window));
                 Verdict::Unknown
             } else {
@@ -484,12 +509,35 @@ impl ReadinessEngine {
                 reasons,
                 probes,
                 traffic,
+                availability_month: state.connection.month().availability(),
+                connection,
                 newest_event_ns: newest,
                 rows_without_spare,
             };
         }
         self.evaluated_at_ns = Some(end_ns);
         self.evaluated_wall = Some(std::time::Instant::now());
+    }
+
+    /// Updates every judged site's connection status over the rounds before `end_ns`, then
+    /// names the upstream of the sites down with a site above them.
+    fn evaluate_connections(&mut self, end_ns: i64, stale_ns: i64) {
+        let policy = self.policy.connection;
+        for (i, state) in self.sites.iter_mut().enumerate() {
+            if self.owned.as_ref().is_none_or(|o| o.get(i).copied().unwrap_or(false)) {
+                state.connection.evaluate(&policy, end_ns, stale_ns);
+            }
+        }
+        let mut trackers: Vec<connection::Tracker> = self.sites.iter_mut().map(|s| std::mem::take(&mut s.connection)).collect();
+        let inv = &self.inventory;
+        connection::attribute_upstream(
+            &mut trackers,
+            |i| inv.parent(i as SiteIdx).map(usize::from),
+            |i| inv.site(i as SiteIdx).id.clone(),
+        );
+        for (s, t) in self.sites.iter_mut().zip(trackers) {
+            s.connection = t;
+        }
     }
 
     /// When no window has closed for longer than the freshness limit (the source stalled or
@@ -521,6 +569,22 @@ impl ReadinessEngine {
     pub fn counts(&self, district: Option<&str>) -> [(Verdict, usize); 4] {
         let owned = self.owned_latest();
         Verdict::ALL.map(|v| (v, owned.iter().filter(|s| s.verdict == v && district.is_none_or(|d| s.district == d)).count()))
+    }
+
+    /// For every judged site with sites below it: (site, sites below it, those of them down
+    /// with it as their upstream).
+    pub fn down_below(&self) -> Vec<(SiteIdx, usize, usize)> {
+        let inv = &self.inventory;
+        inv.parents_with_children()
+            .into_iter()
+            .filter(|&p| self.owns(usize::from(p)))
+            .map(|p| {
+                let below = inv.select(None, None, Some(p));
+                let id = &inv.site(p).id;
+                let down = below.iter().filter(|&&s| self.latest[usize::from(s)].connection.upstream.as_ref() == Some(id)).count();
+                (p, below.len(), down)
+            })
+            .collect()
     }
 
     /// Roll-ups along the hierarchy: for every site with sites below it, those sites (any
@@ -582,6 +646,16 @@ fn row_reason(
         _ => String::new(),
     };
     Reason { metric, level, value, threshold: t.of(level), cause, clear: Some(t.clear_of(metric, hysteresis_ratio, level)), detail }
+}
+
+/// The reason a down site is not ready: unreachable, or down with a site above it.
+fn connection_reason(c: &connection::Status) -> Reason {
+    let since = c.since_ns.map_or(String::new(), |t| format!(" since {}", chrono::DateTime::from_timestamp_nanos(t).to_rfc3339()));
+    let (cause, detail) = match (&c.cause, &c.upstream) {
+        (connection::Cause::UpstreamDown, Some(up)) => (Cause::UpstreamDown, format!("{up} above it is down{since}")),
+        _ => (Cause::Unreachable, format!("its probe rounds are lost{since}")),
+    };
+    Reason { metric: Metric::Connection, level: Level::NotReady, value: 0.0, threshold: 1.0, cause, clear: None, detail }
 }
 
 /// The freshness reason of an `unknown` verdict: what is stale (and how old), or missing.

@@ -33,11 +33,21 @@ pub enum Metric {
     Utilisation,
     SpareCapacity,
     Freshness,
+    /// The site's connection status (down: not ready).
+    Connection,
 }
 
 impl Metric {
-    pub const ALL: [Metric; 7] =
-        [Metric::Rtt, Metric::Jitter, Metric::Loss, Metric::Mos, Metric::Utilisation, Metric::SpareCapacity, Metric::Freshness];
+    pub const ALL: [Metric; 8] = [
+        Metric::Rtt,
+        Metric::Jitter,
+        Metric::Loss,
+        Metric::Mos,
+        Metric::Utilisation,
+        Metric::SpareCapacity,
+        Metric::Freshness,
+        Metric::Connection,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -48,6 +58,7 @@ impl Metric {
             Metric::Utilisation => "utilisation",
             Metric::SpareCapacity => "spare_capacity",
             Metric::Freshness => "freshness",
+            Metric::Connection => "connection",
         }
     }
 
@@ -66,6 +77,7 @@ impl Metric {
             Metric::Utilisation => "utilisation_mean_ratio",
             Metric::SpareCapacity => "spare_capacity_need_ratio",
             Metric::Freshness => "freshness_windows",
+            Metric::Connection => "connection",
         }
     }
 
@@ -80,6 +92,7 @@ impl Metric {
             Metric::Mos => (1.0, super::emodel::MOS_MAX),
             Metric::SpareCapacity => (0.0, f64::INFINITY),
             Metric::Freshness => (0.0, f64::INFINITY),
+            Metric::Connection => (0.0, 1.0),
         }
     }
 }
@@ -179,7 +192,7 @@ impl Thresholds {
             Metric::Mos => Some(&self.mos_p5),
             Metric::Utilisation => Some(&self.utilisation_mean_ratio),
             Metric::SpareCapacity => Some(&self.spare_capacity_need_ratio),
-            Metric::Freshness => None,
+            Metric::Freshness | Metric::Connection => None,
         }
     }
 }
@@ -207,6 +220,8 @@ pub struct Policy {
     pub levels: BTreeMap<String, ThresholdOverrides>,
     /// Overrides per site id (win over levels).
     pub sites: BTreeMap<String, ThresholdOverrides>,
+    /// When a site counts as down and back up (connection status).
+    pub connection: super::connection::ConnectionPolicy,
 }
 
 impl Default for Policy {
@@ -223,6 +238,7 @@ impl Default for Policy {
             thresholds: Thresholds::default(),
             levels: BTreeMap::new(),
             sites: BTreeMap::new(),
+            connection: Default::default(),
         }
     }
 }
@@ -294,6 +310,7 @@ impl Policy {
         if let Some((name, need)) = self.profiles.iter().find(|(_, n)| n.is_nan() || **n <= 0.0) {
             return Err(format!("profiles.{name}: need must be positive (got {need})"));
         }
+        self.connection.validate()?;
         let mut all = vec![("thresholds".to_string(), self.thresholds.clone())];
         for (scope, overrides) in [("levels", &self.levels), ("sites", &self.sites)] {
             for (k, o) in overrides {

@@ -18,6 +18,7 @@ use super::prometheus::{family, gauge_metric, label};
 use crate::enrich::Direction;
 use crate::inventory::SiteIdx;
 use crate::readiness::meetings::{Phase, report};
+use crate::readiness::connection::State as ConnectionState;
 use crate::readiness::{Buckets, JITTER_BUCKETS, RTT_BUCKETS, SharedReadiness, SiteReadiness, Verdict};
 use crate::sink::WindowSink;
 use crate::table::{ReadinessFeed, TableDef};
@@ -118,6 +119,7 @@ pub fn collect(shared: &Arc<SharedReadiness>) -> Vec<MetricFamily> {
     let mut age = Vec::new();
     let mut rtt_hist = Vec::new();
     let mut jitter_hist = Vec::new();
+    let (mut up, mut connection, mut connection_since, mut availability) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let now_ns = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64);
     // In a scale-out each site is exported by the one instance that judges it.
     for (i, s) in latest.iter().enumerate().filter(|(i, _)| engine.owns(*i)) {
@@ -154,6 +156,20 @@ pub fn collect(shared: &Arc<SharedReadiness>) -> Vec<MetricFamily> {
         if let Some(newest) = s.newest_event_ns {
             age.push(gauge_metric(labels.clone(), ((now_ns - newest) as f64 / 1e9).max(0.0)));
         }
+        let c = &s.connection;
+        for state in ConnectionState::ALL {
+            connection.push(gauge_metric(with(labels.clone(), "state", state.as_str()), f64::from(u8::from(c.state == state))));
+        }
+        if c.state != ConnectionState::Unknown {
+            let l = with(with(labels.clone(), "cause", c.cause.as_str()), "upstream", c.upstream.as_deref().unwrap_or(""));
+            up.push(gauge_metric(l, f64::from(u8::from(c.state == ConnectionState::Up))));
+        }
+        if let Some(since) = c.since_ns {
+            connection_since.push(gauge_metric(labels.clone(), since as f64 / 1e9));
+        }
+        if let Some(a) = s.availability_month {
+            availability.push(gauge_metric(labels.clone(), a));
+        }
         let idx = i as SiteIdx;
         rtt_hist.push(histogram_metric(labels.clone(), &RTT_BUCKETS, engine.rtt_buckets(idx)));
         jitter_hist.push(histogram_metric(labels, &JITTER_BUCKETS, engine.jitter_buckets(idx)));
@@ -171,6 +187,22 @@ pub fn collect(shared: &Arc<SharedReadiness>) -> Vec<MetricFamily> {
         "siteflow_site_readiness_clear_level",
         "The value each not-ready row must pass to improve (its level's clear level).",
         clear_levels,
+    ));
+    out.push(gauge(
+        "siteflow_site_up",
+        "1 when the site is up, 0 when down (absent when unknown); cause: answered, unreachable or upstream_down (then upstream names the site above whose outage it is part of).",
+        up,
+    ));
+    out.push(gauge("siteflow_site_connection", "Connection status of the site: 1 for the current state (up, down, unknown).", connection));
+    out.push(gauge(
+        "siteflow_site_connection_since_timestamp_seconds",
+        "Event time the site's connection state began (for a down site, the outage's start).",
+        connection_since,
+    ));
+    out.push(gauge(
+        "siteflow_site_availability_month_ratio",
+        "Up time / (up + down time) of the site this calendar month (UTC), since the process started.",
+        availability,
     ));
     out.push(gauge("siteflow_site_utilisation_ratio", "Mean throughput / capacity over the rolling period.", utilisation));
     out.push(gauge(
@@ -205,6 +237,19 @@ pub fn collect(shared: &Arc<SharedReadiness>) -> Vec<MetricFamily> {
             by_district.push(gauge_metric(vec![label("district", d), label("state", v.as_str())], n as f64));
         }
     }
+    let down_below = engine
+        .down_below()
+        .into_iter()
+        .map(|(site, below, down)| {
+            let s = &latest[usize::from(site)];
+            gauge_metric(with(site_labels(s), "below", &below.to_string()), down as f64)
+        })
+        .collect();
+    out.push(gauge(
+        "siteflow_site_down_below",
+        "Sites below the site (any depth; the label below counts them) that are down because it is (cause upstream_down).",
+        down_below,
+    ));
     out.push(gauge("siteflow_district_sites", "Sites of the district in each readiness state.", by_district));
     let mut by_parent = Vec::new();
     for r in engine.rollups() {

@@ -206,10 +206,12 @@ impl Simulator {
             // Congestion's queueing multiplies the baseline; a value a fault sets (high_rtt,
             // jitter, loss) replaces it, the last active fault in file order winning.
             let mut silent = false;
+            let mut cut_off = false;
             let (mut set_rtt, mut set_jitter, mut set_loss) = (None, None, None);
             for effect in self.scenario.active(s, t - self.start_ns) {
                 match *effect {
                     Effect::Outage | Effect::ProbeOutage => silent = true,
+                    Effect::LinkDown => cut_off = true,
                     Effect::HighRtt { rtt_ms } => set_rtt = Some(rtt_ms),
                     Effect::Jitter { jitter_ms } => set_jitter = Some(jitter_ms),
                     Effect::Loss { loss_pct } => set_loss = Some(loss_pct),
@@ -231,6 +233,10 @@ impl Simulator {
             }
             if silent {
                 continue;
+            }
+            // Nothing answers a cut-off site's probes: every packet of the round is lost.
+            if cut_off {
+                (rtt, jitter, loss) = (0.0, 0.0, 100.0);
             }
             let site = &self.inventory.site(s).id;
             let _ = write!(
@@ -261,7 +267,7 @@ impl Simulator {
         let direction = if outbound { Direction::Out } else { Direction::In };
         for effect in self.effects(site_idx, t) {
             match *effect {
-                Effect::Outage => return,
+                Effect::Outage | Effect::LinkDown => return,
                 Effect::Congestion { utilisation: u, direction: d } if d.is_none_or(|d| d == direction) => {
                     utilisation = u;
                     noise = 0.97 + 0.03 * noise;

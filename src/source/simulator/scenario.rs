@@ -14,6 +14,10 @@
 //!     sites: [dong-van.ta-lung]
 //!   - kind: probe_outage      # probe results stop, flows continue
 //!     sites: [dong-van.lung-cu]
+//!   - kind: link_down         # the site's uplink fails: it and every site below it send no
+//!     sites: [meo-vac.ubnd]   # flows and their probe rounds are all lost (100 % loss)
+//!     start_secs: 120
+//!     duration_secs: 300
 //!   - {kind: high_rtt, sites: [yen-minh.lao-va-chai], rtt_ms: 450}
 //!   - {kind: jitter, sites: [yen-minh.sung-thai], jitter_ms: 80}
 //!   - {kind: loss, sites: [yen-minh.huu-vinh], loss_pct: 8}
@@ -34,6 +38,9 @@ pub enum FaultKind {
     Outage,
     /// Probe results stop while flows continue (a probe agent or its path down).
     ProbeOutage,
+    /// The uplink fails: no flows from the site or any site below it, and the probe rounds to
+    /// all of them are lost.
+    LinkDown,
     HighRtt,
     Jitter,
     Loss,
@@ -91,6 +98,8 @@ pub enum Effect {
     },
     Outage,
     ProbeOutage,
+    /// Cut off (its own uplink or one above it is down): no flows, probe rounds all lost.
+    LinkDown,
     HighRtt {
         rtt_ms: f64,
     },
@@ -150,6 +159,12 @@ impl Scenario {
             if sites.is_empty() {
                 return Err(at("select sites with `sites`, `district`, `level` or `under`".into()));
             }
+            if f.kind == FaultKind::LinkDown {
+                // What is below a failed uplink is cut off with it.
+                let below: Vec<SiteIdx> =
+                    (0..inventory.len() as SiteIdx).filter(|&b| sites.iter().any(|&s| inventory.is_under(b, s))).collect();
+                sites.extend(below);
+            }
             sites.sort_unstable();
             sites.dedup();
             let need = |v: Option<f64>, name: &str, max: f64| -> Result<f64, String> {
@@ -173,6 +188,7 @@ impl Scenario {
                 },
                 FaultKind::Outage => Effect::Outage,
                 FaultKind::ProbeOutage => Effect::ProbeOutage,
+                FaultKind::LinkDown => Effect::LinkDown,
                 FaultKind::HighRtt => Effect::HighRtt { rtt_ms: need(f.rtt_ms, "rtt_ms", 60_000.0)? },
                 FaultKind::Jitter => Effect::Jitter { jitter_ms: need(f.jitter_ms, "jitter_ms", 60_000.0)? },
                 FaultKind::Loss => Effect::Loss { loss_pct: need(f.loss_pct, "loss_pct", 100.0)? },

@@ -1,0 +1,399 @@
+//! Connection status per site: `up`, `down` or `unknown`, with the cause and since when.
+//!
+//! The evidence is the site's probe rounds (a round is answered when it lost less than all of
+//! its packets). In event-time order, at every closed window:
+//!
+//! 1. `down`, cause `unreachable`: the last `down_after_lost_rounds` rounds were all lost. The
+//!    outage starts at the first lost round of that run.
+//! 2. A down site comes back `up` only after `up_after_answered_rounds` answered rounds in a row
+//!    (hysteresis: one lucky round does not end an outage); the outage ends at the first of them.
+//! 3. `up` otherwise, as soon as a round is answered.
+//! 4. `unknown` when the site has sent no round for the freshness limit (`freshness_windows`
+//!    windows): silence is not an outage, it may be the probe that stopped.
+//!
+//! Then, along the inventory's hierarchy (`parent_id`): a site that is down while a site above
+//! it is down too is `upstream_down`, naming the highest down site of the chain as the cause —
+//! "7 of 20 communes of Mèo Vạc are down because Mèo Vạc is" is one alert, not 20. An outage
+//! that began with its upstream's keeps that cause until it ends.
+
+use serde::{Deserialize, Serialize};
+
+/// A site's connection state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    Up,
+    Down,
+    #[default]
+    Unknown,
+}
+
+impl State {
+    pub const ALL: [State; 3] = [State::Up, State::Down, State::Unknown];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Up => "up",
+            State::Down => "down",
+            State::Unknown => "unknown",
+        }
+    }
+}
+
+/// Why a site is in its state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Cause {
+    /// Up: its probe rounds are answered.
+    Answered,
+    /// Down: its own probe rounds are lost.
+    Unreachable,
+    /// Down with a site above it (see [`Status::upstream`]).
+    UpstreamDown,
+    /// Unknown: no probe round for the freshness limit (or none yet).
+    #[default]
+    NoTelemetry,
+}
+
+impl Cause {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Cause::Answered => "answered",
+            Cause::Unreachable => "unreachable",
+            Cause::UpstreamDown => "upstream_down",
+            Cause::NoTelemetry => "no_telemetry",
+        }
+    }
+}
+
+/// A site's connection status.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Status {
+    pub state: State,
+    pub cause: Cause,
+    /// Event time the state began (ns): for `down`, the outage's start.
+    pub since_ns: Option<i64>,
+    /// For `upstream_down`: the site above whose outage this one is part of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<String>,
+}
+
+/// The hysteresis of the connection status (policy file, `connection:`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConnectionPolicy {
+    /// Lost probe rounds in a row that make a site down.
+    pub down_after_lost_rounds: u32,
+    /// Answered probe rounds in a row that bring a down site back up.
+    pub up_after_answered_rounds: u32,
+}
+
+impl Default for ConnectionPolicy {
+    fn default() -> Self {
+        Self { down_after_lost_rounds: 3, up_after_answered_rounds: 2 }
+    }
+}
+
+impl ConnectionPolicy {
+    pub fn validate(&self) -> Result<(), String> {
+        for (name, v) in [("down_after_lost_rounds", self.down_after_lost_rounds), ("up_after_answered_rounds", self.up_after_answered_rounds)]
+        {
+            if !(1..=1000).contains(&v) {
+                return Err(format!("connection.{name}: must be between 1 and 1000 (got {v})"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One site's evidence and status.
+#[derive(Debug, Default)]
+pub struct Tracker {
+    /// Probe rounds not yet taken into account: (event time, answered).
+    pending: Vec<(i64, bool)>,
+    lost_run: u32,
+    lost_since: i64,
+    answered_run: u32,
+    answered_since: i64,
+    last_round_ns: Option<i64>,
+    status: Status,
+    /// Event time up to which the month's up and down time is counted (none before the first
+    /// evaluation).
+    counted_to_ns: Option<i64>,
+    /// Up and down time in the current calendar month (UTC).
+    month: Month,
+}
+
+/// Time in each state since the start of a calendar month (or of the process, if later).
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct Month {
+    /// First day of the month, days since the epoch.
+    pub first_day: i64,
+    pub up_secs: f64,
+    pub down_secs: f64,
+}
+
+impl Month {
+    fn add(&mut self, state: State, secs: f64) {
+        match state {
+            State::Up => self.up_secs = (self.up_secs + secs).max(0.0),
+            State::Down => self.down_secs = (self.down_secs + secs).max(0.0),
+            State::Unknown => {}
+        }
+    }
+
+    /// Up time over up and down time (unknown time counts for neither); `None` before any.
+    pub fn availability(&self) -> Option<f64> {
+        let known = self.up_secs + self.down_secs;
+        (known > 0.0).then(|| self.up_secs / known)
+    }
+}
+
+/// Days since the epoch of the first day of the month holding `t_ns` (UTC).
+fn month_first_day(t_ns: i64) -> i64 {
+    use chrono::Datelike;
+    let date = chrono::DateTime::from_timestamp_nanos(t_ns).date_naive();
+    let first = date.with_day(1).expect("every month has a first day");
+    first.signed_duration_since(chrono::DateTime::UNIX_EPOCH.date_naive()).num_days()
+}
+
+impl Tracker {
+    /// Takes one probe round (any order: rounds are sorted by event time at evaluation).
+    pub fn observe_round(&mut self, t_ns: i64, loss_ratio: f64) {
+        self.pending.push((t_ns, loss_ratio < 1.0));
+    }
+
+    pub fn status(&self) -> &Status {
+        &self.status
+    }
+
+    pub fn month(&self) -> &Month {
+        &self.month
+    }
+
+    /// Takes the rounds before `end_ns` in event-time order and updates the site's own status
+    /// (the hierarchy is applied afterwards by [`attribute_upstream`]). `stale_ns`: the
+    /// freshness limit.
+    pub fn evaluate(&mut self, policy: &ConnectionPolicy, end_ns: i64, stale_ns: i64) {
+        self.pending.sort_unstable_by_key(|(t, _)| *t);
+        let due = self.pending.partition_point(|(t, _)| *t < end_ns);
+        let rounds: Vec<(i64, bool)> = self.pending.drain(..due).collect();
+        for (t, answered) in rounds {
+            self.last_round_ns = Some(self.last_round_ns.map_or(t, |l| l.max(t)));
+            if answered {
+                if self.answered_run == 0 {
+                    self.answered_since = t;
+                }
+                self.answered_run += 1;
+                self.lost_run = 0;
+            } else {
+                if self.lost_run == 0 {
+                    self.lost_since = t;
+                }
+                self.lost_run += 1;
+                self.answered_run = 0;
+            }
+            let down = self.status.state == State::Down;
+            if self.lost_run >= policy.down_after_lost_rounds && !down {
+                self.set(Status { state: State::Down, cause: Cause::Unreachable, since_ns: Some(self.lost_since), upstream: None });
+            } else if answered && (!down || self.answered_run >= policy.up_after_answered_rounds) && self.status.state != State::Up {
+                self.set(Status { state: State::Up, cause: Cause::Answered, since_ns: Some(self.answered_since), upstream: None });
+            }
+        }
+        let silent = self.last_round_ns.is_none_or(|t| end_ns - t >= stale_ns);
+        if silent && self.status.state != State::Unknown {
+            self.set(Status { state: State::Unknown, cause: Cause::NoTelemetry, since_ns: Some(end_ns), upstream: None });
+            self.lost_run = 0;
+            self.answered_run = 0;
+        }
+        self.count_to(end_ns);
+    }
+
+    /// Changes the status at its `since_ns`, which may lie before the time already counted (an
+    /// outage starts at its first lost round, noticed rounds later): that time moves to the new
+    /// state.
+    fn set(&mut self, status: Status) {
+        let at = status.since_ns.or(self.counted_to_ns).unwrap_or(0);
+        if let Some(counted) = self.counted_to_ns.filter(|c| at < *c) {
+            let moved = (counted - at) as f64 / 1e9;
+            self.month.add(self.status.state, -moved);
+            self.month.add(status.state, moved);
+        } else {
+            self.count_to(at);
+        }
+        self.status = status;
+    }
+
+    /// Counts the time up to `t_ns` in the current state, in the month of `t_ns` (UTC).
+    fn count_to(&mut self, t_ns: i64) {
+        let first_day = month_first_day(t_ns);
+        let month_start_ns = first_day * 86_400_000_000_000;
+        if first_day != self.month.first_day {
+            self.month = Month { first_day, ..Month::default() };
+        }
+        if let Some(counted) = self.counted_to_ns {
+            self.month.add(self.status.state, (t_ns - counted.max(month_start_ns)).max(0) as f64 / 1e9);
+        }
+        self.counted_to_ns = Some(self.counted_to_ns.map_or(t_ns, |c| c.max(t_ns)));
+    }
+
+    /// Sets the hierarchy's verdict on a down site: part of `upstream`'s outage, or its own.
+    fn set_upstream(&mut self, upstream: Option<String>) {
+        if self.status.state != State::Down {
+            return;
+        }
+        match upstream {
+            Some(u) => {
+                self.status.cause = Cause::UpstreamDown;
+                self.status.upstream = Some(u);
+            }
+            // Sticky: an outage that began with its upstream's keeps that cause to its end.
+            None if self.status.cause == Cause::UpstreamDown => {}
+            None => self.status.upstream = None,
+        }
+    }
+}
+
+/// For every down site, the highest down site above it (following `parent`), if any; applied
+/// in place. `parent(i)`: the index of site `i`'s parent; `id(i)`: its id. Sites not judged
+/// here (scale-out) are left as they are but still count as upstream when down.
+pub fn attribute_upstream(trackers: &mut [Tracker], parent: impl Fn(usize) -> Option<usize>, id: impl Fn(usize) -> String) {
+    let down: Vec<bool> = trackers.iter().map(|t| t.status.state == State::Down).collect();
+    for i in 0..trackers.len() {
+        if !down[i] {
+            continue;
+        }
+        let mut highest = None;
+        let mut at = parent(i);
+        // Bounded by the number of sites: the inventory refuses cycles, but a bad parent map
+        // must not hang the pipeline.
+        for _ in 0..trackers.len() {
+            let Some(p) = at else { break };
+            if down[p] {
+                highest = Some(p);
+            }
+            at = parent(p);
+        }
+        trackers[i].set_upstream(highest.map(&id));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: i64 = 1_000_000_000;
+    const WINDOW: i64 = 10 * S;
+    const STALE: i64 = 2 * WINDOW;
+
+    /// Runs rounds every 5 s (`lost[k]`: round k lost) through evaluations every window; returns
+    /// the status after each window.
+    fn run(tracker: &mut Tracker, t0: i64, lost: &[bool]) -> Vec<Status> {
+        let policy = ConnectionPolicy::default();
+        for (k, l) in lost.iter().enumerate() {
+            tracker.observe_round(t0 + k as i64 * 5 * S, if *l { 1.0 } else { 0.1 });
+        }
+        let windows = (lost.len() as i64 * 5 * S + WINDOW - 1) / WINDOW;
+        (0..windows)
+            .map(|w| {
+                tracker.evaluate(&policy, t0 + (w + 1) * WINDOW, STALE);
+                tracker.status().clone()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_outage_starts_at_its_first_lost_round_and_ends_at_the_first_answered_of_the_recovery() {
+        let mut t = Tracker::default();
+        // Rounds at 0, 5, …: answered to 15 s, lost 20–45 s, one lucky round at 50 s, lost
+        // 55 s, answered from 60 s.
+        let lost = [false, false, false, false, true, true, true, true, true, true, false, true, false, false, false, false];
+        let states = run(&mut t, 0, &lost);
+        assert_eq!(states[0].state, State::Up);
+        assert_eq!(states[0].since_ns, Some(0));
+        assert_eq!(states[2].state, State::Up, "two lost rounds are not an outage");
+        // Third lost round at 30 s: down from 20 s.
+        assert_eq!((states[3].state, states[3].cause, states[3].since_ns), (State::Down, Cause::Unreachable, Some(20 * S)));
+        // The lucky round at 50 s does not end it; the run from 60 s does, at its second round.
+        assert_eq!(states[5].state, State::Down);
+        assert_eq!((states[6].state, states[6].since_ns), (State::Up, Some(60 * S)));
+        assert_eq!(t.month().down_secs, 40.0, "down from 20 s to 60 s");
+        assert_eq!(t.month().up_secs, 40.0, "up 0-20 s and 60-80 s");
+        assert_eq!(t.month().availability(), Some(0.5));
+    }
+
+    #[test]
+    fn a_short_loss_is_not_an_outage_and_silence_is_unknown() {
+        let mut t = Tracker::default();
+        let states = run(&mut t, 0, &[false, true, true, false, false, false]);
+        assert!(states.iter().all(|s| s.state == State::Up), "{states:?}");
+        // No round for two windows: unknown.
+        t.evaluate(&ConnectionPolicy::default(), 40 * S, STALE);
+        assert_eq!(t.status().state, State::Up, "the last round (25 s) is 15 s old");
+        t.evaluate(&ConnectionPolicy::default(), 50 * S, STALE);
+        assert_eq!((t.status().state, t.status().cause), (State::Unknown, Cause::NoTelemetry));
+        assert_eq!(Tracker::default().status().state, State::Unknown, "nothing seen yet");
+    }
+
+    #[test]
+    fn rounds_out_of_order_within_a_window_are_judged_in_event_time_order() {
+        let policy = ConnectionPolicy::default();
+        let mut a = Tracker::default();
+        let mut b = Tracker::default();
+        let rounds = [(0, 0.0), (2 * S, 1.0), (4 * S, 1.0), (6 * S, 1.0), (8 * S, 0.0)];
+        for (t, l) in rounds {
+            a.observe_round(t, l);
+        }
+        for (t, l) in rounds.iter().rev() {
+            b.observe_round(*t, *l);
+        }
+        a.evaluate(&policy, WINDOW, STALE);
+        b.evaluate(&policy, WINDOW, STALE);
+        assert_eq!(a.status(), b.status());
+        assert_eq!((a.status().state, a.status().since_ns), (State::Down, Some(2 * S)));
+    }
+
+    #[test]
+    fn sites_below_a_down_site_are_upstream_down_naming_the_highest_one() {
+        // 0 province; 1 district under 0; 2, 3 communes under 1.
+        let parent = |i: usize| [None, Some(0), Some(1), Some(1)][i];
+        let id = |i: usize| format!("s{i}");
+        let policy = ConnectionPolicy::default();
+        let mut trackers: Vec<Tracker> = (0..4).map(|_| Tracker::default()).collect();
+        let down = |ts: &mut Vec<Tracker>, which: &[usize], w: i64| {
+            for (i, t) in ts.iter_mut().enumerate() {
+                for k in 0..2 {
+                    t.observe_round(w * WINDOW + k * 5 * S, if which.contains(&i) { 1.0 } else { 0.0 });
+                }
+                t.evaluate(&policy, (w + 1) * WINDOW, STALE);
+            }
+            attribute_upstream(ts, parent, id);
+        };
+        down(&mut trackers, &[1, 2, 3], 0);
+        down(&mut trackers, &[1, 2, 3], 1);
+        let s = |ts: &Vec<Tracker>, i: usize| (ts[i].status().state, ts[i].status().cause, ts[i].status().upstream.clone());
+        assert_eq!(s(&trackers, 1), (State::Down, Cause::Unreachable, None));
+        assert_eq!(s(&trackers, 2), (State::Down, Cause::UpstreamDown, Some("s1".into())));
+        assert_eq!(s(&trackers, 3), (State::Down, Cause::UpstreamDown, Some("s1".into())));
+        assert_eq!(s(&trackers, 0).0, State::Up);
+        // The district recovers first: its communes' outages keep their cause until they end.
+        down(&mut trackers, &[2, 3], 2);
+        assert_eq!(s(&trackers, 1).0, State::Up);
+        assert_eq!(s(&trackers, 2), (State::Down, Cause::UpstreamDown, Some("s1".into())));
+    }
+
+    #[test]
+    fn months_are_calendar_months() {
+        // 2026-01-31T23:59:50Z, then 2026-02-01T00:00:00Z; 2026-01-01 is day 20454.
+        let jan31 = 1_769_903_990 * S;
+        assert_eq!(month_first_day(jan31), 20_454);
+        assert_eq!(month_first_day(jan31 + 10 * S), 20_454 + 31);
+        assert_eq!(month_first_day(0), 0);
+    }
+
+    #[test]
+    fn the_policy_refuses_zero_rounds() {
+        let p = ConnectionPolicy { down_after_lost_rounds: 0, ..Default::default() };
+        assert!(p.validate().unwrap_err().contains("connection.down_after_lost_rounds"));
+    }
+}
