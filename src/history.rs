@@ -45,6 +45,11 @@ pub fn readiness_schema() -> SchemaRef {
         Field::new("level", DataType::Utf8, false),
         Field::new("verdict", DataType::Utf8, false),
         Field::new("reasons", DataType::Utf8, false),
+        // Nullable: history written before connection status reads them as NULL.
+        Field::new("connection", DataType::Utf8, true),
+        Field::new("connection_cause", DataType::Utf8, true),
+        Field::new("connection_since", DataType::Timestamp(datafusion::arrow::datatypes::TimeUnit::Nanosecond, None), true),
+        Field::new("upstream", DataType::Utf8, true),
     ]))
 }
 
@@ -639,6 +644,10 @@ pub fn readiness_rows(start_ns: i64, end_ns: i64, sites: &[SiteReadiness]) -> Re
         strings(&|s| &s.level),
         strings(&|s| s.verdict.as_str()),
         Arc::new(datafusion::arrow::array::StringArray::from(reasons)) as ArrayRef,
+        strings(&|s| s.connection.state.as_str()),
+        strings(&|s| s.connection.cause.as_str()),
+        Arc::new(datafusion::arrow::array::TimestampNanosecondArray::from_iter(sites.iter().map(|s| s.connection.since_ns))),
+        Arc::new(datafusion::arrow::array::StringArray::from_iter(sites.iter().map(|s| s.connection.upstream.as_deref()))),
     ];
     RecordBatch::try_new(readiness_schema(), columns).expect("columns match readiness_schema")
 }

@@ -380,8 +380,12 @@ impl Inner {
     /// A session over a snapshot of the history, with the tables `wanted` registered (all of
     /// them for `None`). Registering a table has a cost (listing its files; `flows_recent`
     /// converts every recent flow), so a query registers only the tables it names.
-    fn session(&self, wanted: Option<&HashSet<String>>) -> Result<SessionContext, DataFusionError> {
-        let want = |name: &str| wanted.is_none_or(|w| w.contains(name));
+    async fn session(&self, wanted: Option<&HashSet<String>>) -> Result<SessionContext, DataFusionError> {
+        let want = |name: &str| {
+            wanted.is_none_or(|w| {
+                w.contains(name) || (name == crate::history::READINESS_TABLE && CONNECTION_VIEWS.iter().any(|(v, _)| w.contains(*v)))
+            })
+        };
         let runtime = RuntimeEnvBuilder::new()
             .with_memory_pool(self.pool.clone())
             .with_disk_manager_builder(
@@ -413,6 +417,12 @@ impl Inner {
                 .unwrap_or_else(|| readable(&RecordBatch::new_empty(crate::schema::enriched_flow_schema())).schema());
             ctx.register_table("flows_recent", Arc::new(MemTable::try_new(schema, vec![batches])?))?;
         }
+        if ctx.table_exist(crate::history::READINESS_TABLE)? {
+            for (name, sql) in CONNECTION_VIEWS.iter().filter(|(name, _)| want(name)) {
+                let view = ctx.sql(sql).await?.into_view();
+                ctx.register_table(*name, view)?;
+            }
+        }
         Ok(ctx)
     }
 
@@ -423,7 +433,8 @@ impl Inner {
         let dialect = self.template.config().options().sql_parser.dialect.clone();
         let statement = self.template.sql_to_statement(sql, &dialect).map_err(|e| classify_plan_error(e, memory))?;
         check_statement(&statement, &self.limits)?;
-        let ctx = self.session(referenced_tables(&self.template, &statement).as_ref()).map_err(|e| SqlError::Execution(e.to_string()))?;
+        let ctx =
+            self.session(referenced_tables(&self.template, &statement).as_ref()).await.map_err(|e| SqlError::Execution(e.to_string()))?;
         let session_ready = started.elapsed();
         let state = ctx.state();
         let plan = state.statement_to_plan(statement).await.map_err(|e| classify_plan_error(e, memory))?;
@@ -450,6 +461,46 @@ impl Inner {
         Ok((schema, batches))
     }
 }
+
+/// Views over the `readiness` table's connection columns (docs/sql.md: outages and availability).
+///
+/// `outages`: one row per outage of a site, from the first lost probe round (`start`) to the
+/// first answered round of its recovery (`end`, NULL while it lasts), grouped by the outage's
+/// start as every evaluation during it records it (`connection_since`). An outage that ends in
+/// silence (`unknown`) ends when siteflow noticed the silence.
+///
+/// `availability_daily`: per site and UTC day, the time of its evaluation windows by the
+/// connection state they closed in, and `availability` = up / (up + down) (NULL without either).
+/// The `siteflow_site_availability_month_ratio` gauge counts the same way.
+const CONNECTION_VIEWS: [(&str, &str); 2] = [
+    (
+        "outages",
+        "WITH timeline AS (
+            SELECT site, district, level, window_start, connection, connection_cause, connection_since, upstream,
+                   lead(connection) OVER (PARTITION BY site ORDER BY window_start) AS next_connection,
+                   lead(connection_since) OVER (PARTITION BY site ORDER BY window_start) AS next_since
+            FROM readiness WHERE connection IS NOT NULL)
+        SELECT site, district, level, connection_since AS start,
+               max(CASE WHEN next_connection <> 'down' THEN next_since END) AS \"end\",
+               date_part('epoch', max(CASE WHEN next_connection <> 'down' THEN next_since END)) - date_part('epoch', connection_since)
+                   AS duration_seconds,
+               last_value(connection_cause ORDER BY window_start) AS cause,
+               last_value(upstream ORDER BY window_start) AS upstream
+        FROM timeline WHERE connection = 'down'
+        GROUP BY site, district, level, connection_since",
+    ),
+    (
+        "availability_daily",
+        "SELECT site, district, level, date_trunc('day', window_start) AS day,
+                sum(CASE WHEN connection = 'up' THEN seconds ELSE 0 END) AS up_seconds,
+                sum(CASE WHEN connection = 'down' THEN seconds ELSE 0 END) AS down_seconds,
+                sum(CASE WHEN connection = 'unknown' OR connection IS NULL THEN seconds ELSE 0 END) AS unknown_seconds,
+                sum(CASE WHEN connection = 'up' THEN seconds ELSE 0 END)
+                    / nullif(sum(CASE WHEN connection IN ('up', 'down') THEN seconds ELSE 0 END), 0) AS availability
+        FROM (SELECT *, date_part('epoch', window_end) - date_part('epoch', window_start) AS seconds FROM readiness)
+        GROUP BY site, district, level, date_trunc('day', window_start)",
+    ),
+];
 
 /// The tables a statement names, or `None` when it reads the catalog (`information_schema`,
 /// `SHOW TABLES`) and so needs every table.

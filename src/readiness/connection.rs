@@ -117,9 +117,6 @@ pub struct Tracker {
     answered_since: i64,
     last_round_ns: Option<i64>,
     status: Status,
-    /// Event time up to which the month's up and down time is counted (none before the first
-    /// evaluation).
-    counted_to_ns: Option<i64>,
     /// Up and down time in the current calendar month (UTC).
     month: Month,
 }
@@ -136,8 +133,8 @@ pub struct Month {
 impl Month {
     fn add(&mut self, state: State, secs: f64) {
         match state {
-            State::Up => self.up_secs = (self.up_secs + secs).max(0.0),
-            State::Down => self.down_secs = (self.down_secs + secs).max(0.0),
+            State::Up => self.up_secs += secs,
+            State::Down => self.down_secs += secs,
             State::Unknown => {}
         }
     }
@@ -174,7 +171,7 @@ impl Tracker {
     /// Takes the rounds before `end_ns` in event-time order and updates the site's own status
     /// (the hierarchy is applied afterwards by [`attribute_upstream`]). `stale_ns`: the
     /// freshness limit.
-    pub fn evaluate(&mut self, policy: &ConnectionPolicy, end_ns: i64, stale_ns: i64) {
+    pub fn evaluate(&mut self, policy: &ConnectionPolicy, start_ns: i64, end_ns: i64, stale_ns: i64) {
         self.pending.sort_unstable_by_key(|(t, _)| *t);
         let due = self.pending.partition_point(|(t, _)| *t < end_ns);
         let rounds: Vec<(i64, bool)> = self.pending.drain(..due).collect();
@@ -195,46 +192,30 @@ impl Tracker {
             }
             let down = self.status.state == State::Down;
             if self.lost_run >= policy.down_after_lost_rounds && !down {
-                self.set(Status { state: State::Down, cause: Cause::Unreachable, since_ns: Some(self.lost_since), upstream: None });
+                self.status = Status { state: State::Down, cause: Cause::Unreachable, since_ns: Some(self.lost_since), upstream: None };
             } else if answered && (!down || self.answered_run >= policy.up_after_answered_rounds) && self.status.state != State::Up {
-                self.set(Status { state: State::Up, cause: Cause::Answered, since_ns: Some(self.answered_since), upstream: None });
+                self.status = Status { state: State::Up, cause: Cause::Answered, since_ns: Some(self.answered_since), upstream: None };
             }
         }
         let silent = self.last_round_ns.is_none_or(|t| end_ns - t >= stale_ns);
         if silent && self.status.state != State::Unknown {
-            self.set(Status { state: State::Unknown, cause: Cause::NoTelemetry, since_ns: Some(end_ns), upstream: None });
+            self.status = Status { state: State::Unknown, cause: Cause::NoTelemetry, since_ns: Some(end_ns), upstream: None };
             self.lost_run = 0;
             self.answered_run = 0;
         }
-        self.count_to(end_ns);
+        self.count_window(start_ns, end_ns);
     }
 
-    /// Changes the status at its `since_ns`, which may lie before the time already counted (an
-    /// outage starts at its first lost round, noticed rounds later): that time moves to the new
-    /// state.
-    fn set(&mut self, status: Status) {
-        let at = status.since_ns.or(self.counted_to_ns).unwrap_or(0);
-        if let Some(counted) = self.counted_to_ns.filter(|c| at < *c) {
-            let moved = (counted - at) as f64 / 1e9;
-            self.month.add(self.status.state, -moved);
-            self.month.add(status.state, moved);
-        } else {
-            self.count_to(at);
-        }
-        self.status = status;
-    }
-
-    /// Counts the time up to `t_ns` in the current state, in the month of `t_ns` (UTC).
-    fn count_to(&mut self, t_ns: i64) {
-        let first_day = month_first_day(t_ns);
-        let month_start_ns = first_day * 86_400_000_000_000;
+    /// Counts the window `[start, end)` in the month's up or down time by the state it closed
+    /// in, as the `availability_daily` SQL view counts the `readiness` table's rows, so the
+    /// gauge and SQL agree. (An outage row's duration is longer by its detection time: its start
+    /// is the first lost round, its first window closed up.)
+    fn count_window(&mut self, start_ns: i64, end_ns: i64) {
+        let first_day = month_first_day(start_ns);
         if first_day != self.month.first_day {
             self.month = Month { first_day, ..Month::default() };
         }
-        if let Some(counted) = self.counted_to_ns {
-            self.month.add(self.status.state, (t_ns - counted.max(month_start_ns)).max(0) as f64 / 1e9);
-        }
-        self.counted_to_ns = Some(self.counted_to_ns.map_or(t_ns, |c| c.max(t_ns)));
+        self.month.add(self.status.state, (end_ns - start_ns) as f64 / 1e9);
     }
 
     /// Sets the hierarchy's verdict on a down site: part of `upstream`'s outage, or its own.
@@ -296,7 +277,7 @@ mod tests {
         let windows = (lost.len() as i64 * 5 * S + WINDOW - 1) / WINDOW;
         (0..windows)
             .map(|w| {
-                tracker.evaluate(&policy, t0 + (w + 1) * WINDOW, STALE);
+                tracker.evaluate(&policy, t0 + w * WINDOW, t0 + (w + 1) * WINDOW, STALE);
                 tracker.status().clone()
             })
             .collect()
@@ -317,9 +298,9 @@ mod tests {
         // The lucky round at 50 s does not end it; the run from 60 s does, at its second round.
         assert_eq!(states[5].state, State::Down);
         assert_eq!((states[6].state, states[6].since_ns), (State::Up, Some(60 * S)));
-        assert_eq!(t.month().down_secs, 40.0, "down from 20 s to 60 s");
-        assert_eq!(t.month().up_secs, 40.0, "up 0-20 s and 60-80 s");
-        assert_eq!(t.month().availability(), Some(0.5));
+        // By window, as closed: up 0-30 s and 60-80 s, down 30-60 s.
+        assert_eq!((t.month().up_secs, t.month().down_secs), (50.0, 30.0));
+        assert_eq!(t.month().availability(), Some(0.625));
     }
 
     #[test]
@@ -328,9 +309,9 @@ mod tests {
         let states = run(&mut t, 0, &[false, true, true, false, false, false]);
         assert!(states.iter().all(|s| s.state == State::Up), "{states:?}");
         // No round for two windows: unknown.
-        t.evaluate(&ConnectionPolicy::default(), 40 * S, STALE);
+        t.evaluate(&ConnectionPolicy::default(), 30 * S, 40 * S, STALE);
         assert_eq!(t.status().state, State::Up, "the last round (25 s) is 15 s old");
-        t.evaluate(&ConnectionPolicy::default(), 50 * S, STALE);
+        t.evaluate(&ConnectionPolicy::default(), 40 * S, 50 * S, STALE);
         assert_eq!((t.status().state, t.status().cause), (State::Unknown, Cause::NoTelemetry));
         assert_eq!(Tracker::default().status().state, State::Unknown, "nothing seen yet");
     }
@@ -347,8 +328,8 @@ mod tests {
         for (t, l) in rounds.iter().rev() {
             b.observe_round(*t, *l);
         }
-        a.evaluate(&policy, WINDOW, STALE);
-        b.evaluate(&policy, WINDOW, STALE);
+        a.evaluate(&policy, 0, WINDOW, STALE);
+        b.evaluate(&policy, 0, WINDOW, STALE);
         assert_eq!(a.status(), b.status());
         assert_eq!((a.status().state, a.status().since_ns), (State::Down, Some(2 * S)));
     }
@@ -365,7 +346,7 @@ mod tests {
                 for k in 0..2 {
                     t.observe_round(w * WINDOW + k * 5 * S, if which.contains(&i) { 1.0 } else { 0.0 });
                 }
-                t.evaluate(&policy, (w + 1) * WINDOW, STALE);
+                t.evaluate(&policy, w * WINDOW, (w + 1) * WINDOW, STALE);
             }
             attribute_upstream(ts, parent, id);
         };

@@ -425,7 +425,7 @@ impl ReadinessEngine {
         let need = self.policy.default_need();
         let window_secs = self.window_ns as f64 / 1e9;
         let first_window = self.evaluated_at_ns.is_none();
-        self.evaluate_connections(end_ns, stale_ns);
+        self.evaluate_connections(start_ns, end_ns, stale_ns);
         for (i, state) in self.sites.iter_mut().enumerate() {
             if self.owned.as_ref().is_some_and(|o| !o.get(i).copied().unwrap_or(false)) {
                 continue;
@@ -521,11 +521,11 @@ impl ReadinessEngine {
 
     /// Updates every judged site's connection status over the rounds before `end_ns`, then
     /// names the upstream of the sites down with a site above them.
-    fn evaluate_connections(&mut self, end_ns: i64, stale_ns: i64) {
+    fn evaluate_connections(&mut self, start_ns: i64, end_ns: i64, stale_ns: i64) {
         let policy = self.policy.connection;
         for (i, state) in self.sites.iter_mut().enumerate() {
             if self.owned.as_ref().is_none_or(|o| o.get(i).copied().unwrap_or(false)) {
-                state.connection.evaluate(&policy, end_ns, stale_ns);
+                state.connection.evaluate(&policy, start_ns, end_ns, stale_ns);
             }
         }
         let mut trackers: Vec<connection::Tracker> = self.sites.iter_mut().map(|s| std::mem::take(&mut s.connection)).collect();

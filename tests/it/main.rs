@@ -2,6 +2,7 @@
 
 mod architecture;
 mod check_cli;
+mod connection;
 mod cli_output;
 mod demo_binary;
 mod deploy;
