@@ -50,6 +50,7 @@ pub fn readiness_schema() -> SchemaRef {
         Field::new("connection_cause", DataType::Utf8, true),
         Field::new("connection_since", DataType::Timestamp(datafusion::arrow::datatypes::TimeUnit::Nanosecond, None), true),
         Field::new("upstream", DataType::Utf8, true),
+        Field::new("maintenance", DataType::Utf8, true),
     ]))
 }
 
@@ -648,6 +649,7 @@ pub fn readiness_rows(start_ns: i64, end_ns: i64, sites: &[SiteReadiness]) -> Re
         strings(&|s| s.connection.cause.as_str()),
         Arc::new(datafusion::arrow::array::TimestampNanosecondArray::from_iter(sites.iter().map(|s| s.connection.since_ns))),
         Arc::new(datafusion::arrow::array::StringArray::from_iter(sites.iter().map(|s| s.connection.upstream.as_deref()))),
+        Arc::new(datafusion::arrow::array::StringArray::from_iter(sites.iter().map(|s| s.maintenance.as_deref()))),
     ];
     RecordBatch::try_new(readiness_schema(), columns).expect("columns match readiness_schema")
 }

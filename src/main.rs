@@ -519,7 +519,13 @@ async fn check(args: &CheckArgs) -> anyhow::Result<()> {
             .collect();
         println!("  files: {}", files.join(", "));
     }
-    println!("  readiness: period {} s, hold {} s; {} meeting(s)", res.policy.period_secs, res.policy.hold_secs, res.meetings.len());
+    println!(
+        "  readiness: period {} s, hold {} s; {} meeting(s); {} maintenance window(s)",
+        res.policy.period_secs,
+        res.policy.hold_secs,
+        res.meetings.len(),
+        res.maintenance.len()
+    );
     if let Some(topic) = &config.kafka.meetings_topic {
         println!("  meetings API: shared through topic {topic} (kafka.meetings_topic)");
     }

@@ -42,6 +42,9 @@ pub enum BuildError {
     /// The meetings file: unreadable, or a meeting that selects no site or names no profile.
     #[error("{0}")]
     Meetings(String),
+    /// The maintenance file: unreadable, or a window that selects no site or ends before it starts.
+    #[error("{0}")]
+    Maintenance(String),
     /// Settings that contradict each other, naming them.
     #[error("{0}")]
     Config(String),
@@ -109,6 +112,8 @@ pub struct Resources {
     pub sql: Vec<(&'static TableDef, SqlSource)>,
     pub policy: Policy,
     pub meetings: Vec<Meeting>,
+    /// Planned maintenance windows (`readiness.maintenance`).
+    pub maintenance: Vec<crate::readiness::maintenance::Maintenance>,
 }
 
 impl Resources {
@@ -139,7 +144,11 @@ impl Resources {
             Some(p) => load_schedule(&resolve(p), &inventory, &policy).map_err(BuildError::Meetings)?,
             None => Vec::new(),
         };
-        Ok(Self { inventory: Arc::new(inventory), sql, policy, meetings })
+        let maintenance = match &config.readiness.maintenance {
+            Some(p) => crate::readiness::maintenance::load(&resolve(p), &inventory).map_err(BuildError::Maintenance)?,
+            None => Vec::new(),
+        };
+        Ok(Self { inventory: Arc::new(inventory), sql, policy, meetings, maintenance })
     }
 
     /// The SQL of `table`.
@@ -273,7 +282,7 @@ impl Pipeline {
             spreader: crate::event_time::Spreader::new(config.window_size(), config.decode.max_spread_windows),
             enricher: Enricher::new(res.inventory.clone(), sampling),
             readiness: ReadinessSink::new(SharedReadiness::new(
-                ReadinessEngine::new(res.inventory.clone(), res.policy.clone(), spec.size_ns()),
+                ReadinessEngine::new(res.inventory.clone(), res.policy.clone(), spec.size_ns()).with_maintenance(res.maintenance.clone()),
                 res.meetings.clone(),
             )),
             windows,

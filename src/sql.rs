@@ -471,12 +471,14 @@ impl Inner {
 ///
 /// `availability_daily`: per site and UTC day, the time of its evaluation windows by the
 /// connection state they closed in, and `availability` = up / (up + down) (NULL without either).
+/// Windows in planned maintenance count as `maintenance_seconds` and for neither up nor down
+/// (nor unknown); their outages are `planned`.
 /// The `siteflow_site_availability_month_ratio` gauge counts the same way.
 const CONNECTION_VIEWS: [(&str, &str); 2] = [
     (
         "outages",
         "WITH timeline AS (
-            SELECT site, district, level, window_start, connection, connection_cause, connection_since, upstream,
+            SELECT site, district, level, window_start, connection, connection_cause, connection_since, upstream, maintenance,
                    lead(connection) OVER (PARTITION BY site ORDER BY window_start) AS next_connection,
                    lead(connection_since) OVER (PARTITION BY site ORDER BY window_start) AS next_since
             FROM readiness WHERE connection IS NOT NULL)
@@ -485,19 +487,24 @@ const CONNECTION_VIEWS: [(&str, &str); 2] = [
                date_part('epoch', max(CASE WHEN next_connection <> 'down' THEN next_since END)) - date_part('epoch', connection_since)
                    AS duration_seconds,
                last_value(connection_cause ORDER BY window_start) AS cause,
-               last_value(upstream ORDER BY window_start) AS upstream
+               last_value(upstream ORDER BY window_start) AS upstream,
+               bool_or(maintenance IS NOT NULL) AS planned
         FROM timeline WHERE connection = 'down'
         GROUP BY site, district, level, connection_since",
     ),
     (
         "availability_daily",
         "SELECT site, district, level, date_trunc('day', window_start) AS day,
-                sum(CASE WHEN connection = 'up' THEN seconds ELSE 0 END) AS up_seconds,
-                sum(CASE WHEN connection = 'down' THEN seconds ELSE 0 END) AS down_seconds,
-                sum(CASE WHEN connection = 'unknown' OR connection IS NULL THEN seconds ELSE 0 END) AS unknown_seconds,
-                sum(CASE WHEN connection = 'up' THEN seconds ELSE 0 END)
-                    / nullif(sum(CASE WHEN connection IN ('up', 'down') THEN seconds ELSE 0 END), 0) AS availability
-        FROM (SELECT *, date_part('epoch', window_end) - date_part('epoch', window_start) AS seconds FROM readiness)
+                sum(CASE WHEN state = 'up' THEN seconds ELSE 0 END) AS up_seconds,
+                sum(CASE WHEN state = 'down' THEN seconds ELSE 0 END) AS down_seconds,
+                sum(CASE WHEN state = 'unknown' THEN seconds ELSE 0 END) AS unknown_seconds,
+                sum(CASE WHEN state = 'maintenance' THEN seconds ELSE 0 END) AS maintenance_seconds,
+                sum(CASE WHEN state = 'up' THEN seconds ELSE 0 END)
+                    / nullif(sum(CASE WHEN state IN ('up', 'down') THEN seconds ELSE 0 END), 0) AS availability
+        FROM (SELECT site, district, level, window_start,
+                     CASE WHEN maintenance IS NOT NULL THEN 'maintenance' ELSE coalesce(connection, 'unknown') END AS state,
+                     date_part('epoch', window_end) - date_part('epoch', window_start) AS seconds
+              FROM readiness)
         GROUP BY site, district, level, date_trunc('day', window_start)",
     ),
 ];

@@ -505,6 +505,9 @@ pub struct ReadinessConfig {
     /// Meeting schedule (YAML, `meetings: [...]`). Unset: none; meetings can also be posted to
     /// `/api/meetings`.
     pub meetings: Option<RelativePathBuf>,
+    /// Planned maintenance windows (YAML, `maintenance: [...]`, docs/readiness.md): their time
+    /// counts for neither up nor down in availability, and their outages are `planned`.
+    pub maintenance: Option<RelativePathBuf>,
 }
 
 /// The HTTP server: `/metrics`, `/healthz`, `/readyz`, `/api/...`.

@@ -117,6 +117,9 @@ pub struct Tracker {
     answered_since: i64,
     last_round_ns: Option<i64>,
     status: Status,
+    /// Whether the current outage began with its upstream's (its cause then stays
+    /// `upstream_down` to its end).
+    began_upstream: bool,
     /// Up and down time in the current calendar month (UTC).
     month: Month,
 }
@@ -170,8 +173,9 @@ impl Tracker {
 
     /// Takes the rounds before `end_ns` in event-time order and updates the site's own status
     /// (the hierarchy is applied afterwards by [`attribute_upstream`]). `stale_ns`: the
-    /// freshness limit.
-    pub fn evaluate(&mut self, policy: &ConnectionPolicy, start_ns: i64, end_ns: i64, stale_ns: i64) {
+    /// freshness limit. `planned`: the window is in planned maintenance, its time counts for
+    /// neither up nor down.
+    pub fn evaluate(&mut self, policy: &ConnectionPolicy, start_ns: i64, end_ns: i64, stale_ns: i64, planned: bool) {
         self.pending.sort_unstable_by_key(|(t, _)| *t);
         let due = self.pending.partition_point(|(t, _)| *t < end_ns);
         let rounds: Vec<(i64, bool)> = self.pending.drain(..due).collect();
@@ -203,7 +207,9 @@ impl Tracker {
             self.lost_run = 0;
             self.answered_run = 0;
         }
-        self.count_window(start_ns, end_ns);
+        if !planned {
+            self.count_window(start_ns, end_ns);
+        }
     }
 
     /// Counts the window `[start, end)` in the month's up or down time by the state it closed
@@ -218,27 +224,39 @@ impl Tracker {
         self.month.add(self.status.state, (end_ns - start_ns) as f64 / 1e9);
     }
 
-    /// Sets the hierarchy's verdict on a down site: part of `upstream`'s outage, or its own.
-    fn set_upstream(&mut self, upstream: Option<String>) {
+    /// Sets the hierarchy's verdict on a down site: part of the outage of `upstream` (whose
+    /// outage began at `upstream_since`), or its own. `slack_ns`: how much later than this
+    /// site's outage its upstream's may begin and still count as where it began (probe rounds
+    /// to different sites are not simultaneous).
+    fn set_upstream(&mut self, upstream: Option<(String, Option<i64>)>, slack_ns: i64) {
         if self.status.state != State::Down {
             return;
         }
         match upstream {
-            Some(u) => {
+            Some((u, upstream_since)) => {
+                if self.status.cause != Cause::UpstreamDown {
+                    let own = self.status.since_ns.unwrap_or(i64::MAX);
+                    self.began_upstream = upstream_since.is_some_and(|t| t <= own.saturating_add(slack_ns));
+                }
                 self.status.cause = Cause::UpstreamDown;
                 self.status.upstream = Some(u);
             }
-            // Sticky: an outage that began with its upstream's keeps that cause to its end.
-            None if self.status.cause == Cause::UpstreamDown => {}
-            None => self.status.upstream = None,
+            // An outage that began with its upstream's keeps that cause to its end (its sites
+            // come back a few rounds after it); one that began on its own is its own again.
+            None if self.status.cause == Cause::UpstreamDown && self.began_upstream => {}
+            None => {
+                self.status.cause = Cause::Unreachable;
+                self.status.upstream = None;
+            }
         }
     }
 }
 
 /// For every down site, the highest down site above it (following `parent`), if any; applied
 /// in place. `parent(i)`: the index of site `i`'s parent; `id(i)`: its id. Sites not judged
-/// here (scale-out) are left as they are but still count as upstream when down.
-pub fn attribute_upstream(trackers: &mut [Tracker], parent: impl Fn(usize) -> Option<usize>, id: impl Fn(usize) -> String) {
+/// here (scale-out) are never down here, so never anyone's upstream. `slack_ns`: see
+/// [`Tracker::set_upstream`] (one window).
+pub fn attribute_upstream(trackers: &mut [Tracker], parent: impl Fn(usize) -> Option<usize>, id: impl Fn(usize) -> String, slack_ns: i64) {
     let down: Vec<bool> = trackers.iter().map(|t| t.status.state == State::Down).collect();
     for i in 0..trackers.len() {
         if !down[i] {
@@ -255,7 +273,8 @@ pub fn attribute_upstream(trackers: &mut [Tracker], parent: impl Fn(usize) -> Op
             }
             at = parent(p);
         }
-        trackers[i].set_upstream(highest.map(&id));
+        let upstream = highest.map(|p| (id(p), trackers[p].status.since_ns));
+        trackers[i].set_upstream(upstream, slack_ns);
     }
 }
 
@@ -277,7 +296,7 @@ mod tests {
         let windows = (lost.len() as i64 * 5 * S + WINDOW - 1) / WINDOW;
         (0..windows)
             .map(|w| {
-                tracker.evaluate(&policy, t0 + w * WINDOW, t0 + (w + 1) * WINDOW, STALE);
+                tracker.evaluate(&policy, t0 + w * WINDOW, t0 + (w + 1) * WINDOW, STALE, false);
                 tracker.status().clone()
             })
             .collect()
@@ -309,9 +328,9 @@ mod tests {
         let states = run(&mut t, 0, &[false, true, true, false, false, false]);
         assert!(states.iter().all(|s| s.state == State::Up), "{states:?}");
         // No round for two windows: unknown.
-        t.evaluate(&ConnectionPolicy::default(), 30 * S, 40 * S, STALE);
+        t.evaluate(&ConnectionPolicy::default(), 30 * S, 40 * S, STALE, false);
         assert_eq!(t.status().state, State::Up, "the last round (25 s) is 15 s old");
-        t.evaluate(&ConnectionPolicy::default(), 40 * S, 50 * S, STALE);
+        t.evaluate(&ConnectionPolicy::default(), 40 * S, 50 * S, STALE, false);
         assert_eq!((t.status().state, t.status().cause), (State::Unknown, Cause::NoTelemetry));
         assert_eq!(Tracker::default().status().state, State::Unknown, "nothing seen yet");
     }
@@ -328,8 +347,8 @@ mod tests {
         for (t, l) in rounds.iter().rev() {
             b.observe_round(*t, *l);
         }
-        a.evaluate(&policy, 0, WINDOW, STALE);
-        b.evaluate(&policy, 0, WINDOW, STALE);
+        a.evaluate(&policy, 0, WINDOW, STALE, false);
+        b.evaluate(&policy, 0, WINDOW, STALE, false);
         assert_eq!(a.status(), b.status());
         assert_eq!((a.status().state, a.status().since_ns), (State::Down, Some(2 * S)));
     }
@@ -346,9 +365,9 @@ mod tests {
                 for k in 0..2 {
                     t.observe_round(w * WINDOW + k * 5 * S, if which.contains(&i) { 1.0 } else { 0.0 });
                 }
-                t.evaluate(&policy, w * WINDOW, (w + 1) * WINDOW, STALE);
+                t.evaluate(&policy, w * WINDOW, (w + 1) * WINDOW, STALE, false);
             }
-            attribute_upstream(ts, parent, id);
+            attribute_upstream(ts, parent, id, WINDOW);
         };
         down(&mut trackers, &[1, 2, 3], 0);
         down(&mut trackers, &[1, 2, 3], 1);
@@ -361,6 +380,33 @@ mod tests {
         down(&mut trackers, &[2, 3], 2);
         assert_eq!(s(&trackers, 1).0, State::Up);
         assert_eq!(s(&trackers, 2), (State::Down, Cause::UpstreamDown, Some("s1".into())));
+    }
+
+    #[test]
+    fn an_outage_that_began_before_its_upstreams_is_its_own_again_when_the_upstream_recovers() {
+        // 0 district, 1 commune under it. The commune goes down at 0 s, the district 30 s later
+        // and recovers first.
+        let parent = |i: usize| [None, Some(0)][i];
+        let id = |i: usize| format!("s{i}");
+        let policy = ConnectionPolicy::default();
+        let mut ts: Vec<Tracker> = (0..2).map(|_| Tracker::default()).collect();
+        let mut window = |w: i64, lost: [bool; 2]| {
+            for (i, t) in ts.iter_mut().enumerate() {
+                for k in 0..2 {
+                    t.observe_round(w * WINDOW + k * 5 * S, if lost[i] { 1.0 } else { 0.0 });
+                }
+                t.evaluate(&policy, w * WINDOW, (w + 1) * WINDOW, STALE, false);
+            }
+            attribute_upstream(&mut ts, parent, id, WINDOW);
+            (ts[1].status().cause, ts[1].status().upstream.clone())
+        };
+        window(0, [false, true]);
+        assert_eq!(window(1, [false, true]), (Cause::Unreachable, None));
+        window(2, [false, true]);
+        window(3, [true, true]);
+        assert_eq!(window(4, [true, true]), (Cause::UpstreamDown, Some("s0".into())), "explained by the district while it is down");
+        window(5, [false, true]);
+        assert_eq!(window(6, [false, true]), (Cause::Unreachable, None), "its own outage again");
     }
 
     #[test]

@@ -214,6 +214,8 @@ pub struct ParticipantReadiness {
     /// Readiness against this meeting's need (site verdict with the meeting's spare capacity row).
     pub status: Verdict,
     pub at_risk: bool,
+    /// The site's connection status: a `down` participant is `not_ready` whatever its rows.
+    pub connection: super::connection::Status,
     pub spare_min_bytes_per_second: Option<[f64; 2]>,
     pub reasons: Vec<Reason>,
 }
@@ -233,7 +235,9 @@ pub struct MeetingReport {
 pub fn participant(site: &SiteReadiness, need: f64, policy: &Policy) -> ParticipantReadiness {
     let mut reasons: Vec<Reason> = site.reasons.iter().filter(|r| r.metric != Metric::SpareCapacity).cloned().collect();
     let spare = site.traffic.as_ref().map(|t| t.spare_min_bytes_per_second);
-    let status = if site.verdict == Verdict::Unknown {
+    let status = if site.connection.state == super::connection::State::Down {
+        Verdict::NotReady
+    } else if site.verdict == Verdict::Unknown {
         Verdict::Unknown
     } else {
         let mut worst = site.rows_without_spare.iter().map(|(_, l)| *l).max().unwrap_or(Level::Ready);
@@ -267,6 +271,7 @@ pub fn participant(site: &SiteReadiness, need: f64, policy: &Policy) -> Particip
         level: site.level.clone(),
         status,
         at_risk: matches!(status, Verdict::NotReady | Verdict::Unknown),
+        connection: site.connection.clone(),
         spare_min_bytes_per_second: spare,
         reasons,
     }

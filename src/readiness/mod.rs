@@ -6,6 +6,7 @@
 pub mod connection;
 pub mod emodel;
 pub mod hysteresis;
+pub mod maintenance;
 pub mod meetings;
 pub mod policy;
 
@@ -185,6 +186,9 @@ pub struct SiteReadiness {
     /// Up, down or unknown, from its probe rounds and the hierarchy.
     #[serde(default)]
     pub connection: connection::Status,
+    /// The reason of the planned maintenance the site is in, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maintenance: Option<String>,
     /// Up time / (up + down time) this calendar month (UTC), since the process started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub availability_month: Option<f64>,
@@ -262,6 +266,8 @@ pub struct ReadinessEngine {
     /// The sites this instance judges (`None`: all). In a scale-out each site belongs to one
     /// site-stage instance; the others neither judge nor export it.
     owned: Option<Vec<bool>>,
+    /// Planned maintenance windows.
+    maintenance: Vec<maintenance::Maintenance>,
 }
 
 /// Histograms reused for every site's percentiles (reset, never reallocated). Two significant
@@ -308,6 +314,7 @@ impl ReadinessEngine {
                 probes: None,
                 traffic: None,
                 connection: connection::Status::default(),
+                maintenance: None,
                 availability_month: None,
                 newest_event_ns: None,
                 rows_without_spare: Vec::new(),
@@ -323,7 +330,19 @@ impl ReadinessEngine {
             evaluated_wall: None,
             scratch: Scratch::default(),
             owned: None,
+            maintenance: Vec::new(),
         }
+    }
+
+    /// Declares planned maintenance windows.
+    pub fn with_maintenance(mut self, windows: Vec<maintenance::Maintenance>) -> Self {
+        self.maintenance = windows;
+        self
+    }
+
+    /// The reason of a maintenance window that covers `site` at some time in `[start, end)`.
+    fn maintenance_of(&self, site: SiteIdx, start_ns: i64, end_ns: i64) -> Option<&str> {
+        self.maintenance.iter().find(|m| m.covers(site, start_ns, end_ns)).map(|m| m.reason.as_str())
     }
 
     /// Judges only the sites marked in `owned` (inventory order; `None`: every site).
@@ -510,6 +529,7 @@ impl ReadinessEngine {
                 probes,
                 traffic,
                 availability_month: state.connection.month().availability(),
+                maintenance: self.maintenance.iter().find(|m| m.covers(i as SiteIdx, start_ns, end_ns)).map(|m| m.reason.clone()),
                 connection,
                 newest_event_ns: newest,
                 rows_without_spare,
@@ -523,9 +543,10 @@ impl ReadinessEngine {
     /// names the upstream of the sites down with a site above them.
     fn evaluate_connections(&mut self, start_ns: i64, end_ns: i64, stale_ns: i64) {
         let policy = self.policy.connection;
-        for (i, state) in self.sites.iter_mut().enumerate() {
-            if self.owned.as_ref().is_none_or(|o| o.get(i).copied().unwrap_or(false)) {
-                state.connection.evaluate(&policy, start_ns, end_ns, stale_ns);
+        for i in 0..self.sites.len() {
+            if self.owns(i) {
+                let planned = self.maintenance_of(i as SiteIdx, start_ns, end_ns).is_some();
+                self.sites[i].connection.evaluate(&policy, start_ns, end_ns, stale_ns, planned);
             }
         }
         let mut trackers: Vec<connection::Tracker> = self.sites.iter_mut().map(|s| std::mem::take(&mut s.connection)).collect();
@@ -534,6 +555,7 @@ impl ReadinessEngine {
             &mut trackers,
             |i| inv.parent(i as SiteIdx).map(usize::from),
             |i| inv.site(i as SiteIdx).id.clone(),
+            self.window_ns,
         );
         for (s, t) in self.sites.iter_mut().zip(trackers) {
             s.connection = t;

@@ -120,6 +120,7 @@ pub fn collect(shared: &Arc<SharedReadiness>) -> Vec<MetricFamily> {
     let mut rtt_hist = Vec::new();
     let mut jitter_hist = Vec::new();
     let (mut up, mut connection, mut connection_since, mut availability) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut maintenance = Vec::new();
     let now_ns = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64);
     // In a scale-out each site is exported by the one instance that judges it.
     for (i, s) in latest.iter().enumerate().filter(|(i, _)| engine.owns(*i)) {
@@ -167,6 +168,9 @@ pub fn collect(shared: &Arc<SharedReadiness>) -> Vec<MetricFamily> {
         if let Some(since) = c.since_ns {
             connection_since.push(gauge_metric(labels.clone(), since as f64 / 1e9));
         }
+        if let Some(reason) = &s.maintenance {
+            maintenance.push(gauge_metric(with(labels.clone(), "reason", reason), 1.0));
+        }
         if let Some(a) = s.availability_month {
             availability.push(gauge_metric(labels.clone(), a));
         }
@@ -203,6 +207,11 @@ pub fn collect(shared: &Arc<SharedReadiness>) -> Vec<MetricFamily> {
         "siteflow_site_availability_month_ratio",
         "Up time / (up + down time) of the site this calendar month (UTC), since the process started.",
         availability,
+    ));
+    out.push(gauge(
+        "siteflow_site_maintenance",
+        "1 while the site is in a planned maintenance window (readiness.maintenance); reason: the window's.",
+        maintenance,
     ));
     out.push(gauge("siteflow_site_utilisation_ratio", "Mean throughput / capacity over the rolling period.", utilisation));
     out.push(gauge(

@@ -159,4 +159,118 @@ async fn uplink_failures_give_outages_availability_and_one_cause() {
     let since = series("siteflow_site_connection_since_timestamp_seconds");
     let office_since = since.iter().find(|(l, _)| l["site"] == district).unwrap().1;
     assert!((office_since - (t0 / S + 200) as f64).abs() <= (window / S) as f64, "outage start on /metrics: {office_since}");
+
+    // A meeting's report: the cut-off participants are not ready and at risk, with their
+    // connection status; Lũng Cú is up again.
+    let spec: siteflow::readiness::MeetingSpec = serde_yaml::from_str(
+        "id: m\ntitle: giao ban\nstart: 2025-11-24T23:30:00+07:00\nduration_mins: 60\nparticipants: [{under: meo-vac.ubnd}, {sites: [meo-vac.ubnd, dong-van.lung-cu]}]",
+    )
+    .unwrap();
+    run.readiness.add_meeting(spec).unwrap();
+    let report = run.readiness.meeting_report("m").unwrap();
+    assert_eq!(report.participants.len(), behind.len() + 2);
+    for p in &report.participants {
+        if p.site == "dong-van.lung-cu" {
+            assert_eq!(p.connection.state, State::Up);
+        } else {
+            assert_eq!((p.status, p.at_risk, p.connection.state), (Verdict::NotReady, true, State::Down), "{}", p.site);
+        }
+    }
+
+    // docs/sql.md questions 11 and 12, on this run.
+    let examples = crate::sql::doc_examples();
+    let sql_of = |n: usize| examples.iter().find(|e| e.0 == n).unwrap_or_else(|| panic!("docs/sql.md question {n}")).2.clone();
+    // 11: availability per district. From the scenario: each of the district office's and its
+    // communes' windows from 200 s on is down; Đồng Văn loses Lũng Cú's two minutes; every
+    // other district is always up. Within two windows per site of that.
+    let (_, rows) = engine.query(&sql_of(11)).await.unwrap();
+    let districts = column(&rows, "district", &DataType::Utf8);
+    let availability = floats(&rows, "availability");
+    let got: BTreeMap<String, f64> = districts.into_iter().map(|d| d.unwrap_or_default()).zip(availability.into_iter().map(Option::unwrap)).collect();
+    let (_, known) = engine
+        .query("SELECT district, sum(up_seconds) + sum(down_seconds) AS known, count(DISTINCT site) AS sites FROM availability_daily GROUP BY district")
+        .await
+        .unwrap();
+    let known: BTreeMap<String, (f64, f64)> = column(&known, "district", &DataType::Utf8)
+        .into_iter()
+        .map(|d| d.unwrap_or_default())
+        .zip(floats(&known, "known").into_iter().map(Option::unwrap).zip(floats(&known, "sites").into_iter().map(Option::unwrap)))
+        .collect();
+    let run_end = 360.0;
+    for (d, a) in &got {
+        let (known_secs, sites) = known[d];
+        let down_sites = expected.iter().filter(|id| inventory.site(inventory.by_id(id).unwrap()).district == *d);
+        let down_secs: f64 = down_sites.map(|id| if id == "dong-van.lung-cu" { 120.0 } else { run_end - 200.0 }).sum();
+        let expected_a = 1.0 - down_secs / known_secs;
+        let tolerance = 2.0 * sites * (window / S) as f64 / known_secs;
+        assert!((a - expected_a).abs() <= tolerance, "{d}: availability {a}, from the scenario {expected_a} ± {tolerance}");
+    }
+    let order: Vec<&String> = got.iter().filter(|(_, a)| **a < 1.0).map(|(d, _)| d).collect();
+    assert_eq!(order.len(), 2, "Mèo Vạc and Đồng Văn lost time: {got:?}");
+    assert!(got["Mèo Vạc"] < got["Đồng Văn"], "{got:?}");
+    // 12: outages not caused upstream, ongoing first: the district (with its communes behind
+    // it), then Lũng Cú.
+    let (_, rows) = engine.query(&sql_of(12)).await.unwrap();
+    let sites: Vec<String> = column(&rows, "site", &DataType::Utf8).into_iter().map(Option::unwrap).collect();
+    assert_eq!(sites, vec![district.to_string(), "dong-van.lung-cu".to_string()]);
+    let behind_counts: Vec<String> = column(&rows, "sites_behind", &DataType::Utf8).into_iter().map(Option::unwrap).collect();
+    assert_eq!(behind_counts, vec![behind.len().to_string(), "0".to_string()]);
+}
+
+/// A maintenance window over Lũng Cú's outage: its time counts for neither up nor down, the
+/// outage is `planned`, and /metrics says so while it lasts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn planned_maintenance_is_left_out_of_availability() {
+    let inventory = Inventory::embedded();
+    let scenario = Scenario::load(&repo().join("pipelines/hagiang/scenarios/uplink-failures.yaml"), &inventory).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = fast_config(360, 200);
+    let t0 = config.simulator.start_unix_secs.unwrap() as i64;
+    let at = |secs: i64| chrono::DateTime::from_timestamp(t0 + secs, 0).unwrap().to_rfc3339();
+    // From 50 s to the end of the run: the whole outage and more.
+    let file = crate::support::write(
+        dir.path(),
+        "maintenance.yaml",
+        &format!(
+            "maintenance:\n  - reason: uplink replaced\n    start: {}\n    end: {}\n    sites:\n      - sites: [dong-van.lung-cu]\n",
+            at(50),
+            at(400)
+        ),
+    );
+    config.readiness.maintenance = Some(figment::value::magic::RelativePathBuf::from(file));
+    let (run, engine) = simulate_with_sql(&config, scenario).await;
+
+    let (_, rows) = engine
+        .query("SELECT up_seconds, down_seconds, maintenance_seconds, availability FROM availability_daily WHERE site = 'dong-van.lung-cu'")
+        .await
+        .unwrap();
+    let (up, down) = (floats(&rows, "up_seconds")[0].unwrap(), floats(&rows, "down_seconds")[0].unwrap());
+    let planned = floats(&rows, "maintenance_seconds")[0].unwrap();
+    assert_eq!((down, floats(&rows, "availability")[0]), (0.0, Some(1.0)), "its outage was planned");
+    // The windows from 50 s (the one holding it) to the end of the run.
+    assert!((planned - 310.0).abs() <= 10.0, "maintenance {planned} s");
+    assert!(up > 0.0 && up <= 50.0, "up before the maintenance: {up} s");
+    let (_, rows) = engine.query("SELECT site, planned FROM outages ORDER BY site").await.unwrap();
+    let planned_by_site: BTreeMap<String, String> = column(&rows, "site", &DataType::Utf8)
+        .into_iter()
+        .map(Option::unwrap)
+        .zip(column(&rows, "planned", &DataType::Utf8).into_iter().map(Option::unwrap))
+        .collect();
+    assert_eq!(planned_by_site["dong-van.lung-cu"], "true");
+    assert_eq!(planned_by_site["meo-vac.ubnd"], "false", "not in the window");
+
+    let state = run.readiness.engine.read().unwrap();
+    let lung_cu = state.latest().iter().find(|s| s.site == "dong-van.lung-cu").unwrap();
+    assert_eq!((lung_cu.maintenance.as_deref(), lung_cu.availability_month), (Some("uplink replaced"), Some(1.0)), "gauge and SQL agree");
+    drop(state);
+    let families = siteflow::sink::readiness::collect(&run.readiness);
+    let maintenance = families.iter().find(|f| f.name() == "siteflow_site_maintenance").unwrap();
+    let sites: Vec<&str> = maintenance.get_metric().iter().flat_map(|m| m.get_label().iter().filter(|l| l.name() == "site").map(|l| l.value())).collect();
+    assert_eq!(sites, vec!["dong-van.lung-cu"]);
+
+    // A bad file stops the run before it starts, naming the file and the entry.
+    let bad = crate::support::write(dir.path(), "bad.yaml", "maintenance:\n  - reason: x\n    start: 2026-12-05T22:00:00+07:00\n    end: 2026-12-05T21:00:00+07:00\n    sites: [{sites: [meo-vac.ubnd]}]\n");
+    config.readiness.maintenance = Some(figment::value::magic::RelativePathBuf::from(bad.clone()));
+    let e = siteflow::pipeline::Resources::load(&config).err().expect("refused").to_string();
+    assert!(e.contains(&format!("{}: maintenance[0]: end", bad.display())), "{e}");
 }

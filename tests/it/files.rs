@@ -49,3 +49,12 @@ fn the_policy_and_meeting_schedule_load() {
     assert_eq!(meetings.len(), 2);
     assert_eq!(meetings[0].participants.len(), 3 + 22 + 193);
 }
+
+#[test]
+fn the_maintenance_example_loads() {
+    let inventory = Inventory::embedded();
+    let windows = siteflow::readiness::maintenance::load(&repo().join("deploy/maintenance.example.yaml"), &inventory).unwrap();
+    assert_eq!(windows.len(), 1);
+    let below = inventory.select(None, None, inventory.by_id("meo-vac.ubnd"));
+    assert_eq!(windows[0].sites.len(), below.len() + 1, "the office and every site below it");
+}
