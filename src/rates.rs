@@ -87,6 +87,7 @@ impl CounterRates {
         let (sites, devices, interfaces) =
             (col("site_id").as_string::<i32>(), col("device").as_string::<i32>(), col("interface").as_string::<i32>());
         let bits = col("counter_bits").as_primitive::<UInt8Type>();
+        let (link_up, speed) = (col("link_up").as_boolean(), col("speed_bits_per_second").as_primitive::<UInt64Type>());
         let values = [("in", col("in_octets").as_primitive::<UInt64Type>()), ("out", col("out_octets").as_primitive::<UInt64Type>())];
 
         let last = self.last.entry(partition).or_default();
@@ -94,6 +95,7 @@ impl CounterRates {
         let mut source_rows = Vec::new();
         let (mut t_out, mut site_out, mut dev_out, mut if_out, mut dir_out, mut bytes_out, mut secs_out) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut up_out, mut speed_out) = (Vec::new(), Vec::new());
         for i in 0..samples.num_rows() {
             let t = times.value(i);
             // A sample without a device is keyed by its site tag (the decoder requires one of them).
@@ -128,6 +130,8 @@ impl CounterRates {
                 dir_out.push(*direction);
                 bytes_out.push(bytes);
                 secs_out.push((t - prev.time_ns) as f64 / 1e9);
+                up_out.push(link_up.is_valid(i).then(|| link_up.value(i)));
+                speed_out.push(speed.is_valid(i).then(|| speed.value(i)));
             }
         }
         let columns: Vec<ArrayRef> = vec![
@@ -138,6 +142,8 @@ impl CounterRates {
             Arc::new(StringArray::from(dir_out)),
             Arc::new(PrimitiveArray::<UInt64Type>::new(bytes_out.into(), None)),
             Arc::new(PrimitiveArray::<Float64Type>::new(secs_out.into(), None)),
+            Arc::new(datafusion::arrow::array::BooleanArray::from(up_out)),
+            Arc::new(PrimitiveArray::<UInt64Type>::from(speed_out)),
         ];
         let out = RecordBatch::try_new(interface_traffic_schema(), columns).expect("columns match interface_traffic_schema");
         (out, stats, source_rows)
@@ -194,7 +200,17 @@ mod tests {
     fn samples(rows: &[(i64, &str, Option<u64>, Option<u64>, u8)]) -> RecordBatch {
         let mut cols = CounterColumns::default();
         for &(t, interface, in_octets, out_octets, counter_bits) in rows {
-            cols.push(&CounterRecord { event_time_ns: t, site_id: "", device: "r1", interface, in_octets, out_octets, counter_bits });
+            cols.push(&CounterRecord {
+                event_time_ns: t,
+                site_id: "",
+                device: "r1",
+                interface,
+                in_octets,
+                out_octets,
+                counter_bits,
+                link_up: None,
+                speed_bps: None,
+            });
         }
         cols.finish()
     }

@@ -69,6 +69,8 @@ pub fn counter_schema() -> SchemaRef {
                 Field::new("in_octets", DataType::UInt64, true),
                 Field::new("out_octets", DataType::UInt64, true),
                 Field::new("counter_bits", DataType::UInt8, false),
+                Field::new("link_up", DataType::Boolean, true),
+                Field::new("speed_bits_per_second", DataType::UInt64, true),
             ]))
         })
         .clone()
@@ -89,6 +91,9 @@ pub fn interface_traffic_schema() -> SchemaRef {
                 Field::new("direction", DataType::Utf8, false),
                 Field::new("bytes", DataType::UInt64, false),
                 Field::new("seconds", DataType::Float64, false),
+                // The sample's link state and speed, where the device reports them.
+                Field::new("link_up", DataType::Boolean, true),
+                Field::new("speed_bits_per_second", DataType::UInt64, true),
             ]))
         })
         .clone()

@@ -517,6 +517,11 @@ pub struct CounterRecord<'a> {
     /// Octets sent from the interface (`ifOutOctets`).
     pub out_octets: Option<u64>,
     pub counter_bits: u8,
+    /// The interface's operational state (RFC 2863 `ifOperStatus`): up, down (also
+    /// `lowerLayerDown`, `notPresent`), or unknown.
+    pub link_up: Option<bool>,
+    /// The interface's speed (`ifHighSpeed` × 10^6, else `ifSpeed`), bits per second.
+    pub speed_bps: Option<u64>,
 }
 
 /// Column builders for [`counter_schema`].
@@ -529,6 +534,8 @@ pub struct CounterColumns {
     in_octets: Vec<Option<u64>>,
     out_octets: Vec<Option<u64>>,
     counter_bits: Vec<u8>,
+    link_up: Vec<Option<bool>>,
+    speed_bps: Vec<Option<u64>>,
 }
 
 impl CounterColumns {
@@ -548,6 +555,8 @@ impl CounterColumns {
         self.in_octets.push(r.in_octets);
         self.out_octets.push(r.out_octets);
         self.counter_bits.push(r.counter_bits);
+        self.link_up.push(r.link_up);
+        self.speed_bps.push(r.speed_bps);
     }
 
     pub fn finish(self) -> RecordBatch {
@@ -559,6 +568,8 @@ impl CounterColumns {
             Arc::new(PrimitiveArray::<UInt64Type>::from(self.in_octets)),
             Arc::new(PrimitiveArray::<UInt64Type>::from(self.out_octets)),
             primitive::<UInt8Type>(self.counter_bits),
+            Arc::new(datafusion::arrow::array::BooleanArray::from(self.link_up)),
+            Arc::new(PrimitiveArray::<UInt64Type>::from(self.speed_bps)),
         ];
         RecordBatch::try_new(counter_schema(), columns).expect("columns match counter_schema")
     }

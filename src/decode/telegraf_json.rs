@@ -140,9 +140,36 @@ fn first_tag<'m>(m: &'m Metric<'_>, names: &[&str]) -> &'m str {
     names.iter().find_map(|n| m.tags.get(*n).map(|v| v.as_ref()).filter(|v| !v.is_empty())).unwrap_or("")
 }
 
+/// RFC 2863 `ifOperStatus`, as a number or (translated by Telegraf) a name: up, down (also
+/// `lowerLayerDown` and `notPresent`: nothing passes), or neither (testing, unknown, dormant).
+fn oper_status(v: &serde_json::Value) -> Option<bool> {
+    match v {
+        serde_json::Value::Number(n) => match n.as_u64()? {
+            1 => Some(true),
+            2 | 6 | 7 => Some(false),
+            _ => None,
+        },
+        serde_json::Value::String(s) => match s.trim_end_matches(|c: char| c == ')' || c.is_ascii_digit()).trim_end_matches('(') {
+            "up" => Some(true),
+            "down" | "lowerLayerDown" | "notPresent" => Some(false),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// The interface's speed in bits per second: `ifHighSpeed` (Mbit/s), else `ifSpeed` (bit/s;
+/// its maximum means "faster than 32 bits say").
+fn speed_bps(m: &Metric<'_>) -> Option<u64> {
+    let int = |name: &str| m.fields.get(name).and_then(serde_json::Value::as_u64).filter(|v| *v > 0);
+    int("ifHighSpeed").map(|mbps| mbps.saturating_mul(1_000_000)).or_else(|| int("ifSpeed").filter(|v| *v < u64::from(u32::MAX)))
+}
+
 fn counters(m: &Metric<'_>, limits: &DecodeLimits, push: &mut impl FnMut(&CounterRecord<'_>)) -> Result<(), RejectReason> {
-    let Some(&(in_name, out_name, bits)) = OCTET_FIELDS.iter().find(|(i, o, _)| m.fields.contains_key(*i) || m.fields.contains_key(*o))
-    else {
+    let link_up = m.fields.get("ifOperStatus").and_then(oper_status);
+    let octets = OCTET_FIELDS.iter().find(|(i, o, _)| m.fields.contains_key(*i) || m.fields.contains_key(*o));
+    // A sample of link state alone (ifOperStatus in a table without octets) is still one.
+    let Some(&(in_name, out_name, bits)) = octets.or(m.fields.contains_key("ifOperStatus").then_some(&OCTET_FIELDS[1])) else {
         return Err(RejectReason::UnsupportedMeasurement);
     };
     let t = timestamp_ns(&m.timestamp).ok_or(RejectReason::BadTimestamp)?;
@@ -162,6 +189,8 @@ fn counters(m: &Metric<'_>, limits: &DecodeLimits, push: &mut impl FnMut(&Counte
         in_octets,
         out_octets,
         counter_bits: bits,
+        link_up,
+        speed_bps: speed_bps(m),
     });
     Ok(())
 }
@@ -274,6 +303,30 @@ mod tests {
         assert_eq!(bad(snmp_32.replace("4294967295", "4294967296")), vec![Err(RejectReason::AbsurdCounter)]);
         assert_eq!(bad(net.replace("\"interface\":\"eth0\",", "")), vec![Err(RejectReason::WrongSchema)]);
         assert_eq!(bad(net.replace("1764000000}", "0}")), vec![Err(RejectReason::BadTimestamp)]);
+    }
+
+    #[test]
+    fn link_state_and_speed_from_snmp() {
+        let doc = |fields: &str| {
+            format!(r#"{{"fields":{{{fields}}},"name":"interface","tags":{{"agent_host":"172.16.3.1","ifName":"Gi0/0"}},"timestamp":1764000000}}"#)
+        };
+        let state = |fields: &str| {
+            let (_, c, outcomes) = decode_all(&doc(fields));
+            assert_eq!(outcomes, vec![Ok(())], "{fields}");
+            let up = c.column_by_name("link_up").unwrap().as_boolean().clone();
+            let speed = c.column_by_name("speed_bits_per_second").unwrap().as_primitive::<UInt64Type>().clone();
+            (up.is_valid(0).then(|| up.value(0)), speed.is_valid(0).then(|| speed.value(0)))
+        };
+        assert_eq!(state(r#""ifHCInOctets":5,"ifOperStatus":1,"ifHighSpeed":100"#), (Some(true), Some(100_000_000)));
+        assert_eq!(state(r#""ifHCInOctets":5,"ifOperStatus":2,"ifSpeed":20000000"#), (Some(false), Some(20_000_000)));
+        assert_eq!(state(r#""ifHCInOctets":5,"ifOperStatus":7"#), (Some(false), None), "lowerLayerDown");
+        assert_eq!(state(r#""ifHCInOctets":5,"ifOperStatus":5,"ifSpeed":4294967295"#), (None, None), "dormant; speed unknown");
+        assert_eq!(state(r#""ifHCInOctets":5,"ifOperStatus":"down(2)""#), (Some(false), None), "translated by Telegraf");
+        assert_eq!(state(r#""ifHCInOctets":5,"ifOperStatus":"up""#), (Some(true), None));
+        // Link state without octets is a sample too, with no traffic.
+        let (got, _) = counters_of(&doc(r#""ifOperStatus":2"#));
+        assert_eq!(got, vec![("172.16.3.1".into(), "Gi0/0".into(), None, None, 64)]);
+        assert_eq!(state(r#""ifOperStatus":2"#), (Some(false), None));
     }
 
     #[test]

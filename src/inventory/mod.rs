@@ -52,6 +52,17 @@ pub struct Site {
     /// The interface of the site's own router towards the rest of the network: flows that
     /// enter the router through it go into the site, flows that leave through it go out.
     pub uplink_ifindex: Option<u32>,
+    /// The site's WAN uplinks as interface counters report them (`uplinks` column): their
+    /// link state makes the site's connection status.
+    pub uplinks: Vec<Uplink>,
+}
+
+/// A WAN uplink: an interface of a device, named as Telegraf reports them (the device is the
+/// `agent_host`/`host` tag, the interface the `ifName`/`interface` tag).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Uplink {
+    pub device: String,
+    pub interface: String,
 }
 
 impl Site {
@@ -94,6 +105,8 @@ struct Row {
     exporter_ifindex: Option<u32>,
     #[serde(default)]
     uplink_ifindex: Option<u32>,
+    #[serde(default)]
+    uplinks: String,
 }
 
 /// Where a flow belongs, as decided by the exporter that sent it.
@@ -117,6 +130,8 @@ pub struct Inventory {
     levels: Vec<String>,
     /// Each site's parent.
     parents: Vec<Option<SiteIdx>>,
+    /// Every site's uplinks: the site and the uplink's index among its own.
+    uplinks: HashMap<Uplink, (SiteIdx, usize)>,
 }
 
 impl Inventory {
@@ -144,6 +159,7 @@ impl Inventory {
             by_id: HashMap::new(),
             levels: Vec::new(),
             parents: Vec::new(),
+            uplinks: HashMap::new(),
         };
         let mut lines = Vec::new();
         let headers =
@@ -182,6 +198,15 @@ impl Inventory {
                 };
                 if taken {
                     return Err(row_error(line, format!("field exporter: {exporter} is already the exporter of another site")));
+                }
+            }
+            for (k, uplink) in site.uplinks.iter().enumerate() {
+                if let Some((other, _)) = inventory.uplinks.insert(uplink.clone(), (idx, k)) {
+                    let other = &inventory.sites[usize::from(other)].id;
+                    return Err(row_error(
+                        line,
+                        format!("field uplinks: {}@{} is already an uplink of site {other:?}", uplink.interface, uplink.device),
+                    ));
                 }
             }
             if inventory.by_id.insert(site.id.clone(), idx).is_some() {
@@ -285,6 +310,12 @@ impl Inventory {
     /// Position of a level from the top (0), if the inventory has it.
     pub fn level_depth(&self, level: &str) -> Option<usize> {
         self.levels.iter().position(|l| l == level)
+    }
+
+    /// The site and the index among its uplinks of the interface `interface` of `device`.
+    pub fn uplink_of(&self, device: &str, interface: &str) -> Option<(SiteIdx, usize)> {
+        // Keyed by owned strings: a lookup per counter sample, a few per site and minute.
+        self.uplinks.get(&Uplink { device: device.to_string(), interface: interface.to_string() }).copied()
     }
 
     /// The site's parent, if it has one.
@@ -405,7 +436,32 @@ fn parse_site(row: Row) -> Result<Site, String> {
         exporter,
         exporter_ifindex: row.exporter_ifindex,
         uplink_ifindex: row.uplink_ifindex,
+        uplinks: parse_uplinks(&row.uplinks, exporter)?,
     })
+}
+
+/// The `uplinks` column: entries separated by `;`, each `interface@device` or `interface` (a
+/// port of the site's own router, its `exporter`).
+fn parse_uplinks(text: &str, exporter: Option<IpAddr>) -> Result<Vec<Uplink>, String> {
+    let mut out: Vec<Uplink> = Vec::new();
+    for entry in text.split(';').map(str::trim).filter(|e| !e.is_empty()) {
+        let (interface, device) = match entry.rsplit_once('@') {
+            Some((i, d)) => (i.trim(), d.trim().to_string()),
+            None => match exporter {
+                Some(e) => (entry, e.to_string()),
+                None => return Err(format!("field uplinks: {entry:?} names no device and the site has no exporter; write interface@device")),
+            },
+        };
+        if interface.is_empty() || device.is_empty() {
+            return Err(format!("field uplinks: {entry:?} needs an interface and a device (interface@device)"));
+        }
+        let uplink = Uplink { device, interface: interface.to_string() };
+        if out.contains(&uplink) {
+            return Err(format!("field uplinks: {entry:?} is listed twice"));
+        }
+        out.push(uplink);
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -508,6 +564,30 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("uplink_ifindex"), "{err}");
+    }
+
+    #[test]
+    fn uplinks_name_interfaces_of_the_sites_router_or_of_any_device() {
+        let csv = "site_id,name,level,kind,link_mbps,prefix,exporter,uplinks\n\
+                   a,A,commune,c,20,10.0.1.0/24,172.16.0.1,Gi0/0; Gi0/1@pe-1.tinh\n\
+                   b,B,commune,c,20,10.0.2.0/24,,Gi0/2@pe-1.tinh\n\
+                   c,C,commune,c,20,10.0.3.0/24,,\n";
+        let inv = Inventory::from_csv_str(csv, "s.csv").unwrap();
+        let up = |d: &str, i: &str| Uplink { device: d.into(), interface: i.into() };
+        assert_eq!(inv.site(0).uplinks, vec![up("172.16.0.1", "Gi0/0"), up("pe-1.tinh", "Gi0/1")]);
+        assert_eq!(inv.uplink_of("pe-1.tinh", "Gi0/2"), Some((1, 0)));
+        assert_eq!(inv.uplink_of("172.16.0.1", "Gi0/0"), Some((0, 0)));
+        assert_eq!(inv.uplink_of("172.16.0.1", "Gi0/9"), None);
+        assert!(inv.site(2).uplinks.is_empty());
+        let err = |row: &str| {
+            Inventory::from_csv_str(&format!("site_id,name,level,kind,link_mbps,prefix,exporter,uplinks\n{row}"), "s.csv")
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(err("b,B,commune,c,20,10.0.2.0/24,,Gi0/2").contains("line 2: field uplinks: \"Gi0/2\" names no device"));
+        assert!(err("b,B,commune,c,20,10.0.2.0/24,,@pe-1").contains("needs an interface and a device"));
+        let twice = err("a,A,commune,c,20,10.0.1.0/24,,Gi0/1@pe\nb,B,commune,c,20,10.0.2.0/24,,Gi0/1@pe");
+        assert!(twice.contains("line 3: field uplinks: Gi0/1@pe is already an uplink of site \"a\""), "{twice}");
     }
 
     #[test]
