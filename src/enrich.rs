@@ -252,24 +252,31 @@ impl Enricher {
     /// [`Self::enrich_probes`], also returning the input row of each output row.
     pub fn enrich_probes_keeping(&self, batch: &RecordBatch) -> (RecordBatch, EnrichStats, Vec<u32>) {
         // By site id; failing that, by the probed address (e.g. Telegraf's `url` tag).
-        self.enrich_by_site_id(batch, "target", false, enriched_probe_schema())
+        self.enrich_by_site_id(batch, "target", false, None, enriched_probe_schema())
     }
 
     /// Enriches interface traffic rows ([`interface_traffic_schema`]) into
     /// [`enriched_interface_schema`]; also returns the input row of each output row. The site
-    /// is the row's site id, else the site whose router is the reporting device (an inventory
-    /// exporter), else the site whose prefix holds the device's address.
+    /// is the row's site id, else the site that declares the interface as an uplink (inventory
+    /// `uplinks`, e.g. a port of a provider's router), else the site whose router is the
+    /// reporting device (an inventory exporter), else the site whose prefix holds the device's
+    /// address.
     pub fn enrich_interfaces(&self, batch: &RecordBatch) -> (RecordBatch, EnrichStats, Vec<u32>) {
-        self.enrich_by_site_id(batch, "device", true, enriched_interface_schema())
+        let devices = batch.column_by_name("device").expect("device column").as_string::<i32>();
+        let interfaces = batch.column_by_name("interface").expect("interface column").as_string::<i32>();
+        let uplink = |i: usize| self.inventory.uplink_of(devices.value(i), interfaces.value(i)).map(|(site, _)| site);
+        self.enrich_by_site_id(batch, "device", true, Some(&uplink), enriched_interface_schema())
     }
 
-    /// Keeps the rows of `batch` that belong to a site (by `site_id`, else by the address in
-    /// `addr_column`, optionally first as an exporter) and replaces `site_id` with site labels.
+    /// Keeps the rows of `batch` that belong to a site (by `site_id`, else by `declared`, else by
+    /// the address in `addr_column`, optionally first as an exporter) and replaces `site_id`
+    /// with site labels.
     fn enrich_by_site_id(
         &self,
         batch: &RecordBatch,
         addr_column: &str,
         exporter_first: bool,
+        declared: Option<&dyn Fn(usize) -> Option<SiteIdx>>,
         schema: SchemaRef,
     ) -> (RecordBatch, EnrichStats, Vec<u32>) {
         let ids = batch.column_by_name("site_id").expect("site_id column").as_string::<i32>();
@@ -277,7 +284,7 @@ impl Enricher {
         let mut keep = Vec::with_capacity(ids.len());
         let mut site_keys = Vec::with_capacity(ids.len());
         for (i, id) in ids.iter().enumerate() {
-            let site = id.and_then(|id| self.inventory.by_id(id)).or_else(|| {
+            let site = id.and_then(|id| self.inventory.by_id(id)).or_else(|| declared.and_then(|d| d(i))).or_else(|| {
                 let addr = crate::inventory::addr_from_ip(addrs.value(i).parse::<std::net::IpAddr>().ok()?);
                 let as_exporter = match exporter_first.then(|| self.inventory.site_of_exporter(addr, 0, 0)).flatten() {
                     Some(ExporterMatch::Site(site)) => Some(site),

@@ -62,6 +62,8 @@ pub enum ReadinessFeed {
     Windows,
     /// Each on-time input record (probe results, judged over the readiness period).
     OnTimeRecords,
+    /// Each on-time interface sample's link state (the uplinks' connection status).
+    LinkStates,
     /// Nothing.
     None,
 }
@@ -168,7 +170,7 @@ pub static INTERFACES: TableDef = TableDef {
     required_columns: &["site"],
     allowed_keys: &["window_start", "site", "district", "level", "interface", "device", "direction"],
     gauges: Gauges::Rows { prefix: "siteflow_site_interface_", labels: &["interface", "device", "direction"] },
-    readiness: ReadinessFeed::None,
+    readiness: ReadinessFeed::LinkStates,
     second_view: false,
     results_log: true,
     top_talkers: false,

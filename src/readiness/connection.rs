@@ -1,15 +1,20 @@
 //! Connection status per site: `up`, `down` or `unknown`, with the cause and since when.
 //!
-//! The evidence is the site's probe rounds (a round is answered when it lost less than all of
-//! its packets). In event-time order, at every closed window:
+//! The evidence is the link state of the site's uplinks (the inventory's `uplinks`, from
+//! interface samples' `ifOperStatus`) and its probe rounds (a round is answered when it lost
+//! less than all of its packets). In event-time order, at every closed window:
 //!
+//! 0. `down`, cause `link_down`: every uplink's latest sample says its link is down; the outage
+//!    starts at that sample. When a link comes back, the outage ends then, unless probe rounds
+//!    are still being lost (it goes on as `unreachable`) or too few were answered yet.
 //! 1. `down`, cause `unreachable`: the last `down_after_lost_rounds` rounds were all lost. The
 //!    outage starts at the first lost round of that run.
 //! 2. A down site comes back `up` only after `up_after_answered_rounds` answered rounds in a row
 //!    (hysteresis: one lucky round does not end an outage); the outage ends at the first of them.
-//! 3. `up` otherwise, as soon as a round is answered.
-//! 4. `unknown` when the site has sent no round for the freshness limit (`freshness_windows`
-//!    windows): silence is not an outage, it may be the probe that stopped.
+//! 3. `up` otherwise, as soon as a round is answered (`answered`), or for a site without
+//!    probe rounds, as soon as an uplink reports its link up (`link_up`).
+//! 4. `unknown` when nothing came for the freshness limit (`freshness_windows` windows):
+//!    silence is not an outage, it may be the probe or the collector that stopped.
 //!
 //! Then, along the inventory's hierarchy (`parent_id`): a site that is down while a site above
 //! it is down too is `upstream_down`, naming the highest down site of the chain as the cause —
@@ -46,6 +51,10 @@ impl State {
 pub enum Cause {
     /// Up: its probe rounds are answered.
     Answered,
+    /// Up: an uplink reports its link up (and no probe says otherwise).
+    LinkUp,
+    /// Down: every uplink reports its link down (`ifOperStatus`).
+    LinkDown,
     /// Down: its own probe rounds are lost.
     Unreachable,
     /// Down with a site above it (see [`Status::upstream`]).
@@ -59,6 +68,8 @@ impl Cause {
     pub fn as_str(self) -> &'static str {
         match self {
             Cause::Answered => "answered",
+            Cause::LinkUp => "link_up",
+            Cause::LinkDown => "link_down",
             Cause::Unreachable => "unreachable",
             Cause::UpstreamDown => "upstream_down",
             Cause::NoTelemetry => "no_telemetry",
@@ -109,8 +120,11 @@ impl ConnectionPolicy {
 /// One site's evidence and status.
 #[derive(Debug, Default)]
 pub struct Tracker {
-    /// Probe rounds not yet taken into account: (event time, answered).
-    pending: Vec<(i64, bool)>,
+    /// Evidence not yet taken into account, with its event time.
+    pending: Vec<(i64, Evidence)>,
+    /// The latest link state of each uplink (none: not reported).
+    links: Vec<Option<bool>>,
+    last_link_ns: Option<i64>,
     lost_run: u32,
     lost_since: i64,
     answered_run: u32,
@@ -157,10 +171,24 @@ fn month_first_day(t_ns: i64) -> i64 {
     first.signed_duration_since(chrono::DateTime::UNIX_EPOCH.date_naive()).num_days()
 }
 
+/// One piece of evidence about a site's connection.
+#[derive(Debug, Clone, Copy)]
+enum Evidence {
+    /// A probe round: answered (some packets came back) or lost.
+    Round { answered: bool },
+    /// A sample of the link state of the site's `uplink`-th uplink.
+    Link { uplink: usize, up: bool },
+}
+
 impl Tracker {
-    /// Takes one probe round (any order: rounds are sorted by event time at evaluation).
+    /// Takes one probe round (any order: evidence is sorted by event time at evaluation).
     pub fn observe_round(&mut self, t_ns: i64, loss_ratio: f64) {
-        self.pending.push((t_ns, loss_ratio < 1.0));
+        self.pending.push((t_ns, Evidence::Round { answered: loss_ratio < 1.0 }));
+    }
+
+    /// Takes one link-state sample of the site's `uplink`-th uplink (inventory order).
+    pub fn observe_link(&mut self, t_ns: i64, uplink: usize, up: bool) {
+        self.pending.push((t_ns, Evidence::Link { uplink, up }));
     }
 
     pub fn status(&self) -> &Status {
@@ -171,44 +199,89 @@ impl Tracker {
         &self.month
     }
 
-    /// Takes the rounds before `end_ns` in event-time order and updates the site's own status
+    fn set(&mut self, state: State, cause: Cause, since_ns: i64) {
+        self.status = Status { state, cause, since_ns: Some(since_ns), upstream: None };
+    }
+
+    /// Takes the evidence before `end_ns` in event-time order and updates the site's own status
     /// (the hierarchy is applied afterwards by [`attribute_upstream`]). `stale_ns`: the
     /// freshness limit. `planned`: the window is in planned maintenance, its time counts for
     /// neither up nor down.
     pub fn evaluate(&mut self, policy: &ConnectionPolicy, start_ns: i64, end_ns: i64, stale_ns: i64, planned: bool) {
-        self.pending.sort_unstable_by_key(|(t, _)| *t);
+        self.pending.sort_by_key(|(t, _)| *t);
         let due = self.pending.partition_point(|(t, _)| *t < end_ns);
-        let rounds: Vec<(i64, bool)> = self.pending.drain(..due).collect();
-        for (t, answered) in rounds {
-            self.last_round_ns = Some(self.last_round_ns.map_or(t, |l| l.max(t)));
-            if answered {
-                if self.answered_run == 0 {
-                    self.answered_since = t;
+        let evidence: Vec<(i64, Evidence)> = self.pending.drain(..due).collect();
+        for (t, e) in evidence {
+            let answered = match e {
+                Evidence::Round { answered } => {
+                    self.last_round_ns = Some(self.last_round_ns.map_or(t, |l| l.max(t)));
+                    if answered {
+                        if self.answered_run == 0 {
+                            self.answered_since = t;
+                        }
+                        self.answered_run += 1;
+                        self.lost_run = 0;
+                    } else {
+                        if self.lost_run == 0 {
+                            self.lost_since = t;
+                        }
+                        self.lost_run += 1;
+                        self.answered_run = 0;
+                    }
+                    Some(answered)
                 }
-                self.answered_run += 1;
-                self.lost_run = 0;
-            } else {
-                if self.lost_run == 0 {
-                    self.lost_since = t;
+                Evidence::Link { uplink, up } => {
+                    self.last_link_ns = Some(self.last_link_ns.map_or(t, |l| l.max(t)));
+                    if self.links.len() <= uplink {
+                        self.links.resize(uplink + 1, None);
+                    }
+                    self.links[uplink] = Some(up);
+                    None
                 }
-                self.lost_run += 1;
-                self.answered_run = 0;
-            }
-            let down = self.status.state == State::Down;
-            if self.lost_run >= policy.down_after_lost_rounds && !down {
-                self.status = Status { state: State::Down, cause: Cause::Unreachable, since_ns: Some(self.lost_since), upstream: None };
-            } else if answered && (!down || self.answered_run >= policy.up_after_answered_rounds) && self.status.state != State::Up {
-                self.status = Status { state: State::Up, cause: Cause::Answered, since_ns: Some(self.answered_since), upstream: None };
-            }
+            };
+            self.step(policy, t, answered, stale_ns);
         }
-        let silent = self.last_round_ns.is_none_or(|t| end_ns - t >= stale_ns);
+        let newest = self.last_round_ns.max(self.last_link_ns);
+        let silent = newest.is_none_or(|t| end_ns - t >= stale_ns);
         if silent && self.status.state != State::Unknown {
-            self.status = Status { state: State::Unknown, cause: Cause::NoTelemetry, since_ns: Some(end_ns), upstream: None };
+            self.set(State::Unknown, Cause::NoTelemetry, end_ns);
             self.lost_run = 0;
             self.answered_run = 0;
+            self.links.clear();
         }
         if !planned {
             self.count_window(start_ns, end_ns);
+        }
+    }
+
+    /// The status after one piece of evidence at `t` (`answered`: a probe round's outcome).
+    /// Precedence: every uplink reported down → `link_down`; else the probe rounds' rules.
+    fn step(&mut self, policy: &ConnectionPolicy, t: i64, answered: Option<bool>, stale_ns: i64) {
+        let down = self.status.state == State::Down;
+        let since = if down { self.status.since_ns.unwrap_or(t) } else { t };
+        let links_down = !self.links.is_empty() && self.links.iter().all(|l| *l == Some(false));
+        let any_link_up = self.links.contains(&Some(true));
+        let probed = self.last_round_ns.is_some_and(|r| t - r < stale_ns);
+        if links_down {
+            if self.status.cause != Cause::LinkDown || !down {
+                self.set(State::Down, Cause::LinkDown, since);
+            }
+        } else if down && self.status.cause == Cause::LinkDown {
+            // The link is back: the outage goes on while the probes still say so.
+            if probed && self.answered_run < policy.up_after_answered_rounds {
+                self.set(State::Down, Cause::Unreachable, since);
+            } else {
+                self.set(State::Up, Cause::LinkUp, t);
+            }
+        } else if self.lost_run >= policy.down_after_lost_rounds && !down {
+            self.set(State::Down, Cause::Unreachable, self.lost_since);
+        } else if answered == Some(true) && (!down || self.answered_run >= policy.up_after_answered_rounds) {
+            if self.status.state != State::Up {
+                self.set(State::Up, Cause::Answered, self.answered_since);
+            }
+        } else if answered.is_none() && any_link_up && self.status.state == State::Unknown && !probed {
+            // A site known by its uplinks alone.
+            self.set(State::Up, Cause::LinkUp, t);
         }
     }
 
@@ -229,7 +302,8 @@ impl Tracker {
     /// site's outage its upstream's may begin and still count as where it began (probe rounds
     /// to different sites are not simultaneous).
     fn set_upstream(&mut self, upstream: Option<(String, Option<i64>)>, slack_ns: i64) {
-        if self.status.state != State::Down {
+        // Its own uplink down is its own cause, whatever is down above it.
+        if self.status.state != State::Down || self.status.cause == Cause::LinkDown {
             return;
         }
         match upstream {
@@ -407,6 +481,66 @@ mod tests {
         assert_eq!(window(4, [true, true]), (Cause::UpstreamDown, Some("s0".into())), "explained by the district while it is down");
         window(5, [false, true]);
         assert_eq!(window(6, [false, true]), (Cause::Unreachable, None), "its own outage again");
+    }
+
+    #[test]
+    fn uplinks_reported_down_make_the_site_down_before_any_probe_says_so() {
+        let policy = ConnectionPolicy::default();
+        let mut t = Tracker::default();
+        // Two uplinks; probes answered every 5 s throughout the first windows.
+        let round = |t: &mut Tracker, at: i64, lost: bool| t.observe_round(at, if lost { 1.0 } else { 0.0 });
+        round(&mut t, 0, false);
+        t.observe_link(1 * S, 0, true);
+        t.observe_link(1 * S, 1, true);
+        round(&mut t, 5 * S, false);
+        t.evaluate(&policy, 0, WINDOW, STALE, false);
+        assert_eq!((t.status().state, t.status().cause), (State::Up, Cause::Answered));
+        // One uplink down: still up (the other carries it).
+        t.observe_link(12 * S, 0, false);
+        round(&mut t, 15 * S, false);
+        t.evaluate(&policy, WINDOW, 2 * WINDOW, STALE, false);
+        assert_eq!(t.status().state, State::Up);
+        // Both down at 21 s: down at once, from that sample, whatever the probes say next.
+        t.observe_link(21 * S, 1, false);
+        round(&mut t, 20 * S, false);
+        round(&mut t, 25 * S, true);
+        t.evaluate(&policy, 2 * WINDOW, 3 * WINDOW, STALE, false);
+        assert_eq!((t.status().state, t.status().cause, t.status().since_ns), (State::Down, Cause::LinkDown, Some(21 * S)));
+        // A link back at 33 s while the probes are still lost: the same outage goes on as
+        // unreachable; two answered rounds end it at the first of them (40 s).
+        round(&mut t, 30 * S, true);
+        t.observe_link(33 * S, 0, true);
+        round(&mut t, 35 * S, true);
+        t.evaluate(&policy, 3 * WINDOW, 4 * WINDOW, STALE, false);
+        assert_eq!((t.status().state, t.status().cause, t.status().since_ns), (State::Down, Cause::Unreachable, Some(21 * S)));
+        round(&mut t, 40 * S, false);
+        round(&mut t, 45 * S, false);
+        t.evaluate(&policy, 4 * WINDOW, 5 * WINDOW, STALE, false);
+        assert_eq!((t.status().state, t.status().since_ns), (State::Up, Some(40 * S)));
+    }
+
+    #[test]
+    fn a_site_known_by_its_uplink_alone() {
+        let policy = ConnectionPolicy::default();
+        let mut t = Tracker::default();
+        t.observe_link(3 * S, 0, true);
+        t.evaluate(&policy, 0, WINDOW, STALE, false);
+        assert_eq!((t.status().state, t.status().cause), (State::Up, Cause::LinkUp));
+        t.observe_link(13 * S, 0, false);
+        t.evaluate(&policy, WINDOW, 2 * WINDOW, STALE, false);
+        assert_eq!((t.status().state, t.status().cause, t.status().since_ns), (State::Down, Cause::LinkDown, Some(13 * S)));
+        t.observe_link(23 * S, 0, true);
+        t.evaluate(&policy, 2 * WINDOW, 3 * WINDOW, STALE, false);
+        assert_eq!((t.status().state, t.status().cause, t.status().since_ns), (State::Up, Cause::LinkUp, Some(23 * S)));
+        // Its own link down is its own cause, whatever is down above it.
+        t.observe_link(33 * S, 0, false);
+        t.evaluate(&policy, 3 * WINDOW, 4 * WINDOW, STALE, false);
+        t.set_upstream(Some(("above".into(), Some(0))), WINDOW);
+        assert_eq!(t.status().cause, Cause::LinkDown);
+        // Silence: unknown.
+        t.evaluate(&policy, 4 * WINDOW, 5 * WINDOW, STALE, false);
+        t.evaluate(&policy, 5 * WINDOW, 6 * WINDOW, STALE, false);
+        assert_eq!(t.status().state, State::Unknown);
     }
 
     #[test]

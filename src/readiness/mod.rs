@@ -69,6 +69,8 @@ pub enum Cause {
     Stale,
     /// Freshness: a kind of telemetry is missing from the period.
     Missing,
+    /// Connection: every uplink of the site reports its link down.
+    LinkDown,
     /// Connection: the site's probe rounds are lost (docs/readiness.md, connection status).
     Unreachable,
     /// Connection: down with a site above it in the hierarchy.
@@ -83,6 +85,7 @@ impl Cause {
             Cause::Hold => "hold",
             Cause::Stale => "stale",
             Cause::Missing => "missing",
+            Cause::LinkDown => "link_down",
             Cause::Unreachable => "unreachable",
             Cause::UpstreamDown => "upstream_down",
         }
@@ -146,7 +149,7 @@ impl std::fmt::Display for Reason {
             Cause::Hold => write!(f, "{m}={value} held by the hold time ({}{clear})", self.detail),
             Cause::Stale => write!(f, "{m}: {} (limit {threshold} s)", self.detail),
             Cause::Missing => write!(f, "{m}: missing {}", self.detail),
-            Cause::Unreachable | Cause::UpstreamDown => write!(f, "{m}: down ({})", self.detail),
+            Cause::LinkDown | Cause::Unreachable | Cause::UpstreamDown => write!(f, "{m}: down ({})", self.detail),
         }
     }
 }
@@ -409,6 +412,29 @@ impl ReadinessEngine {
             s.last_probe_ns = Some(s.last_probe_ns.map_or(sample.t_ns, |p| p.max(sample.t_ns)));
             s.connection.observe_round(sample.t_ns, sample.loss);
             s.samples.push_back(sample);
+        }
+    }
+
+    /// Takes the on-time interface rows of a micro-batch (the `interfaces` table's input): the
+    /// link state of the inventory's uplinks (`device`, `interface`, `link_up`).
+    pub fn observe_links(&mut self, batch: &RecordBatch) {
+        let (Some(t), Some(device), Some(interface), Some(up)) = (
+            batch.column_by_name("event_time"),
+            batch.column_by_name("device"),
+            batch.column_by_name("interface"),
+            batch.column_by_name("link_up"),
+        ) else {
+            return;
+        };
+        let (Some(device), Some(interface), Some(up)) = (device.as_string_opt::<i32>(), interface.as_string_opt::<i32>(), up.as_boolean_opt())
+        else {
+            return;
+        };
+        let t = t.as_primitive::<TimestampNanosecondType>();
+        for i in (0..batch.num_rows()).filter(|&i| up.is_valid(i)) {
+            if let Some((site, uplink)) = self.inventory.uplink_of(device.value(i), interface.value(i)) {
+                self.sites[usize::from(site)].connection.observe_link(t.value(i), uplink, up.value(i));
+            }
         }
     }
 
@@ -675,6 +701,7 @@ fn connection_reason(c: &connection::Status) -> Reason {
     let since = c.since_ns.map_or(String::new(), |t| format!(" since {}", chrono::DateTime::from_timestamp_nanos(t).to_rfc3339()));
     let (cause, detail) = match (&c.cause, &c.upstream) {
         (connection::Cause::UpstreamDown, Some(up)) => (Cause::UpstreamDown, format!("{up} above it is down{since}")),
+        (connection::Cause::LinkDown, _) => (Cause::LinkDown, format!("its uplink reports link down{since}")),
         _ => (Cause::Unreachable, format!("its probe rounds are lost{since}")),
     };
     Reason { metric: Metric::Connection, level: Level::NotReady, value: 0.0, threshold: 1.0, cause, clear: None, detail }

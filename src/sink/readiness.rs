@@ -60,8 +60,10 @@ impl WindowSink for ReadinessSink {
     }
 
     fn on_records(&mut self, table: &'static TableDef, on_time: &datafusion::arrow::array::RecordBatch) {
-        if table.readiness == ReadinessFeed::OnTimeRecords {
-            self.shared.engine.write().expect("readiness lock").observe_probes(on_time);
+        match table.readiness {
+            ReadinessFeed::OnTimeRecords => self.shared.engine.write().expect("readiness lock").observe_probes(on_time),
+            ReadinessFeed::LinkStates => self.shared.engine.write().expect("readiness lock").observe_links(on_time),
+            ReadinessFeed::Windows | ReadinessFeed::None => {}
         }
     }
 

@@ -274,3 +274,83 @@ async fn planned_maintenance_is_left_out_of_availability() {
     let e = siteflow::pipeline::Resources::load(&config).err().expect("refused").to_string();
     assert!(e.contains(&format!("{}: maintenance[0]: end", bad.display())), "{e}");
 }
+
+/// Uplink link state end to end: Telegraf SNMP interface samples (`ifOperStatus`) and pings of
+/// three sites replayed from a file through `siteflow run`, an inventory with `uplinks`, and the
+/// outages read back over SQL. A's only uplink goes down for two minutes: one outage, cause
+/// `link_down`, from the first down sample to the first answered round after it. B loses one of
+/// its two uplinks: still up, no outage.
+#[test]
+fn uplinks_reported_down_over_snmp_are_outages() {
+    let dir = tempfile::tempdir().unwrap();
+    let t0: i64 = 1_764_000_000;
+    let sites = "site_id,name,level,kind,parent_id,district,admin_code,link_mbps,prefix,exporter,uplinks\n\
+                 hub,Hub,district,office,,D,1,100,10.9.0.0/24,172.16.9.10,Gi0/0\n\
+                 a,A,commune,commune,hub,D,2,20,10.9.1.0/24,172.16.9.1,Gi0/0\n\
+                 b,B,commune,commune,hub,D,3,20,10.9.2.0/24,172.16.9.2,Gi0/0; Gi0/5@pe-hub\n";
+    crate::support::write(dir.path(), "sites.csv", sites);
+    // (device, interface, site, probed address) of each uplink.
+    let uplinks = [
+        ("172.16.9.10", "Gi0/0", "hub", "10.9.0.1"),
+        ("172.16.9.1", "Gi0/0", "a", "10.9.1.1"),
+        ("172.16.9.2", "Gi0/0", "b", "10.9.2.1"),
+        ("pe-hub", "Gi0/5", "b", ""),
+    ];
+    let a_down = |t: i64| (120..240).contains(&t);
+    let b_first_down = |t: i64| (300..360).contains(&t);
+    let mut lines = Vec::new();
+    for t in (0..600).step_by(5) {
+        for (device, interface, site, addr) in uplinks {
+            let down = (site == "a" && a_down(t)) || (device == "172.16.9.2" && b_first_down(t));
+            if t % 10 == 0 {
+                let octets = t as u64 * 1_000_000;
+                lines.push(format!(
+                    r#"{{"fields":{{"ifHCInOctets":{octets},"ifHCOutOctets":{octets},"ifOperStatus":{},"ifHighSpeed":100}},"name":"interface","tags":{{"agent_host":"{device}","ifName":"{interface}"}},"timestamp":{}}}"#,
+                    if down { 2 } else { 1 },
+                    t0 + t
+                ));
+            }
+            if !addr.is_empty() {
+                let lost = site == "a" && a_down(t);
+                let fields = if lost {
+                    r#""packets_received":0,"packets_transmitted":10,"percent_packet_loss":100"#.to_string()
+                } else {
+                    r#""average_response_ms":20.5,"packets_received":10,"packets_transmitted":10,"percent_packet_loss":0,"standard_deviation_ms":1.5"#.to_string()
+                };
+                lines.push(format!(r#"{{"fields":{{{fields}}},"name":"ping","tags":{{"host":"probe-1","url":"{addr}"}},"timestamp":{}}}"#, t0 + t));
+            }
+        }
+    }
+    crate::support::write(dir.path(), "telegraf.jsonl", &(lines.join("\n") + "\n"));
+    let http = crate::support::free_addr();
+    let config = crate::support::write(
+        dir.path(),
+        "replay.yaml",
+        &format!(
+            "inventory:\n  sites_csv: sites.csv\nsource:\n  kind: file\n  files:\n    - {{ path: telegraf.jsonl, format: telegraf_json }}\nhttp: {{ listen: \"{http}\" }}\n"
+        ),
+    );
+    let log = dir.path().join("run.log");
+    let child = crate::support::siteflow()
+        .args(["run", "--config", config.to_str().unwrap()])
+        .env("NO_COLOR", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let _child = crate::support::KillOnDrop(child);
+    let finished = crate::kafka_support::wait_until(std::time::Duration::from_secs(120), || {
+        std::fs::read_to_string(&log).unwrap_or_default().contains("replay finished")
+    });
+    assert!(finished, "no end of the replay: {}", std::fs::read_to_string(&log).unwrap_or_default());
+    let url = format!("http://{http}");
+    let sql = "SELECT site, cast(date_part('epoch', start) AS BIGINT) AS s, cast(date_part('epoch', \"end\") AS BIGINT) AS e, cause FROM outages ORDER BY site";
+    let out = crate::support::run_siteflow(&["sql", "--url", &url, "--format", "csv", sql], &[]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows: Vec<&str> = stdout.lines().skip(1).collect();
+    assert_eq!(rows, vec![format!("a,{},{},link_down", t0 + 120, t0 + 240).as_str()], "{stdout}");
+    // B is up on its other uplink (a port of another device, placed by the inventory).
+    let (_, metrics) = crate::support::http_get(http, "/metrics").unwrap();
+    assert!(metrics.contains(r#"siteflow_site_up{site="b",district="D",level="commune",cause="answered",upstream=""} 1"#), "{metrics}");
+}
