@@ -83,11 +83,11 @@ async fn uplink_failures_give_outages_availability_and_one_cause() {
         if site == "dong-van.lung-cu" {
             assert!(near(starts[i], 60) && near(ends[i], 180), "{site}: {:?} – {:?}", starts[i], ends[i]);
             assert!((durations[i].unwrap() - 120.0).abs() <= 10.0, "{:?}", durations[i]);
-            assert_eq!((causes[i].as_deref(), upstreams[i].as_deref()), (Some("unreachable"), None));
+            assert_eq!((causes[i].as_deref(), upstreams[i].as_deref()), (Some("link_down"), None), "its uplink reports it");
         } else {
             assert!(near(starts[i], 200), "{site}: starts {:?}", starts[i]);
             assert_eq!((ends[i], durations[i]), (None, None), "{site}: still down at the end");
-            let cause = if site == district { (Some("unreachable"), None) } else { (Some("upstream_down"), Some(district)) };
+            let cause = if site == district { (Some("link_down"), None) } else { (Some("upstream_down"), Some(district)) };
             assert_eq!((causes[i].as_deref(), upstreams[i].as_deref()), cause, "{site}");
         }
     }
@@ -112,7 +112,7 @@ async fn uplink_failures_give_outages_availability_and_one_cause() {
     // Verdicts: the district and its communes are not ready because they are down, naming
     // the cause; Lũng Cú is up again; no other site is down.
     let office = latest(district);
-    assert_eq!((office.connection.state, office.connection.cause), (State::Down, Cause::Unreachable));
+    assert_eq!((office.connection.state, office.connection.cause), (State::Down, Cause::LinkDown));
     assert_eq!(office.verdict, Verdict::NotReady);
     assert_eq!(office.reasons[0].metric, Metric::Connection, "{:?}", office.reasons);
     for id in &behind {

@@ -167,6 +167,10 @@ fn scenario_messages() -> (Totals, i64, Vec<Produced>) {
     let mut out: Vec<Produced> = Vec::new();
     let mut produce = |sim: &mut Simulator, sent: &mut [usize; 2]| {
         while let Some(batch) = rt.block_on(sim.next()) {
+            // The uplinks' interface samples have no topic here: flows and probes only.
+            if batch.format == siteflow::types::Format::TelegrafJson {
+                continue;
+            }
             let (topic, partitions, slot) =
                 if batch.format == siteflow::types::Format::Goflow2Json { ("flows", 4, 0) } else { ("probes", 2, 1) };
             let lines: Vec<&[u8]> = batch.messages.iter().collect();
@@ -188,6 +192,9 @@ fn scenario_messages() -> (Totals, i64, Vec<Produced>) {
     let mut sentinels = [0usize, 0usize];
     while sentinels[0] < 4 || sentinels[1] < 2 {
         let Some(batch) = rt.block_on(sim.next()) else { break };
+        if batch.format == siteflow::types::Format::TelegrafJson {
+            continue;
+        }
         let (topic, slot, partitions) =
             if batch.format == siteflow::types::Format::Goflow2Json { ("flows", 0, 4) } else { ("probes", 1, 2) };
         for message in batch.messages.iter() {
@@ -536,6 +543,9 @@ fn produce_live(broker: &Broker, stop: std::sync::Arc<std::sync::atomic::AtomicB
         let mut sent = [0usize; 2];
         while !stop.load(std::sync::atomic::Ordering::Acquire) {
             let Some(batch) = rt.block_on(sim.next()) else { break };
+            if batch.format == siteflow::types::Format::TelegrafJson {
+                continue;
+            }
             let (topic, partitions, slot) =
                 if batch.format == siteflow::types::Format::Goflow2Json { ("flows", 4, 0) } else { ("probes", 2, 1) };
             let lines: Vec<&[u8]> = batch.messages.iter().collect();

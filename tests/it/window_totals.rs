@@ -87,7 +87,7 @@ async fn window_totals_equal_the_simulators_ground_truth() {
     assert_eq!(m.records_late.with_label_values(&["flows"]).get(), run.truth.late_flows);
     assert_eq!(m.records_unmatched.with_label_values(&["flows"]).get(), run.truth.unmatched_flows);
     assert_eq!(m.records_decoded.with_label_values(&["goflow2_json"]).get(), run.truth.flow_records);
-    assert_eq!(run.summary.records, run.truth.flow_records + run.truth.probe_records);
+    assert_eq!(run.summary.records, run.truth.flow_records + run.truth.probe_records + run.truth.counter_records);
     assert!(run.summary.windows_flushed_at_end > 0, "the windows still open at the end are flushed, not lost");
 
     // Probe results: one count per (site, window), as emitted.

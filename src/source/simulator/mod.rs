@@ -60,6 +60,8 @@ pub struct GroundTruth {
     pub probes: HashMap<(SiteIdx, i64), u64>,
     pub flow_records: u64,
     pub probe_records: u64,
+    /// Interface samples of the sites' uplinks (Telegraf SNMP), one per uplink and probe round.
+    pub counter_records: u64,
     pub late_flows: u64,
     pub unmatched_flows: u64,
 }
@@ -86,6 +88,11 @@ pub struct Simulator {
     /// Flow records generated so far (including skipped ones of sites in outage).
     generated: u64,
     next_probe_ns: i64,
+    /// The uplinks' samples of the probe round just handed out, handed out next.
+    pending_interfaces: Option<SourceBatch>,
+    /// Each site's uplink octet counters `[in, out]`: every byte its records carry, sampled or
+    /// not, late or not (the link carried them).
+    octets: Vec<[u64; 2]>,
     sequence: u32,
     wall_start: Instant,
     truth: Option<Arc<Mutex<GroundTruth>>>,
@@ -147,6 +154,9 @@ impl Simulator {
             end_ns: duration_ns.map(|d| start_ns + d),
             generated: 0,
             next_probe_ns: start_ns,
+            pending_interfaces: None,
+            // Counters start anywhere: a device has been counting long before.
+            octets: (0..inventory.len() as u64).map(|i| [i * 1_000_000_007, i * 999_999_937]).collect(),
             sequence: 0,
             wall_start: Instant::now(),
             truth: None,
@@ -211,7 +221,7 @@ impl Simulator {
             for effect in self.scenario.active(s, t - self.start_ns) {
                 match *effect {
                     Effect::Outage | Effect::ProbeOutage => silent = true,
-                    Effect::LinkDown => cut_off = true,
+                    Effect::LinkDown | Effect::CutOff => cut_off = true,
                     Effect::HighRtt { rtt_ms } => set_rtt = Some(rtt_ms),
                     Effect::Jitter { jitter_ms } => set_jitter = Some(jitter_ms),
                     Effect::Loss { loss_pct } => set_loss = Some(loss_pct),
@@ -254,6 +264,46 @@ impl Simulator {
         msgs
     }
 
+    /// Telegraf SNMP samples of every site's uplinks at `t` (inventory `uplinks`): octet
+    /// counters, link state and speed. A site whose uplink is down reports it down with its
+    /// counters still; a site cut off behind one, or silent, reports nothing.
+    fn interface_batch(&mut self, t: i64) -> Messages {
+        let mut msgs = Messages::with_capacity(self.inventory.len(), self.inventory.len() * 200);
+        let mut count = 0;
+        for s in 0..self.inventory.len() as SiteIdx {
+            let mut oper = 1;
+            let mut silent = false;
+            for effect in self.scenario.active(s, t - self.start_ns) {
+                match effect {
+                    Effect::LinkDown => oper = 2,
+                    Effect::Outage | Effect::CutOff => silent = true,
+                    _ => {}
+                }
+            }
+            if silent {
+                continue;
+            }
+            let site = self.inventory.site(s);
+            let [in_octets, out_octets] = self.octets[usize::from(s)];
+            for uplink in &site.uplinks {
+                let _ = write!(
+                    msgs.buffer(),
+                    r#"{{"fields":{{"ifHCInOctets":{in_octets},"ifHCOutOctets":{out_octets},"ifOperStatus":{oper},"ifHighSpeed":{}}},"name":"interface","tags":{{"agent_host":"{}","ifName":"{}"}},"timestamp":{}}}"#,
+                    site.link_mbps,
+                    uplink.device,
+                    uplink.interface,
+                    t / NS
+                );
+                msgs.end_message();
+                count += 1;
+            }
+        }
+        if let Some(truth) = &self.truth {
+            truth.lock().expect("truth lock").counter_records += count;
+        }
+        msgs
+    }
+
     /// Writes the `i`-th flow record, or nothing when its site is silent.
     fn write_flow(&mut self, i: u64, msgs: &mut Messages, truth: &mut Option<std::sync::MutexGuard<'_, GroundTruth>>) {
         let t = self.time_of(i);
@@ -267,7 +317,7 @@ impl Simulator {
         let direction = if outbound { Direction::Out } else { Direction::In };
         for effect in self.effects(site_idx, t) {
             match *effect {
-                Effect::Outage | Effect::LinkDown => return,
+                Effect::Outage | Effect::LinkDown | Effect::CutOff => return,
                 Effect::Congestion { utilisation: u, direction: d } if d.is_none_or(|d| d == direction) => {
                     utilisation = u;
                     noise = 0.97 + 0.03 * noise;
@@ -293,6 +343,9 @@ impl Simulator {
         let true_bytes = (utilisation * site.capacity_bytes_per_sec() / per_direction_rate * noise).max(64.0) as u64;
         let bytes = (true_bytes / u64::from(sampling)).max(1);
         let packets = (true_bytes / 1_000 / u64::from(sampling)).max(1);
+        if !stray {
+            self.octets[usize::from(site_idx)][usize::from(outbound)] += bytes * u64::from(sampling);
+        }
 
         self.next_out[usize::from(site_idx)] = !outbound;
         // A site without prefixes (a router as a site) gets hosts of the shared address space.
@@ -369,6 +422,9 @@ impl Simulator {
     /// Produces the next batch: probe results when a probe round is due, else flow records.
     pub async fn next(&mut self) -> Option<SourceBatch> {
         loop {
+            if let Some(batch) = self.pending_interfaces.take() {
+                return Some(batch);
+            }
             let t = self.time_of(self.generated);
             if self.finished(t) {
                 return None;
@@ -377,6 +433,17 @@ impl Simulator {
                 let probe_t = self.next_probe_ns;
                 self.next_probe_ns += self.cfg.probe_interval_secs as i64 * NS;
                 let messages = self.probe_batch(probe_t);
+                let interfaces = self.interface_batch(probe_t);
+                if !interfaces.is_empty() {
+                    self.pending_interfaces = Some(SourceBatch {
+                        partition: PARTITION,
+                        format: Format::TelegrafJson,
+                        event_time: self.cfg.event_time,
+                        messages: interfaces,
+                        received: Instant::now(),
+                        offsets: Vec::new(),
+                    });
+                }
                 return Some(SourceBatch {
                     partition: PARTITION,
                     format: Format::SiteflowProbeJson,

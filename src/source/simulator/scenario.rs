@@ -98,8 +98,11 @@ pub enum Effect {
     },
     Outage,
     ProbeOutage,
-    /// Cut off (its own uplink or one above it is down): no flows, probe rounds all lost.
+    /// Its uplink is down: no flows, probe rounds all lost, the uplink reports link down.
     LinkDown,
+    /// Below a site whose uplink is down: no flows, probe rounds all lost, no interface samples
+    /// (its router cannot be reached).
+    CutOff,
     HighRtt {
         rtt_ms: f64,
     },
@@ -159,12 +162,12 @@ impl Scenario {
             if sites.is_empty() {
                 return Err(at("select sites with `sites`, `district`, `level` or `under`".into()));
             }
-            if f.kind == FaultKind::LinkDown {
-                // What is below a failed uplink is cut off with it.
-                let below: Vec<SiteIdx> =
-                    (0..inventory.len() as SiteIdx).filter(|&b| sites.iter().any(|&s| inventory.is_under(b, s))).collect();
-                sites.extend(below);
-            }
+            // What is below a failed uplink is cut off with it (a fault of its own).
+            let below: Vec<SiteIdx> = if f.kind == FaultKind::LinkDown {
+                (0..inventory.len() as SiteIdx).filter(|&b| sites.iter().any(|&s| inventory.is_under(b, s)) && !sites.contains(&b)).collect()
+            } else {
+                Vec::new()
+            };
             sites.sort_unstable();
             sites.dedup();
             let need = |v: Option<f64>, name: &str, max: f64| -> Result<f64, String> {
@@ -200,6 +203,9 @@ impl Scenario {
             let start = f.start_secs as i64 * 1_000_000_000;
             let end = f.duration_secs.map_or(i64::MAX, |d| start + d as i64 * 1_000_000_000);
             faults.push(Fault { effect, sites, start_offset_ns: start, end_offset_ns: end });
+            if !below.is_empty() {
+                faults.push(Fault { effect: Effect::CutOff, sites: below, start_offset_ns: start, end_offset_ns: end });
+            }
         }
         Ok(Scenario { description: raw.description, faults })
     }
