@@ -51,6 +51,9 @@ pub fn readiness_schema() -> SchemaRef {
         Field::new("connection_since", DataType::Timestamp(datafusion::arrow::datatypes::TimeUnit::Nanosecond, None), true),
         Field::new("upstream", DataType::Utf8, true),
         Field::new("maintenance", DataType::Utf8, true),
+        Field::new("flow_counter_ratio_in", DataType::Float64, true),
+        Field::new("flow_counter_ratio_out", DataType::Float64, true),
+        Field::new("utilisation_source", DataType::Utf8, true),
     ]))
 }
 
@@ -650,6 +653,9 @@ pub fn readiness_rows(start_ns: i64, end_ns: i64, sites: &[SiteReadiness]) -> Re
         Arc::new(datafusion::arrow::array::TimestampNanosecondArray::from_iter(sites.iter().map(|s| s.connection.since_ns))),
         Arc::new(datafusion::arrow::array::StringArray::from_iter(sites.iter().map(|s| s.connection.upstream.as_deref()))),
         Arc::new(datafusion::arrow::array::StringArray::from_iter(sites.iter().map(|s| s.maintenance.as_deref()))),
+        Arc::new(datafusion::arrow::array::Float64Array::from_iter(sites.iter().map(|s| s.flow_counter_ratio[0]))),
+        Arc::new(datafusion::arrow::array::Float64Array::from_iter(sites.iter().map(|s| s.flow_counter_ratio[1]))),
+        Arc::new(datafusion::arrow::array::StringArray::from_iter(sites.iter().map(|s| s.traffic.as_ref().map(|t| t.source.as_str())))),
     ];
     RecordBatch::try_new(readiness_schema(), columns).expect("columns match readiness_schema")
 }

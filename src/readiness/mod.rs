@@ -169,6 +169,13 @@ pub struct ProbeStats {
 /// Traffic statistics over the rolling period, per direction (`[in, out]`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct TrafficStats {
+    /// Where the bytes come from: `counters` (the uplinks' octet counters, exact) or `flows`.
+    #[serde(default)]
+    pub source: String,
+    /// The capacity utilisation is measured against, bytes per second each way: the uplinks'
+    /// reported speed with counters, else the inventory's `link_mbps`.
+    #[serde(default)]
+    pub capacity_bytes_per_second: f64,
     pub windows: usize,
     pub utilisation_mean_ratio: [f64; 2],
     pub spare_min_bytes_per_second: [f64; 2],
@@ -189,6 +196,13 @@ pub struct SiteReadiness {
     /// Up, down or unknown, from its probe rounds and the hierarchy.
     #[serde(default)]
     pub connection: connection::Status,
+    /// Flow bytes / uplink counter bytes `[in, out]` over the window just closed (none without
+    /// enough counted traffic to compare).
+    #[serde(default)]
+    pub flow_counter_ratio: [Option<f64>; 2],
+    /// The sum of the uplinks' reported speed (`ifHighSpeed`), bits per second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link_speed_bits_per_second: Option<f64>,
     /// The reason of the planned maintenance the site is in, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub maintenance: Option<String>,
@@ -247,6 +261,13 @@ struct SiteState {
     /// Bytes of the window being closed, filled from its flow rows.
     pending_bytes: [f64; 2],
     last_flow_window_end: Option<i64>,
+    /// The uplinks' counter bytes `[in, out]` per window start over the period, each sample's
+    /// bytes spread over the windows its span covers.
+    counter_bytes: std::collections::BTreeMap<i64, [f64; 2]>,
+    /// Event time of the newest counter sample: windows ending before it are complete.
+    last_counter_ns: Option<i64>,
+    /// The latest reported speed of each uplink, bits per second.
+    uplink_speeds: Vec<Option<u64>>,
     last_probe_ns: Option<i64>,
     rows: Vec<(Metric, HeldLevel)>,
     connection: connection::Tracker,
@@ -317,6 +338,8 @@ impl ReadinessEngine {
                 probes: None,
                 traffic: None,
                 connection: connection::Status::default(),
+                flow_counter_ratio: [None, None],
+                link_speed_bits_per_second: None,
                 maintenance: None,
                 availability_month: None,
                 newest_event_ns: None,
@@ -431,9 +454,35 @@ impl ReadinessEngine {
             return;
         };
         let t = t.as_primitive::<TimestampNanosecondType>();
-        for i in (0..batch.num_rows()).filter(|&i| up.is_valid(i)) {
-            if let Some((site, uplink)) = self.inventory.uplink_of(device.value(i), interface.value(i)) {
-                self.sites[usize::from(site)].connection.observe_link(t.value(i), uplink, up.value(i));
+        let bytes = batch.column_by_name("bytes").and_then(|c| c.as_primitive_opt::<datafusion::arrow::datatypes::UInt64Type>());
+        let seconds = batch.column_by_name("seconds").and_then(|c| c.as_primitive_opt::<Float64Type>());
+        let direction = batch.column_by_name("direction").and_then(|c| cast(c, &DataType::Utf8).ok());
+        let direction = direction.as_ref().and_then(|c| c.as_string_opt::<i32>());
+        let speed = batch
+            .column_by_name("speed_bits_per_second")
+            .and_then(|c| c.as_primitive_opt::<datafusion::arrow::datatypes::UInt64Type>());
+        for i in 0..batch.num_rows() {
+            let Some((site, uplink)) = self.inventory.uplink_of(device.value(i), interface.value(i)) else { continue };
+            let own_router = self.inventory.site(site).exporter.is_some_and(|e| e.to_string() == device.value(i));
+            let s = &mut self.sites[usize::from(site)];
+            if up.is_valid(i) {
+                s.connection.observe_link(t.value(i), uplink, up.value(i));
+            }
+            if let Some(speed) = speed.filter(|c| c.is_valid(i)) {
+                if s.uplink_speeds.len() <= uplink {
+                    s.uplink_speeds.resize(uplink + 1, None);
+                }
+                s.uplink_speeds[uplink] = Some(speed.value(i));
+            }
+            if let (Some(bytes), Some(seconds), Some(direction)) = (bytes, seconds, direction) {
+                // `in` = received by the interface: into the site on its own router, out of it
+                // on the device at the other end of the link.
+                let received = direction.value(i) == "in";
+                let d = usize::from(received != own_router);
+                let end = t.value(i);
+                let span = ((seconds.value(i) * 1e9) as i64).max(1);
+                spread(&mut s.counter_bytes, end - span, end, self.window_ns, bytes.value(i) as f64, d);
+                s.last_counter_ns = Some(s.last_counter_ns.map_or(end, |l| l.max(end)));
             }
         }
     }
@@ -486,6 +535,30 @@ impl ReadinessEngine {
             while state.traffic.front().is_some_and(|(s, _, _)| *s < end_ns - period_ns) {
                 state.traffic.pop_front();
             }
+            state.counter_bytes.retain(|s, _| *s >= end_ns - period_ns);
+            // Counted windows of the period: complete (the newest sample is past their end) and
+            // closed; the same windows for flows and counters.
+            let complete = state.last_counter_ns.unwrap_or(i64::MIN);
+            let counter_traffic: VecDeque<(i64, f64, f64)> = state
+                .counter_bytes
+                .range(..end_ns)
+                .filter(|(w, _)| *w + self.window_ns <= complete)
+                .map(|(w, b)| (*w, b[0], b[1]))
+                .collect();
+            let speed: Option<f64> = (!state.uplink_speeds.is_empty() && state.uplink_speeds.iter().all(Option::is_some))
+                .then(|| state.uplink_speeds.iter().flatten().map(|s| *s as f64).sum());
+            // Flows against counters over the period's windows that have both, when the counters
+            // saw enough traffic (1 % of the link) for a ratio to mean something.
+            let (mut flow_sum, mut counter_sum, mut both) = ([0.0; 2], [0.0; 2], 0usize);
+            for (w, fin, fout) in &state.traffic {
+                if let Some(c) = state.counter_bytes.get(w).filter(|_| *w + self.window_ns <= complete) {
+                    flow_sum = [flow_sum[0] + fin, flow_sum[1] + fout];
+                    counter_sum = [counter_sum[0] + c[0], counter_sum[1] + c[1]];
+                    both += 1;
+                }
+            }
+            let floor = 0.01 * capacity * window_secs * both as f64;
+            let flow_counter_ratio = [0, 1].map(|d| (both > 0 && counter_sum[d] >= floor).then(|| flow_sum[d] / counter_sum[d]));
             while state.samples.front().is_some_and(|p| p.t_ns < end_ns - period_ns) {
                 state.samples.pop_front();
             }
@@ -498,8 +571,16 @@ impl ReadinessEngine {
             // received for windows still open) wait for their own evaluation.
             let period: Vec<ProbeSample> = state.samples.iter().filter(|p| p.t_ns < end_ns).copied().collect();
             let probes = (!period.is_empty()).then(|| probe_stats(&period, &mut self.scratch));
-            let traffic =
-                (flow_age < stale_secs && !state.traffic.is_empty()).then(|| traffic_stats(&state.traffic, capacity, window_secs));
+            // The uplinks' counters when fresh (exact bytes, the reported speed), else the flows.
+            let counter_age = age(state.last_counter_ns);
+            let traffic_age = flow_age.min(counter_age);
+            let traffic = if counter_age < stale_secs && !counter_traffic.is_empty() {
+                let capacity = speed.map_or(capacity, |bps| bps / 8.0);
+                Some(TrafficStats { source: "counters".into(), ..traffic_stats(&counter_traffic, capacity, window_secs) })
+            } else {
+                (flow_age < stale_secs && !state.traffic.is_empty())
+                    .then(|| TrafficStats { source: "flows".into(), ..traffic_stats(&state.traffic, capacity, window_secs) })
+            };
             let thresholds = self.policy.thresholds_for(&site.id, &site.level);
             let values: Vec<(Metric, Option<f64>)> = vec![
                 (Metric::Rtt, probes.as_ref().map(|p| p.rtt_p95_seconds)),
@@ -539,8 +620,8 @@ impl ReadinessEngine {
             let verdict = if connection.state == connection::State::Down {
                 reasons.insert(0, connection_reason(&connection));
                 Verdict::NotReady
-            } else if probe_age >= stale_secs || flow_age >= stale_secs || probes.is_none() || traffic.is_none() {
-                reasons.push(freshness_reason(probe_age, flow_age, stale_secs, probes.is_none(), traffic.is_none(), first_window));
+            } else if probe_age >= stale_secs || traffic_age >= stale_secs || probes.is_none() || traffic.is_none() {
+                reasons.push(freshness_reason(probe_age, traffic_age, stale_secs, probes.is_none(), traffic.is_none(), first_window));
                 Verdict::Unknown
             } else {
                 Verdict::of(worst)
@@ -555,6 +636,8 @@ impl ReadinessEngine {
                 probes,
                 traffic,
                 availability_month: state.connection.month().availability(),
+                flow_counter_ratio,
+                link_speed_bits_per_second: speed,
                 maintenance: self.maintenance.iter().find(|m| m.covers(i as SiteIdx, start_ns, end_ns)).map(|m| m.reason.clone()),
                 connection,
                 newest_event_ns: newest,
@@ -764,7 +847,25 @@ fn traffic_stats(windows: &VecDeque<(i64, f64, f64)>, capacity: f64, window_secs
     let rate = |bytes: f64| bytes / window_secs;
     let mean = |d: usize| windows.iter().map(|w| rate(if d == 0 { w.1 } else { w.2 })).sum::<f64>() / n / capacity;
     let spare = |d: usize| windows.iter().map(|w| capacity - rate(if d == 0 { w.1 } else { w.2 })).fold(f64::INFINITY, f64::min);
-    TrafficStats { windows: windows.len(), utilisation_mean_ratio: [mean(0), mean(1)], spare_min_bytes_per_second: [spare(0), spare(1)] }
+    TrafficStats {
+        source: String::new(),
+        capacity_bytes_per_second: capacity,
+        windows: windows.len(),
+        utilisation_mean_ratio: [mean(0), mean(1)],
+        spare_min_bytes_per_second: [spare(0), spare(1)],
+    }
+}
+
+/// Adds `bytes` moved evenly over `[from, to)` to the windows of `size_ns` it covers, in
+/// direction `d`.
+fn spread(windows: &mut std::collections::BTreeMap<i64, [f64; 2]>, from: i64, to: i64, size_ns: i64, bytes: f64, d: usize) {
+    let span = (to - from).max(1) as f64;
+    let mut w = crate::window::window_start(from, size_ns);
+    while w < to {
+        let overlap = (to.min(w + size_ns) - from.max(w)).max(0) as f64;
+        windows.entry(w).or_default()[d] += bytes * overlap / span;
+        w += size_ns;
+    }
 }
 
 /// What removing a meeting did.

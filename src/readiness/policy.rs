@@ -222,6 +222,23 @@ pub struct Policy {
     pub sites: BTreeMap<String, ThresholdOverrides>,
     /// When a site counts as down and back up (connection status).
     pub connection: super::connection::ConnectionPolicy,
+    /// The band of flow bytes / uplink counter bytes outside which `FlowCounterMismatch`
+    /// alerts (exported as `siteflow_flow_counter_ratio_min`/`_max`).
+    pub flow_counter_band: FlowCounterBand,
+}
+
+/// Flow bytes / uplink counter bytes that count as agreeing.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlowCounterBand {
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Default for FlowCounterBand {
+    fn default() -> Self {
+        Self { min: 0.8, max: 1.25 }
+    }
 }
 
 impl Default for Policy {
@@ -239,6 +256,7 @@ impl Default for Policy {
             levels: BTreeMap::new(),
             sites: BTreeMap::new(),
             connection: Default::default(),
+            flow_counter_band: FlowCounterBand::default(),
         }
     }
 }
@@ -311,6 +329,10 @@ impl Policy {
             return Err(format!("profiles.{name}: need must be positive (got {need})"));
         }
         self.connection.validate()?;
+        let band = self.flow_counter_band;
+        if !(band.min > 0.0 && band.min < 1.0 && band.max > 1.0 && band.max.is_finite()) {
+            return Err(format!("flow_counter_band: needs 0 < min < 1 < max (got min {}, max {})", band.min, band.max));
+        }
         let mut all = vec![("thresholds".to_string(), self.thresholds.clone())];
         for (scope, overrides) in [("levels", &self.levels), ("sites", &self.sites)] {
             for (k, o) in overrides {

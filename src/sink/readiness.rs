@@ -123,6 +123,7 @@ pub fn collect(shared: &Arc<SharedReadiness>) -> Vec<MetricFamily> {
     let mut jitter_hist = Vec::new();
     let (mut up, mut connection, mut connection_since, mut availability) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut maintenance = Vec::new();
+    let (mut ratio, mut speed, mut speed_ratio, mut source) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let now_ns = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64);
     // In a scale-out each site is exported by the one instance that judges it.
     for (i, s) in latest.iter().enumerate().filter(|(i, _)| engine.owns(*i)) {
@@ -170,6 +171,19 @@ pub fn collect(shared: &Arc<SharedReadiness>) -> Vec<MetricFamily> {
         if let Some(since) = c.since_ns {
             connection_since.push(gauge_metric(labels.clone(), since as f64 / 1e9));
         }
+        for d in Direction::ALL {
+            if let Some(r) = s.flow_counter_ratio[d as usize] {
+                ratio.push(gauge_metric(with(labels.clone(), "direction", d.as_str()), r));
+            }
+        }
+        if let Some(bps) = s.link_speed_bits_per_second {
+            speed.push(gauge_metric(labels.clone(), bps));
+            let site = engine.inventory().site(i as SiteIdx);
+            speed_ratio.push(gauge_metric(labels.clone(), bps / (f64::from(site.link_mbps) * 1e6)));
+        }
+        if let Some(t) = &s.traffic {
+            source.push(gauge_metric(with(labels.clone(), "source", &t.source), 1.0));
+        }
         if let Some(reason) = &s.maintenance {
             maintenance.push(gauge_metric(with(labels.clone(), "reason", reason), 1.0));
         }
@@ -209,6 +223,25 @@ pub fn collect(shared: &Arc<SharedReadiness>) -> Vec<MetricFamily> {
         "siteflow_site_availability_month_ratio",
         "Up time / (up + down time) of the site this calendar month (UTC), since the process started.",
         availability,
+    ));
+    out.push(gauge(
+        "siteflow_site_flow_counter_ratio",
+        "Flow bytes (sampling-corrected) / the uplinks' counter bytes over the last closed window, per direction.",
+        ratio,
+    ));
+    let band = engine.policy().flow_counter_band;
+    out.push(gauge("siteflow_flow_counter_ratio_min", "Lower end of the flows/counters band (policy flow_counter_band).", vec![gauge_metric(vec![], band.min)]));
+    out.push(gauge("siteflow_flow_counter_ratio_max", "Upper end of the flows/counters band (policy flow_counter_band).", vec![gauge_metric(vec![], band.max)]));
+    out.push(gauge("siteflow_site_link_speed_bits_per_second", "Sum of the site's uplinks' reported speed (ifHighSpeed).", speed));
+    out.push(gauge(
+        "siteflow_site_link_speed_ratio",
+        "The uplinks' reported speed / the inventory's link_mbps: far from 1, link_mbps is stale.",
+        speed_ratio,
+    ));
+    out.push(gauge(
+        "siteflow_site_utilisation_source",
+        "1 for where the utilisation row's bytes came from: counters (the uplinks', fresh) or flows.",
+        source,
     ));
     out.push(gauge(
         "siteflow_site_maintenance",

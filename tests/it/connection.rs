@@ -354,3 +354,78 @@ fn uplinks_reported_down_over_snmp_are_outages() {
     let (_, metrics) = crate::support::http_get(http, "/metrics").unwrap();
     assert!(metrics.contains(r#"siteflow_site_up{site="b",district="D",level="commune",cause="answered",upstream=""} 1"#), "{metrics}");
 }
+
+/// Flows against the uplinks' counters (scenario `flows-vs-counters.yaml`): every healthy site's
+/// ratio inside the policy's band; Kim Thạch's exporter without its sampling rate at a
+/// hundredth, its utilisation still right (from the counters); Tam Sơn's reported speed half
+/// its inventory's, its utilisation against the reported speed. Utilisation is checked against
+/// the simulator's own bytes; /metrics and SQL show the same ratios.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flows_are_checked_against_the_uplinks_counters() {
+    let inventory = Inventory::embedded();
+    let scenario = Scenario::load(&repo().join("pipelines/hagiang/scenarios/flows-vs-counters.yaml"), &inventory).unwrap();
+    let config = fast_config(360, 600);
+    let window_secs = config.window.size_secs as f64;
+    let (run, engine) = simulate_with_sql(&config, scenario).await;
+    let state = run.readiness.engine.read().unwrap();
+    let band = state.policy().flow_counter_band;
+    let latest = |id: &str| state.latest().iter().find(|s| s.site == id).unwrap().clone();
+    let (kim_thach, tam_son) = ("vi-xuyen.kim-thach", "quan-ba.tam-son");
+    for s in state.latest() {
+        let traffic = s.traffic.as_ref().unwrap_or_else(|| panic!("{}: no traffic", s.site));
+        assert_eq!(traffic.source, "counters", "{}", s.site);
+        for r in s.flow_counter_ratio.iter().map(|r| r.unwrap_or_else(|| panic!("{}: no ratio", s.site))) {
+            if s.site == kim_thach {
+                assert!((r - 0.01).abs() < 0.002, "{}: {r}", s.site);
+            } else {
+                assert!(r > band.min && r < band.max, "{}: ratio {r} outside the band", s.site);
+            }
+        }
+    }
+    // Utilisation from the counters, against the simulator's bytes of the period's windows
+    // (but the run's first, partial one) over the reported speed.
+    let period_windows: Vec<i64> = {
+        let end = state.evaluated_at_ns().unwrap();
+        let first = end - state.policy().period_secs as i64 * S;
+        let mut w: Vec<i64> = run.truth.flows.keys().map(|(_, _, w)| *w).filter(|w| *w >= first && *w < end).collect();
+        w.sort_unstable();
+        w.dedup();
+        w
+    };
+    for (id, mbps) in [(kim_thach, 20.0), (tam_son, 25.0), ("dong-van.ta-lung", 20.0)] {
+        let idx = inventory.by_id(id).unwrap();
+        let site = latest(id);
+        let t = site.traffic.as_ref().unwrap();
+        assert_eq!(t.capacity_bytes_per_second, mbps * 1e6 / 8.0, "{id}");
+        for d in siteflow::enrich::Direction::ALL {
+            let bytes: u64 = period_windows.iter().map(|w| run.truth.flows.get(&(idx, d, *w)).map_or(0, |t| t.bytes)).sum();
+            let expected = bytes as f64 / (period_windows.len() as f64 * window_secs) / (mbps * 1e6 / 8.0);
+            let got = t.utilisation_mean_ratio[d as usize];
+            assert!((got - expected).abs() <= 0.05 * expected, "{id} {d:?}: utilisation {got}, from the simulator {expected}");
+        }
+    }
+    assert_eq!(latest(tam_son).link_speed_bits_per_second, Some(25e6));
+    drop(state);
+
+    let families = siteflow::sink::readiness::collect(&run.readiness);
+    let value = |name: &str, site: &str, extra: Option<(&str, &str)>| -> f64 {
+        let f = families.iter().find(|f| f.name() == name).unwrap_or_else(|| panic!("{name}"));
+        let m = f.get_metric().iter().find(|m| {
+            let has = |k: &str, v: &str| m.get_label().iter().any(|l| l.name() == k && l.value() == v);
+            has("site", site) && extra.is_none_or(|(k, v)| has(k, v))
+        });
+        m.unwrap_or_else(|| panic!("{name} for {site}")).get_gauge().get_value()
+    };
+    assert_eq!(value("siteflow_site_link_speed_ratio", tam_son, None), 0.5);
+    let ratio_in = value("siteflow_site_flow_counter_ratio", kim_thach, Some(("direction", "in")));
+    assert!((ratio_in - 0.01).abs() < 0.002, "{ratio_in}");
+    // SQL: the readiness table's last evaluation has the same ratio.
+    let (_, rows) = engine
+        .query(&format!(
+            "SELECT flow_counter_ratio_in, utilisation_source FROM readiness WHERE site = '{kim_thach}' ORDER BY window_end DESC LIMIT 1"
+        ))
+        .await
+        .unwrap();
+    assert_eq!(floats(&rows, "flow_counter_ratio_in")[0], Some(ratio_in));
+    assert_eq!(column(&rows, "utilisation_source", &DataType::Utf8)[0].as_deref(), Some("counters"));
+}

@@ -229,7 +229,7 @@ impl Simulator {
                         rtt *= 4.0;
                         jitter *= 3.0;
                     }
-                    Effect::TopTalker { .. } => {}
+                    Effect::TopTalker { .. } | Effect::SamplingMissing | Effect::LinkSpeed { .. } => {}
                 }
             }
             if let Some(v) = set_rtt {
@@ -273,9 +273,11 @@ impl Simulator {
         for s in 0..self.inventory.len() as SiteIdx {
             let mut oper = 1;
             let mut silent = false;
+            let mut mbps = f64::from(self.inventory.site(s).link_mbps);
             for effect in self.scenario.active(s, t - self.start_ns) {
                 match effect {
                     Effect::LinkDown => oper = 2,
+                    Effect::LinkSpeed { mbps: m } => mbps = *m,
                     Effect::Outage | Effect::CutOff => silent = true,
                     _ => {}
                 }
@@ -289,7 +291,7 @@ impl Simulator {
                 let _ = write!(
                     msgs.buffer(),
                     r#"{{"fields":{{"ifHCInOctets":{in_octets},"ifHCOutOctets":{out_octets},"ifOperStatus":{oper},"ifHighSpeed":{}}},"name":"interface","tags":{{"agent_host":"{}","ifName":"{}"}},"timestamp":{}}}"#,
-                    site.link_mbps,
+                    mbps.round() as u64,
                     uplink.device,
                     uplink.interface,
                     t / NS
@@ -312,6 +314,7 @@ impl Simulator {
         let mut utilisation = daily_utilisation(t) * self.site_factor[usize::from(site_idx)];
         let mut noise = 0.5 + 0.5 * self.rng.f64();
         let mut talker = None;
+        let mut sampling_missing = false;
         // The direction this record goes (records of a site alternate in and out).
         let outbound = self.next_out[usize::from(site_idx)];
         let direction = if outbound { Direction::Out } else { Direction::In };
@@ -325,6 +328,7 @@ impl Simulator {
                 // Every record whose index falls in the share (no random draw: other sites'
                 // traffic stays the same with or without this fault).
                 Effect::TopTalker { peer, share } if (i % 1000) < (share * 1000.0) as u64 => talker = Some(peer),
+                Effect::SamplingMissing => sampling_missing = true,
                 _ => {}
             }
         }
@@ -377,9 +381,10 @@ impl Simulator {
         // The talker's conversation is one HTTPS download (the draws above still happen).
         let (proto, src_port, dst_port) = if talker.is_some() { ("TCP", 51000, 443) } else { (proto, src_port, dst_port) };
         self.sequence = self.sequence.wrapping_add(1);
+        let sampling_field = if sampling_missing { 0 } else { sampling };
         let _ = write!(
             msgs.buffer(),
-            r#"{{"type":"NETFLOW_V9","time_received_ns":{},"sequence_num":{},"sampling_rate":{sampling},"sampler_address":"{exporter}","time_flow_start_ns":{},"time_flow_end_ns":{event_t},"bytes":{bytes},"packets":{packets},"src_addr":"{src}","dst_addr":"{dst}","etype":"IPv4","proto":"{proto}","src_port":{src_port},"dst_port":{dst_port},"in_if":{in_if},"out_if":{out_if},"src_mac":"00:00:00:00:00:00","dst_mac":"00:00:00:00:00:00","ip_tos":0,"tcp_flags":0,"src_as":0,"dst_as":0,"src_net":"0.0.0.0/0","dst_net":"0.0.0.0/0"}}"#,
+            r#"{{"type":"NETFLOW_V9","time_received_ns":{},"sequence_num":{},"sampling_rate":{sampling_field},"sampler_address":"{exporter}","time_flow_start_ns":{},"time_flow_end_ns":{event_t},"bytes":{bytes},"packets":{packets},"src_addr":"{src}","dst_addr":"{dst}","etype":"IPv4","proto":"{proto}","src_port":{src_port},"dst_port":{dst_port},"in_if":{in_if},"out_if":{out_if},"src_mac":"00:00:00:00:00:00","dst_mac":"00:00:00:00:00:00","ip_tos":0,"tcp_flags":0,"src_as":0,"dst_as":0,"src_net":"0.0.0.0/0","dst_net":"0.0.0.0/0"}}"#,
             t + 500_000_000,
             self.sequence,
             event_t - 2 * NS,

@@ -22,6 +22,8 @@
 //!   - {kind: jitter, sites: [yen-minh.sung-thai], jitter_ms: 80}
 //!   - {kind: loss, sites: [yen-minh.huu-vinh], loss_pct: 8}
 //!   - {kind: top_talker, sites: [meo-vac.pai-lung], peer: 203.0.113.250, share: 0.5}
+//!   - {kind: sampling_missing, sites: [bac-me.yen-cuong]}   # flows without their sampling rate
+//!   - {kind: link_speed, sites: [quan-ba.tam-son], mbps: 10} # uplinks report 10 Mbit/s
 //! ```
 
 use std::path::Path;
@@ -47,6 +49,11 @@ pub enum FaultKind {
     /// One conversation (an outside host and one local host) takes `share` of the site's flow
     /// records: a top talker to find.
     TopTalker,
+    /// The site's exporter stops sending its sampling rate (`sampling_rate: 0`): its flows
+    /// count the sampled bytes only, its uplink counters all of them.
+    SamplingMissing,
+    /// The site's uplinks report a speed of `mbps` (ifHighSpeed) instead of the inventory's.
+    LinkSpeed,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -68,6 +75,8 @@ struct FaultSpec {
     loss_pct: Option<f64>,
     peer: Option<std::net::Ipv4Addr>,
     share: Option<f64>,
+    /// Link speed only: the speed the uplinks report, Mbit/s.
+    mbps: Option<f64>,
     /// Congestion only: which direction runs at `utilisation` (default both).
     direction: Option<DirectionSpec>,
 }
@@ -116,6 +125,12 @@ pub enum Effect {
     TopTalker {
         peer: std::net::Ipv4Addr,
         share: f64,
+    },
+    /// Flow records without their sampling rate.
+    SamplingMissing,
+    /// The uplinks report this speed, Mbit/s.
+    LinkSpeed {
+        mbps: f64,
     },
 }
 
@@ -195,6 +210,8 @@ impl Scenario {
                 FaultKind::HighRtt => Effect::HighRtt { rtt_ms: need(f.rtt_ms, "rtt_ms", 60_000.0)? },
                 FaultKind::Jitter => Effect::Jitter { jitter_ms: need(f.jitter_ms, "jitter_ms", 60_000.0)? },
                 FaultKind::Loss => Effect::Loss { loss_pct: need(f.loss_pct, "loss_pct", 100.0)? },
+                FaultKind::SamplingMissing => Effect::SamplingMissing,
+                FaultKind::LinkSpeed => Effect::LinkSpeed { mbps: need(f.mbps, "mbps", 1_000_000.0)? },
                 FaultKind::TopTalker => Effect::TopTalker {
                     peer: f.peer.ok_or_else(|| at("needs `peer` (an IPv4 address outside the sites)".into()))?,
                     share: need(f.share.or(Some(0.5)), "share", 1.0)?,
