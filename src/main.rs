@@ -76,7 +76,7 @@ enum Command {
 }
 
 const SQL_EXAMPLES: &str = "\
-Tables (docs/sql.md has every column and ten example questions):
+Tables (docs/sql.md has every column and twelve example questions):
   sites              site, name, level, district, parent, prefixes, link_bytes_per_second
   site_windows       window_start, site, district, level, direction, bytes, packets, flows, records
   probe_windows      window_start, site, district, level, results, rtt_seconds, rtt_max_seconds,
@@ -85,7 +85,13 @@ Tables (docs/sql.md has every column and ten example questions):
                      bytes_per_second, samples
   top_talkers        window_start, site, district, level, direction, src_addr, dst_addr, proto,
                      bytes, packets, records, error, rank (bytes within error, docs/sql.md)
-  readiness          window_start, window_end, site, district, level, verdict, reasons
+  readiness          window_start, window_end, site, district, level, verdict, reasons,
+                     connection, connection_cause, connection_since, upstream, maintenance,
+                     flow_counter_ratio_in, flow_counter_ratio_out, utilisation_source
+  outages            site, district, level, start, end, duration_seconds, cause, upstream,
+                     planned (a view over readiness: one row per outage)
+  availability_daily site, district, level, day, up_seconds, down_seconds, unknown_seconds,
+                     maintenance_seconds, availability (a view over readiness)
   flows_recent       site, district, level, direction, event_time, exporter, src_addr, dst_addr,
                      src_port, dst_port, proto, bytes, packets, sampling_rate, flow_start, ...
                      (a running instance only, not --data)
