@@ -18,7 +18,7 @@ use std::path::Path;
 use chrono::{DateTime, FixedOffset};
 use serde::Deserialize;
 
-use super::meetings::{Selector, select};
+use super::meetings::{Selector, resolve_selectors};
 use crate::inventory::{Inventory, SiteIdx};
 
 /// Longest maintenance window accepted: 31 days.
@@ -46,7 +46,7 @@ pub struct Maintenance {
     pub reason: String,
     pub start_ns: i64,
     pub end_ns: i64,
-    /// Sorted.
+    /// In inventory order (sorted).
     pub sites: Vec<SiteIdx>,
 }
 
@@ -80,24 +80,10 @@ pub fn parse(text: &str, file: &str, inventory: &Inventory) -> Result<Vec<Mainte
             if end_ns - start_ns > MAX_SECS * 1_000_000_000 {
                 return Err(at("longer than 31 days: declare a long works period as several windows, or fix the site's entry".into()));
             }
-            let mut sites = Vec::new();
-            for (j, sel) in spec.sites.iter().enumerate() {
-                for id in &sel.sites {
-                    sites.push(inventory.by_id(id).ok_or_else(|| at(format!("sites[{j}]: unknown site {id:?}")))?);
-                }
-                if sel.district.is_some() || sel.level.is_some() || sel.under.is_some() {
-                    let matched = select(inventory, sel.district.as_deref(), sel.level.as_deref(), sel.under.as_deref())
-                        .map_err(|e| at(format!("sites[{j}]: {e}")))?;
-                    sites.extend(matched);
-                } else if sel.sites.is_empty() {
-                    return Err(at(format!("sites[{j}]: select sites with `sites`, `district`, `level` or `under`")));
-                }
-            }
+            let sites = resolve_selectors(&spec.sites, "sites", inventory).map_err(at)?;
             if sites.is_empty() {
                 return Err(at("`sites` is empty: list selectors such as `- sites: [id]`, `- district: …`, `- under: id`".into()));
             }
-            sites.sort_unstable();
-            sites.dedup();
             Ok(Maintenance { reason: spec.reason, start_ns, end_ns, sites })
         })
         .collect()

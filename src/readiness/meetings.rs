@@ -126,23 +126,11 @@ impl Meeting {
         let need = policy.need_of(&profile).ok_or_else(|| {
             at(format!("unknown profile {profile:?} (profiles: {})", policy.profiles.keys().cloned().collect::<Vec<_>>().join(", ")))
         })?;
-        let mut set = BTreeSet::new();
-        for (i, sel) in spec.participants.iter().enumerate() {
-            for id in &sel.sites {
-                set.insert(inventory.by_id(id).ok_or_else(|| at(format!("participants[{i}]: unknown site {id:?}")))?);
-            }
-            if sel.district.is_some() || sel.level.is_some() || sel.under.is_some() {
-                let matched = select(inventory, sel.district.as_deref(), sel.level.as_deref(), sel.under.as_deref())
-                    .map_err(|e| at(format!("participants[{i}]: {e}")))?;
-                set.extend(matched);
-            } else if sel.sites.is_empty() {
-                return Err(at(format!("participants[{i}]: select sites with `sites`, `district`, `level` or `under`")));
-            }
-        }
-        if set.is_empty() {
+        let participants = resolve_selectors(&spec.participants, "participants", inventory).map_err(at)?;
+        if participants.is_empty() {
             return Err(at("no participants".into()));
         }
-        Ok(Meeting { spec, need_bytes_per_second: need, participants: set.into_iter().collect(), scheduled: false })
+        Ok(Meeting { spec, need_bytes_per_second: need, participants, scheduled: false })
     }
 
     pub fn start_ns(&self) -> i64 {
@@ -186,6 +174,25 @@ pub fn select(inventory: &Inventory, district: Option<&str>, level: Option<&str>
         return Err(format!("no site matches {}", criteria.into_iter().flatten().collect::<Vec<_>>().join(" and ")));
     }
     Ok(matched)
+}
+
+/// The sites a list of selectors picks, in inventory order without duplicates; an error names
+/// the selector as `{field}[i]`.
+pub fn resolve_selectors(selectors: &[Selector], field: &str, inventory: &Inventory) -> Result<Vec<SiteIdx>, String> {
+    let mut set = BTreeSet::new();
+    for (i, sel) in selectors.iter().enumerate() {
+        for id in &sel.sites {
+            set.insert(inventory.by_id(id).ok_or_else(|| format!("{field}[{i}]: unknown site {id:?}"))?);
+        }
+        if sel.district.is_some() || sel.level.is_some() || sel.under.is_some() {
+            let matched = select(inventory, sel.district.as_deref(), sel.level.as_deref(), sel.under.as_deref())
+                .map_err(|e| format!("{field}[{i}]: {e}"))?;
+            set.extend(matched);
+        } else if sel.sites.is_empty() {
+            return Err(format!("{field}[{i}]: select sites with `sites`, `district`, `level` or `under`"));
+        }
+    }
+    Ok(set.into_iter().collect())
 }
 
 /// Loads a schedule file of meetings.
