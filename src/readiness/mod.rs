@@ -456,6 +456,7 @@ impl ReadinessEngine {
         let t = t.as_primitive::<TimestampNanosecondType>();
         let bytes = batch.column_by_name("bytes").and_then(|c| c.as_primitive_opt::<datafusion::arrow::datatypes::UInt64Type>());
         let seconds = batch.column_by_name("seconds").and_then(|c| c.as_primitive_opt::<Float64Type>());
+        let period_ns = self.policy.period_secs as i64 * 1_000_000_000;
         let direction = batch.column_by_name("direction").and_then(|c| cast(c, &DataType::Utf8).ok());
         let direction = direction.as_ref().and_then(|c| c.as_string_opt::<i32>());
         let speed = batch
@@ -481,7 +482,8 @@ impl ReadinessEngine {
                 let d = usize::from(received != own_router);
                 let end = t.value(i);
                 let span = ((seconds.value(i) * 1e9) as i64).max(1);
-                spread(&mut s.counter_bytes, end - span, end, self.window_ns, bytes.value(i) as f64, d);
+                let keep_from = end - period_ns - self.window_ns;
+                spread(&mut s.counter_bytes, end - span, end, keep_from, self.window_ns, bytes.value(i) as f64, d);
                 s.last_counter_ns = Some(s.last_counter_ns.map_or(end, |l| l.max(end)));
             }
         }
@@ -857,14 +859,34 @@ fn traffic_stats(windows: &VecDeque<(i64, f64, f64)>, capacity: f64, window_secs
 }
 
 /// Adds `bytes` moved evenly over `[from, to)` to the windows of `size_ns` it covers, in
-/// direction `d`.
-fn spread(windows: &mut std::collections::BTreeMap<i64, [f64; 2]>, from: i64, to: i64, size_ns: i64, bytes: f64, d: usize) {
+/// direction `d`; only the windows from `keep_from` on (a sample after a long gap spans more
+/// windows than the period holds).
+fn spread(windows: &mut std::collections::BTreeMap<i64, [f64; 2]>, from: i64, to: i64, keep_from: i64, size_ns: i64, bytes: f64, d: usize) {
     let span = (to - from).max(1) as f64;
-    let mut w = crate::window::window_start(from, size_ns);
+    let mut w = crate::window::window_start(from.max(keep_from), size_ns);
     while w < to {
         let overlap = (to.min(w + size_ns) - from.max(w)).max(0) as f64;
         windows.entry(w).or_default()[d] += bytes * overlap / span;
         w += size_ns;
+    }
+}
+
+#[cfg(test)]
+mod spread_tests {
+    use super::spread;
+
+    #[test]
+    fn a_sample_is_spread_over_the_windows_it_spans_and_a_long_gap_is_bounded() {
+        let mut w = std::collections::BTreeMap::new();
+        // 30 bytes over [5, 35) in windows of 10: 5, 10, 10, 5.
+        spread(&mut w, 5, 35, i64::MIN, 10, 30.0, 0);
+        assert_eq!(w.iter().map(|(k, v)| (*k, v[0])).collect::<Vec<_>>(), vec![(0, 5.0), (10, 10.0), (20, 10.0), (30, 5.0)]);
+        // A year-long span keeps only the windows from `keep_from` on, with their share.
+        let mut w = std::collections::BTreeMap::new();
+        let year = 365 * 86_400 * 1_000_000_000i64;
+        spread(&mut w, 0, year, year - 100, 10, year as f64, 1);
+        assert_eq!(w.len(), 10);
+        assert!(w.values().all(|v| v[1] == 10.0));
     }
 }
 
