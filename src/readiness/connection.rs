@@ -122,8 +122,8 @@ impl ConnectionPolicy {
 pub struct Tracker {
     /// Evidence not yet taken into account, with its event time.
     pending: Vec<(i64, Evidence)>,
-    /// The latest link state of each uplink (none: not reported).
-    links: Vec<Option<bool>>,
+    /// The latest link state of each uplink and its event time (none: not reported).
+    links: Vec<Option<(i64, bool)>>,
     last_link_ns: Option<i64>,
     lost_run: u32,
     lost_since: i64,
@@ -235,7 +235,9 @@ impl Tracker {
                     if self.links.len() <= uplink {
                         self.links.resize(uplink + 1, None);
                     }
-                    self.links[uplink] = Some(up);
+                    if self.links[uplink].is_none_or(|(lt, _)| lt <= t) {
+                        self.links[uplink] = Some((t, up));
+                    }
                     None
                 }
             };
@@ -255,12 +257,14 @@ impl Tracker {
     }
 
     /// The status after one piece of evidence at `t` (`answered`: a probe round's outcome).
-    /// Precedence: every uplink reported down → `link_down`; else the probe rounds' rules.
+    /// Precedence: every uplink reported down → `link_down`; else the probe rounds' rules. A
+    /// link state older than the freshness limit says nothing (its collector may have stopped).
     fn step(&mut self, policy: &ConnectionPolicy, t: i64, answered: Option<bool>, stale_ns: i64) {
         let down = self.status.state == State::Down;
         let since = if down { self.status.since_ns.unwrap_or(t) } else { t };
-        let links_down = !self.links.is_empty() && self.links.iter().all(|l| *l == Some(false));
-        let any_link_up = self.links.contains(&Some(true));
+        let fresh = |l: &Option<(i64, bool)>| l.filter(|(lt, _)| t - lt < stale_ns).map(|(_, up)| up);
+        let links_down = !self.links.is_empty() && self.links.iter().all(|l| fresh(l) == Some(false));
+        let any_link_up = self.links.iter().any(|l| fresh(l) == Some(true));
         let probed = self.last_round_ns.is_some_and(|r| t - r < stale_ns);
         if links_down {
             if self.status.cause != Cause::LinkDown || !down {
@@ -517,6 +521,22 @@ mod tests {
         round(&mut t, 45 * S, false);
         t.evaluate(&policy, 4 * WINDOW, 5 * WINDOW, STALE, false);
         assert_eq!((t.status().state, t.status().since_ns), (State::Up, Some(40 * S)));
+    }
+
+    #[test]
+    fn a_link_state_that_stopped_coming_says_nothing() {
+        let policy = ConnectionPolicy::default();
+        let mut t = Tracker::default();
+        t.observe_link(1 * S, 0, false);
+        t.observe_round(2 * S, 1.0);
+        t.evaluate(&policy, 0, WINDOW, STALE, false);
+        assert_eq!(t.status().cause, Cause::LinkDown);
+        // No more link samples (its collector stopped); the probes answer again from 30 s.
+        for k in 0..4 {
+            t.observe_round(30 * S + k * 5 * S, 0.0);
+        }
+        t.evaluate(&policy, WINDOW, 5 * WINDOW, STALE, false);
+        assert_eq!((t.status().state, t.status().since_ns), (State::Up, Some(30 * S)));
     }
 
     #[test]
