@@ -863,7 +863,7 @@ fn traffic_stats(windows: &VecDeque<(i64, f64, f64)>, capacity: f64, window_secs
 /// windows than the period holds).
 fn spread(windows: &mut std::collections::BTreeMap<i64, [f64; 2]>, from: i64, to: i64, keep_from: i64, size_ns: i64, bytes: f64, d: usize) {
     let span = (to - from).max(1) as f64;
-    let mut w = crate::window::window_start(from.max(keep_from), size_ns);
+    let mut w = from.max(keep_from).div_euclid(size_ns) * size_ns;
     while w < to {
         let overlap = (to.min(w + size_ns) - from.max(w)).max(0) as f64;
         windows.entry(w).or_default()[d] += bytes * overlap / span;
