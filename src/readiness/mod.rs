@@ -266,6 +266,8 @@ struct SiteState {
     counter_bytes: std::collections::BTreeMap<i64, [f64; 2]>,
     /// Event time of the newest counter sample: windows ending before it are complete.
     last_counter_ns: Option<i64>,
+    /// Where the counters' spans begin (the first sample): earlier windows are partly counted.
+    counters_from_ns: Option<i64>,
     /// The latest reported speed of each uplink, bits per second.
     uplink_speeds: Vec<Option<u64>>,
     last_probe_ns: Option<i64>,
@@ -485,6 +487,7 @@ impl ReadinessEngine {
                 let keep_from = end - period_ns - self.window_ns;
                 spread(&mut s.counter_bytes, end - span, end, keep_from, self.window_ns, bytes.value(i) as f64, d);
                 s.last_counter_ns = Some(s.last_counter_ns.map_or(end, |l| l.max(end)));
+                s.counters_from_ns = Some(s.counters_from_ns.map_or(end - span, |f| f.min(end - span)));
             }
         }
     }
@@ -538,13 +541,14 @@ impl ReadinessEngine {
                 state.traffic.pop_front();
             }
             state.counter_bytes.retain(|s, _| *s >= end_ns - period_ns);
-            // Counted windows of the period: complete (the newest sample is past their end) and
-            // closed; the same windows for flows and counters.
+            // Counted windows of the period: complete (the newest sample is past their end, the
+            // first one before their start) and closed; the same windows for flows and counters.
             let complete = state.last_counter_ns.unwrap_or(i64::MIN);
+            let from = state.counters_from_ns.unwrap_or(i64::MAX);
             let counter_traffic: VecDeque<(i64, f64, f64)> = state
                 .counter_bytes
-                .range(..end_ns)
-                .filter(|(w, _)| *w + self.window_ns <= complete)
+                .range(from.min(end_ns)..end_ns)
+                .filter(|(w, _)| *w + self.window_ns <= complete && **w >= from)
                 .map(|(w, b)| (*w, b[0], b[1]))
                 .collect();
             let speed: Option<f64> = (!state.uplink_speeds.is_empty() && state.uplink_speeds.iter().all(Option::is_some))
@@ -553,7 +557,7 @@ impl ReadinessEngine {
             // saw enough traffic (1 % of the link) for a ratio to mean something.
             let (mut flow_sum, mut counter_sum, mut both) = ([0.0; 2], [0.0; 2], 0usize);
             for (w, fin, fout) in &state.traffic {
-                if let Some(c) = state.counter_bytes.get(w).filter(|_| *w + self.window_ns <= complete) {
+                if let Some(c) = state.counter_bytes.get(w).filter(|_| *w + self.window_ns <= complete && *w >= from) {
                     flow_sum = [flow_sum[0] + fin, flow_sum[1] + fout];
                     counter_sum = [counter_sum[0] + c[0], counter_sum[1] + c[1]];
                     both += 1;
