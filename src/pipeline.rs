@@ -241,9 +241,10 @@ pub struct Pipeline {
     /// The ingest stage of a scale-out: windows are not closed here; their partial states are
     /// taken at each checkpoint and handed on (see [`Pipeline::hand_windows_on`]).
     hand_on: bool,
-    /// The ingest stage: per partition, the on-time records readiness reads one by one, handed
-    /// on with the partition's states.
-    handed_records: std::collections::HashMap<PartitionId, Vec<RecordBatch>>,
+    /// The ingest stage: per partition, the on-time records readiness reads one by one (probe
+    /// results, uplink counters and link states) with their tables, handed on with the
+    /// partition's states.
+    handed_records: std::collections::HashMap<PartitionId, Vec<(TableId, RecordBatch)>>,
 }
 
 /// How long to wait before warning again about a source whose records are still rejected.
@@ -400,9 +401,9 @@ impl Pipeline {
         self.windows.wait_for_unheard_partitions();
     }
 
-    /// Takes a partition's on-time records that readiness reads one by one (the ingest stage
-    /// hands them on with the partition's states).
-    pub fn take_partition_records(&mut self, partition: PartitionId) -> Vec<RecordBatch> {
+    /// Takes a partition's on-time records that readiness reads one by one, with their tables
+    /// (the ingest stage hands them on with the partition's states).
+    pub fn take_partition_records(&mut self, partition: PartitionId) -> Vec<(TableId, RecordBatch)> {
         self.handed_records.remove(&partition).unwrap_or_default()
     }
 
@@ -415,15 +416,19 @@ impl Pipeline {
         partition: PartitionId,
         clocks: &[(ExporterKey, i64)],
         states: Vec<Vec<RecordBatch>>,
-        records: &[RecordBatch],
+        records: &[(TableId, RecordBatch)],
         now: Instant,
     ) -> Result<(), PipelineError> {
-        if let Some(table) = self.tables.iter().copied().find(|t| t.readiness == ReadinessFeed::OnTimeRecords) {
-            for rows in records {
-                self.readiness.on_records(table, rows);
-                for sink in &mut self.sinks {
-                    sink.on_records(table, rows);
-                }
+        for (id, rows) in records {
+            let table = if *id == crate::shuffle::LEGACY_PROBE_RECORDS {
+                self.tables.iter().copied().find(|t| t.readiness == ReadinessFeed::OnTimeRecords)
+            } else {
+                self.tables.get(*id).copied()
+            };
+            let Some(table) = table else { continue };
+            self.readiness.on_records(table, rows);
+            for sink in &mut self.sinks {
+                sink.on_records(table, rows);
             }
         }
         self.windows.merge_partition_states(partition, clocks, states, now).await?;
@@ -563,8 +568,8 @@ impl Pipeline {
             }
             if let Some(on_time) = &outcome.on_time {
                 if self.hand_on {
-                    if table.readiness == ReadinessFeed::OnTimeRecords {
-                        self.handed_records.entry(batch.partition).or_default().push(on_time.clone());
+                    if matches!(table.readiness, ReadinessFeed::OnTimeRecords | ReadinessFeed::LinkStates) {
+                        self.handed_records.entry(batch.partition).or_default().push((*id, on_time.clone()));
                     }
                     continue;
                 }

@@ -55,9 +55,10 @@ pub struct Partial {
     pub clocks: Vec<(ExporterKey, i64)>,
     /// Per table (registry order), the state rows of the sites routed to this partition.
     pub states: Vec<Vec<RecordBatch>>,
-    /// The span's on-time records that readiness reads one by one (probe results), of the
-    /// sites routed to this partition: the site stage judges them as one instance would.
-    pub records: Vec<RecordBatch>,
+    /// The span's on-time records that readiness reads one by one (probe results, uplink
+    /// counters and link states), each with its table (registry order), of the sites routed to
+    /// this partition: the site stage judges them as one instance would.
+    pub records: Vec<(usize, RecordBatch)>,
     /// A span too large for one message is cut into `parts` messages, sent in order.
     pub part: u32,
     pub parts: u32,
@@ -74,10 +75,18 @@ struct Header {
     tables: usize,
     part: u32,
     parts: u32,
-    /// Whether an Arrow IPC stream of on-time records follows the tables.
+    /// Written by earlier siteflows (never now): one Arrow IPC stream of on-time probe
+    /// records follows the tables; read as [`LEGACY_PROBE_RECORDS`].
     #[serde(default)]
     records: bool,
+    /// The tables of the Arrow IPC streams of on-time records that follow the tables, in order.
+    #[serde(default)]
+    record_tables: Vec<usize>,
 }
+
+/// The table of on-time records in a partial from a siteflow that sent only probe results
+/// (header `records: true`): the site stage gives them to the table that reads probe records.
+pub const LEGACY_PROBE_RECORDS: usize = usize::MAX;
 
 impl Partial {
     /// A header line of JSON, then per table the length (u64, little-endian) and an Arrow IPC
@@ -92,7 +101,8 @@ impl Partial {
             tables: self.states.len(),
             part: self.part,
             parts: self.parts,
-            records: !self.records.is_empty(),
+            records: false,
+            record_tables: record_tables(&self.records),
         };
         let mut out = serde_json::to_vec(&header).expect("a header serialises");
         out.push(b'\n');
@@ -108,12 +118,12 @@ impl Partial {
             out.extend_from_slice(&(ipc.len() as u64).to_le_bytes());
             out.extend_from_slice(&ipc);
         }
-        if let Some(first) = self.records.first() {
-            let table = schemas.len();
-            let arrow = |source| ShuffleError::Arrow { table, source };
+        for (i, table) in header.record_tables.iter().enumerate() {
+            let batches: Vec<&RecordBatch> = self.records.iter().filter(|(t, _)| t == table).map(|(_, b)| b).collect();
+            let arrow = |source| ShuffleError::Arrow { table: schemas.len() + i, source };
             let mut ipc = Vec::new();
-            let mut writer = StreamWriter::try_new(&mut ipc, &first.schema()).map_err(arrow)?;
-            for b in &self.records {
+            let mut writer = StreamWriter::try_new(&mut ipc, &batches[0].schema()).map_err(arrow)?;
+            for b in batches {
                 writer.write(b).map_err(arrow)?;
             }
             writer.finish().map_err(arrow)?;
@@ -151,14 +161,22 @@ impl Partial {
             states.push(reader.collect::<Result<Vec<_>, _>>().map_err(arrow)?);
             rest = tail;
         }
-        let mut records = Vec::new();
+        let mut streams: Vec<usize> = header.record_tables.clone();
         if header.records {
-            let table = schemas.len();
-            let (len, tail) = rest.split_at_checked(8).ok_or_else(|| malformed("records: truncated".into()))?;
+            streams.push(LEGACY_PROBE_RECORDS);
+        }
+        let mut records = Vec::new();
+        for (i, &table) in streams.iter().enumerate() {
+            if table >= schemas.len() && table != LEGACY_PROBE_RECORDS {
+                return Err(malformed(format!("records of table {table}, this pipeline has {}", schemas.len())));
+            }
+            let (len, tail) = rest.split_at_checked(8).ok_or_else(|| malformed(format!("records of table {table}: truncated")))?;
             let len = u64::from_le_bytes(len.try_into().expect("8 bytes")) as usize;
-            let (ipc, tail) = tail.split_at_checked(len).ok_or_else(|| malformed("records: truncated".into()))?;
-            let arrow = |source| ShuffleError::Arrow { table, source };
-            records = StreamReader::try_new(ipc, None).map_err(arrow)?.collect::<Result<Vec<_>, _>>().map_err(arrow)?;
+            let (ipc, tail) = tail.split_at_checked(len).ok_or_else(|| malformed(format!("records of table {table}: truncated")))?;
+            let arrow = |source| ShuffleError::Arrow { table: schemas.len() + i, source };
+            for batch in StreamReader::try_new(ipc, None).map_err(arrow)? {
+                records.push((table, batch.map_err(arrow)?));
+            }
             rest = tail;
         }
         if !rest.is_empty() {
@@ -236,7 +254,18 @@ pub struct Span<'a> {
     pub offsets: (i64, i64),
     pub clocks: &'a [(ExporterKey, i64)],
     pub states: &'a [Vec<RecordBatch>],
-    pub records: &'a [RecordBatch],
+    pub records: &'a [(usize, RecordBatch)],
+}
+
+/// The distinct tables of `records`, in order of first appearance: one IPC stream each.
+fn record_tables(records: &[(usize, RecordBatch)]) -> Vec<usize> {
+    let mut tables = Vec::new();
+    for (table, _) in records {
+        if !tables.contains(table) {
+            tables.push(*table);
+        }
+    }
+    tables
 }
 
 /// The partition of each row of `batch`, by its `site` column (at `column`).
@@ -279,11 +308,11 @@ pub fn route(span: &Span<'_>, site_columns: &[usize], partitions: u32) -> Result
             }
         }
     }
-    for batch in records.iter().filter(|b| b.num_rows() > 0) {
+    for (table, batch) in records.iter().filter(|(_, b)| b.num_rows() > 0) {
         let column = batch.schema().index_of("site")?;
         let targets = targets(batch, column, partitions)?;
         for (q, partial) in out.iter_mut().enumerate() {
-            partial.records.extend(rows_for(batch, &targets, q)?);
+            partial.records.extend(rows_for(batch, &targets, q)?.map(|rows| (*table, rows)));
         }
     }
     Ok(out)
@@ -535,26 +564,43 @@ mod tests {
         let mut op = rt.block_on(operator());
         let now = Instant::now();
         rt.block_on(op.process(0, 0, &batch(&[(5 * S, 1, 0, 10), (15 * S, 2, 3, 7)]), now)).unwrap();
-        let schemas = [op.state_schema(0)];
+        let schemas = [op.state_schema(0), op.state_schema(0)];
+        let mut states = op.take_partition_states(0);
+        states.push(Vec::new());
+        // Records of two tables (the probes' and the interfaces'), each table's in order.
+        let records = vec![(1, batch(&[(7 * S, 1, 2, 3)])), (1, batch(&[(8 * S, 1, 2, 4)])), (0, batch(&[(9 * S, 2, 1, 5)]))];
         let partial = Partial {
             source: PartitionKey { topic: "flows".into(), partition: 3 },
             from_offset: 10,
             to_offset: 12,
             clocks: vec![(u128::MAX, 15 * S), (1, 5 * S)],
-            states: op.take_partition_states(0),
-            records: vec![batch(&[(7 * S, 1, 2, 3)])],
+            states,
+            records,
             part: 0,
             parts: 1,
         };
         let bytes = partial.encode(&schemas).unwrap();
         assert_eq!(Partial::decode(&bytes, &schemas).unwrap(), partial);
+
+        // A partial of an older siteflow: one stream of probe records, no tables named.
+        let probes_only = Partial { records: vec![(0, batch(&[(9 * S, 2, 1, 5)]))], ..partial.clone() };
+        let encoded = probes_only.encode(&schemas).unwrap();
+        let end = encoded.iter().position(|&b| b == b'\n').unwrap();
+        let header = std::str::from_utf8(&encoded[..end]).unwrap();
+        let with_header = |h: String| [h.as_bytes(), &encoded[end..]].concat();
+        let legacy = with_header(header.replacen(r#""records":false,"record_tables":[0]"#, r#""records":true"#, 1));
+        assert_ne!(legacy, encoded);
+        let decoded = Partial::decode(&legacy, &schemas).unwrap();
+        assert_eq!(decoded.records, vec![(LEGACY_PROBE_RECORDS, probes_only.records[0].1.clone())]);
+        let foreign = with_header(header.replacen(r#""record_tables":[0]"#, r#""record_tables":[5]"#, 1));
+        assert!(Partial::decode(&foreign, &schemas).unwrap_err().to_string().contains("records of table 5, this pipeline has 2"));
         for cut in [0, 10, bytes.len() / 2, bytes.len() - 1] {
             assert!(Partial::decode(&bytes[..cut], &schemas).is_err(), "cut at {cut}");
         }
         let mut longer = bytes.clone();
         longer.push(0);
         assert!(Partial::decode(&longer, &schemas).unwrap_err().to_string().contains("1 bytes after the last table"));
-        assert!(Partial::decode(&bytes, &[]).unwrap_err().to_string().contains("1 tables, this pipeline has 0"));
+        assert!(Partial::decode(&bytes, &[]).unwrap_err().to_string().contains("2 tables, this pipeline has 0"));
         assert!(op.take_partition_states(0).iter().all(Vec::is_empty), "taken states leave the operator");
     }
 

@@ -308,7 +308,9 @@ mod tests {
     #[test]
     fn link_state_and_speed_from_snmp() {
         let doc = |fields: &str| {
-            format!(r#"{{"fields":{{{fields}}},"name":"interface","tags":{{"agent_host":"172.16.3.1","ifName":"Gi0/0"}},"timestamp":1764000000}}"#)
+            format!(
+                r#"{{"fields":{{{fields}}},"name":"interface","tags":{{"agent_host":"172.16.3.1","ifName":"Gi0/0"}},"timestamp":1764000000}}"#
+            )
         };
         let state = |fields: &str| {
             let (_, c, outcomes) = decode_all(&doc(fields));

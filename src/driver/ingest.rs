@@ -123,7 +123,7 @@ impl IngestOutput {
         to: i64,
         clocks: &[(ExporterKey, i64)],
         states: &[Vec<RecordBatch>],
-        records: &[RecordBatch],
+        records: &[(usize, RecordBatch)],
     ) -> Result<Vec<(i32, Vec<u8>)>, IngestError> {
         let from = *self.span_from.get(&id).unwrap_or(&to);
         if to > from {

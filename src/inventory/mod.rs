@@ -449,7 +449,9 @@ fn parse_uplinks(text: &str, exporter: Option<IpAddr>) -> Result<Vec<Uplink>, St
             Some((i, d)) => (i.trim(), d.trim().to_string()),
             None => match exporter {
                 Some(e) => (entry, e.to_string()),
-                None => return Err(format!("field uplinks: {entry:?} names no device and the site has no exporter; write interface@device")),
+                None => {
+                    return Err(format!("field uplinks: {entry:?} names no device and the site has no exporter; write interface@device"));
+                }
             },
         };
         if interface.is_empty() || device.is_empty() {

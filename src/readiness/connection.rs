@@ -107,7 +107,8 @@ impl Default for ConnectionPolicy {
 
 impl ConnectionPolicy {
     pub fn validate(&self) -> Result<(), String> {
-        for (name, v) in [("down_after_lost_rounds", self.down_after_lost_rounds), ("up_after_answered_rounds", self.up_after_answered_rounds)]
+        for (name, v) in
+            [("down_after_lost_rounds", self.down_after_lost_rounds), ("up_after_answered_rounds", self.up_after_answered_rounds)]
         {
             if !(1..=1000).contains(&v) {
                 return Err(format!("connection.{name}: must be between 1 and 1000 (got {v})"));

@@ -58,7 +58,8 @@ impl Maintenance {
 }
 
 fn time(text: &str, what: &str) -> Result<DateTime<FixedOffset>, String> {
-    DateTime::parse_from_rfc3339(text).map_err(|e| format!("{what} {text:?} is not an RFC 3339 time such as 2026-12-05T22:00:00+07:00 ({e})"))
+    DateTime::parse_from_rfc3339(text)
+        .map_err(|e| format!("{what} {text:?} is not an RFC 3339 time such as 2026-12-05T22:00:00+07:00 ({e})"))
 }
 
 /// Parses a maintenance file; errors name the file, the entry and the problem.

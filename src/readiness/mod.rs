@@ -451,7 +451,8 @@ impl ReadinessEngine {
         ) else {
             return;
         };
-        let (Some(device), Some(interface), Some(up)) = (device.as_string_opt::<i32>(), interface.as_string_opt::<i32>(), up.as_boolean_opt())
+        let (Some(device), Some(interface), Some(up)) =
+            (device.as_string_opt::<i32>(), interface.as_string_opt::<i32>(), up.as_boolean_opt())
         else {
             return;
         };
@@ -461,9 +462,8 @@ impl ReadinessEngine {
         let period_ns = self.policy.period_secs as i64 * 1_000_000_000;
         let direction = batch.column_by_name("direction").and_then(|c| cast(c, &DataType::Utf8).ok());
         let direction = direction.as_ref().and_then(|c| c.as_string_opt::<i32>());
-        let speed = batch
-            .column_by_name("speed_bits_per_second")
-            .and_then(|c| c.as_primitive_opt::<datafusion::arrow::datatypes::UInt64Type>());
+        let speed =
+            batch.column_by_name("speed_bits_per_second").and_then(|c| c.as_primitive_opt::<datafusion::arrow::datatypes::UInt64Type>());
         for i in 0..batch.num_rows() {
             let Some((site, uplink)) = self.inventory.uplink_of(device.value(i), interface.value(i)) else { continue };
             let own_router = self.inventory.site(site).exporter.is_some_and(|e| e.to_string() == device.value(i));

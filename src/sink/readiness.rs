@@ -17,8 +17,8 @@ use prometheus::proto::{Bucket, Histogram, LabelPair, Metric, MetricFamily, Metr
 use super::prometheus::{family, gauge_metric, label};
 use crate::enrich::Direction;
 use crate::inventory::SiteIdx;
-use crate::readiness::meetings::{Phase, report};
 use crate::readiness::connection::State as ConnectionState;
+use crate::readiness::meetings::{Phase, report};
 use crate::readiness::{Buckets, JITTER_BUCKETS, RTT_BUCKETS, SharedReadiness, SiteReadiness, Verdict};
 use crate::sink::WindowSink;
 use crate::table::{ReadinessFeed, TableDef};
@@ -230,8 +230,16 @@ pub fn collect(shared: &Arc<SharedReadiness>) -> Vec<MetricFamily> {
         ratio,
     ));
     let band = engine.policy().flow_counter_band;
-    out.push(gauge("siteflow_flow_counter_ratio_min", "Lower end of the flows/counters band (policy flow_counter_band).", vec![gauge_metric(vec![], band.min)]));
-    out.push(gauge("siteflow_flow_counter_ratio_max", "Upper end of the flows/counters band (policy flow_counter_band).", vec![gauge_metric(vec![], band.max)]));
+    out.push(gauge(
+        "siteflow_flow_counter_ratio_min",
+        "Lower end of the flows/counters band (policy flow_counter_band).",
+        vec![gauge_metric(vec![], band.min)],
+    ));
+    out.push(gauge(
+        "siteflow_flow_counter_ratio_max",
+        "Upper end of the flows/counters band (policy flow_counter_band).",
+        vec![gauge_metric(vec![], band.max)],
+    ));
     out.push(gauge("siteflow_site_link_speed_bits_per_second", "Sum of the site's uplinks' reported speed (ifHighSpeed).", speed));
     out.push(gauge(
         "siteflow_site_link_speed_ratio",

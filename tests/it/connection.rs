@@ -61,13 +61,13 @@ async fn uplink_failures_give_outages_availability_and_one_cause() {
 
     let district = "meo-vac.ubnd";
     let district_idx = inventory.by_id(district).unwrap();
-    let behind: BTreeSet<String> =
-        inventory.select(None, None, Some(district_idx)).iter().map(|&s| inventory.site(s).id.clone()).collect();
+    let behind: BTreeSet<String> = inventory.select(None, None, Some(district_idx)).iter().map(|&s| inventory.site(s).id.clone()).collect();
     assert!(behind.len() >= 15, "Mèo Vạc has its communes behind its office: {behind:?}");
 
     // The outages table: Lũng Cú's one outage, 60 s to 180 s after the start, each within a
     // window; the district's and its communes' outages from 200 s, still going on.
-    let (_, rows) = engine.query("SELECT site, start, \"end\", duration_seconds, cause, upstream FROM outages ORDER BY site").await.unwrap();
+    let (_, rows) =
+        engine.query("SELECT site, start, \"end\", duration_seconds, cause, upstream FROM outages ORDER BY site").await.unwrap();
     let sites = column(&rows, "site", &DataType::Utf8);
     let (starts, ends) = (ns(&rows, "start"), ns(&rows, "end"));
     let (causes, upstreams) = (column(&rows, "cause", &DataType::Utf8), column(&rows, "upstream", &DataType::Utf8));
@@ -117,7 +117,10 @@ async fn uplink_failures_give_outages_availability_and_one_cause() {
     assert_eq!(office.reasons[0].metric, Metric::Connection, "{:?}", office.reasons);
     for id in &behind {
         let s = latest(id);
-        assert_eq!((s.connection.state, s.connection.cause, s.connection.upstream.as_deref()), (State::Down, Cause::UpstreamDown, Some(district)));
+        assert_eq!(
+            (s.connection.state, s.connection.cause, s.connection.upstream.as_deref()),
+            (State::Down, Cause::UpstreamDown, Some(district))
+        );
         assert_eq!(s.verdict, Verdict::NotReady);
     }
     assert_eq!(latest("dong-van.lung-cu").connection.state, State::Up);
@@ -186,7 +189,8 @@ async fn uplink_failures_give_outages_availability_and_one_cause() {
     let (_, rows) = engine.query(&sql_of(11)).await.unwrap();
     let districts = column(&rows, "district", &DataType::Utf8);
     let availability = floats(&rows, "availability");
-    let got: BTreeMap<String, f64> = districts.into_iter().map(|d| d.unwrap_or_default()).zip(availability.into_iter().map(Option::unwrap)).collect();
+    let got: BTreeMap<String, f64> =
+        districts.into_iter().map(|d| d.unwrap_or_default()).zip(availability.into_iter().map(Option::unwrap)).collect();
     let (_, known) = engine
         .query("SELECT district, sum(up_seconds) + sum(down_seconds) AS known, count(DISTINCT site) AS sites FROM availability_daily GROUP BY district")
         .await
@@ -265,11 +269,16 @@ async fn planned_maintenance_is_left_out_of_availability() {
     drop(state);
     let families = siteflow::sink::readiness::collect(&run.readiness);
     let maintenance = families.iter().find(|f| f.name() == "siteflow_site_maintenance").unwrap();
-    let sites: Vec<&str> = maintenance.get_metric().iter().flat_map(|m| m.get_label().iter().filter(|l| l.name() == "site").map(|l| l.value())).collect();
+    let sites: Vec<&str> =
+        maintenance.get_metric().iter().flat_map(|m| m.get_label().iter().filter(|l| l.name() == "site").map(|l| l.value())).collect();
     assert_eq!(sites, vec!["dong-van.lung-cu"]);
 
     // A bad file stops the run before it starts, naming the file and the entry.
-    let bad = crate::support::write(dir.path(), "bad.yaml", "maintenance:\n  - reason: x\n    start: 2026-12-05T22:00:00+07:00\n    end: 2026-12-05T21:00:00+07:00\n    sites: [{sites: [meo-vac.ubnd]}]\n");
+    let bad = crate::support::write(
+        dir.path(),
+        "bad.yaml",
+        "maintenance:\n  - reason: x\n    start: 2026-12-05T22:00:00+07:00\n    end: 2026-12-05T21:00:00+07:00\n    sites: [{sites: [meo-vac.ubnd]}]\n",
+    );
     config.readiness.maintenance = Some(figment::value::magic::RelativePathBuf::from(bad.clone()));
     let e = siteflow::pipeline::Resources::load(&config).err().expect("refused").to_string();
     assert!(e.contains(&format!("{}: maintenance[0]: end", bad.display())), "{e}");
@@ -317,7 +326,10 @@ fn uplinks_reported_down_over_snmp_are_outages() {
                 } else {
                     r#""average_response_ms":20.5,"packets_received":10,"packets_transmitted":10,"percent_packet_loss":0,"standard_deviation_ms":1.5"#.to_string()
                 };
-                lines.push(format!(r#"{{"fields":{{{fields}}},"name":"ping","tags":{{"host":"probe-1","url":"{addr}"}},"timestamp":{}}}"#, t0 + t));
+                lines.push(format!(
+                    r#"{{"fields":{{{fields}}},"name":"ping","tags":{{"host":"probe-1","url":"{addr}"}},"timestamp":{}}}"#,
+                    t0 + t
+                ));
             }
         }
     }

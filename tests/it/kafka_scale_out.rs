@@ -148,8 +148,8 @@ fn the_ingest_stage_hands_every_span_on_exactly_once_through_sigkills() {
 }
 
 /// The district-congestion scenario (6 minutes of event time ending about two hours ago) as
-/// messages for `flows` (4 partitions) and `probes` (2 partitions), up to 100 records per
-/// message, spread round-robin, in event-time order; then one far-future flow and probe per
+/// messages for `flows` (4 partitions), `probes` (2 partitions) and `interfaces` (the uplinks'
+/// SNMP samples, 2 partitions), up to 100 records per message, spread round-robin, in event-time order; then one far-future flow and probe per
 /// partition, which closes every window of the data. Also returns the simulator's ground truth
 /// (per site, direction and window) and the end of the data (seconds).
 fn scenario_messages() -> (Totals, i64, Vec<Produced>) {
@@ -165,14 +165,9 @@ fn scenario_messages() -> (Totals, i64, Vec<Produced>) {
     config.window.size_secs = 10;
     let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
     let mut out: Vec<Produced> = Vec::new();
-    let mut produce = |sim: &mut Simulator, sent: &mut [usize; 2]| {
+    let mut produce = |sim: &mut Simulator, sent: &mut [usize; 3]| {
         while let Some(batch) = rt.block_on(sim.next()) {
-            // The uplinks' interface samples have no topic here: flows and probes only.
-            if batch.format == siteflow::types::Format::TelegrafJson {
-                continue;
-            }
-            let (topic, partitions, slot) =
-                if batch.format == siteflow::types::Format::Goflow2Json { ("flows", 4, 0) } else { ("probes", 2, 1) };
+            let (topic, partitions, slot) = topic_of(batch.format);
             let lines: Vec<&[u8]> = batch.messages.iter().collect();
             for chunk in lines.chunks(100) {
                 out.push((topic, (sent[slot] % partitions) as i32, chunk.join(&b'\n')));
@@ -182,21 +177,17 @@ fn scenario_messages() -> (Totals, i64, Vec<Produced>) {
     };
     let mut sim = Simulator::new(config.simulator.clone(), config.window_spec(), inventory.clone(), scenario);
     let truth = sim.track_truth();
-    let mut sent = [0usize; 2];
+    let mut sent = [0usize; 3];
     produce(&mut sim, &mut sent);
     // One message per partition an hour later: every window of the data closes.
     let end_s = start_s + 360;
     let mut later = config.simulator.clone();
     (later.start_unix_secs, later.duration_secs, later.records_per_sec) = (Some(end_s as u64 + 3600), Some(5), 10);
     let mut sim = Simulator::new(later, config.window_spec(), inventory.clone(), Scenario::default());
-    let mut sentinels = [0usize, 0usize];
-    while sentinels[0] < 4 || sentinels[1] < 2 {
+    let mut sentinels = [0usize; 3];
+    while sentinels != [4, 2, 2] {
         let Some(batch) = rt.block_on(sim.next()) else { break };
-        if batch.format == siteflow::types::Format::TelegrafJson {
-            continue;
-        }
-        let (topic, slot, partitions) =
-            if batch.format == siteflow::types::Format::Goflow2Json { ("flows", 0, 4) } else { ("probes", 1, 2) };
+        let (topic, partitions, slot) = topic_of(batch.format);
         for message in batch.messages.iter() {
             if sentinels[slot] < partitions {
                 out.push((topic, sentinels[slot] as i32, message.to_vec()));
@@ -204,7 +195,7 @@ fn scenario_messages() -> (Totals, i64, Vec<Produced>) {
             }
         }
     }
-    assert_eq!(sentinels, [4, 2], "the sentinel simulation is too short");
+    assert_eq!(sentinels, [4, 2, 2], "the sentinel simulation is too short");
     let truth = truth.lock().unwrap();
     let mut totals = Totals::new();
     for ((site, direction, window), tally) in &truth.flows {
@@ -212,6 +203,15 @@ fn scenario_messages() -> (Totals, i64, Vec<Produced>) {
         totals.insert(key, (tally.bytes, tally.packets, tally.records));
     }
     (totals, end_s, out)
+}
+
+/// The topic of the simulator's messages of `format`: its name, partitions and slot.
+fn topic_of(format: siteflow::types::Format) -> (&'static str, usize, usize) {
+    match format {
+        siteflow::types::Format::Goflow2Json => ("flows", 4, 0),
+        siteflow::types::Format::TelegrafJson => ("interfaces", 2, 2),
+        _ => ("probes", 2, 1),
+    }
 }
 
 /// A message to produce: topic, partition, payload.
@@ -225,9 +225,13 @@ fn send_all(broker: &Broker, messages: &[Produced]) {
     flush(&producer);
 }
 
-/// `(window_end, site, verdict)` of every evaluation an instance recorded, before `end_s`.
+/// `(window_end, site, judgement)` of every evaluation an instance recorded, before `end_s`;
+/// the judgement is the verdict, the connection status, the source of the utilisation and the
+/// flows/counters ratio in (from the uplinks' counters, so the interface samples count).
 fn verdicts(i: &Instance, end_s: i64) -> Vec<(String, String, String)> {
-    let query = "SELECT CAST(window_end AS VARCHAR) AS e, site, verdict, CAST(window_end AS BIGINT) AS t FROM readiness ORDER BY e, site";
+    let query = "SELECT CAST(window_end AS VARCHAR) AS e, site, \
+                 concat_ws(' ', verdict, connection, utilisation_source, CAST(round(flow_counter_ratio_in, 4) AS VARCHAR)) AS j, \
+                 CAST(window_end AS BIGINT) AS t FROM readiness ORDER BY e, site";
     let body = serde_json::json!({ "query": query, "format": "csv" }).to_string();
     let Ok((200, text)) = crate::support::http_request(i.http, "POST", "/api/sql", Some(&body)) else { return Vec::new() };
     text.lines()
@@ -285,10 +289,11 @@ impl TwoStages {
         let broker = Broker::start(dir.path());
         broker.create_topic("flows", 4);
         broker.create_topic("probes", 2);
+        broker.create_topic("interfaces", 2);
         broker.create_topic("siteflow.partials", INTERNAL_PARTITIONS as u32);
         broker.create_topic_with("siteflow.readiness", 2, &["cleanup.policy=compact"]);
         broker.create_topic("siteflow.windows", 2);
-        let topics = [("flows", "goflow2_json"), ("probes", "siteflow_probe_json")];
+        let topics = [("flows", "goflow2_json"), ("probes", "siteflow_probe_json"), ("interfaces", "telegraf_json")];
         let scaled = dir.path().join("scaled");
         let site_env = [("SITEFLOW_SCALE_OUT__STAGE", "site")];
         let sites: Vec<Instance> = (1..=site_instances)
@@ -356,13 +361,15 @@ fn three_site_stage_instances_publish_and_judge_what_one_instance_does() {
     let want = verdicts(&run.reference, end_s);
     let evaluations: std::collections::BTreeSet<&String> = want.iter().map(|(e, _, _)| e).collect();
     assert!(evaluations.len() >= 20, "the reference judged only {} windows", evaluations.len());
-    let count = |v: &str| want.iter().filter(|(_, _, x)| x == v).count();
+    let count = |v: &str| want.iter().filter(|(_, _, x)| x.split(' ').next() == Some(v)).count();
     assert!(
         count("ready") > 0 && count("not_ready") > 0,
         "the scenario's verdicts: {} ready, {} not ready",
         count("ready"),
         count("not_ready")
     );
+    let from_counters = want.iter().filter(|(_, _, x)| x.contains(" up counters ")).count();
+    assert!(from_counters * 2 > want.len(), "the uplinks' counters judge most evaluations: {from_counters} of {}", want.len());
     for i in sites {
         let mut totals = None;
         let same = wait_while_progressing(

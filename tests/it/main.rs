@@ -2,8 +2,8 @@
 
 mod architecture;
 mod check_cli;
-mod connection;
 mod cli_output;
+mod connection;
 mod demo_binary;
 mod deploy;
 mod docs;

@@ -179,7 +179,9 @@ impl Scenario {
             }
             // What is below a failed uplink is cut off with it (a fault of its own).
             let below: Vec<SiteIdx> = if f.kind == FaultKind::LinkDown {
-                (0..inventory.len() as SiteIdx).filter(|&b| sites.iter().any(|&s| inventory.is_under(b, s)) && !sites.contains(&b)).collect()
+                (0..inventory.len() as SiteIdx)
+                    .filter(|&b| sites.iter().any(|&s| inventory.is_under(b, s)) && !sites.contains(&b))
+                    .collect()
             } else {
                 Vec::new()
             };
