@@ -115,6 +115,9 @@ impl App {
             SqlLimits::from_config(&config.sql),
             config.window.size_secs as f64,
         );
+        if config.history.dir.is_some() {
+            resume_availability(&engine, &pipeline.readiness()).await;
+        }
         let state = AppState {
             metrics: metrics.clone(),
             sites,
@@ -226,4 +229,19 @@ pub struct Running {
     pub resources: Resources,
     pub history: History,
     pub state: AppState,
+}
+
+/// The month's availability gauge goes on from what the history holds of the month (a restart
+/// would otherwise start it again from nothing). Best effort: without that history, or if the
+/// query fails, the gauge counts from the start, and SQL's `availability_daily` stays the
+/// authoritative figure.
+async fn resume_availability(engine: &SqlEngine, readiness: &crate::readiness::SharedReadiness) {
+    match engine.month_availability().await {
+        Ok(months) if !months.is_empty() => {
+            let resumed = readiness.engine.write().expect("readiness lock").resume_months(&months);
+            tracing::info!(sites = resumed, "this month's availability read back from the history");
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!("could not read this month's availability back from the history (the gauge counts from now): {e}"),
+    }
 }

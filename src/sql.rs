@@ -272,6 +272,40 @@ impl SqlEngine {
         self.inner.stats.registry.gather()
     }
 
+    /// Per site, its time up and down in the latest month of the `readiness` history (UTC),
+    /// counted as `availability_daily` counts it, and the end of its last window: what the
+    /// month's availability gauge resumes from after a restart.
+    pub async fn month_availability(&self) -> Result<Vec<(String, crate::readiness::connection::Month)>, SqlError> {
+        const QUERY: &str = "SELECT site, CAST(date_trunc('month', window_start) AS BIGINT) AS month_ns,
+                sum(CASE WHEN state = 'up' THEN seconds ELSE 0 END) AS up_seconds,
+                sum(CASE WHEN state = 'down' THEN seconds ELSE 0 END) AS down_seconds,
+                CAST(max(window_end) AS BIGINT) AS through_ns
+            FROM (SELECT site, window_start, window_end,
+                         CASE WHEN maintenance IS NOT NULL THEN 'maintenance' ELSE coalesce(connection, 'unknown') END AS state,
+                         date_part('epoch', window_end) - date_part('epoch', window_start) AS seconds
+                  FROM readiness)
+            WHERE window_start >= (SELECT date_trunc('month', max(window_start)) FROM readiness)
+            GROUP BY site, date_trunc('month', window_start)";
+        let (_, batches) = self.query(QUERY).await?;
+        let mut months = Vec::new();
+        for b in &batches {
+            let text = b.column(0).as_string::<i32>();
+            let int = |c: usize| b.column(c).as_primitive::<Int64Type>().clone();
+            let float = |c: usize| b.column(c).as_primitive::<datafusion::arrow::datatypes::Float64Type>().clone();
+            let (month, up, down, through) = (int(1), float(2), float(3), int(4));
+            for i in 0..b.num_rows() {
+                let month = crate::readiness::connection::Month {
+                    first_day: month.value(i).div_euclid(86_400_000_000_000),
+                    up_secs: up.value(i),
+                    down_secs: down.value(i),
+                    counted_through_ns: through.value(i),
+                };
+                months.push((text.value(i).to_string(), month));
+            }
+        }
+        Ok(months)
+    }
+
     /// Runs one read-only query within the limits.
     pub async fn query(&self, sql: &str) -> Result<(SchemaRef, Vec<RecordBatch>), SqlError> {
         self.query_then(sql, |schema, batches| Ok((schema, batches))).await

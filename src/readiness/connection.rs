@@ -139,13 +139,17 @@ pub struct Tracker {
     month: Month,
 }
 
-/// Time in each state since the start of a calendar month (or of the process, if later).
+/// Time in each state since the start of a calendar month (or of the process, if later and
+/// the history had none of it).
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
 pub struct Month {
     /// First day of the month, days since the epoch.
     pub first_day: i64,
     pub up_secs: f64,
     pub down_secs: f64,
+    /// Windows ending at or before this (ns) are counted already: read back from the history
+    /// at start, so a window evaluated again after a restart is not counted twice.
+    pub counted_through_ns: i64,
 }
 
 impl Month {
@@ -198,6 +202,11 @@ impl Tracker {
 
     pub fn month(&self) -> &Month {
         &self.month
+    }
+
+    /// Starts from a month read back from the history (the process restarted within it).
+    pub fn resume_month(&mut self, month: Month) {
+        self.month = month;
     }
 
     fn set(&mut self, state: State, cause: Cause, since_ns: i64) {
@@ -298,6 +307,8 @@ impl Tracker {
         let first_day = month_first_day(start_ns);
         if first_day != self.month.first_day {
             self.month = Month { first_day, ..Month::default() };
+        } else if end_ns <= self.month.counted_through_ns {
+            return;
         }
         self.month.add(self.status.state, (end_ns - start_ns) as f64 / 1e9);
     }
@@ -562,6 +573,20 @@ mod tests {
         t.evaluate(&policy, 4 * WINDOW, 5 * WINDOW, STALE, false);
         t.evaluate(&policy, 5 * WINDOW, 6 * WINDOW, STALE, false);
         assert_eq!(t.status().state, State::Unknown);
+    }
+
+    #[test]
+    fn a_resumed_month_goes_on_without_counting_its_windows_twice() {
+        let mut t = Tracker::default();
+        // Read back from the history: 100 s up and 20 s down this month, through 30 s.
+        t.resume_month(Month { first_day: 0, up_secs: 100.0, down_secs: 20.0, counted_through_ns: 30 * S });
+        run(&mut t, 0, &[false; 16]);
+        // Windows 0–30 s are evaluated again (a replay from the checkpoint): counted once.
+        assert_eq!((t.month().up_secs, t.month().down_secs), (150.0, 20.0));
+        // A new month starts from nothing.
+        let next_month = 31 * 86_400 * S;
+        run(&mut t, next_month, &[false; 4]);
+        assert_eq!((t.month().first_day, t.month().up_secs, t.month().down_secs), (31, 20.0, 0.0));
     }
 
     #[test]

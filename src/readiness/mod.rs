@@ -373,6 +373,19 @@ impl ReadinessEngine {
         self.maintenance.iter().find(|m| m.covers(site, start_ns, end_ns)).map(|m| m.reason.as_str())
     }
 
+    /// Resumes each listed site's month of availability (read back from the history at start,
+    /// `SqlEngine::month_availability`); unknown sites are skipped. Returns how many resumed.
+    pub fn resume_months(&mut self, months: &[(String, connection::Month)]) -> usize {
+        let mut resumed = 0;
+        for (site, month) in months {
+            if let Some(i) = self.inventory.by_id(site) {
+                self.sites[i as usize].connection.resume_month(*month);
+                resumed += 1;
+            }
+        }
+        resumed
+    }
+
     /// Judges only the sites marked in `owned` (inventory order; `None`: every site).
     pub fn set_owned(&mut self, owned: Option<Vec<bool>>) {
         self.owned = owned;

@@ -307,54 +307,64 @@ fn uplinks_reported_down_over_snmp_are_outages() {
     ];
     let a_down = |t: i64| (120..240).contains(&t);
     let b_first_down = |t: i64| (300..360).contains(&t);
-    let mut lines = Vec::new();
-    for t in (0..600).step_by(5) {
-        for (device, interface, site, addr) in uplinks {
-            let down = (site == "a" && a_down(t)) || (device == "172.16.9.2" && b_first_down(t));
-            if t % 10 == 0 {
-                let octets = t as u64 * 1_000_000;
-                lines.push(format!(
-                    r#"{{"fields":{{"ifHCInOctets":{octets},"ifHCOutOctets":{octets},"ifOperStatus":{},"ifHighSpeed":100}},"name":"interface","tags":{{"agent_host":"{device}","ifName":"{interface}"}},"timestamp":{}}}"#,
-                    if down { 2 } else { 1 },
-                    t0 + t
-                ));
-            }
-            if !addr.is_empty() {
-                let lost = site == "a" && a_down(t);
-                let fields = if lost {
-                    r#""packets_received":0,"packets_transmitted":10,"percent_packet_loss":100"#.to_string()
-                } else {
-                    r#""average_response_ms":20.5,"packets_received":10,"packets_transmitted":10,"percent_packet_loss":0,"standard_deviation_ms":1.5"#.to_string()
-                };
-                lines.push(format!(
-                    r#"{{"fields":{{{fields}}},"name":"ping","tags":{{"host":"probe-1","url":"{addr}"}},"timestamp":{}}}"#,
-                    t0 + t
-                ));
+    // The samples of `[from, to)` seconds after t0, as Telegraf writes them.
+    let telegraf = |from: i64, to: i64| {
+        let mut lines = Vec::new();
+        for t in (from..to).step_by(5) {
+            for (device, interface, site, addr) in uplinks {
+                let down = (site == "a" && a_down(t)) || (device == "172.16.9.2" && b_first_down(t));
+                if t % 10 == 0 {
+                    let octets = t as u64 * 1_000_000;
+                    lines.push(format!(
+                        r#"{{"fields":{{"ifHCInOctets":{octets},"ifHCOutOctets":{octets},"ifOperStatus":{},"ifHighSpeed":100}},"name":"interface","tags":{{"agent_host":"{device}","ifName":"{interface}"}},"timestamp":{}}}"#,
+                        if down { 2 } else { 1 },
+                        t0 + t
+                    ));
+                }
+                if !addr.is_empty() {
+                    let lost = site == "a" && a_down(t);
+                    let fields = if lost {
+                        r#""packets_received":0,"packets_transmitted":10,"percent_packet_loss":100"#.to_string()
+                    } else {
+                        r#""average_response_ms":20.5,"packets_received":10,"packets_transmitted":10,"percent_packet_loss":0,"standard_deviation_ms":1.5"#.to_string()
+                    };
+                    lines.push(format!(
+                        r#"{{"fields":{{{fields}}},"name":"ping","tags":{{"host":"probe-1","url":"{addr}"}},"timestamp":{}}}"#,
+                        t0 + t
+                    ));
+                }
             }
         }
-    }
-    crate::support::write(dir.path(), "telegraf.jsonl", &(lines.join("\n") + "\n"));
-    let http = crate::support::free_addr();
-    let config = crate::support::write(
-        dir.path(),
-        "replay.yaml",
-        &format!(
-            "inventory:\n  sites_csv: sites.csv\nsource:\n  kind: file\n  files:\n    - {{ path: telegraf.jsonl, format: telegraf_json }}\nhttp: {{ listen: \"{http}\" }}\n"
-        ),
-    );
-    let log = dir.path().join("run.log");
-    let child = crate::support::siteflow()
-        .args(["run", "--config", config.to_str().unwrap()])
-        .env("NO_COLOR", "1")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let _child = crate::support::KillOnDrop(child);
-    let finished = crate::kafka_support::wait_until(std::time::Duration::from_secs(120), || {
-        std::fs::read_to_string(&log).unwrap_or_default().contains("replay finished")
-    });
-    assert!(finished, "no end of the replay: {}", std::fs::read_to_string(&log).unwrap_or_default());
+        lines.join("\n") + "\n"
+    };
+    // One `siteflow run` over a file, with the history in `history/`; returns once it has
+    // published every window of the file (it keeps serving until SIGTERM).
+    let replay = |name: &str, text: &str| {
+        crate::support::write(dir.path(), &format!("{name}.jsonl"), text);
+        let http = crate::support::free_addr();
+        let config = crate::support::write(
+            dir.path(),
+            &format!("{name}.yaml"),
+            &format!(
+                "inventory:\n  sites_csv: sites.csv\nsource:\n  kind: file\n  files:\n    - {{ path: {name}.jsonl, format: telegraf_json }}\nhttp: {{ listen: \"{http}\" }}\nhistory: {{ dir: history }}\n"
+            ),
+        );
+        let log = dir.path().join(format!("{name}.log"));
+        let child = crate::support::siteflow()
+            .args(["run", "--config", config.to_str().unwrap()])
+            .env("NO_COLOR", "1")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let child = crate::support::KillOnDrop(child);
+        let finished = crate::kafka_support::wait_until(std::time::Duration::from_secs(120), || {
+            std::fs::read_to_string(&log).unwrap_or_default().contains("replay finished")
+        });
+        assert!(finished, "no end of the replay: {}", std::fs::read_to_string(&log).unwrap_or_default());
+        (child, http, log)
+    };
+    let (mut first, http, _) = replay("first", &telegraf(0, 600));
     let url = format!("http://{http}");
     let sql = "SELECT site, cast(date_part('epoch', start) AS BIGINT) AS s, cast(date_part('epoch', \"end\") AS BIGINT) AS e, cause FROM outages ORDER BY site";
     let out = crate::support::run_siteflow(&["sql", "--url", &url, "--format", "csv", sql], &[]);
@@ -365,6 +375,27 @@ fn uplinks_reported_down_over_snmp_are_outages() {
     // B is up on its other uplink (a port of another device, placed by the inventory).
     let (_, metrics) = crate::support::http_get(http, "/metrics").unwrap();
     assert!(metrics.contains(r#"siteflow_site_up{site="b",district="D",level="commune",cause="answered",upstream=""} 1"#), "{metrics}");
+
+    // A restart within the month (SIGTERM writes the history), then five healthy minutes: the
+    // month's availability gauge goes on from the history, equal to SQL's figure for the
+    // month, outage included (counting from the restart alone it would be 1).
+    let _ = std::process::Command::new("kill").args(["-TERM", &first.0.id().to_string()]).status();
+    assert!(first.0.wait().unwrap().success(), "the first run stops cleanly on SIGTERM");
+    let (_second, http, log) = replay("second", &telegraf(600, 900));
+    let month = "SELECT sum(up_seconds) / (sum(up_seconds) + sum(down_seconds)) AS a FROM availability_daily WHERE site = 'a'";
+    let out = crate::support::run_siteflow(&["sql", "--url", &format!("http://{http}"), "--format", "csv", month], &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let sql_month: f64 = String::from_utf8_lossy(&out.stdout).lines().nth(1).unwrap().parse().unwrap();
+    assert!(sql_month < 0.9, "the month holds the first run's outage: {sql_month}");
+    let (_, metrics) = crate::support::http_get(http, "/metrics").unwrap();
+    let gauge: f64 = metrics
+        .lines()
+        .find(|l| l.starts_with(r#"siteflow_site_availability_month_ratio{site="a""#))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no availability gauge for a: {metrics}"));
+    assert!((gauge - sql_month).abs() < 1e-9, "gauge {gauge}, SQL {sql_month}");
+    let log = std::fs::read_to_string(log).unwrap();
+    assert!(log.contains("this month's availability read back from the history"), "{log}");
 }
 
 /// Flows against the uplinks' counters (scenario `flows-vs-counters.yaml`): every healthy site's
