@@ -141,8 +141,8 @@ struct ReplayArgs {
     /// Files of recorded messages (plain, .gz or .zst).
     #[arg(required = true, value_name = "FILE")]
     files: Vec<PathBuf>,
-    /// Their format: goflow2_json, goflow2_protobuf, pmacct_json, siteflow_probe_json or
-    /// telegraf_json. Unset: detected for each file.
+    /// Their format: goflow2_json, goflow2_protobuf, pmacct_json, siteflow_probe_json,
+    /// telegraf_json or pmacct_sflow_counters_json. Unset: detected for each file.
     #[arg(long, value_name = "FORMAT", value_parser = siteflow::replay::parse_format)]
     format: Option<Format>,
     /// Which time of a flow places it in a window: flow_end, flow_start, arrival or spread

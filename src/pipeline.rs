@@ -454,7 +454,7 @@ impl Pipeline {
     }
 
     /// Formats every source of this pipeline can deliver.
-    pub const FORMATS: [Format; 6] = Format::ALL;
+    pub const FORMATS: [Format; 7] = Format::ALL;
 
     /// Each table with the schema of its closed windows (what SQL declares).
     pub fn output_schemas(&self) -> Vec<(&'static TableDef, datafusion::arrow::datatypes::SchemaRef)> {

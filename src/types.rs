@@ -23,17 +23,21 @@ pub enum Format {
     /// Telegraf `data_format = "json"` (single or `{"metrics":[…]}`): `ping` → probe results,
     /// interface octet counters (`net`, `snmp`, …) → interface byte rates.
     TelegrafJson,
+    /// pmacct sfacctd's sFlow counter stream (`sfacctd_counter_kafka_topic`): generic interface
+    /// records → interface byte rates, link state and speed.
+    PmacctSflowCountersJson,
 }
 
 impl Format {
     /// Every format siteflow decodes.
-    pub const ALL: [Format; 6] = [
+    pub const ALL: [Format; 7] = [
         Format::Goflow2Json,
         Format::Goflow2Protobuf,
         Format::Goflow2ProtobufPlain,
         Format::PmacctJson,
         Format::SiteflowProbeJson,
         Format::TelegrafJson,
+        Format::PmacctSflowCountersJson,
     ];
 
     /// Whether the format carries flow records.
@@ -49,6 +53,7 @@ impl Format {
             Format::PmacctJson => "pmacct_json",
             Format::SiteflowProbeJson => "siteflow_probe_json",
             Format::TelegrafJson => "telegraf_json",
+            Format::PmacctSflowCountersJson => "pmacct_sflow_counters_json",
         }
     }
 }

@@ -219,7 +219,7 @@ pub struct FileConfig {
 pub struct TopicConfig {
     pub name: String,
     /// `goflow2_json`, `goflow2_protobuf` (varint-length-delimited), `goflow2_protobuf_plain`,
-    /// `pmacct_json`, `telegraf_json` or `siteflow_probe_json`.
+    /// `pmacct_json`, `telegraf_json`, `pmacct_sflow_counters_json` or `siteflow_probe_json`.
     pub format: crate::types::Format,
     /// Which time of a flow places it in a window: `flow_end` (default), `flow_start`, `arrival`
     /// (the collector's receipt) or `spread` (over the windows from the flow's start to its end).

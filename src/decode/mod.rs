@@ -10,6 +10,7 @@ pub mod fuzz;
 pub mod goflow2_json;
 pub mod goflow2_pb;
 pub mod pmacct_json;
+pub mod pmacct_sflow_counters;
 pub mod probe_json;
 pub mod telegraf_json;
 
@@ -747,6 +748,20 @@ pub fn decode_with(format: Format, event_time: EventTime, msgs: &Messages, limit
                 }
             });
             Decoded::Telemetry { probes: probes.finish(), counters: counters.finish(), is_counter: order }
+        }
+        Format::PmacctSflowCountersJson => {
+            let mut counters = CounterColumns::default();
+            let mut samples = 0;
+            for_each_record(msgs, limits, &mut stats, |rec, stats| {
+                match pmacct_sflow_counters::decode_record(rec, limits, &mut |r| {
+                    counters.push(r);
+                    samples += 1;
+                }) {
+                    Ok(()) => stats.accept(),
+                    Err(reason) => stats.reject(reason),
+                }
+            });
+            Decoded::Telemetry { probes: ProbeColumns::default().finish(), counters: counters.finish(), is_counter: vec![true; samples] }
         }
     };
     (decoded, stats)

@@ -117,7 +117,7 @@ const OCTET_FIELDS: [(&str, &str, u8); 3] =
     [("bytes_recv", "bytes_sent", 64), ("ifHCInOctets", "ifHCOutOctets", 64), ("ifInOctets", "ifOutOctets", 32)];
 
 /// A counter value: a non-negative integer that fits the counter's width.
-fn counter_value(v: &serde_json::Value, bits: u8) -> Result<u64, RejectReason> {
+pub(super) fn counter_value(v: &serde_json::Value, bits: u8) -> Result<u64, RejectReason> {
     let n = match v {
         serde_json::Value::Number(n) => n,
         _ => return Err(RejectReason::WrongSchema),

@@ -100,3 +100,11 @@ fn pmacct_json() {
 fn telegraf_json() {
     check_golden(Format::TelegrafJson, "telegraf_json");
 }
+
+/// sfacctd 1.7.7's own output for sFlow v5 counter samples (generic interface records up and
+/// down, Ethernet, VLAN and an unsupported record; the default, epoch and RFC 3339 timestamps),
+/// and two broken lines.
+#[test]
+fn pmacct_sflow_counters_json() {
+    check_golden(Format::PmacctSflowCountersJson, "pmacct_sflow_counters_json");
+}
