@@ -78,6 +78,9 @@ enum Command {
         /// Turn the conversations aggregation off (`sql.top_talkers: 0`).
         #[arg(long)]
         no_top_talkers: bool,
+        /// `decode.ahead`: auto (on when the process may run on 2 cores or more), on or off.
+        #[arg(long, default_value = "auto", value_parser = ["auto", "on", "off"])]
+        decode_ahead: String,
     },
     /// The plain serde_json parse-and-sum loop over a goflow2 JSON file.
     SerdeLoop {
@@ -145,14 +148,16 @@ fn main() -> anyhow::Result<()> {
     }
     match Cli::parse().command {
         Command::Generate { records, rate, out } => generate(records, rate, &out),
-        Command::Pipeline { input, format, per_message, batch, batch_bytes, repeat, no_top_talkers } => {
+        Command::Pipeline { input, format, per_message, batch, batch_bytes, repeat, no_top_talkers, decode_ahead } => {
             let top_talkers = !no_top_talkers;
+            let ahead = serde_yaml::from_str::<siteflow::config::DecodeAhead>(&decode_ahead)?;
+            let ahead_on = siteflow::config::DecodeConfig { ahead, ..Default::default() }.decode_ahead();
             let records = read_records(&input, format)?;
             let batches = batches(&records, format, per_message, batch, batch_bytes);
             let bytes: usize = records.iter().map(Vec::len).sum();
             let mut best = f64::MAX;
             for run in 1..=repeat {
-                let (seconds, counted) = run_pipeline(batches.clone(), top_talkers)?;
+                let (seconds, counted) = run_pipeline(batches.clone(), top_talkers, ahead)?;
                 anyhow::ensure!(counted == records.len() as u64, "the pipeline counted {counted} of {} records", records.len());
                 best = best.min(seconds);
                 report(&[
@@ -160,6 +165,7 @@ fn main() -> anyhow::Result<()> {
                     ("format", format!("\"{}\"", format.format().as_str())),
                     ("per_message", per_message.to_string()),
                     ("top_talkers", top_talkers.to_string()),
+                    ("decode_ahead", ahead_on.to_string()),
                     ("run", run.to_string()),
                     ("records", records.len().to_string()),
                     ("seconds", format!("{seconds:.4}")),
@@ -172,6 +178,7 @@ fn main() -> anyhow::Result<()> {
                 ("format", format!("\"{}\"", format.format().as_str())),
                 ("per_message", per_message.to_string()),
                 ("top_talkers", top_talkers.to_string()),
+                ("decode_ahead", ahead_on.to_string()),
                 ("records_per_sec", format!("{:.0}", records.len() as f64 / best)),
             ]);
             Ok(())
@@ -430,9 +437,10 @@ impl Source for MemorySource {
 
 /// Runs the pipeline as `siteflow run` builds it (Prometheus sink included) over `batches` on
 /// this thread; returns the seconds it took and the records it counted.
-fn run_pipeline(batches: Vec<SourceBatch>, top_talkers: bool) -> anyhow::Result<(f64, u64)> {
+fn run_pipeline(batches: Vec<SourceBatch>, top_talkers: bool, ahead: siteflow::config::DecodeAhead) -> anyhow::Result<(f64, u64)> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let mut config = Config::default();
+    config.decode.ahead = ahead;
     if !top_talkers {
         config.sql.top_talkers = 0;
     }
@@ -576,7 +584,9 @@ fn consume(brokers: &str, topic: &str, messages: u64, properties: &[String]) -> 
 fn self_check() -> anyhow::Result<()> {
     for (format, records) in records_in_every_format(20_000, 50_000) {
         for per_message in [1, 100] {
-            let (_, counted) = run_pipeline(batches(&records, format, per_message, 1000, 1 << 20), per_message == 1)?;
+            // Both ways of decoding: in line and ahead on another thread.
+            let ahead = if per_message == 1 { siteflow::config::DecodeAhead::On } else { siteflow::config::DecodeAhead::Off };
+            let (_, counted) = run_pipeline(batches(&records, format, per_message, 1000, 1 << 20), per_message == 1, ahead)?;
             anyhow::ensure!(counted == records.len() as u64, "{}: counted {counted} of {}", format.format().as_str(), records.len());
         }
         if format == BenchFormat::Goflow2Json {

@@ -200,13 +200,10 @@ pub struct RunSummary {
 
 /// The processing chain with its state.
 pub struct Pipeline {
-    limits: DecodeLimits,
-    /// Threads decoding one batch (`decode.threads`, resolved).
-    decode_threads: usize,
-    max_future_ns: i64,
-    /// Spreads flows of `event_time: spread` sources over the windows they cover.
-    spreader: crate::event_time::Spreader,
-    enricher: Enricher,
+    /// Decode and enrich: shared with the thread that runs them ahead (`decode.ahead`).
+    preparer: Arc<Preparer>,
+    /// Whether the source driver decodes the next batches on another thread.
+    decode_ahead: bool,
     windows: WindowOperator,
     /// The tables, indexed by the window operator's [`TableId`].
     tables: Vec<&'static TableDef>,
@@ -247,6 +244,54 @@ pub struct Pipeline {
     handed_records: std::collections::HashMap<PartitionId, Vec<(TableId, RecordBatch)>>,
 }
 
+/// The first half of a batch's processing, which holds no state between batches: decode,
+/// spread (`event_time: spread`) and enrich flows and probes. So it can run on another thread,
+/// ahead of the windows (`decode.ahead`), and give the same rows as in line.
+pub struct Preparer {
+    limits: DecodeLimits,
+    /// Threads decoding one batch (`decode.threads`, resolved).
+    decode_threads: usize,
+    max_future_ns: i64,
+    /// Spreads flows of `event_time: spread` sources over the windows they cover.
+    spreader: crate::event_time::Spreader,
+    enricher: Enricher,
+}
+
+/// A batch decoded and, but for interface counters (their rates need the partition's previous
+/// samples), enriched.
+pub struct Prepared {
+    stats: DecodeStats,
+    rows: PreparedRows,
+}
+
+enum PreparedRows {
+    Flows { rows: RecordBatch, enrich: EnrichStats, spread: Option<crate::event_time::SpreadStats> },
+    Probes { rows: RecordBatch, enrich: EnrichStats },
+    Telemetry { probes: RecordBatch, counters: RecordBatch, is_counter: Vec<bool> },
+}
+
+impl Preparer {
+    /// Decodes and enriches `batch`; event times further ahead of now than `decode.max_future_secs`
+    /// are rejected as of this call.
+    pub fn prepare(&self, batch: &SourceBatch) -> Prepared {
+        let limits = DecodeLimits { max_time_ns: unix_now_ns().saturating_add(self.max_future_ns), ..self.limits };
+        let (decoded, stats) = decode_parallel(batch.format, batch.event_time, &batch.messages, &limits, self.decode_threads);
+        let rows = match decoded {
+            Decoded::Flows(b) => {
+                let (b, spread) = self.spreader.apply(batch.event_time, b);
+                let (rows, enrich) = self.enricher.enrich_flows(&b);
+                PreparedRows::Flows { rows, enrich, spread }
+            }
+            Decoded::Probes(b) => {
+                let (rows, enrich) = self.enricher.enrich_probes(&b);
+                PreparedRows::Probes { rows, enrich }
+            }
+            Decoded::Telemetry { probes, counters, is_counter } => PreparedRows::Telemetry { probes, counters, is_counter },
+        };
+        Prepared { stats, rows }
+    }
+}
+
 /// How long to wait before warning again about a source whose records are still rejected.
 const REJECTION_WARN_REPEAT: Duration = Duration::from_secs(300);
 
@@ -272,16 +317,19 @@ impl Pipeline {
             overrides: config.sampling.overrides.iter().map(|(ip, r)| (addr_from_ip(*ip), *r)).collect(),
         };
         Ok(Self {
-            limits: DecodeLimits {
-                max_message_bytes: config.decode.max_message_bytes,
-                max_bytes_per_record: config.decode.max_bytes_per_record,
-                min_time_ns: DecodeLimits::MIN_TIME_NS,
-                max_time_ns: i64::MAX,
-            },
-            decode_threads: config.decode.decode_threads(),
-            max_future_ns: (config.decode.max_future_secs as i64).saturating_mul(1_000_000_000),
-            spreader: crate::event_time::Spreader::new(config.window_size(), config.decode.max_spread_windows),
-            enricher: Enricher::new(res.inventory.clone(), sampling),
+            preparer: Arc::new(Preparer {
+                limits: DecodeLimits {
+                    max_message_bytes: config.decode.max_message_bytes,
+                    max_bytes_per_record: config.decode.max_bytes_per_record,
+                    min_time_ns: DecodeLimits::MIN_TIME_NS,
+                    max_time_ns: i64::MAX,
+                },
+                decode_threads: config.decode.decode_threads(),
+                max_future_ns: (config.decode.max_future_secs as i64).saturating_mul(1_000_000_000),
+                spreader: crate::event_time::Spreader::new(config.window_size(), config.decode.max_spread_windows),
+                enricher: Enricher::new(res.inventory.clone(), sampling),
+            }),
+            decode_ahead: config.decode.decode_ahead(),
             readiness: ReadinessSink::new(SharedReadiness::new(
                 ReadinessEngine::new(res.inventory.clone(), res.policy.clone(), spec.size_ns()).with_maintenance(res.maintenance.clone()),
                 res.meetings.clone(),
@@ -472,34 +520,49 @@ impl Pipeline {
         if batch.messages.is_empty() {
             return Ok(DecodeStats::default());
         }
-        self.limits.max_time_ns = unix_now_ns().saturating_add(self.max_future_ns);
+        let prepared = self.preparer.prepare(batch);
+        self.process_prepared(batch, prepared, source).await
+    }
+
+    /// The decoding and enrichment of batches, to run them ahead on another thread.
+    pub fn preparer(&self) -> Arc<Preparer> {
+        self.preparer.clone()
+    }
+
+    /// Whether the source driver should decode the next batches ahead (`decode.ahead`).
+    pub fn decodes_ahead(&self) -> bool {
+        self.decode_ahead
+    }
+
+    /// [`Pipeline::process`] of a batch [`Preparer::prepare`] decoded and enriched (on this
+    /// thread or ahead on another): the rest of the chain, in the same order.
+    pub async fn process_prepared(&mut self, batch: &SourceBatch, prepared: Prepared, source: &str) -> Result<DecodeStats, PipelineError> {
+        if batch.messages.is_empty() {
+            return Ok(DecodeStats::default());
+        }
+        let Prepared { stats, rows } = prepared;
         // Read, whatever its records turn out to be: it no longer holds windows back as unheard.
         self.windows.heard_from(batch.partition, batch.received);
-        let (decoded, stats) = decode_parallel(batch.format, batch.event_time, &batch.messages, &self.limits, self.decode_threads);
         self.metrics.record_decode(batch.format, batch.messages.total_bytes(), &stats);
         self.rejections.observe(source, batch.format, &stats, batch.received);
         self.summary.batches += 1;
         self.summary.records += stats.records;
         // Each input's enriched rows, with (for several inputs from the same messages) each row's
         // position among the messages' records.
-        let inputs: Vec<(Input, RecordBatch, EnrichStats, Vec<u32>)> = match decoded {
-            Decoded::Flows(b) => {
-                let (b, spread) = self.spreader.apply(batch.event_time, b);
+        let inputs: Vec<(Input, RecordBatch, EnrichStats, Vec<u32>)> = match rows {
+            PreparedRows::Flows { rows, enrich, spread } => {
                 if let Some(stats) = spread {
                     self.metrics.record_spread(&stats);
                 }
-                let (rows, stats) = self.enricher.enrich_flows(&b);
-                vec![(Input::Flows, rows, stats, Vec::new())]
+                vec![(Input::Flows, rows, enrich, Vec::new())]
             }
-            Decoded::Probes(b) => {
-                let (rows, stats) = self.enricher.enrich_probes(&b);
-                vec![(Input::Probes, rows, stats, Vec::new())]
-            }
-            Decoded::Telemetry { probes, counters, is_counter } => {
+            PreparedRows::Probes { rows, enrich } => vec![(Input::Probes, rows, enrich, Vec::new())],
+            PreparedRows::Telemetry { probes, counters, is_counter } => {
                 let (traffic, counter_stats, sample_rows) = self.counter_rates.apply(batch.partition, &counters);
                 self.metrics.record_counters(&counter_stats);
-                let (probes, probe_stats, probe_rows) = self.enricher.enrich_probes_keeping(&probes);
-                let (traffic, traffic_stats, traffic_rows) = self.enricher.enrich_interfaces(&traffic);
+                let enricher = &self.preparer.enricher;
+                let (probes, probe_stats, probe_rows) = enricher.enrich_probes_keeping(&probes);
+                let (traffic, traffic_stats, traffic_rows) = enricher.enrich_interfaces(&traffic);
                 // Where each surviving row stood among the messages' metrics.
                 let (mut probe_ordinal, mut counter_ordinal) = (Vec::new(), Vec::new());
                 for (k, &counter) in is_counter.iter().enumerate() {

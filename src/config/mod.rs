@@ -141,15 +141,45 @@ pub struct DecodeConfig {
     /// cores this process may run on). The rest of the pipeline stays on one thread. Default 1:
     /// on the 2-core benchmark machine two threads gained nothing (BENCHMARKS.md).
     pub threads: usize,
+    /// Decode and enrich the next batches of a simulator or file source on another thread while
+    /// this one aggregates the current one (`auto`: when this process may run on two cores or
+    /// more; `on`; `off`). The Kafka source decodes in line.
+    pub ahead: DecodeAhead,
+}
+
+/// `decode.ahead`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DecodeAhead {
+    #[default]
+    Auto,
+    On,
+    Off,
 }
 
 impl Default for DecodeConfig {
     fn default() -> Self {
-        Self { max_message_bytes: 1 << 20, max_bytes_per_record: 1 << 40, max_future_secs: 86_400, max_spread_windows: 360, threads: 1 }
+        Self {
+            max_message_bytes: 1 << 20,
+            max_bytes_per_record: 1 << 40,
+            max_future_secs: 86_400,
+            max_spread_windows: 360,
+            threads: 1,
+            ahead: DecodeAhead::Auto,
+        }
     }
 }
 
 impl DecodeConfig {
+    /// `ahead`, with `auto` resolved by the cores this process may run on (its CPU affinity).
+    pub fn decode_ahead(&self) -> bool {
+        match self.ahead {
+            DecodeAhead::On => true,
+            DecodeAhead::Off => false,
+            DecodeAhead::Auto => std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2),
+        }
+    }
+
     /// `threads`, with 0 resolved to the cores this process may run on (its CPU affinity).
     pub fn decode_threads(&self) -> usize {
         match self.threads {

@@ -14,10 +14,12 @@ pub mod site;
 use std::future::Future;
 use std::time::Duration;
 
-use tokio::sync::watch;
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, watch};
 use tokio::time::MissedTickBehavior;
 
-use crate::pipeline::{Pipeline, PipelineError, RunSummary};
+use crate::pipeline::{Pipeline, PipelineError, Prepared, Preparer, RunSummary};
 use crate::source::Source;
 use crate::types::SourceBatch;
 
@@ -93,33 +95,81 @@ pub async fn run<D: Driver>(
 }
 
 /// Drives any [`Source`] of batches: each batch is processed; at the end every open window is
-/// flushed, whether the source ran out or a shutdown was requested.
+/// flushed, whether the source ran out or a shutdown was requested. With `decode.ahead` a task
+/// reads the source and decodes each batch on a blocking thread, at most two batches ahead,
+/// while this one aggregates; batches keep their order.
 pub struct SourceDriver<S> {
-    source: S,
+    source: Option<S>,
+    ahead: Option<(mpsc::Receiver<Ahead>, tokio::task::JoinHandle<()>)>,
 }
 
-impl<S: Source> SourceDriver<S> {
+/// A batch decoded ahead, or the panic that decoding it ended in.
+type Ahead = Result<(SourceBatch, Prepared), tokio::task::JoinError>;
+
+impl<S: Source + 'static> SourceDriver<S> {
     pub fn new(source: S) -> Self {
-        Self { source }
+        Self { source: Some(source), ahead: None }
     }
 }
 
-impl<S: Source> Driver for SourceDriver<S> {
-    type Event = SourceBatch;
+/// Reads `source` and prepares each batch on a blocking thread, in order, one batch in the
+/// channel and one in preparation at most.
+fn decode_ahead<S: Source + 'static>(mut source: S, preparer: Arc<Preparer>) -> (mpsc::Receiver<Ahead>, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel(1);
+    let task = tokio::spawn(async move {
+        while let Some(batch) = source.next_batch().await {
+            let preparer = preparer.clone();
+            let prepared = tokio::task::spawn_blocking(move || {
+                let prepared = preparer.prepare(&batch);
+                (batch, prepared)
+            })
+            .await;
+            let failed = prepared.is_err();
+            if tx.send(prepared).await.is_err() || failed {
+                break;
+            }
+        }
+    });
+    (rx, task)
+}
+
+impl<S: Source + 'static> Driver for SourceDriver<S> {
+    type Event = (SourceBatch, Option<Prepared>);
 
     fn start(&mut self, pipeline: &mut Pipeline) {
-        pipeline.register_partitions(&self.source.partitions());
+        let source = self.source.take().expect("started once");
+        pipeline.register_partitions(&source.partitions());
+        if pipeline.decodes_ahead() {
+            self.ahead = Some(decode_ahead(source, pipeline.preparer()));
+        } else {
+            self.source = Some(source);
+        }
     }
 
-    fn next(&mut self) -> impl Future<Output = Option<SourceBatch>> + Send {
-        self.source.next_batch()
+    async fn next(&mut self) -> Option<Self::Event> {
+        match (&mut self.ahead, &mut self.source) {
+            (Some((ahead, _)), _) => match ahead.recv().await? {
+                Ok((batch, prepared)) => Some((batch, Some(prepared))),
+                // A panic while decoding is a panic of the pipeline, as it would be in line.
+                Err(e) => std::panic::resume_unwind(e.into_panic()),
+            },
+            (None, Some(source)) => source.next_batch().await.map(|batch| (batch, None)),
+            (None, None) => None,
+        }
     }
 
-    async fn handle(&mut self, batch: SourceBatch, pipeline: &mut Pipeline) -> Result<(), PipelineError> {
-        pipeline.process(&batch, batch.format.as_str()).await.map(|_| ())
+    async fn handle(&mut self, (batch, prepared): Self::Event, pipeline: &mut Pipeline) -> Result<(), PipelineError> {
+        let source = batch.format.as_str();
+        match prepared {
+            Some(prepared) => pipeline.process_prepared(&batch, prepared, source).await.map(|_| ()),
+            None => pipeline.process(&batch, source).await.map(|_| ()),
+        }
     }
 
     async fn stop(self, pipeline: &mut Pipeline, end: End) -> Result<(), PipelineError> {
+        if let Some((_, task)) = &self.ahead {
+            task.abort();
+        }
         match end {
             End::SourceEnded => tracing::info!("source finished: flushing open windows"),
             End::Shutdown => tracing::info!("shutdown requested: flushing open windows"),
@@ -129,6 +179,10 @@ impl<S: Source> Driver for SourceDriver<S> {
 }
 
 /// Runs `source` through `pipeline` (see [`SourceDriver`]).
-pub async fn run_source<S: Source>(source: S, pipeline: Pipeline, shutdown: watch::Receiver<bool>) -> Result<RunSummary, PipelineError> {
+pub async fn run_source<S: Source + 'static>(
+    source: S,
+    pipeline: Pipeline,
+    shutdown: watch::Receiver<bool>,
+) -> Result<RunSummary, PipelineError> {
     run(SourceDriver::new(source), pipeline, shutdown).await
 }

@@ -147,3 +147,44 @@ async fn without_top_talkers_the_conversations_table_stays_empty_and_totals_hold
     assert!(!totals(&without).is_empty());
     assert_eq!(totals(&with), totals(&without));
 }
+
+/// `decode.ahead` decodes and enriches the next batches on another thread: every table's
+/// windows (as last published), the run's counts and every site's verdict equal decoding in
+/// line, on a run with faults, out-of-order and too-late records, probes and interface counters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decoding_ahead_gives_what_decoding_in_line_gives() {
+    use siteflow::config::DecodeAhead;
+    let inventory = siteflow::inventory::Inventory::embedded();
+    let scenario =
+        || Scenario::load(&crate::support::repo().join("pipelines/hagiang/scenarios/district-congestion.yaml"), &inventory).unwrap();
+    let mut config = fast_config(300, 500);
+    config.simulator.batch_records = 333;
+    config.simulator.out_of_order_ratio = 0.10;
+    config.simulator.too_late_ratio = 0.01;
+    let mut runs = Vec::new();
+    for ahead in [DecodeAhead::Off, DecodeAhead::On] {
+        config.decode.ahead = ahead;
+        runs.push(simulate(&config, scenario()).await);
+    }
+    let (inline, ahead) = (&runs[0], &runs[1]);
+    assert_eq!((inline.summary.records, inline.summary.batches), (ahead.summary.records, ahead.summary.batches));
+    // Each window's rows, sorted (the order of rows within a window is not part of the result).
+    let tables = |run: &crate::support::SimRun| -> BTreeMap<(String, i64), Vec<String>> {
+        let mut out = BTreeMap::new();
+        for table in siteflow::table::TABLES.iter().map(|t| t.name) {
+            for (start, rows) in latest_rows(run, table) {
+                let text = datafusion::arrow::util::pretty::pretty_format_batches(&[rows]).unwrap().to_string();
+                let mut lines: Vec<String> = text.lines().map(String::from).collect();
+                lines.sort();
+                out.insert((table.to_string(), start), lines);
+            }
+        }
+        out
+    };
+    let (a, b) = (tables(inline), tables(ahead));
+    assert!(a.len() > 100, "{} windows", a.len());
+    let differ: Vec<_> = a.keys().filter(|k| a.get(*k) != b.get(*k)).take(3).collect();
+    assert!(differ.is_empty() && a.len() == b.len(), "windows differ: {differ:?}");
+    let verdicts = |run: &crate::support::SimRun| format!("{:?}", run.readiness.engine.read().unwrap().latest());
+    assert_eq!(verdicts(inline), verdicts(ahead));
+}
