@@ -284,6 +284,40 @@ async fn planned_maintenance_is_left_out_of_availability() {
     assert!(e.contains(&format!("{}: maintenance[0]: end", bad.display())), "{e}");
 }
 
+/// One `siteflow run` over `text` as a file of `format`, with `dir`'s `sites.csv` and the
+/// history in `dir/history`; returns once it has published every window of the file (it keeps
+/// serving until SIGTERM), with its HTTP address and log.
+fn replay_file(
+    dir: &std::path::Path,
+    name: &str,
+    format: &str,
+    text: &str,
+) -> (crate::support::KillOnDrop, std::net::SocketAddr, std::path::PathBuf) {
+    crate::support::write(dir, &format!("{name}.jsonl"), text);
+    let http = crate::support::free_addr();
+    let config = crate::support::write(
+        dir,
+        &format!("{name}.yaml"),
+        &format!(
+            "inventory:\n  sites_csv: sites.csv\nsource:\n  kind: file\n  files:\n    - {{ path: {name}.jsonl, format: {format} }}\nhttp: {{ listen: \"{http}\" }}\nhistory: {{ dir: history }}\n"
+        ),
+    );
+    let log = dir.join(format!("{name}.log"));
+    let child = crate::support::siteflow()
+        .args(["run", "--config", config.to_str().unwrap()])
+        .env("NO_COLOR", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let child = crate::support::KillOnDrop(child);
+    let finished = crate::kafka_support::wait_until(std::time::Duration::from_secs(120), || {
+        std::fs::read_to_string(&log).unwrap_or_default().contains("replay finished")
+    });
+    assert!(finished, "no end of the replay: {}", std::fs::read_to_string(&log).unwrap_or_default());
+    (child, http, log)
+}
+
 /// Uplink link state end to end: Telegraf SNMP interface samples (`ifOperStatus`) and pings of
 /// three sites replayed from a file through `siteflow run`, an inventory with `uplinks`, and the
 /// outages read back over SQL. A's only uplink goes down for two minutes: one outage, cause
@@ -337,33 +371,7 @@ fn uplinks_reported_down_over_snmp_are_outages() {
         }
         lines.join("\n") + "\n"
     };
-    // One `siteflow run` over a file, with the history in `history/`; returns once it has
-    // published every window of the file (it keeps serving until SIGTERM).
-    let replay = |name: &str, text: &str| {
-        crate::support::write(dir.path(), &format!("{name}.jsonl"), text);
-        let http = crate::support::free_addr();
-        let config = crate::support::write(
-            dir.path(),
-            &format!("{name}.yaml"),
-            &format!(
-                "inventory:\n  sites_csv: sites.csv\nsource:\n  kind: file\n  files:\n    - {{ path: {name}.jsonl, format: telegraf_json }}\nhttp: {{ listen: \"{http}\" }}\nhistory: {{ dir: history }}\n"
-            ),
-        );
-        let log = dir.path().join(format!("{name}.log"));
-        let child = crate::support::siteflow()
-            .args(["run", "--config", config.to_str().unwrap()])
-            .env("NO_COLOR", "1")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let child = crate::support::KillOnDrop(child);
-        let finished = crate::kafka_support::wait_until(std::time::Duration::from_secs(120), || {
-            std::fs::read_to_string(&log).unwrap_or_default().contains("replay finished")
-        });
-        assert!(finished, "no end of the replay: {}", std::fs::read_to_string(&log).unwrap_or_default());
-        (child, http, log)
-    };
+    let replay = |name: &str, text: &str| replay_file(dir.path(), name, "telegraf_json", text);
     let (mut first, http, _) = replay("first", &telegraf(0, 600));
     let url = format!("http://{http}");
     let sql = "SELECT site, cast(date_part('epoch', start) AS BIGINT) AS s, cast(date_part('epoch', \"end\") AS BIGINT) AS e, cause FROM outages ORDER BY site";
@@ -421,28 +429,7 @@ fn uplinks_reported_down_over_sflow_are_outages() {
             ));
         }
     }
-    crate::support::write(dir.path(), "counters.jsonl", &(lines.join("\n") + "\n"));
-    let http = crate::support::free_addr();
-    let config = crate::support::write(
-        dir.path(),
-        "replay.yaml",
-        &format!(
-            "inventory:\n  sites_csv: sites.csv\nsource:\n  kind: file\n  files:\n    - {{ path: counters.jsonl, format: pmacct_sflow_counters_json }}\nhttp: {{ listen: \"{http}\" }}\n"
-        ),
-    );
-    let log = dir.path().join("run.log");
-    let child = crate::support::siteflow()
-        .args(["run", "--config", config.to_str().unwrap()])
-        .env("NO_COLOR", "1")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let _child = crate::support::KillOnDrop(child);
-    let finished = crate::kafka_support::wait_until(std::time::Duration::from_secs(120), || {
-        std::fs::read_to_string(&log).unwrap_or_default().contains("replay finished")
-    });
-    assert!(finished, "no end of the replay: {}", std::fs::read_to_string(&log).unwrap_or_default());
+    let (_child, http, _) = replay_file(dir.path(), "counters", "pmacct_sflow_counters_json", &(lines.join("\n") + "\n"));
     let url = format!("http://{http}");
     let sql = "SELECT site, cast(date_part('epoch', start) AS BIGINT) AS s, cast(date_part('epoch', \"end\") AS BIGINT) AS e, cause FROM outages ORDER BY site";
     let out = crate::support::run_siteflow(&["sql", "--url", &url, "--format", "csv", sql], &[]);
