@@ -169,18 +169,6 @@ fn scenario_messages() -> (Totals, i64, Vec<Produced>) {
         while let Some(batch) = rt.block_on(sim.next()) {
             let (topic, partitions, slot) = topic_of(batch.format);
             let lines: Vec<&[u8]> = batch.messages.iter().collect();
-            if topic == "interfaces" {
-                // A device's counter samples stay on one partition (docs/operations.md: keep a
-                // router's records on one partition; Telegraf's routing_tag), as rates need
-                // each interface's previous sample: partition by the device's address.
-                for p in 0..partitions {
-                    let mine: Vec<&[u8]> = lines.iter().copied().filter(|l| device_partition(l, partitions) == p).collect();
-                    for chunk in mine.chunks(100) {
-                        out.push((topic, p as i32, chunk.join(&b'\n')));
-                    }
-                }
-                continue;
-            }
             for chunk in lines.chunks(100) {
                 out.push((topic, (sent[slot] % partitions) as i32, chunk.join(&b'\n')));
                 sent[slot] += 1;
@@ -224,13 +212,6 @@ fn topic_of(format: siteflow::types::Format) -> (&'static str, usize, usize) {
         siteflow::types::Format::TelegrafJson => ("interfaces", 2, 2),
         _ => ("probes", 2, 1),
     }
-}
-
-/// The partition of a Telegraf sample by its `agent_host` tag (the device).
-fn device_partition(line: &[u8], partitions: usize) -> usize {
-    let text = String::from_utf8_lossy(line);
-    let device = text.split("\"agent_host\":\"").nth(1).and_then(|r| r.split('"').next()).unwrap_or("");
-    device.bytes().map(usize::from).sum::<usize>() % partitions
 }
 
 /// A message to produce: topic, partition, payload.
