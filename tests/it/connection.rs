@@ -284,6 +284,14 @@ async fn planned_maintenance_is_left_out_of_availability() {
     assert!(e.contains(&format!("{}: maintenance[0]: end", bad.display())), "{e}");
 }
 
+/// The rows (CSV lines, header left out) of `sql` asked of the siteflow serving at `http`
+/// through `siteflow sql`.
+fn sql_rows(http: std::net::SocketAddr, sql: &str) -> Vec<String> {
+    let out = crate::support::run_siteflow(&["sql", "--url", &format!("http://{http}"), "--format", "csv", sql], &[]);
+    assert!(out.status.success(), "{sql}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).lines().skip(1).map(String::from).collect()
+}
+
 /// One `siteflow run` over `text` as a file of `format`, with `dir`'s `sites.csv` and the
 /// history in `dir/history`; returns once it has published every window of the file (it keeps
 /// serving until SIGTERM), with its HTTP address and log.
@@ -373,13 +381,8 @@ fn uplinks_reported_down_over_snmp_are_outages() {
     };
     let replay = |name: &str, text: &str| replay_file(dir.path(), name, "telegraf_json", text);
     let (mut first, http, _) = replay("first", &telegraf(0, 600));
-    let url = format!("http://{http}");
-    let sql = "SELECT site, cast(date_part('epoch', start) AS BIGINT) AS s, cast(date_part('epoch', \"end\") AS BIGINT) AS e, cause FROM outages ORDER BY site";
-    let out = crate::support::run_siteflow(&["sql", "--url", &url, "--format", "csv", sql], &[]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let rows: Vec<&str> = stdout.lines().skip(1).collect();
-    assert_eq!(rows, vec![format!("a,{},{},link_down", t0 + 120, t0 + 240).as_str()], "{stdout}");
+    let outages = "SELECT site, cast(date_part('epoch', start) AS BIGINT) AS s, cast(date_part('epoch', \"end\") AS BIGINT) AS e, cause FROM outages ORDER BY site";
+    assert_eq!(sql_rows(http, outages), [format!("a,{},{},link_down", t0 + 120, t0 + 240)]);
     // B is up on its other uplink (a port of another device, placed by the inventory).
     let (_, metrics) = crate::support::http_get(http, "/metrics").unwrap();
     assert!(metrics.contains(r#"siteflow_site_up{site="b",district="D",level="commune",cause="answered",upstream=""} 1"#), "{metrics}");
@@ -391,9 +394,7 @@ fn uplinks_reported_down_over_snmp_are_outages() {
     assert!(first.0.wait().unwrap().success(), "the first run stops cleanly on SIGTERM");
     let (_second, http, log) = replay("second", &telegraf(600, 900));
     let month = "SELECT sum(up_seconds) / (sum(up_seconds) + sum(down_seconds)) AS a FROM availability_daily WHERE site = 'a'";
-    let out = crate::support::run_siteflow(&["sql", "--url", &format!("http://{http}"), "--format", "csv", month], &[]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let sql_month: f64 = String::from_utf8_lossy(&out.stdout).lines().nth(1).unwrap().parse().unwrap();
+    let sql_month: f64 = sql_rows(http, month)[0].parse().unwrap();
     assert!(sql_month < 0.9, "the month holds the first run's outage: {sql_month}");
     let (_, metrics) = crate::support::http_get(http, "/metrics").unwrap();
     let gauge: f64 = metrics
@@ -430,18 +431,11 @@ fn uplinks_reported_down_over_sflow_are_outages() {
         }
     }
     let (_child, http, _) = replay_file(dir.path(), "counters", "pmacct_sflow_counters_json", &(lines.join("\n") + "\n"));
-    let url = format!("http://{http}");
-    let sql = "SELECT site, cast(date_part('epoch', start) AS BIGINT) AS s, cast(date_part('epoch', \"end\") AS BIGINT) AS e, cause FROM outages ORDER BY site";
-    let out = crate::support::run_siteflow(&["sql", "--url", &url, "--format", "csv", sql], &[]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let rows: Vec<&str> = stdout.lines().skip(1).collect();
-    assert_eq!(rows, vec![format!("a,{},{},link_down", t0 + 120, t0 + 240).as_str()], "{stdout}");
+    let outages = "SELECT site, cast(date_part('epoch', start) AS BIGINT) AS s, cast(date_part('epoch', \"end\") AS BIGINT) AS e, cause FROM outages ORDER BY site";
+    assert_eq!(sql_rows(http, outages), [format!("a,{},{},link_down", t0 + 120, t0 + 240)]);
     // The counters measure the link: 1 Mbit/s of 20 each way.
     let sql = "SELECT DISTINCT utilisation_source FROM readiness WHERE utilisation_source IS NOT NULL";
-    let out = crate::support::run_siteflow(&["sql", "--url", &url, "--format", "csv", sql], &[]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(stdout.lines().skip(1).collect::<Vec<_>>(), ["counters"], "{stdout}");
+    assert_eq!(sql_rows(http, sql), ["counters"]);
     let (_, metrics) = crate::support::http_get(http, "/metrics").unwrap();
     for direction in ["in", "out"] {
         let prefix = format!(r#"siteflow_site_utilisation_ratio{{site="a",district="D",level="commune",direction="{direction}"}} "#);
