@@ -26,7 +26,7 @@ use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use serde::Deserialize;
-use siteflow::config::{Config, Pace, SimulatorConfig};
+use siteflow::config::{Config, Pace, SecondCore, SimulatorConfig};
 use siteflow::decode::goflow2_pb::FlowMessage;
 use siteflow::decode::{DecodeLimits, FlowRecord, goflow2_json};
 use siteflow::inventory::Inventory;
@@ -81,6 +81,9 @@ enum Command {
         /// `decode.ahead`: auto (on when the process may run on 2 cores or more), on or off.
         #[arg(long, default_value = "auto", value_parser = ["auto", "on", "off"])]
         decode_ahead: String,
+        /// `window.parallel_tables`: auto (on when the process may run on 2 cores or more), on or off.
+        #[arg(long, default_value = "auto", value_parser = ["auto", "on", "off"])]
+        parallel_tables: String,
     },
     /// The plain serde_json parse-and-sum loop over a goflow2 JSON file.
     SerdeLoop {
@@ -148,16 +151,16 @@ fn main() -> anyhow::Result<()> {
     }
     match Cli::parse().command {
         Command::Generate { records, rate, out } => generate(records, rate, &out),
-        Command::Pipeline { input, format, per_message, batch, batch_bytes, repeat, no_top_talkers, decode_ahead } => {
+        Command::Pipeline { input, format, per_message, batch, batch_bytes, repeat, no_top_talkers, decode_ahead, parallel_tables } => {
             let top_talkers = !no_top_talkers;
-            let ahead = serde_yaml::from_str::<siteflow::config::DecodeAhead>(&decode_ahead)?;
-            let ahead_on = siteflow::config::DecodeConfig { ahead, ..Default::default() }.decode_ahead();
+            let ahead = serde_yaml::from_str::<SecondCore>(&decode_ahead)?;
+            let tables = serde_yaml::from_str::<SecondCore>(&parallel_tables)?;
             let records = read_records(&input, format)?;
             let batches = batches(&records, format, per_message, batch, batch_bytes);
             let bytes: usize = records.iter().map(Vec::len).sum();
             let mut best = f64::MAX;
             for run in 1..=repeat {
-                let (seconds, counted) = run_pipeline(batches.clone(), top_talkers, ahead)?;
+                let (seconds, counted) = run_pipeline(batches.clone(), top_talkers, ahead, tables)?;
                 anyhow::ensure!(counted == records.len() as u64, "the pipeline counted {counted} of {} records", records.len());
                 best = best.min(seconds);
                 report(&[
@@ -165,7 +168,8 @@ fn main() -> anyhow::Result<()> {
                     ("format", format!("\"{}\"", format.format().as_str())),
                     ("per_message", per_message.to_string()),
                     ("top_talkers", top_talkers.to_string()),
-                    ("decode_ahead", ahead_on.to_string()),
+                    ("decode_ahead", ahead.enabled().to_string()),
+                    ("parallel_tables", tables.enabled().to_string()),
                     ("run", run.to_string()),
                     ("records", records.len().to_string()),
                     ("seconds", format!("{seconds:.4}")),
@@ -178,7 +182,8 @@ fn main() -> anyhow::Result<()> {
                 ("format", format!("\"{}\"", format.format().as_str())),
                 ("per_message", per_message.to_string()),
                 ("top_talkers", top_talkers.to_string()),
-                ("decode_ahead", ahead_on.to_string()),
+                ("decode_ahead", ahead.enabled().to_string()),
+                ("parallel_tables", tables.enabled().to_string()),
                 ("records_per_sec", format!("{:.0}", records.len() as f64 / best)),
             ]);
             Ok(())
@@ -437,10 +442,11 @@ impl Source for MemorySource {
 
 /// Runs the pipeline as `siteflow run` builds it (Prometheus sink included) over `batches` on
 /// this thread; returns the seconds it took and the records it counted.
-fn run_pipeline(batches: Vec<SourceBatch>, top_talkers: bool, ahead: siteflow::config::DecodeAhead) -> anyhow::Result<(f64, u64)> {
+fn run_pipeline(batches: Vec<SourceBatch>, top_talkers: bool, ahead: SecondCore, tables: SecondCore) -> anyhow::Result<(f64, u64)> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let mut config = Config::default();
     config.decode.ahead = ahead;
+    config.window.parallel_tables = tables;
     if !top_talkers {
         config.sql.top_talkers = 0;
     }
@@ -584,9 +590,9 @@ fn consume(brokers: &str, topic: &str, messages: u64, properties: &[String]) -> 
 fn self_check() -> anyhow::Result<()> {
     for (format, records) in records_in_every_format(20_000, 50_000) {
         for per_message in [1, 100] {
-            // Both ways of decoding: in line and ahead on another thread.
-            let ahead = if per_message == 1 { siteflow::config::DecodeAhead::On } else { siteflow::config::DecodeAhead::Off };
-            let (_, counted) = run_pipeline(batches(&records, format, per_message, 1000, 1 << 20), per_message == 1, ahead)?;
+            // Both ways: all on one thread, and decoding ahead with the tables side by side.
+            let second = if per_message == 1 { SecondCore::On } else { SecondCore::Off };
+            let (_, counted) = run_pipeline(batches(&records, format, per_message, 1000, 1 << 20), per_message == 1, second, second)?;
             anyhow::ensure!(counted == records.len() as u64, "{}: counted {counted} of {}", format.format().as_str(), records.len());
         }
         if format == BenchFormat::Goflow2Json {

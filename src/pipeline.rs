@@ -310,7 +310,8 @@ impl Pipeline {
                 res.policy.period_secs, config.window.size_secs
             )));
         }
-        let windows = plan_windows(spec, res).await?;
+        let mut windows = plan_windows(spec, res).await?;
+        windows.set_parallel_tables(config.window.parallel_tables.enabled());
         let tables: Vec<&'static TableDef> = res.sql.iter().map(|(table, _)| *table).collect();
         let sampling = Sampling {
             default_rate: config.sampling.default_rate,

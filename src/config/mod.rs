@@ -107,6 +107,10 @@ pub struct WindowConfig {
     /// An exporter or partition that delivered nothing for this long stops holding windows
     /// open, in seconds.
     pub idle_partition_timeout_secs: u64,
+    /// Aggregate and close the tables fed by one batch (`flows` and `top_talkers` read the same
+    /// flows) side by side, one thread each (`auto`: when this process may run on two cores or
+    /// more; `on`; `off`). The results are the same either way.
+    pub parallel_tables: SecondCore,
 }
 
 impl Default for WindowConfig {
@@ -118,6 +122,7 @@ impl Default for WindowConfig {
             max_exporter_skew_secs: 15,
             correction_horizon_secs: 600,
             idle_partition_timeout_secs: 30,
+            parallel_tables: SecondCore::Auto,
         }
     }
 }
@@ -144,17 +149,30 @@ pub struct DecodeConfig {
     /// Decode and enrich the next batches of a simulator or file source on another thread while
     /// this one aggregates the current one (`auto`: when this process may run on two cores or
     /// more; `on`; `off`). The Kafka source decodes in line.
-    pub ahead: DecodeAhead,
+    pub ahead: SecondCore,
 }
 
-/// `decode.ahead`.
+/// A use of a second core: `auto` (on when this process may run on two cores or more), `on`
+/// or `off` (`decode.ahead`, `window.parallel_tables`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum DecodeAhead {
+pub enum SecondCore {
     #[default]
     Auto,
     On,
     Off,
+}
+
+impl SecondCore {
+    /// Whether it is on, with `auto` resolved by the cores this process may run on (its CPU
+    /// affinity).
+    pub fn enabled(self) -> bool {
+        match self {
+            SecondCore::On => true,
+            SecondCore::Off => false,
+            SecondCore::Auto => std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2),
+        }
+    }
 }
 
 impl Default for DecodeConfig {
@@ -165,19 +183,15 @@ impl Default for DecodeConfig {
             max_future_secs: 86_400,
             max_spread_windows: 360,
             threads: 1,
-            ahead: DecodeAhead::Auto,
+            ahead: SecondCore::Auto,
         }
     }
 }
 
 impl DecodeConfig {
-    /// `ahead`, with `auto` resolved by the cores this process may run on (its CPU affinity).
+    /// `ahead`, with `auto` resolved.
     pub fn decode_ahead(&self) -> bool {
-        match self.ahead {
-            DecodeAhead::On => true,
-            DecodeAhead::Off => false,
-            DecodeAhead::Auto => std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2),
-        }
+        self.ahead.enabled()
     }
 
     /// `threads`, with 0 resolved to the cores this process may run on (its CPU affinity).

@@ -158,6 +158,162 @@ impl WindowedTable {
         }
         Ok(())
     }
+
+    /// Aggregates the on-time records of a batch into their windows' partial states.
+    async fn aggregate(
+        &mut self,
+        partition: PartitionId,
+        batch: &RecordBatch,
+        assignment: Assignment,
+    ) -> Result<BatchOutcome, DataFusionError> {
+        let mut outcome =
+            BatchOutcome { accepted: (batch.num_rows() - assignment.late_count) as u64, late: assignment.late_count as u64, on_time: None };
+        if outcome.accepted == 0 {
+            return Ok(outcome);
+        }
+        let starts: ArrayRef = Arc::new(PrimitiveArray::<TimestampNanosecondType>::new(assignment.window_starts.into(), None));
+        let mut columns = vec![starts];
+        columns.extend(batch.columns().iter().cloned());
+        let mut input = RecordBatch::try_new(self.schema.clone(), columns)?;
+        if assignment.late_count > 0 {
+            let on_time = BooleanArray::from_iter(assignment.late.iter().map(|late| Some(!late)));
+            input = filter_record_batch(&input, &on_time)?;
+        }
+        outcome.on_time = Some(input.clone());
+        let states = self.aggregate.partial(input).await?;
+        self.file_open_states(partition, states).await?;
+        Ok(outcome)
+    }
+
+    /// [`Self::aggregate`] for each of a batch's inputs of this table (`(input index, rows,
+    /// their windows)`), in order.
+    async fn aggregate_all(
+        &mut self,
+        partition: PartitionId,
+        inputs: Vec<(usize, &RecordBatch, Assignment)>,
+    ) -> Result<Vec<(usize, BatchOutcome)>, DataFusionError> {
+        let mut outcomes = Vec::with_capacity(inputs.len());
+        for (i, batch, assignment) in inputs {
+            outcomes.push((i, self.aggregate(partition, batch, assignment).await?));
+        }
+        Ok(outcomes)
+    }
+
+    /// Closes this table's share of `windows` (oldest first): per window, each partition's
+    /// results (when asked for) and the window's rows, unless it was dropped from the horizon.
+    async fn close_windows(&mut self, closing: TableClosing, windows: Vec<TableWindow>) -> Result<Vec<TableClosed>, DataFusionError> {
+        let mut out = Vec::with_capacity(windows.len());
+        for (start, kind, states) in windows {
+            let schema = self.aggregate.output_schema();
+            let mut closed = TableClosed::default();
+            if closing.per_partition_results && self.results_log {
+                let mut partitions: Vec<PartitionId> = states.iter().map(|(p, _)| *p).collect();
+                partitions.sort_unstable();
+                partitions.dedup();
+                for partition in partitions {
+                    let own: Vec<RecordBatch> = states.iter().filter(|(p, _)| *p == partition).map(|(_, b)| b.clone()).collect();
+                    let rows = concat_batches(&schema, &self.aggregate.finish(own).await?)?;
+                    closed.contributions.push(Contribution { table: closing.table, partition, start_ns: start, rows });
+                }
+            }
+            let states: Vec<RecordBatch> = states.into_iter().map(|(_, b)| b).collect();
+            let (states, previous) = match kind {
+                CloseKind::Expired => {
+                    out.push(closed);
+                    continue;
+                }
+                CloseKind::Correction if states.is_empty() => {
+                    out.push(closed);
+                    continue;
+                }
+                CloseKind::Correction => {
+                    let published = self.published.remove(&start).expect("a correction has its published window");
+                    (published.states.into_iter().chain(states).collect(), Some(published.rows))
+                }
+                CloseKind::First => (states, None),
+            };
+            let states = compact(&self.aggregate, states).await?;
+            let rows = if states.is_empty() {
+                RecordBatch::new_empty(schema)
+            } else {
+                concat_batches(&schema, &self.aggregate.finish(states.clone()).await?)?
+            };
+            self.published.insert(start, PublishedWindow { states, rows: rows.clone() });
+            closed.window = Some(ClosedWindow {
+                table: self.name.clone(),
+                table_id: closing.table,
+                start_ns: start,
+                end_ns: start + closing.size_ns,
+                rows,
+                closed_by: closing.closed_by,
+                previous,
+            });
+            out.push(closed);
+        }
+        Ok(out)
+    }
+}
+
+/// Merges many states into one per group (fewer rows kept for corrections).
+async fn compact(aggregate: &SplitAggregate, states: Vec<RecordBatch>) -> Result<Vec<RecordBatch>, DataFusionError> {
+    if states.len() > COMPACT_STATES { aggregate.reduce(states).await } else { Ok(states) }
+}
+
+/// One table's states of one window being closed: its start, what closing means, the states.
+type TableWindow = (i64, CloseKind, Vec<(PartitionId, RecordBatch)>);
+
+/// What every table's close needs to know besides its windows.
+#[derive(Debug, Clone, Copy)]
+struct TableClosing {
+    table: TableId,
+    size_ns: i64,
+    closed_by: Instant,
+    per_partition_results: bool,
+}
+
+/// What closing one window did for one table.
+#[derive(Debug, Default)]
+struct TableClosed {
+    contributions: Vec<Contribution>,
+    window: Option<ClosedWindow>,
+}
+
+/// Runs a table's future to its end on this thread. Outside tokio's cooperative budget: the
+/// budget is given back only when a task yields to the runtime, which this thread never does, so
+/// an operator that checks it would wait forever once it ran out.
+fn drive<T>(work: impl std::future::Future<Output = T>) -> T {
+    futures::executor::block_on(tokio::task::unconstrained(work))
+}
+
+/// Runs `work` once for each `(table, job)`, each table at most once, every job on its own
+/// thread (each table has its own plans and state: the tables of one batch need nothing from
+/// each other). Results in the jobs' order.
+fn side_by_side<J: Send, R: Send>(
+    tables: &mut [WindowedTable],
+    jobs: Vec<(TableId, J)>,
+    work: impl Fn(&mut WindowedTable, J) -> Result<R, DataFusionError> + Sync,
+) -> Result<Vec<R>, DataFusionError> {
+    let mut slots: Vec<Option<&mut WindowedTable>> = tables.iter_mut().map(Some).collect();
+    let jobs: Vec<(&mut WindowedTable, J)> =
+        jobs.into_iter().map(|(id, job)| (slots[id].take().expect("one job per table"), job)).collect();
+    // Entered on every thread, for any code that looks for the runtime.
+    let runtime = tokio::runtime::Handle::try_current().ok();
+    let mut results: Vec<Option<Result<R, DataFusionError>>> = jobs.iter().map(|_| None).collect();
+    rayon::in_place_scope(|scope| {
+        let mut jobs = jobs.into_iter().zip(results.iter_mut());
+        let first = jobs.next();
+        for ((table, job), slot) in jobs {
+            let (work, runtime) = (&work, &runtime);
+            scope.spawn(move |_| {
+                let _entered = runtime.as_ref().map(|r| r.enter());
+                *slot = Some(work(table, job));
+            });
+        }
+        if let Some(((table, job), slot)) = first {
+            *slot = Some(work(table, job));
+        }
+    });
+    results.into_iter().map(|r| r.expect("every job ran")).collect()
 }
 
 /// What closing a window means for its outputs.
@@ -194,6 +350,8 @@ pub struct WindowOperator {
     /// End of the newest window completed (for readiness, which judges windows in order).
     completed_upto: Option<i64>,
     per_partition_results: bool,
+    /// Whether the tables of a batch or a close run side by side (see [`Self::set_parallel_tables`]).
+    parallel_tables: bool,
 }
 
 /// A window being closed: its start, what closing means, and per table the states that close now.
@@ -211,7 +369,14 @@ impl WindowOperator {
             expired_upto: None,
             completed_upto: None,
             per_partition_results: false,
+            parallel_tables: false,
         }
+    }
+
+    /// Aggregates and closes the tables of one batch side by side, each on its own thread
+    /// (`window.parallel_tables`): the results are those of one table after the other.
+    pub fn set_parallel_tables(&mut self, on: bool) {
+        self.parallel_tables = on;
     }
 
     /// Also produce each partition's share of every closed window (for checkpointed results).
@@ -348,39 +513,30 @@ impl WindowOperator {
             parts[i].late[r] = assignment.late[k];
             parts[i].late_count += usize::from(assignment.late[k]);
         }
-        let mut outcomes = Vec::with_capacity(inputs.len());
-        for ((table, batch), part) in inputs.iter().zip(parts) {
-            outcomes.push(self.aggregate(*table, partition, batch, part).await?);
+        let mut outcomes: Vec<Option<BatchOutcome>> = inputs.iter().map(|_| None).collect();
+        // One job per table: the inputs of a table (usually one) in order.
+        let mut jobs: Vec<(TableId, Vec<(usize, &RecordBatch, Assignment)>)> = Vec::new();
+        for (i, ((table, batch), part)) in inputs.iter().zip(parts).enumerate() {
+            match jobs.iter_mut().find(|(t, _)| t == table) {
+                Some((_, job)) => job.push((i, batch, part)),
+                None => jobs.push((*table, vec![(i, *batch, part)])),
+            }
         }
-        Ok(outcomes)
-    }
-
-    /// Aggregates the on-time records of a batch into their windows' partial states.
-    async fn aggregate(
-        &mut self,
-        table: TableId,
-        partition: PartitionId,
-        batch: &RecordBatch,
-        assignment: Assignment,
-    ) -> Result<BatchOutcome, DataFusionError> {
-        let mut outcome =
-            BatchOutcome { accepted: (batch.num_rows() - assignment.late_count) as u64, late: assignment.late_count as u64, on_time: None };
-        if outcome.accepted == 0 {
-            return Ok(outcome);
+        // The plans run to completion without waiting on anything (their input is in memory):
+        // side by side, each thread drives its table's futures itself (see `drive`).
+        let done = if self.parallel_tables && jobs.len() > 1 {
+            side_by_side(&mut self.tables, jobs, |table, job| drive(table.aggregate_all(partition, job)))?
+        } else {
+            let mut done = Vec::with_capacity(jobs.len());
+            for (id, job) in jobs {
+                done.push(self.tables[id].aggregate_all(partition, job).await?);
+            }
+            done
+        };
+        for (i, outcome) in done.into_iter().flatten() {
+            outcomes[i] = Some(outcome);
         }
-        let starts: ArrayRef = Arc::new(PrimitiveArray::<TimestampNanosecondType>::new(assignment.window_starts.into(), None));
-        let t = &mut self.tables[table];
-        let mut columns = vec![starts];
-        columns.extend(batch.columns().iter().cloned());
-        let mut input = RecordBatch::try_new(t.schema.clone(), columns)?;
-        if assignment.late_count > 0 {
-            let on_time = BooleanArray::from_iter(assignment.late.iter().map(|late| Some(!late)));
-            input = filter_record_batch(&input, &on_time)?;
-        }
-        outcome.on_time = Some(input.clone());
-        let states = t.aggregate.partial(input).await?;
-        t.file_open_states(partition, states).await?;
-        Ok(outcome)
+        Ok(outcomes.into_iter().map(|o| o.expect("one outcome per input")).collect())
     }
 
     /// Registered partitions not heard from yet hold publication back until they go idle (the
@@ -475,57 +631,42 @@ impl WindowOperator {
         self.close(taken, closed_by).await
     }
 
-    /// Merges many states into one per group (fewer rows kept for corrections).
-    async fn compact(aggregate: &SplitAggregate, states: Vec<RecordBatch>) -> Result<Vec<RecordBatch>, DataFusionError> {
-        if states.len() > COMPACT_STATES { aggregate.reduce(states).await } else { Ok(states) }
-    }
-
     async fn close(&mut self, taken: Vec<Taken>, closed_by: Instant) -> Result<Closed, DataFusionError> {
         let size = self.spec.size_ns();
         let mut out = Closed::default();
-        for (start, kind, per_table) in taken {
+        if taken.is_empty() {
+            return Ok(out);
+        }
+        let mut per_table: Vec<Vec<TableWindow>> = self.tables.iter().map(|_| Vec::with_capacity(taken.len())).collect();
+        let mut windows = Vec::with_capacity(taken.len());
+        for (start, kind, states) in taken {
             if kind == CloseKind::Expired {
-                out.late_contributions += per_table.iter().map(|s| s.len() as u64).sum::<u64>();
+                out.late_contributions += states.iter().map(|s| s.len() as u64).sum::<u64>();
             }
-            for (table, states) in per_table.into_iter().enumerate() {
-                let t = &mut self.tables[table];
-                let schema = t.aggregate.output_schema();
-                if self.per_partition_results && t.results_log {
-                    let mut partitions: Vec<PartitionId> = states.iter().map(|(p, _)| *p).collect();
-                    partitions.sort_unstable();
-                    partitions.dedup();
-                    for partition in partitions {
-                        let own: Vec<RecordBatch> = states.iter().filter(|(p, _)| *p == partition).map(|(_, b)| b.clone()).collect();
-                        let rows = concat_batches(&schema, &t.aggregate.finish(own).await?)?;
-                        out.contributions.push(Contribution { table, partition, start_ns: start, rows });
-                    }
-                }
-                let states: Vec<RecordBatch> = states.into_iter().map(|(_, b)| b).collect();
-                let (states, previous) = match kind {
-                    CloseKind::Expired => continue,
-                    CloseKind::Correction if states.is_empty() => continue,
-                    CloseKind::Correction => {
-                        let published = t.published.remove(&start).expect("a correction has its published window");
-                        (published.states.into_iter().chain(states).collect(), Some(published.rows))
-                    }
-                    CloseKind::First => (states, None),
-                };
-                let states = Self::compact(&t.aggregate, states).await?;
-                let rows = if states.is_empty() {
-                    RecordBatch::new_empty(schema)
-                } else {
-                    concat_batches(&schema, &t.aggregate.finish(states.clone()).await?)?
-                };
-                t.published.insert(start, PublishedWindow { states, rows: rows.clone() });
-                out.windows.push(ClosedWindow {
-                    table: t.name.clone(),
-                    table_id: table,
-                    start_ns: start,
-                    end_ns: start + size,
-                    rows,
-                    closed_by,
-                    previous,
-                });
+            for (table, states) in states.into_iter().enumerate() {
+                per_table[table].push((start, kind, states));
+            }
+            windows.push((start, kind));
+        }
+        let closing = |table| TableClosing { table, size_ns: size, closed_by, per_partition_results: self.per_partition_results };
+        let jobs: Vec<(TableId, (TableClosing, Vec<TableWindow>))> =
+            per_table.into_iter().enumerate().map(|(id, windows)| (id, (closing(id), windows))).collect();
+        let closed = if self.parallel_tables && jobs.len() > 1 {
+            side_by_side(&mut self.tables, jobs, |table, (closing, windows)| drive(table.close_windows(closing, windows)))?
+        } else {
+            let mut closed = Vec::with_capacity(jobs.len());
+            for (id, (closing, windows)) in jobs {
+                closed.push(self.tables[id].close_windows(closing, windows).await?);
+            }
+            closed
+        };
+        let mut closed: Vec<std::vec::IntoIter<TableClosed>> = closed.into_iter().map(Vec::into_iter).collect();
+        // Oldest window first, each table in order, as if closed one after the other.
+        for (start, kind) in windows {
+            for table in &mut closed {
+                let TableClosed { contributions, window } = table.next().expect("one result per window");
+                out.contributions.extend(contributions);
+                out.windows.extend(window);
             }
             if kind == CloseKind::First && self.completed_upto.is_none_or(|c| start + size > c) {
                 out.completed.push((start, start + size));

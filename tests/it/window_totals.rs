@@ -148,12 +148,13 @@ async fn without_top_talkers_the_conversations_table_stays_empty_and_totals_hold
     assert_eq!(totals(&with), totals(&without));
 }
 
-/// `decode.ahead` decodes and enriches the next batches on another thread: every table's
-/// windows (as last published), the run's counts and every site's verdict equal decoding in
-/// line, on a run with faults, out-of-order and too-late records, probes and interface counters.
+/// `decode.ahead` decodes and enriches the next batches on another thread, and
+/// `window.parallel_tables` aggregates and closes each table on its own: every table's windows
+/// (as last published), the run's counts and every site's verdict equal one thread doing it
+/// all, on a run with faults, out-of-order and too-late records, probes and interface counters.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn decoding_ahead_gives_what_decoding_in_line_gives() {
-    use siteflow::config::DecodeAhead;
+async fn using_a_second_core_gives_what_one_thread_gives() {
+    use siteflow::config::SecondCore;
     let inventory = siteflow::inventory::Inventory::embedded();
     let scenario =
         || Scenario::load(&crate::support::repo().join("pipelines/hagiang/scenarios/district-congestion.yaml"), &inventory).unwrap();
@@ -162,12 +163,12 @@ async fn decoding_ahead_gives_what_decoding_in_line_gives() {
     config.simulator.out_of_order_ratio = 0.10;
     config.simulator.too_late_ratio = 0.01;
     let mut runs = Vec::new();
-    for ahead in [DecodeAhead::Off, DecodeAhead::On] {
+    for (ahead, tables) in [(SecondCore::Off, SecondCore::Off), (SecondCore::On, SecondCore::Off), (SecondCore::On, SecondCore::On)] {
         config.decode.ahead = ahead;
+        config.window.parallel_tables = tables;
         runs.push(simulate(&config, scenario()).await);
     }
-    let (inline, ahead) = (&runs[0], &runs[1]);
-    assert_eq!((inline.summary.records, inline.summary.batches), (ahead.summary.records, ahead.summary.batches));
+    let one = &runs[0];
     // Each window's rows, sorted (the order of rows within a window is not part of the result).
     let tables = |run: &crate::support::SimRun| -> BTreeMap<(String, i64), Vec<String>> {
         let mut out = BTreeMap::new();
@@ -181,10 +182,14 @@ async fn decoding_ahead_gives_what_decoding_in_line_gives() {
         }
         out
     };
-    let (a, b) = (tables(inline), tables(ahead));
-    assert!(a.len() > 100, "{} windows", a.len());
-    let differ: Vec<_> = a.keys().filter(|k| a.get(*k) != b.get(*k)).take(3).collect();
-    assert!(differ.is_empty() && a.len() == b.len(), "windows differ: {differ:?}");
     let verdicts = |run: &crate::support::SimRun| format!("{:?}", run.readiness.engine.read().unwrap().latest());
-    assert_eq!(verdicts(inline), verdicts(ahead));
+    let a = tables(one);
+    assert!(a.len() > 100, "{} windows", a.len());
+    for (name, other) in ["decoding ahead", "decoding ahead, tables side by side"].iter().zip(&runs[1..]) {
+        assert_eq!((one.summary.records, one.summary.batches), (other.summary.records, other.summary.batches), "{name}");
+        let b = tables(other);
+        let differ: Vec<_> = a.keys().filter(|k| a.get(*k) != b.get(*k)).take(3).collect();
+        assert!(differ.is_empty() && a.len() == b.len(), "{name}: windows differ: {differ:?}");
+        assert_eq!(verdicts(one), verdicts(other), "{name}");
+    }
 }
