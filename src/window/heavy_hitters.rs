@@ -192,7 +192,7 @@ impl AggregateUDFImpl for HeavyHitters {
 }
 
 /// The capacity argument: a literal from 1 to [`MAX_CAPACITY`].
-fn capacity_of(expr: &Arc<dyn PhysicalExpr>) -> Result<usize> {
+pub(crate) fn capacity_of(expr: &Arc<dyn PhysicalExpr>) -> Result<usize> {
     let empty = datafusion::arrow::array::RecordBatch::new_empty(Arc::new(datafusion::arrow::datatypes::Schema::empty()));
     let value = match expr.evaluate(&empty) {
         Ok(ColumnarValue::Scalar(value)) => value,
@@ -225,11 +225,13 @@ pub struct Summary {
     index: hashbrown::HashTable<u32>,
 }
 
-/// A listed key (its bytes in the arena) and its counter.
+/// A listed key (its bytes in the arena, its hash) and its counter.
 #[derive(Debug, Clone, Copy)]
 struct Entry {
     start: u32,
     len: u32,
+    /// Kept so that growing or rebuilding the index never hashes a key again.
+    hash: u64,
     counter: Counter,
 }
 
@@ -274,12 +276,9 @@ impl Summary {
         let i = self.entries.len() as u32;
         let start = self.arena.len() as u32;
         self.arena.extend_from_slice(key);
-        self.entries.push(Entry { start, len: key.len() as u32, counter: enter() });
-        let (arena, entries) = (&self.arena, &self.entries);
-        self.index.insert_unique(h, i, |&j| {
-            let e = &entries[j as usize];
-            hash(&arena[e.start as usize..(e.start + e.len) as usize])
-        });
+        self.entries.push(Entry { start, len: key.len() as u32, hash: h, counter: enter() });
+        let entries = &self.entries;
+        self.index.insert_unique(h, i, |&j| entries[j as usize].hash);
         (&mut self.entries[i as usize].counter, true)
     }
 
@@ -288,11 +287,8 @@ impl Summary {
     fn reserve(&mut self, entries: usize, key_len: usize) {
         self.arena.reserve(entries * key_len);
         self.entries.reserve(entries);
-        let (arena, list) = (&self.arena, &self.entries);
-        self.index.reserve(entries, |&j| {
-            let e = &list[j as usize];
-            hash(&arena[e.start as usize..(e.start + e.len) as usize])
-        });
+        let list = &self.entries;
+        self.index.reserve(entries, |&j| list[j as usize].hash);
     }
 
     /// Adds one record. A key not listed may have had up to `bound` bytes already: it enters with
@@ -336,7 +332,9 @@ impl Summary {
         self.bound = own_bound.saturating_add(bound);
     }
 
-    /// Keeps the `capacity` largest counters; the largest one dropped raises `bound`.
+    /// Keeps the `capacity` largest counters; the largest one dropped raises `bound`. In place:
+    /// a summary is pruned once per merged batch, and building a new one each time (arena,
+    /// entries, index) cost more than choosing what to keep.
     pub fn prune(&mut self, capacity: usize) {
         if self.entries.len() <= capacity {
             return;
@@ -350,14 +348,34 @@ impl Summary {
             order.select_nth_unstable_by(capacity, by_rank);
         }
         self.bound = self.bound.max(self.entries[order[capacity] as usize].counter.bytes);
-        let mut kept = Summary { bound: self.bound, ..Summary::default() };
-        kept.reserve(PRUNE_AT * capacity + 1, self.arena.len() / self.entries.len());
-        for &i in &order[..capacity] {
-            let e = self.entries[i as usize];
-            let counter = e.counter;
-            kept.counter(self.key(&e), || counter);
+        // The kept entries in their old order: their keys lie in the arena in that order too,
+        // so each moves towards the front without overwriting a key still to move.
+        order.truncate(capacity);
+        order.sort_unstable();
+        let mut end = 0;
+        for (new, &old) in order.iter().enumerate() {
+            let mut e = self.entries[old as usize];
+            let (start, len) = (e.start as usize, e.len as usize);
+            self.arena.copy_within(start..start + len, end);
+            e.start = end as u32;
+            end += len;
+            self.entries[new] = e;
         }
-        *self = kept;
+        self.arena.truncate(end);
+        self.entries.truncate(capacity);
+        self.index.clear();
+        // Room for what merging usually brings before the next prune, no more: one large batch
+        // of a single group must not leave its size behind in every window.
+        let room = PRUNE_AT * capacity + 1;
+        if self.entries.capacity() > 2 * room {
+            self.entries.shrink_to(room);
+            self.arena.shrink_to(room * (end / capacity).max(1));
+        }
+        let entries = &self.entries;
+        self.index.shrink_to(room, |&j| entries[j as usize].hash);
+        for (i, e) in entries.iter().enumerate() {
+            self.index.insert_unique(e.hash, i as u32, |&j| entries[j as usize].hash);
+        }
     }
 
     /// The counters, largest first.
