@@ -15,7 +15,7 @@ use siteflow::app::{App, Running};
 use siteflow::config::{Config, LogFormat, Pace, SourceKind, resolve};
 use siteflow::history::{History, HistoryOptions};
 use siteflow::http::SqlFormat;
-use siteflow::pipeline::{Resources, plan_windows};
+use siteflow::pipeline::{Resources, plan_windows, top_talkers_warning};
 use siteflow::source::kafka_probe::{self, ProbeOptions};
 use siteflow::source::simulator::Scenario;
 use siteflow::sql::{SqlEngine, SqlLimits};
@@ -536,6 +536,9 @@ async fn check(args: &CheckArgs) -> anyhow::Result<()> {
         println!("  meetings API: shared through topic {topic} (kafka.meetings_topic)");
     }
     println!("  http: {}", config.http.listen);
+    if let Some(warning) = top_talkers_warning(&config, &res, &windows) {
+        println!("  warning: {warning}");
+    }
     if args.explain {
         for (id, (table, _)) in res.sql.iter().enumerate() {
             println!("\n{}:\n{}", table.name, windows.describe(id));

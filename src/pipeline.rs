@@ -189,6 +189,23 @@ pub async fn plan_windows(spec: WindowSpec, res: &Resources) -> Result<WindowOpe
     Ok(windows)
 }
 
+/// A warning when `sql.top_talkers` asks for more conversations per site, direction and window
+/// than the `top_talkers` SQL keeps (its `heavy_hitters` capacity): the table would list fewer
+/// than asked, and its last ranks would be the least exact.
+pub fn top_talkers_warning(config: &Config, res: &Resources, windows: &WindowOperator) -> Option<String> {
+    let wanted = config.sql.top_talkers;
+    let table = res.table_id(&crate::table::CONVERSATIONS)?;
+    let capacity = windows.heavy_hitters_capacity(table)?;
+    let origin = &res.sql_of(&crate::table::CONVERSATIONS)?.origin;
+    (wanted > capacity).then(|| {
+        format!(
+            "sql.top_talkers is {wanted}, but {origin} keeps at most {capacity} conversations per site, direction and window \
+             (heavy_hitters capacity {capacity}): raise the capacity to at least {wanted} (up to {}) or lower sql.top_talkers",
+            crate::window::heavy_hitters::MAX_CAPACITY
+        )
+    })
+}
+
 /// Totals of one run, for logs and tests.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct RunSummary {
@@ -312,6 +329,9 @@ impl Pipeline {
         }
         let mut windows = plan_windows(spec, res).await?;
         windows.set_parallel_tables(config.window.parallel_tables.enabled());
+        if let Some(warning) = top_talkers_warning(config, res, &windows) {
+            tracing::warn!("{warning}");
+        }
         let tables: Vec<&'static TableDef> = res.sql.iter().map(|(table, _)| *table).collect();
         let sampling = Sampling {
             default_rate: config.sampling.default_rate,

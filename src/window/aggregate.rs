@@ -75,6 +75,8 @@ pub struct SplitAggregate {
     state_window_column: usize,
     group_keys: Vec<String>,
     compact_open_states: usize,
+    /// The smallest capacity of its `heavy_hitters` aggregates, if it has any.
+    heavy_hitters_capacity: Option<usize>,
 }
 
 /// An open window with this many states has them merged per partition: memory follows the
@@ -232,7 +234,10 @@ impl SplitAggregate {
             return Err(PlanError::Shape(format!("the query must select {WINDOW_START}")));
         }
         let group_keys = keys.iter().map(|k| k.to_string()).collect();
-        let bounded = agg.aggr_expr().iter().any(|a| a.fun().name() == super::heavy_hitters::NAME);
+        let heavy_hitters = agg.aggr_expr().iter().filter(|a| a.fun().name() == super::heavy_hitters::NAME);
+        let bounded = heavy_hitters.clone().count() > 0;
+        let heavy_hitters_capacity =
+            heavy_hitters.filter_map(|a| a.expressions().first().and_then(|e| super::heavy_hitters::capacity_of(e).ok())).min();
         let compact_open_states = if bounded { COMPACT_OPEN_BOUNDED_STATES } else { COMPACT_OPEN_STATES };
         Ok(Self {
             input,
@@ -245,12 +250,18 @@ impl SplitAggregate {
             state_window_column,
             group_keys,
             compact_open_states,
+            heavy_hitters_capacity,
         })
     }
 
     /// Names of the GROUP BY keys.
     pub fn group_keys(&self) -> &[String] {
         &self.group_keys
+    }
+
+    /// The smallest capacity of its `heavy_hitters` aggregates (none without one).
+    pub fn heavy_hitters_capacity(&self) -> Option<usize> {
+        self.heavy_hitters_capacity
     }
 
     /// How many states an open window collects before they are merged per partition.

@@ -453,6 +453,11 @@ impl WindowOperator {
         self.tables[table].aggregate.group_keys()
     }
 
+    /// The smallest `heavy_hitters` capacity in a table's aggregation, if it has one.
+    pub fn heavy_hitters_capacity(&self, table: TableId) -> Option<usize> {
+        self.tables[table].aggregate.heavy_hitters_capacity()
+    }
+
     pub fn describe(&self, table: TableId) -> String {
         self.tables[table].aggregate.describe()
     }

@@ -23,6 +23,26 @@ fn the_shipped_configuration_passes() {
     assert!(out.contains("inventory: 242 sites"), "{out}");
 }
 
+/// Asking for more top talkers than the SQL's heavy_hitters keeps is allowed but warned about,
+/// naming both figures and the SQL file; within the capacity there is no warning.
+#[test]
+fn more_top_talkers_than_the_sql_keeps_is_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let sql = std::fs::read_to_string(repo().join("pipelines/hagiang/top_talkers.sql")).unwrap();
+    assert!(sql.contains("heavy_hitters(100,"), "the shipped SQL keeps 100");
+    write(dir.path(), "talkers.sql", &sql.replace("heavy_hitters(100,", "heavy_hitters(20,"));
+    let f = write(dir.path(), "c.yaml", "pipeline:\n  top_talkers_sql: talkers.sql\nsql:\n  top_talkers: 25\n");
+    let (ok, out, err) = check(&f, &[]);
+    assert!(ok, "{err}");
+    let warning = out.lines().find(|l| l.contains("warning:")).unwrap_or_else(|| panic!("no warning:\n{out}"));
+    for needle in ["sql.top_talkers is 25", "talkers.sql", "at most 20 conversations", "at least 25"] {
+        assert!(warning.contains(needle), "{needle:?} missing from {warning}");
+    }
+    let f = write(dir.path(), "c.yaml", "pipeline:\n  top_talkers_sql: talkers.sql\nsql:\n  top_talkers: 20\n");
+    let (ok, out, err) = check(&f, &[]);
+    assert!(ok && !out.contains("warning:"), "{out}{err}");
+}
+
 #[test]
 fn broken_yaml_names_file_and_line() {
     let dir = tempfile::tempdir().unwrap();
