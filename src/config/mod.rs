@@ -109,7 +109,8 @@ pub struct WindowConfig {
     pub idle_partition_timeout_secs: u64,
     /// Aggregate and close the tables fed by one batch (`flows` and `top_talkers` read the same
     /// flows) side by side, one thread each (`auto`: when this process may run on two cores or
-    /// more; `on`; `off`). The results are the same either way.
+    /// more; `on`; `off`, the default: on the 2-core benchmark machine it gained nothing next to
+    /// `decode.ahead`, BENCHMARKS.md). The results are the same either way.
     pub parallel_tables: SecondCore,
 }
 
@@ -122,7 +123,7 @@ impl Default for WindowConfig {
             max_exporter_skew_secs: 15,
             correction_horizon_secs: 600,
             idle_partition_timeout_secs: 30,
-            parallel_tables: SecondCore::Auto,
+            parallel_tables: SecondCore::Off,
         }
     }
 }
