@@ -147,9 +147,9 @@ pub struct DecodeConfig {
     /// cores this process may run on). The rest of the pipeline stays on one thread. Default 1:
     /// on the 2-core benchmark machine two threads gained nothing (BENCHMARKS.md).
     pub threads: usize,
-    /// Decode and enrich the next batches of a simulator or file source on another thread while
-    /// this one aggregates the current one (`auto`: when this process may run on two cores or
-    /// more; `on`; `off`). The Kafka source decodes in line.
+    /// Decode and enrich the next batches (of any source: the simulator, files, the Kafka
+    /// consumer's delivered batches) on another thread while this one aggregates the current
+    /// one (`auto`: when this process may run on two cores or more; `on`; `off`).
     pub ahead: SecondCore,
 }
 

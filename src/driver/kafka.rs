@@ -16,9 +16,12 @@
 //!
 //! A crash between two checkpoints replays the records since the last one; the checkpoint's
 //! state and the truncated results logs make them count once.
+//!
+//! With `decode.ahead`, the batches the consumer has already delivered are decoded and
+//! enriched on a blocking thread, up to [`AHEAD`] events ahead, while this one aggregates;
+//! events keep their order.
 
-use std::collections::HashMap;
-use std::future::Future;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -30,7 +33,7 @@ use super::{Driver, End};
 use crate::checkpoint::{CheckpointStore, PartitionCheckpoint, PartitionKey};
 use crate::dead_letter::DeadLetters;
 use crate::metrics::PipelineMetrics;
-use crate::pipeline::{PartitionState, Pipeline, PipelineError};
+use crate::pipeline::{PartitionState, Pipeline, PipelineError, Prepared, Preparer};
 use crate::source::kafka::{KafkaEvent, KafkaSource};
 use crate::types::{Messages, PartitionId, SourceBatch, unix_now_ns};
 
@@ -57,10 +60,29 @@ pub(super) fn furthest_behind<'a>(source: &KafkaSource, positions: impl Iterator
     Some(behind)
 }
 
+/// How many consumer events the driver takes ahead of the one it handles (`decode.ahead`).
+const AHEAD: usize = 2;
+
+/// A consumer event taken ahead: as it came, or its batches being decoded.
+enum Queued {
+    Event(KafkaEvent),
+    Preparing(tokio::task::JoinHandle<Vec<(SourceBatch, Prepared)>>),
+}
+
+/// What the driver handles: a consumer event, or batches decoded ahead.
+pub enum Delivered {
+    Consumer(KafkaEvent),
+    Prepared(Vec<(SourceBatch, Prepared)>),
+}
+
 /// Drives the pipeline from a Kafka consumer, with checkpoints.
 pub struct KafkaDriver {
     source: KafkaSource,
     events: mpsc::Receiver<KafkaEvent>,
+    /// With `decode.ahead`: what decodes the batches taken ahead.
+    preparer: Option<Arc<Preparer>>,
+    /// Events taken from `events` ahead of the one being handled, in order.
+    ahead: VecDeque<Queued>,
     store: CheckpointStore,
     dead_letters: Option<DeadLetters>,
     owned: HashMap<PartitionId, Owned>,
@@ -89,6 +111,8 @@ impl KafkaDriver {
         Self {
             source,
             events,
+            preparer: None,
+            ahead: VecDeque::new(),
             store,
             dead_letters,
             owned: HashMap::new(),
@@ -255,12 +279,13 @@ impl KafkaDriver {
         Ok(())
     }
 
-    /// Drops messages a partition has already counted (delivered again after a restart).
-    fn skip_processed(&self, batch: &mut SourceBatch) {
-        let Some(owned) = self.owned.get(&batch.partition) else { return };
+    /// Drops messages a partition has already counted (delivered again after a restart);
+    /// returns whether there were any.
+    fn skip_processed(&self, batch: &mut SourceBatch) -> bool {
+        let Some(owned) = self.owned.get(&batch.partition) else { return false };
         let from = owned.next_offset;
         if batch.offsets.first().is_none_or(|&o| o >= from) {
-            return;
+            return false;
         }
         let keep = batch.offsets.iter().filter(|&&o| o >= from).count();
         self.metrics.kafka.replayed_skipped.inc_by((batch.offsets.len() - keep) as u64);
@@ -274,11 +299,13 @@ impl KafkaDriver {
         }
         batch.messages = messages;
         batch.offsets = offsets;
+        true
     }
 
-    /// Processes one batch of an owned partition and moves its next offset on.
-    async fn process(&mut self, pipeline: &mut Pipeline, mut batch: SourceBatch) -> Result<(), PipelineError> {
-        self.skip_processed(&mut batch);
+    /// Processes one batch of an owned partition, decoded ahead or not, and moves its next
+    /// offset on.
+    async fn process(&mut self, pipeline: &mut Pipeline, mut batch: SourceBatch, prepared: Option<Prepared>) -> Result<(), PipelineError> {
+        let skipped = self.skip_processed(&mut batch);
         if batch.messages.is_empty() {
             return Ok(());
         }
@@ -286,7 +313,11 @@ impl KafkaDriver {
             out.starts_at(batch.partition, *first);
         }
         let topic = self.owned.get(&batch.partition).map_or(batch.format.as_str(), |o| o.key.topic.as_str());
-        let stats = pipeline.process(&batch, topic).await?;
+        let stats = match prepared {
+            Some(prepared) if !skipped => pipeline.process_prepared(&batch, prepared, topic).await?,
+            // Decoded ahead before part of it turned out counted already: decoded again without it.
+            _ => pipeline.process(&batch, topic).await?,
+        };
         if let Some(owned) = self.owned.get_mut(&batch.partition) {
             if let Some(dl) = &self.dead_letters {
                 dl.send(&owned.key, batch.format, &batch.messages, &batch.offsets, &stats);
@@ -300,8 +331,65 @@ impl KafkaDriver {
     }
 }
 
+impl KafkaDriver {
+    /// Takes the events the consumer has already delivered, up to [`AHEAD`], and starts
+    /// decoding their batches.
+    fn take_ahead(&mut self) {
+        while self.ahead.len() < AHEAD {
+            match self.events.try_recv() {
+                Ok(event) => self.queue(event),
+                Err(_) => break,
+            }
+        }
+    }
+
+    fn queue(&mut self, event: KafkaEvent) {
+        let queued = match (event, &self.preparer) {
+            (KafkaEvent::Batches(batches), Some(preparer)) => {
+                let preparer = preparer.clone();
+                Queued::Preparing(tokio::task::spawn_blocking(move || {
+                    batches
+                        .into_iter()
+                        .map(|batch| {
+                            let prepared = preparer.prepare(&batch);
+                            (batch, prepared)
+                        })
+                        .collect()
+                }))
+            }
+            (event, _) => Queued::Event(event),
+        };
+        self.ahead.push_back(queued);
+    }
+
+    /// The next event, in the consumer's order. Cancel-safe: an event being decoded stays
+    /// queued.
+    async fn next_delivered(&mut self) -> Option<Delivered> {
+        self.take_ahead();
+        if self.ahead.is_empty() {
+            let event = self.events.recv().await?;
+            self.queue(event);
+        }
+        let delivered = if let Some(Queued::Preparing(task)) = self.ahead.front_mut() {
+            let prepared = task.await;
+            self.ahead.pop_front();
+            match prepared {
+                Ok(prepared) => Delivered::Prepared(prepared),
+                // A panic while decoding is a panic of the pipeline, as it would be in line.
+                Err(e) => std::panic::resume_unwind(e.into_panic()),
+            }
+        } else {
+            let Some(Queued::Event(event)) = self.ahead.pop_front() else { unreachable!("the queue holds an event") };
+            Delivered::Consumer(event)
+        };
+        // The next batches decode while this one is handled.
+        self.take_ahead();
+        Some(delivered)
+    }
+}
+
 impl Driver for KafkaDriver {
-    type Event = KafkaEvent;
+    type Event = Delivered;
 
     fn start(&mut self, pipeline: &mut Pipeline) {
         pipeline.wait_for_unheard_partitions();
@@ -311,18 +399,31 @@ impl Driver for KafkaDriver {
         if self.ingest.is_some() {
             pipeline.hand_windows_on();
         }
+        if pipeline.decodes_ahead() {
+            self.preparer = Some(pipeline.preparer());
+        }
     }
 
-    fn next(&mut self) -> impl Future<Output = Option<KafkaEvent>> + Send {
-        self.events.recv()
+    async fn next(&mut self) -> Option<Delivered> {
+        self.next_delivered().await
     }
 
-    async fn handle(&mut self, event: KafkaEvent, pipeline: &mut Pipeline) -> Result<(), PipelineError> {
+    async fn handle(&mut self, event: Delivered, pipeline: &mut Pipeline) -> Result<(), PipelineError> {
+        let event = match event {
+            Delivered::Prepared(batches) => {
+                self.metrics.kafka.queued_batches.set((self.events.len() + self.ahead.len()) as i64);
+                for (batch, prepared) in batches {
+                    self.process(pipeline, batch, Some(prepared)).await?;
+                }
+                return Ok(());
+            }
+            Delivered::Consumer(event) => event,
+        };
         match event {
             KafkaEvent::Batches(batches) => {
-                self.metrics.kafka.queued_batches.set(self.events.len() as i64);
+                self.metrics.kafka.queued_batches.set((self.events.len() + self.ahead.len()) as i64);
                 for batch in batches {
-                    self.process(pipeline, batch).await?;
+                    self.process(pipeline, batch, None).await?;
                 }
                 Ok(())
             }
@@ -360,6 +461,13 @@ impl Driver for KafkaDriver {
             End::SourceEnded => tracing::warn!("the Kafka consumer stopped"),
         }
         let offsets = self.checkpoint(pipeline)?;
+        // Batches taken ahead are not covered by the checkpoint (read again after a restart);
+        // revocations taken ahead get their answer as those still in the channel do.
+        for queued in std::mem::take(&mut self.ahead) {
+            if let Queued::Event(KafkaEvent::Revoked { reply, .. }) = queued {
+                let _ = reply.send(Vec::new());
+            }
+        }
         stop_consumer(self.source, self.events, offsets).await
     }
 }
