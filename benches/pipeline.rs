@@ -86,7 +86,7 @@ fn stages(c: &mut Criterion) {
         let res = Resources::load(&config).unwrap();
         let mut windows = rt.block_on(siteflow::pipeline::plan_windows(spec(), &res)).unwrap();
         let inputs = [(res.table_id(&FLOWS).unwrap(), &enriched), (res.table_id(&CONVERSATIONS).unwrap(), &enriched)];
-        b.iter(|| rt.block_on(windows.process_together(0, &inputs, &[], Instant::now())).unwrap())
+        b.iter(|| rt.block_on(windows.process_together(0, &inputs, &[], Vec::new(), Instant::now())).unwrap())
     });
     g.finish();
 

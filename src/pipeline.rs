@@ -28,7 +28,7 @@ use crate::sink::readiness::ReadinessSink;
 use crate::sql::RecentFlows;
 use crate::table::{Input, ReadinessFeed, TABLES, TableDef};
 use crate::types::{Format, PartitionId, SourceBatch, unix_now_ns};
-use crate::window::{Closed, ClosedWindow, Contribution, ExporterKey, TableId, WindowOperator, WindowSpec};
+use crate::window::{Closed, ClosedWindow, Contribution, ExporterKey, PartialsAhead, StatesAhead, TableId, WindowOperator, WindowSpec};
 
 /// A pipeline that cannot be built, naming the file at fault.
 #[derive(Debug, thiserror::Error)]
@@ -213,6 +213,10 @@ pub struct RunSummary {
     pub records: u64,
     pub windows_closed: u64,
     pub windows_flushed_at_end: u64,
+    /// Flow inputs whose partial aggregates, computed ahead (`decode.ahead`), were used; and
+    /// those of them whose windows with late records were aggregated again in line.
+    pub states_ahead_used: u64,
+    pub states_ahead_redone: u64,
 }
 
 /// The processing chain with its state.
@@ -263,7 +267,8 @@ pub struct Pipeline {
 
 /// The first half of a batch's processing, which holds no state between batches: decode,
 /// spread (`event_time: spread`) and enrich flows and probes. So it can run on another thread,
-/// ahead of the windows (`decode.ahead`), and give the same rows as in line.
+/// ahead of the windows (`decode.ahead`), and give the same rows as in line. Ahead, it also
+/// computes the flow tables' partial aggregates (see [`PartialsAhead`]).
 pub struct Preparer {
     limits: DecodeLimits,
     /// Threads decoding one batch (`decode.threads`, resolved).
@@ -272,6 +277,8 @@ pub struct Preparer {
     /// Spreads flows of `event_time: spread` sources over the windows they cover.
     spreader: crate::event_time::Spreader,
     enricher: Enricher,
+    /// With `decode.ahead`: the flow tables' partial aggregates, computed ahead.
+    partials: Option<PartialsAhead>,
 }
 
 /// A batch decoded and, but for interface counters (their rates need the partition's previous
@@ -282,22 +289,32 @@ pub struct Prepared {
 }
 
 enum PreparedRows {
-    Flows { rows: RecordBatch, enrich: EnrichStats, spread: Option<crate::event_time::SpreadStats> },
+    Flows { rows: RecordBatch, enrich: EnrichStats, spread: Option<crate::event_time::SpreadStats>, ahead: Option<StatesAhead> },
     Probes { rows: RecordBatch, enrich: EnrichStats },
     Telemetry { probes: RecordBatch, counters: RecordBatch, is_counter: Vec<bool> },
 }
 
 impl Preparer {
-    /// Decodes and enriches `batch`; event times further ahead of now than `decode.max_future_secs`
-    /// are rejected as of this call.
+    /// Decodes and enriches `batch`, and with `decode.ahead` computes the flow tables' partial
+    /// aggregates; event times further ahead of now than `decode.max_future_secs` are rejected
+    /// as of this call.
     pub fn prepare(&self, batch: &SourceBatch) -> Prepared {
+        self.prepare_with(batch, true)
+    }
+
+    /// [`Self::prepare`], the partial aggregates left to the window stage unless `ahead`.
+    fn prepare_with(&self, batch: &SourceBatch, ahead: bool) -> Prepared {
         let limits = DecodeLimits { max_time_ns: unix_now_ns().saturating_add(self.max_future_ns), ..self.limits };
         let (decoded, stats) = decode_parallel(batch.format, batch.event_time, &batch.messages, &limits, self.decode_threads);
         let rows = match decoded {
             Decoded::Flows(b) => {
                 let (b, spread) = self.spreader.apply(batch.event_time, b);
                 let (rows, enrich) = self.enricher.enrich_flows(&b);
-                PreparedRows::Flows { rows, enrich, spread }
+                let ahead = match &self.partials {
+                    Some(partials) if ahead && rows.num_rows() > 0 => partials.compute(&rows),
+                    _ => None,
+                };
+                PreparedRows::Flows { rows, enrich, spread, ahead }
             }
             Decoded::Probes(b) => {
                 let (rows, enrich) = self.enricher.enrich_probes(&b);
@@ -333,6 +350,12 @@ impl Pipeline {
             tracing::warn!("{warning}");
         }
         let tables: Vec<&'static TableDef> = res.sql.iter().map(|(table, _)| *table).collect();
+        let top_talkers = config.sql.top_talkers > 0;
+        let decode_ahead = config.decode.decode_ahead();
+        // The tables `feed` hands flows to.
+        let flow_tables: Vec<TableId> =
+            (0..tables.len()).filter(|&id| tables[id].input == Input::Flows && (top_talkers || !tables[id].top_talkers)).collect();
+        let partials = (decode_ahead && !flow_tables.is_empty()).then(|| windows.partials_ahead(&flow_tables));
         let sampling = Sampling {
             default_rate: config.sampling.default_rate,
             overrides: config.sampling.overrides.iter().map(|(ip, r)| (addr_from_ip(*ip), *r)).collect(),
@@ -349,8 +372,9 @@ impl Pipeline {
                 max_future_ns: (config.decode.max_future_secs as i64).saturating_mul(1_000_000_000),
                 spreader: crate::event_time::Spreader::new(config.window_size(), config.decode.max_spread_windows),
                 enricher: Enricher::new(res.inventory.clone(), sampling),
+                partials,
             }),
-            decode_ahead: config.decode.decode_ahead(),
+            decode_ahead,
             readiness: ReadinessSink::new(SharedReadiness::new(
                 ReadinessEngine::new(res.inventory.clone(), res.policy.clone(), spec.size_ns()).with_maintenance(res.maintenance.clone()),
                 res.meetings.clone(),
@@ -366,7 +390,7 @@ impl Pipeline {
             summary: RunSummary::default(),
             results: Vec::new(),
             recent_flows: None,
-            top_talkers: config.sql.top_talkers > 0,
+            top_talkers,
             newest_event: None,
             rejections: crate::notices::RejectionWatch::new(
                 Duration::from_secs(config.log.rejection_warn_after_secs),
@@ -541,7 +565,7 @@ impl Pipeline {
         if batch.messages.is_empty() {
             return Ok(DecodeStats::default());
         }
-        let prepared = self.preparer.prepare(batch);
+        let prepared = self.preparer.prepare_with(batch, false);
         self.process_prepared(batch, prepared, source).await
     }
 
@@ -554,6 +578,7 @@ impl Pipeline {
     pub fn decodes_ahead(&self) -> bool {
         self.decode_ahead
     }
+
 
     /// [`Pipeline::process`] of a batch [`Preparer::prepare`] decoded and enriched (on this
     /// thread or ahead on another): the rest of the chain, in the same order.
@@ -570,11 +595,13 @@ impl Pipeline {
         self.summary.records += stats.records;
         // Each input's enriched rows, with (for several inputs from the same messages) each row's
         // position among the messages' records.
+        let mut ahead = None;
         let inputs: Vec<(Input, RecordBatch, EnrichStats, Vec<u32>)> = match rows {
-            PreparedRows::Flows { rows, enrich, spread } => {
+            PreparedRows::Flows { rows, enrich, spread, ahead: states } => {
                 if let Some(stats) = spread {
                     self.metrics.record_spread(&stats);
                 }
+                ahead = states;
                 vec![(Input::Flows, rows, enrich, Vec::new())]
             }
             PreparedRows::Probes { rows, enrich } => vec![(Input::Probes, rows, enrich, Vec::new())],
@@ -600,7 +627,7 @@ impl Pipeline {
                 ]
             }
         };
-        self.feed(batch, inputs).await?;
+        self.feed(batch, inputs, ahead).await?;
         if let Some(newest) = &self.newest_event
             && let Some(t) = self.windows.watermarks().partition_max_event(batch.partition)
         {
@@ -615,9 +642,16 @@ impl Pipeline {
 
     /// Hands the enriched rows of one source batch to every table that reads them, all tables
     /// together (see [`WindowOperator::process_together`]).
-    async fn feed(&mut self, batch: &SourceBatch, inputs: Vec<(Input, RecordBatch, EnrichStats, Vec<u32>)>) -> Result<(), PipelineError> {
+    /// `ahead`: the flow tables' partial states computed ahead.
+    async fn feed(
+        &mut self,
+        batch: &SourceBatch,
+        inputs: Vec<(Input, RecordBatch, EnrichStats, Vec<u32>)>,
+        mut ahead: Option<StatesAhead>,
+    ) -> Result<(), PipelineError> {
         let mut fed: Vec<(TableId, &RecordBatch)> = Vec::new();
         let mut fed_ordinals = Vec::new();
+        let mut fed_ahead = Vec::new();
         for (input, rows, stats, ordinals) in &inputs {
             if *input == Input::Flows {
                 if let Some(ring) = &self.recent_flows {
@@ -638,13 +672,14 @@ impl Pipeline {
                 if rows.num_rows() > 0 {
                     fed.push((id, rows));
                     fed_ordinals.push(ordinals.clone());
+                    fed_ahead.push(ahead.as_mut().filter(|_| *input == Input::Flows).and_then(|a| a.take(id)));
                 }
             }
         }
         if fed.is_empty() {
             return Ok(());
         }
-        let outcomes = self.windows.process_together(batch.partition, &fed, &fed_ordinals, batch.received).await?;
+        let outcomes = self.windows.process_together(batch.partition, &fed, &fed_ordinals, fed_ahead, batch.received).await?;
         for ((id, _), outcome) in fed.iter().zip(outcomes) {
             let table = self.tables[*id];
             if !table.second_view {
@@ -724,7 +759,8 @@ impl Pipeline {
 
     /// The run's totals so far.
     pub fn summary(&self) -> RunSummary {
-        self.summary
+        let (states_ahead_used, states_ahead_redone) = self.windows.states_ahead_used();
+        RunSummary { states_ahead_used, states_ahead_redone, ..self.summary }
     }
 
     /// Logs the run's totals and what was lost, once the pipeline has stopped.

@@ -147,9 +147,11 @@ pub struct DecodeConfig {
     /// cores this process may run on). The rest of the pipeline stays on one thread. Default 1:
     /// on the 2-core benchmark machine two threads gained nothing (BENCHMARKS.md).
     pub threads: usize,
-    /// Decode and enrich the next batches (of any source: the simulator, files, the Kafka
-    /// consumer's delivered batches) on another thread while this one aggregates the current
-    /// one (`auto`: when this process may run on two cores or more; `on`; `off`).
+    /// Prepare the next batches (of any source: the simulator, files, the Kafka consumer's
+    /// delivered batches) on other threads while this one aggregates the current one: decode,
+    /// enrich, and the flow tables' partial aggregates (windows holding a late record are
+    /// aggregated again here). `auto`: when this process may run on two cores or more; `on`;
+    /// `off`.
     pub ahead: SecondCore,
 }
 

@@ -95,8 +95,8 @@ pub async fn run<D: Driver>(
 
 /// Drives any [`Source`] of batches: each batch is processed; at the end every open window is
 /// flushed, whether the source ran out or a shutdown was requested. With `decode.ahead` a task
-/// reads the source and decodes each batch on a blocking thread, at most two batches ahead,
-/// while this one aggregates; batches keep their order.
+/// reads the source and prepares the next batches on blocking threads, two at a time, while
+/// this one aggregates; batches keep their order.
 pub struct SourceDriver<S> {
     source: Option<S>,
     ahead: Option<(mpsc::Receiver<Ahead>, tokio::task::JoinHandle<()>)>,
@@ -111,18 +111,28 @@ impl<S: Source + 'static> SourceDriver<S> {
     }
 }
 
-/// Reads `source` and prepares each batch on a blocking thread, in order, one batch in the
-/// channel and one in preparation at most.
-fn decode_ahead<S: Source + 'static>(mut source: S, preparer: Arc<Preparer>) -> (mpsc::Receiver<Ahead>, tokio::task::JoinHandle<()>) {
+/// Batches in preparation at once: preparing (decode, enrich, partial aggregates) costs more
+/// than the rest of a batch, so two threads prepare while one aggregates.
+const PREPARING: usize = 2;
+
+/// Reads `source` and prepares its batches on blocking threads, [`PREPARING`] at a time; hands
+/// them on in order, one in the channel at most.
+fn decode_ahead<S: Source + 'static>(source: S, preparer: Arc<Preparer>) -> (mpsc::Receiver<Ahead>, tokio::task::JoinHandle<()>) {
+    use futures::StreamExt as _;
     let (tx, rx) = mpsc::channel(1);
     let task = tokio::spawn(async move {
-        while let Some(batch) = source.next_batch().await {
-            let preparer = preparer.clone();
-            let prepared = tokio::task::spawn_blocking(move || {
-                let prepared = preparer.prepare(&batch);
-                (batch, prepared)
+        let batches = futures::stream::unfold(source, |mut source| async move { source.next_batch().await.map(|b| (b, source)) });
+        let prepared = batches
+            .map(|batch| {
+                let preparer = preparer.clone();
+                tokio::task::spawn_blocking(move || {
+                    let prepared = preparer.prepare(&batch);
+                    (batch, prepared)
+                })
             })
-            .await;
+            .buffered(PREPARING);
+        let mut prepared = std::pin::pin!(prepared);
+        while let Some(prepared) = prepared.next().await {
             let failed = prepared.is_err();
             if tx.send(prepared).await.is_err() || failed {
                 break;

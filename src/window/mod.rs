@@ -10,7 +10,7 @@ pub mod heavy_hitters;
 pub mod watermark;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use datafusion::arrow::array::{Array, ArrayRef, AsArray, BooleanArray, PrimitiveArray, RecordBatch};
@@ -121,6 +121,9 @@ struct PublishedWindow {
 #[derive(Debug)]
 struct WindowedTable {
     name: Arc<str>,
+    /// The table its SQL reads, and the SQL (to plan it again: see [`PartialsAhead`]).
+    input: String,
+    sql: String,
     schema: SchemaRef,
     aggregate: SplitAggregate,
     open: BTreeMap<i64, Vec<(PartitionId, RecordBatch)>>,
@@ -159,18 +162,30 @@ impl WindowedTable {
         Ok(())
     }
 
-    /// Aggregates the on-time records of a batch into their windows' partial states.
+    /// Aggregates the on-time records of a batch into their windows' partial states. With
+    /// `ahead`, the states computed ahead for the whole batch: each window's states depend on
+    /// its own records only (every aggregation groups by `window_start`), so those of windows
+    /// without a late record are filed as they are, and only the windows with one are
+    /// aggregated again from their on-time records.
     async fn aggregate(
         &mut self,
         partition: PartitionId,
         batch: &RecordBatch,
         assignment: Assignment,
+        ahead: Option<Vec<RecordBatch>>,
     ) -> Result<BatchOutcome, DataFusionError> {
         let mut outcome =
             BatchOutcome { accepted: (batch.num_rows() - assignment.late_count) as u64, late: assignment.late_count as u64, on_time: None };
         if outcome.accepted == 0 {
             return Ok(outcome);
         }
+        // The windows that hold a late record (only needed with states computed ahead).
+        let late_windows: BTreeSet<i64> = match &ahead {
+            Some(_) if assignment.late_count > 0 => {
+                assignment.window_starts.iter().zip(&assignment.late).filter(|(_, late)| **late).map(|(s, _)| *s).collect()
+            }
+            _ => BTreeSet::new(),
+        };
         let starts: ArrayRef = Arc::new(PrimitiveArray::<TimestampNanosecondType>::new(assignment.window_starts.into(), None));
         let mut columns = vec![starts];
         columns.extend(batch.columns().iter().cloned());
@@ -179,22 +194,37 @@ impl WindowedTable {
             let on_time = BooleanArray::from_iter(assignment.late.iter().map(|late| Some(!late)));
             input = filter_record_batch(&input, &on_time)?;
         }
-        outcome.on_time = Some(input.clone());
-        let states = self.aggregate.partial(input).await?;
+        let states = match ahead {
+            Some(states) if assignment.late_count == 0 => states,
+            Some(ahead) => {
+                let window_col = self.aggregate.state_window_column();
+                let mut states = Vec::with_capacity(ahead.len() + 1);
+                for state in &ahead {
+                    states.push(rows_in_windows(state, window_col, &late_windows, false)?);
+                }
+                let redo = rows_in_windows(&input, 0, &late_windows, true)?;
+                if redo.num_rows() > 0 {
+                    states.extend(self.aggregate.partial(redo).await?);
+                }
+                states
+            }
+            None => self.aggregate.partial(input.clone()).await?,
+        };
+        outcome.on_time = Some(input);
         self.file_open_states(partition, states).await?;
         Ok(outcome)
     }
 
     /// [`Self::aggregate`] for each of a batch's inputs of this table (`(input index, rows,
-    /// their windows)`), in order.
+    /// their windows, states computed ahead)`), in order.
     async fn aggregate_all(
         &mut self,
         partition: PartitionId,
-        inputs: Vec<(usize, &RecordBatch, Assignment)>,
+        inputs: Vec<(usize, &RecordBatch, Assignment, Option<Vec<RecordBatch>>)>,
     ) -> Result<Vec<(usize, BatchOutcome)>, DataFusionError> {
         let mut outcomes = Vec::with_capacity(inputs.len());
-        for (i, batch, assignment) in inputs {
-            outcomes.push((i, self.aggregate(partition, batch, assignment).await?));
+        for (i, batch, assignment, ahead) in inputs {
+            outcomes.push((i, self.aggregate(partition, batch, assignment, ahead).await?));
         }
         Ok(outcomes)
     }
@@ -278,6 +308,73 @@ struct TableClosed {
     window: Option<ClosedWindow>,
 }
 
+/// The partial aggregates of batches, computed ahead of the window stage on the threads that
+/// decode them (`decode.ahead`). A batch's partial aggregate holds no state between batches:
+/// only which of its records are late depends on what came before. So the window stage files
+/// these states for the windows without a late record, and aggregates the others again in
+/// line (the same states either way).
+pub struct PartialsAhead {
+    size_ns: i64,
+    /// Per table: its id, input, schema and SQL.
+    tables: Vec<(TableId, String, SchemaRef, String)>,
+    /// Plans not in use, one per table in each set: a plan runs one batch at a time, so each
+    /// thread computing at the moment takes a set (planned again when none is left).
+    idle: Mutex<Vec<Vec<SplitAggregate>>>,
+}
+
+/// One batch's partial states per table, computed ahead (see [`PartialsAhead`]).
+#[derive(Debug, Default)]
+pub struct StatesAhead(Vec<(TableId, Vec<RecordBatch>)>);
+
+impl StatesAhead {
+    /// The states of `table`, taken out.
+    pub fn take(&mut self, table: TableId) -> Option<Vec<RecordBatch>> {
+        let i = self.0.iter().position(|(t, _)| *t == table)?;
+        Some(self.0.swap_remove(i).1)
+    }
+}
+
+impl PartialsAhead {
+    /// The partial states of `rows` (enriched rows of the tables' input) for every table, with
+    /// `window_start` as the window stage would add it; `None` if anything failed (the window
+    /// stage then aggregates in line and reports the error itself).
+    pub fn compute(&self, rows: &RecordBatch) -> Option<StatesAhead> {
+        let taken = self.idle.lock().expect("plans lock").pop();
+        let plans = match taken {
+            Some(plans) => plans,
+            None => drive(self.plan()).ok()?,
+        };
+        let states = self.compute_with(&plans, rows).ok();
+        self.idle.lock().expect("plans lock").push(plans);
+        states
+    }
+
+    fn compute_with(&self, plans: &[SplitAggregate], rows: &RecordBatch) -> Result<StatesAhead, DataFusionError> {
+        let times = rows
+            .column_by_name("event_time")
+            .ok_or_else(|| DataFusionError::Internal("batch without event_time".into()))?
+            .as_primitive::<TimestampNanosecondType>();
+        let starts: Vec<i64> = times.values().iter().map(|&t| window_start(t, self.size_ns)).collect();
+        let starts: ArrayRef = Arc::new(PrimitiveArray::<TimestampNanosecondType>::new(starts.into(), None));
+        let mut out = Vec::with_capacity(plans.len());
+        for ((id, _, schema, _), plan) in self.tables.iter().zip(plans) {
+            let mut columns = vec![starts.clone()];
+            columns.extend(rows.columns().iter().cloned());
+            let input = RecordBatch::try_new(schema.clone(), columns)?;
+            out.push((*id, drive(plan.partial(input))?));
+        }
+        Ok(StatesAhead(out))
+    }
+
+    async fn plan(&self) -> Result<Vec<SplitAggregate>, DataFusionError> {
+        let mut plans = Vec::with_capacity(self.tables.len());
+        for (_, input, schema, sql) in &self.tables {
+            plans.push(SplitAggregate::plan(sql, input, schema.clone()).await.map_err(|e| DataFusionError::Plan(e.to_string()))?);
+        }
+        Ok(plans)
+    }
+}
+
 /// Runs a table's future to its end on this thread. Outside tokio's cooperative budget: the
 /// budget is given back only when a task yields to the runtime, which this thread never does, so
 /// an operator that checks it would wait forever once it ran out.
@@ -352,6 +449,10 @@ pub struct WindowOperator {
     per_partition_results: bool,
     /// Whether the tables of a batch or a close run side by side (see [`Self::set_parallel_tables`]).
     parallel_tables: bool,
+    /// Inputs whose states computed ahead were filed, and those of them with windows
+    /// aggregated again in line because they held late records (see [`PartialsAhead`]).
+    ahead_filed: u64,
+    ahead_redone: u64,
 }
 
 /// A window being closed: its start, what closing means, and per table the states that close now.
@@ -370,7 +471,28 @@ impl WindowOperator {
             completed_upto: None,
             per_partition_results: false,
             parallel_tables: false,
+            ahead_filed: 0,
+            ahead_redone: 0,
         }
+    }
+
+    /// What computes the partial states of `tables` ahead, on other threads (see
+    /// [`PartialsAhead`]); the tables must read the same input.
+    pub fn partials_ahead(&self, tables: &[TableId]) -> PartialsAhead {
+        let tables = tables
+            .iter()
+            .map(|&id| {
+                let t = &self.tables[id];
+                (id, t.input.clone(), t.schema.clone(), t.sql.clone())
+            })
+            .collect();
+        PartialsAhead { size_ns: self.spec.size_ns(), tables, idle: Mutex::new(Vec::new()) }
+    }
+
+    /// Inputs whose states computed ahead were filed, and those of them with windows
+    /// aggregated again in line because they held late records.
+    pub fn states_ahead_used(&self) -> (u64, u64) {
+        (self.ahead_filed, self.ahead_redone)
     }
 
     /// Aggregates and closes the tables of one batch side by side, each on its own thread
@@ -396,6 +518,8 @@ impl WindowOperator {
         let aggregate = SplitAggregate::plan(sql, input, schema.clone()).await?;
         self.tables.push(WindowedTable {
             name: name.into(),
+            input: input.into(),
+            sql: sql.into(),
             schema,
             aggregate,
             open: BTreeMap::new(),
@@ -470,7 +594,7 @@ impl WindowOperator {
         batch: &RecordBatch,
         now: Instant,
     ) -> Result<BatchOutcome, DataFusionError> {
-        let mut outcomes = self.process_together(partition, &[(table, batch)], &[], now).await?;
+        let mut outcomes = self.process_together(partition, &[(table, batch)], &[], Vec::new(), now).await?;
         Ok(outcomes.pop().expect("one outcome per input"))
     }
 
@@ -480,11 +604,14 @@ impl WindowOperator {
     /// table after the other would make the second table's records late whenever the first
     /// table's reach further in time; and the order must not depend on how messages were
     /// grouped into micro-batches, or a replay after a crash could judge lateness differently.)
+    /// `ahead[i]`, when present, holds input `i`'s partial states computed ahead (see
+    /// [`PartialsAhead`]).
     pub async fn process_together(
         &mut self,
         partition: PartitionId,
         inputs: &[(TableId, &RecordBatch)],
         ordinals: &[Vec<u32>],
+        mut ahead: Vec<Option<Vec<RecordBatch>>>,
         now: Instant,
     ) -> Result<Vec<BatchOutcome>, DataFusionError> {
         let mut rows: Vec<(u32, usize, usize)> = Vec::with_capacity(inputs.iter().map(|(_, b)| b.num_rows()).sum());
@@ -519,12 +646,17 @@ impl WindowOperator {
             parts[i].late_count += usize::from(assignment.late[k]);
         }
         let mut outcomes: Vec<Option<BatchOutcome>> = inputs.iter().map(|_| None).collect();
+        ahead.resize_with(inputs.len(), || None);
         // One job per table: the inputs of a table (usually one) in order.
-        let mut jobs: Vec<(TableId, Vec<(usize, &RecordBatch, Assignment)>)> = Vec::new();
-        for (i, ((table, batch), part)) in inputs.iter().zip(parts).enumerate() {
+        let mut jobs: Vec<(TableId, Vec<(usize, &RecordBatch, Assignment, Option<Vec<RecordBatch>>)>)> = Vec::new();
+        for (i, (((table, batch), part), ahead)) in inputs.iter().zip(parts).zip(ahead).enumerate() {
+            if ahead.is_some() {
+                self.ahead_filed += 1;
+                self.ahead_redone += u64::from(part.late_count > 0);
+            }
             match jobs.iter_mut().find(|(t, _)| t == table) {
-                Some((_, job)) => job.push((i, batch, part)),
-                None => jobs.push((*table, vec![(i, *batch, part)])),
+                Some((_, job)) => job.push((i, batch, part, ahead)),
+                None => jobs.push((*table, vec![(i, *batch, part, ahead)])),
             }
         }
         // The plans run to completion without waiting on anything (their input is in memory):
@@ -762,6 +894,13 @@ impl WindowOperator {
 }
 
 /// Splits state rows by their window start (a batch usually holds one or two windows).
+/// The rows of `batch` whose window (column `window_col`) is in `windows` (`inside`), or not.
+fn rows_in_windows(batch: &RecordBatch, window_col: usize, windows: &BTreeSet<i64>, inside: bool) -> Result<RecordBatch, DataFusionError> {
+    let starts = batch.column(window_col).as_primitive::<TimestampNanosecondType>();
+    let mask = BooleanArray::from_iter(starts.values().iter().map(|s| Some(windows.contains(s) == inside)));
+    Ok(filter_record_batch(batch, &mask)?)
+}
+
 fn split_by_window(state: &RecordBatch, window_col: usize) -> Result<Vec<(i64, RecordBatch)>, DataFusionError> {
     let starts = state.column(window_col).as_primitive::<TimestampNanosecondType>();
     if starts.is_empty() {

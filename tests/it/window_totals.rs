@@ -148,7 +148,8 @@ async fn without_top_talkers_the_conversations_table_stays_empty_and_totals_hold
     assert_eq!(totals(&with), totals(&without));
 }
 
-/// `decode.ahead` decodes and enriches the next batches on another thread, and
+/// `decode.ahead` decodes and enriches the next batches on other threads and computes the flow
+/// tables' partial aggregates there (used when no record of the batch is late), and
 /// `window.parallel_tables` aggregates and closes each table on its own: every table's windows
 /// (as last published), the run's counts and every site's verdict equal one thread doing it
 /// all, on a run with faults, out-of-order and too-late records, probes and interface counters.
@@ -185,6 +186,12 @@ async fn using_a_second_core_gives_what_one_thread_gives() {
     let verdicts = |run: &crate::support::SimRun| format!("{:?}", run.readiness.engine.read().unwrap().latest());
     let a = tables(one);
     assert!(a.len() > 100, "{} windows", a.len());
+    assert_eq!((one.summary.states_ahead_used, one.summary.states_ahead_redone), (0, 0), "in line");
+    for run in &runs[1..] {
+        // Both ways are taken: batches without late records use the states computed ahead.
+        let (used, redone) = (run.summary.states_ahead_used, run.summary.states_ahead_redone);
+        assert!(used > 0 && redone > 0, "states computed ahead used {used} times, redone {redone} times");
+    }
     for (name, other) in ["decoding ahead", "decoding ahead, tables side by side"].iter().zip(&runs[1..]) {
         assert_eq!((one.summary.records, one.summary.batches), (other.summary.records, other.summary.batches), "{name}");
         let b = tables(other);
