@@ -17,9 +17,9 @@
 //! A crash between two checkpoints replays the records since the last one; the checkpoint's
 //! state and the truncated results logs make them count once.
 //!
-//! With `decode.ahead`, the batches the consumer has already delivered are decoded and
-//! enriched on a blocking thread, up to [`AHEAD`] events ahead, while this one aggregates;
-//! events keep their order.
+//! With `decode.ahead`, the batches the consumer has already delivered are prepared (decoded,
+//! enriched, partially aggregated) on blocking threads, up to [`AHEAD`] events ahead, while
+//! this one aggregates; events keep their order.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -61,7 +61,7 @@ pub(super) fn furthest_behind<'a>(source: &KafkaSource, positions: impl Iterator
 }
 
 /// How many consumer events the driver takes ahead of the one it handles (`decode.ahead`).
-const AHEAD: usize = 2;
+const AHEAD: usize = 3;
 
 /// A consumer event taken ahead: as it came, or its batches being decoded.
 enum Queued {

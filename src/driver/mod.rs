@@ -95,8 +95,8 @@ pub async fn run<D: Driver>(
 
 /// Drives any [`Source`] of batches: each batch is processed; at the end every open window is
 /// flushed, whether the source ran out or a shutdown was requested. With `decode.ahead` a task
-/// reads the source and prepares the next batches on blocking threads, two at a time, while
-/// this one aggregates; batches keep their order.
+/// reads the source and prepares the next batches on blocking threads, [`PREPARING`] at a
+/// time, while this one aggregates; batches keep their order.
 pub struct SourceDriver<S> {
     source: Option<S>,
     ahead: Option<(mpsc::Receiver<Ahead>, tokio::task::JoinHandle<()>)>,
@@ -111,9 +111,10 @@ impl<S: Source + 'static> SourceDriver<S> {
     }
 }
 
-/// Batches in preparation at once: preparing (decode, enrich, partial aggregates) costs more
-/// than the rest of a batch, so two threads prepare while one aggregates.
-const PREPARING: usize = 2;
+/// Batches in preparation at once. Preparing (decode, enrich, partial aggregates) costs several
+/// times the rest of a batch, and batches are handed on in order: with two, a core stood idle
+/// whenever the later batch was ready first (1.58 of 2 cores busy, BENCHMARKS.md).
+const PREPARING: usize = 3;
 
 /// Reads `source` and prepares its batches on blocking threads, [`PREPARING`] at a time; hands
 /// them on in order, one in the channel at most.
