@@ -63,13 +63,13 @@ pub(super) fn furthest_behind<'a>(source: &KafkaSource, positions: impl Iterator
 /// How many consumer events the driver takes ahead of the one it handles (`decode.ahead`).
 const AHEAD: usize = 3;
 
-/// A consumer event taken ahead: as it came, or its batches being decoded.
+/// A consumer event taken ahead: as it came, or its batches being prepared.
 enum Queued {
     Event(KafkaEvent),
     Preparing(tokio::task::JoinHandle<Vec<(SourceBatch, Prepared)>>),
 }
 
-/// What the driver handles: a consumer event, or batches decoded ahead.
+/// What the driver handles: a consumer event, or batches prepared ahead.
 pub enum Delivered {
     Consumer(KafkaEvent),
     Prepared(Vec<(SourceBatch, Prepared)>),
@@ -79,7 +79,7 @@ pub enum Delivered {
 pub struct KafkaDriver {
     source: KafkaSource,
     events: mpsc::Receiver<KafkaEvent>,
-    /// With `decode.ahead`: what decodes the batches taken ahead.
+    /// With `decode.ahead`: what prepares the batches taken ahead.
     preparer: Option<Arc<Preparer>>,
     /// Events taken from `events` ahead of the one being handled, in order.
     ahead: VecDeque<Queued>,
@@ -302,7 +302,7 @@ impl KafkaDriver {
         true
     }
 
-    /// Processes one batch of an owned partition, decoded ahead or not, and moves its next
+    /// Processes one batch of an owned partition, prepared ahead or not, and moves its next
     /// offset on.
     async fn process(&mut self, pipeline: &mut Pipeline, mut batch: SourceBatch, prepared: Option<Prepared>) -> Result<(), PipelineError> {
         let skipped = self.skip_processed(&mut batch);
@@ -315,7 +315,7 @@ impl KafkaDriver {
         let topic = self.owned.get(&batch.partition).map_or(batch.format.as_str(), |o| o.key.topic.as_str());
         let stats = match prepared {
             Some(prepared) if !skipped => pipeline.process_prepared(&batch, prepared, topic).await?,
-            // Decoded ahead before part of it turned out counted already: decoded again without it.
+            // Prepared before part of it turned out counted already: prepared again without it.
             _ => pipeline.process(&batch, topic).await?,
         };
         if let Some(owned) = self.owned.get_mut(&batch.partition) {
@@ -329,11 +329,9 @@ impl KafkaDriver {
         }
         self.write_results(pipeline)
     }
-}
 
-impl KafkaDriver {
     /// Takes the events the consumer has already delivered, up to [`AHEAD`], and starts
-    /// decoding their batches.
+    /// preparing their batches.
     fn take_ahead(&mut self) {
         while self.ahead.len() < AHEAD {
             match self.events.try_recv() {
@@ -362,7 +360,7 @@ impl KafkaDriver {
         self.ahead.push_back(queued);
     }
 
-    /// The next event, in the consumer's order. Cancel-safe: an event being decoded stays
+    /// The next event, in the consumer's order. Cancel-safe: an event being prepared stays
     /// queued.
     async fn next_delivered(&mut self) -> Option<Delivered> {
         self.take_ahead();
@@ -382,7 +380,7 @@ impl KafkaDriver {
             let Some(Queued::Event(event)) = self.ahead.pop_front() else { unreachable!("the queue holds an event") };
             Delivered::Consumer(event)
         };
-        // The next batches decode while this one is handled.
+        // The next batches are prepared while this one is handled.
         self.take_ahead();
         Some(delivered)
     }
@@ -409,32 +407,22 @@ impl Driver for KafkaDriver {
     }
 
     async fn handle(&mut self, event: Delivered, pipeline: &mut Pipeline) -> Result<(), PipelineError> {
-        let event = match event {
-            Delivered::Prepared(batches) => {
-                self.metrics.kafka.queued_batches.set((self.events.len() + self.ahead.len()) as i64);
-                for (batch, prepared) in batches {
-                    self.process(pipeline, batch, Some(prepared)).await?;
-                }
-                return Ok(());
-            }
-            Delivered::Consumer(event) => event,
-        };
-        match event {
-            KafkaEvent::Batches(batches) => {
-                self.metrics.kafka.queued_batches.set((self.events.len() + self.ahead.len()) as i64);
-                for batch in batches {
-                    self.process(pipeline, batch, None).await?;
-                }
-                Ok(())
-            }
-            KafkaEvent::Assigned(partitions) => self.assign(pipeline, &partitions),
-            KafkaEvent::Revoked { partitions, reply } => {
+        let batches: Vec<(SourceBatch, Option<Prepared>)> = match event {
+            Delivered::Prepared(batches) => batches.into_iter().map(|(batch, prepared)| (batch, Some(prepared))).collect(),
+            Delivered::Consumer(KafkaEvent::Batches(batches)) => batches.into_iter().map(|batch| (batch, None)).collect(),
+            Delivered::Consumer(KafkaEvent::Assigned(partitions)) => return self.assign(pipeline, &partitions),
+            Delivered::Consumer(KafkaEvent::Revoked { partitions, reply }) => {
                 let ids: Vec<PartitionId> = partitions.iter().map(|(id, _)| *id).collect();
                 let offsets = self.revoke(pipeline, &ids)?;
                 let _ = reply.send(offsets);
-                Ok(())
+                return Ok(());
             }
+        };
+        self.metrics.kafka.queued_batches.set((self.events.len() + self.ahead.len()) as i64);
+        for (batch, prepared) in batches {
+            self.process(pipeline, batch, prepared).await?;
         }
+        Ok(())
     }
 
     fn tick(&mut self, pipeline: &mut Pipeline) -> Result<(), PipelineError> {
