@@ -440,7 +440,6 @@ impl Groups {
         let column = |i: usize| entries.column(i).as_primitive::<UInt64Type>();
         let (keys, bytes, errors, packets, records) = (entries.column(0).as_binary::<i32>(), column(1), column(2), column(3), column(4));
         let offsets = lists.value_offsets();
-        let mut merged = Vec::new();
         for (row, &g) in group_indices.iter().enumerate() {
             if lists.is_null(row) {
                 continue;
@@ -454,18 +453,23 @@ impl Groups {
             });
             let summary = &mut self.summaries[g];
             summary.merge(bound, counters);
-            // Pruned once per batch, or when one group has gathered many states' counters.
+            // Pruned only once a group has gathered many states' counters, and before its
+            // state or result goes out (`pruned`): DataFusion hands a merge its states one
+            // batch at a time, and pruning every group after each (a reduce of 16 states
+            // pruned each group 16 times) cost more than the merging.
             if summary.len() > PRUNE_AT * self.capacity {
                 summary.prune(self.capacity);
             }
-            merged.push(g);
-        }
-        merged.sort_unstable();
-        merged.dedup();
-        for g in merged {
-            self.summaries[g].prune(self.capacity);
         }
         Ok(())
+    }
+
+    /// `summaries` cut to `capacity` counters each, as they leave the accumulator.
+    fn pruned(capacity: usize, mut summaries: Vec<Summary>) -> Vec<Summary> {
+        for summary in &mut summaries {
+            summary.prune(capacity);
+        }
+        summaries
     }
 
     /// State columns for `summaries`: bounds and counter lists (largest first).
@@ -512,12 +516,12 @@ impl GroupsAccumulator for Groups {
     }
 
     fn evaluate(&mut self, emit_to: EmitTo) -> Result<ArrayRef> {
-        let summaries = emit_to.take_needed(&mut self.summaries);
+        let summaries = Self::pruned(self.capacity, emit_to.take_needed(&mut self.summaries));
         self.evaluate_of(&summaries)
     }
 
     fn state(&mut self, emit_to: EmitTo) -> Result<Vec<ArrayRef>> {
-        Self::state_of(&emit_to.take_needed(&mut self.summaries))
+        Self::state_of(&Self::pruned(self.capacity, emit_to.take_needed(&mut self.summaries)))
     }
 
     fn merge_batch(&mut self, values: &[ArrayRef], group_indices: &[usize], total_num_groups: usize) -> Result<()> {
@@ -565,6 +569,7 @@ impl Accumulator for OneGroup {
 
     fn evaluate(&mut self) -> Result<ScalarValue> {
         self.0.summaries.resize_with(1, Summary::default);
+        self.0.summaries[0].prune(self.0.capacity);
         ScalarValue::try_from_array(&self.0.evaluate_of(&self.0.summaries)?, 0)
     }
 
@@ -574,6 +579,7 @@ impl Accumulator for OneGroup {
 
     fn state(&mut self) -> Result<Vec<ScalarValue>> {
         self.0.summaries.resize_with(1, Summary::default);
+        self.0.summaries[0].prune(self.0.capacity);
         Groups::state_of(&self.0.summaries)?.iter().map(|a| ScalarValue::try_from_array(a, 0)).collect()
     }
 
