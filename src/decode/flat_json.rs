@@ -24,17 +24,7 @@ pub(crate) enum Scalar<'a> {
 /// this value here"); `Some(())` when the whole input was one such object.
 pub(crate) fn scan<'a>(rec: &'a str, mut field: impl FnMut(&'a str, Scalar<'a>) -> Option<()>) -> Option<()> {
     let b = rec.as_bytes();
-    // A control character is only valid JSON as whitespace between tokens; rather than tell
-    // where it stands, leave any record that has one to serde_json. (Written as a fold so that
-    // it compiles to a vector loop over the whole record.)
-    if b.iter().fold(false, |any, &c| any | (c < 0x20)) {
-        return None;
-    }
-    let mut i = skip_ws(b, 0);
-    if b.get(i) != Some(&b'{') {
-        return None;
-    }
-    i = skip_ws(b, i + 1);
+    let mut i = open_object(b)?;
     if b.get(i) == Some(&b'}') {
         return (skip_ws(b, i + 1) == b.len()).then_some(());
     }
@@ -43,29 +33,167 @@ pub(crate) fn scan<'a>(rec: &'a str, mut field: impl FnMut(&'a str, Scalar<'a>) 
             return None;
         }
         let (key, next) = string(rec, i + 1)?;
-        i = skip_ws(b, next);
-        if b.get(i) != Some(&b':') {
+        i = colon(b, next)?;
+        let (value, next) = scalar(rec, i)?;
+        field(key, value)?;
+        i = match member_end(b, next)? {
+            Some(i) => i,
+            None => return Some(()),
+        };
+    }
+}
+
+/// The keys a caller of [`scan_keyed`] knows, in the order its records usually list them, each
+/// with the slot its value goes to, or `None` for a key whose value it does not want.
+pub(crate) type Keys = [(&'static str, Option<u8>)];
+
+/// [`scan`] for records whose keys usually come in one order (an exporter prints its fields in
+/// the same order every time), calling `field(slot, value)` for the wanted keys of `keys`.
+///
+/// Why: a member whose key is the one expected next is recognised by comparing its bytes, with
+/// no search for its closing quote and no match against every name; the value of a key not
+/// wanted, or not in `keys`, is stepped over without being read (an array of scalars too, which
+/// collectors print for AS paths and communities). The shape accepted is the same as `scan`'s
+/// (plus such arrays), and anything else gives `None` for serde_json to judge.
+pub(crate) fn scan_keyed<'a>(rec: &'a str, keys: &Keys, mut field: impl FnMut(u8, Scalar<'a>) -> Option<()>) -> Option<()> {
+    let b = rec.as_bytes();
+    let mut i = open_object(b)?;
+    if b.get(i) == Some(&b'}') {
+        return (skip_ws(b, i + 1) == b.len()).then_some(());
+    }
+    let mut expected = 0;
+    loop {
+        if b.get(i) != Some(&b'"') {
             return None;
         }
-        i = skip_ws(b, i + 1);
-        let (value, next) = match *b.get(i)? {
-            b'"' => {
-                let (s, next) = string(rec, i + 1)?;
-                (Scalar::Str(s), next)
+        let (slot, next) = match keys.get(expected) {
+            Some(&(name, slot)) if key_at(b, i + 1, name) => {
+                expected += 1;
+                (slot, i + 1 + name.len() + 1)
             }
-            b'-' | b'0'..=b'9' => integer(b, i)?,
-            b't' => (Scalar::Literal, literal(b, i, b"true")?),
-            b'f' => (Scalar::Literal, literal(b, i, b"false")?),
-            b'n' => (Scalar::Literal, literal(b, i, b"null")?),
-            _ => return None,
+            _ => {
+                let (key, next) = string(rec, i + 1)?;
+                match keys.iter().position(|(name, _)| *name == key) {
+                    Some(k) => {
+                        expected = k + 1;
+                        (keys[k].1, next)
+                    }
+                    None => (None, next),
+                }
+            }
         };
-        field(key, value)?;
-        i = skip_ws(b, next);
-        match b.get(i) {
-            Some(b',') => i = skip_ws(b, i + 1),
-            Some(b'}') => return (skip_ws(b, i + 1) == b.len()).then_some(()),
-            _ => return None,
+        i = colon(b, next)?;
+        let next = match slot {
+            Some(slot) => {
+                let (value, next) = scalar(rec, i)?;
+                field(slot, value)?;
+                next
+            }
+            None => skip_value(b, i)?,
+        };
+        i = match member_end(b, next)? {
+            Some(i) => i,
+            None => return Some(()),
+        };
+    }
+}
+
+/// The index after the `{` that opens the record (and any whitespace after it).
+fn open_object(b: &[u8]) -> Option<usize> {
+    // A control character is only valid JSON as whitespace between tokens; rather than tell
+    // where it stands, leave any record that has one to serde_json. (Written as a fold so that
+    // it compiles to a vector loop over the whole record.)
+    if b.iter().fold(false, |any, &c| any | (c < 0x20)) {
+        return None;
+    }
+    let i = skip_ws(b, 0);
+    (b.get(i) == Some(&b'{')).then(|| skip_ws(b, i + 1))
+}
+
+/// Whether the key starting at `at` (after its opening quote) is exactly `name`.
+#[inline]
+fn key_at(b: &[u8], at: usize, name: &str) -> bool {
+    let name = name.as_bytes();
+    b.get(at + name.len()) == Some(&b'"') && same_bytes(&b[at..at + name.len()], name)
+}
+
+/// `a == b` for short slices of equal length, eight bytes at a time, inline: keys are short,
+/// and a call to `memcmp` per key cost more than the comparing.
+#[inline]
+fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    let (mut a, mut b) = (a, b);
+    while a.len() >= 8 {
+        if a[..8] != b[..8] {
+            return false;
         }
+        (a, b) = (&a[8..], &b[8..]);
+    }
+    a.iter().zip(b).all(|(x, y)| x == y)
+}
+
+/// The index after the `:` that follows a key ending before `i` (and any whitespace after it).
+fn colon(b: &[u8], i: usize) -> Option<usize> {
+    let i = skip_ws(b, i);
+    (b.get(i) == Some(&b':')).then(|| skip_ws(b, i + 1))
+}
+
+/// The scalar value at `i` and the index after it.
+fn scalar(rec: &str, i: usize) -> Option<(Scalar<'_>, usize)> {
+    let b = rec.as_bytes();
+    Some(match *b.get(i)? {
+        b'"' => {
+            let (s, next) = string(rec, i + 1)?;
+            (Scalar::Str(s), next)
+        }
+        b'-' | b'0'..=b'9' => integer(b, i)?,
+        b't' => (Scalar::Literal, literal(b, i, b"true")?),
+        b'f' => (Scalar::Literal, literal(b, i, b"false")?),
+        b'n' => (Scalar::Literal, literal(b, i, b"null")?),
+        _ => return None,
+    })
+}
+
+/// Steps over the value at `i` as [`scalar`] would read it, or an array of such values; the
+/// index after it.
+fn skip_value(b: &[u8], i: usize) -> Option<usize> {
+    match *b.get(i)? {
+        b'"' => {
+            let end = quote_or_backslash(b, i + 1)?;
+            (b[end] == b'"').then_some(end + 1)
+        }
+        b'[' => {
+            let mut i = skip_ws(b, i + 1);
+            if b.get(i) == Some(&b']') {
+                return Some(i + 1);
+            }
+            loop {
+                if b.get(i) == Some(&b'[') {
+                    return None;
+                }
+                i = skip_ws(b, skip_value(b, i)?);
+                match b.get(i) {
+                    Some(b',') => i = skip_ws(b, i + 1),
+                    Some(b']') => return Some(i + 1),
+                    _ => return None,
+                }
+            }
+        }
+        b'-' | b'0'..=b'9' => integer(b, i).map(|(_, next)| next),
+        b't' => literal(b, i, b"true"),
+        b'f' => literal(b, i, b"false"),
+        b'n' => literal(b, i, b"null"),
+        _ => None,
+    }
+}
+
+/// After a member's value ending before `i`: `Some(Some(index of the next key))` after a
+/// comma, `Some(None)` where the object (and the record) ends, `None` otherwise.
+fn member_end(b: &[u8], i: usize) -> Option<Option<usize>> {
+    let i = skip_ws(b, i);
+    match b.get(i) {
+        Some(b',') => Some(Some(skip_ws(b, i + 1))),
+        Some(b'}') => (skip_ws(b, i + 1) == b.len()).then_some(None),
+        _ => None,
     }
 }
 
@@ -121,6 +249,13 @@ fn integer(b: &[u8], mut i: usize) -> Option<(Scalar<'static>, usize)> {
     }
     let start = i;
     let mut v: u64 = 0;
+    // Eight digits at a time while the value stays below 10^16 (nanosecond timestamps have 19).
+    while i - start < 16
+        && let Some(eight) = b.get(i..i + 8).and_then(eight_digits)
+    {
+        v = v * 100_000_000 + eight;
+        i += 8;
+    }
     while let Some(&d @ b'0'..=b'9') = b.get(i) {
         v = v.checked_mul(10)?.checked_add(u64::from(d - b'0'))?;
         i += 1;
@@ -134,6 +269,21 @@ fn integer(b: &[u8], mut i: usize) -> Option<(Scalar<'static>, usize)> {
     let v = if negative { -v } else { v };
     let integral = !negative || (v < 0 && v >= i128::from(i64::MIN));
     integral.then_some((Scalar::Int(v), i))
+}
+
+/// The value of eight ASCII digits, or `None` if one of the bytes is not a digit. (The usual
+/// SWAR method: check every byte's high nibble is 3 and stays 3 with 6 added, then combine pairs,
+/// quads and halves with three multiplications.)
+fn eight_digits(chunk: &[u8]) -> Option<u64> {
+    const HIGH: u64 = 0xF0F0_F0F0_F0F0_F0F0;
+    let x = u64::from_le_bytes(chunk.try_into().ok()?);
+    if (x & HIGH) | ((x.wrapping_add(0x0606_0606_0606_0606) & HIGH) >> 4) != 0x3333_3333_3333_3333 {
+        return None;
+    }
+    let x = x - 0x3030_3030_3030_3030;
+    let x = x * 10 + (x >> 8);
+    const MASK: u64 = 0x0000_00FF_0000_00FF;
+    Some((((x & MASK).wrapping_mul(100 + (1_000_000 << 32))).wrapping_add(((x >> 16) & MASK).wrapping_mul(1 + (10_000 << 32)))) >> 32)
 }
 
 fn literal(b: &[u8], i: usize, word: &[u8]) -> Option<usize> {
@@ -190,6 +340,42 @@ mod tests {
                 }
             }
             assert_eq!(quote_or_backslash(&vec![b'!'; len], 0), None);
+        }
+    }
+
+    #[test]
+    fn eight_digits_at_a_time_read_what_one_at_a_time_reads() {
+        for s in ["12345678", "00000000", "99999999", "09080706"] {
+            assert_eq!(eight_digits(s.as_bytes()), s.parse().ok(), "{s}");
+        }
+        for s in ["1234567a", "/2345678", ":2345678", "1234 678", "\u{ff}2345678"] {
+            assert_eq!(eight_digits(&s.as_bytes()[..8]), None, "{s}");
+        }
+        for n in [0u64, 7, 12_345_678, 123_456_789, 1_764_000_000_500_000_000, u64::MAX] {
+            assert_eq!(integer(n.to_string().as_bytes(), 0), Some((Scalar::Int(i128::from(n)), n.to_string().len())));
+        }
+    }
+
+    #[test]
+    fn keyed_scan_reads_wanted_keys_in_any_order_and_steps_over_the_rest() {
+        const KEYS: &Keys = &[("a", Some(0)), ("skip", None), ("b", Some(1))];
+        fn read(s: &str) -> Option<Vec<(u8, Scalar<'_>)>> {
+            let mut out = Vec::new();
+            scan_keyed(s, KEYS, |slot, v| {
+                out.push((slot, v));
+                Some(())
+            })
+            .map(|()| out)
+        }
+        let want = Some(vec![(0, Scalar::Int(1)), (1, Scalar::Str("x"))]);
+        assert_eq!(read(r#"{"a":1,"skip":[1,"y",null],"b":"x"}"#), want);
+        assert_eq!(read(r#"{"b":"x","other":[],"a":1}"#).map(|mut v| {
+            v.sort_by_key(|(s, _)| *s);
+            v
+        }), want);
+        assert_eq!(read(r#"{ "ab" : 2 , "a" : 1 , "b" : "x" }"#), want);
+        for s in [r#"{"a":1,"skip":[[1]]}"#, r#"{"a":1,"skip":[1,]}"#, r#"{"a":1,"skip":1.5}"#, r#"{"a":1,"skip":"\n"}"#, r#"{"a":[1]}"#] {
+            assert_eq!(read(s), None, "{s}");
         }
     }
 

@@ -94,35 +94,64 @@ fn decode_with_serde(text: &str, limits: &DecodeLimits) -> Result<FlowRecord, Re
     flow_record(f, limits)
 }
 
+/// goflow2's keys in the order it prints them, with the slot of each one siteflow reads (the
+/// bit [`scan_flow`] marks it with); the others are stepped over unread.
+const KEYS: &flat_json::Keys = &[
+    ("type", None),
+    ("time_received_ns", Some(0)),
+    ("sequence_num", None),
+    ("sampling_rate", Some(2)),
+    ("sampler_address", Some(3)),
+    ("time_flow_start_ns", Some(13)),
+    ("time_flow_end_ns", Some(1)),
+    ("bytes", Some(4)),
+    ("packets", Some(5)),
+    ("src_addr", Some(6)),
+    ("dst_addr", Some(7)),
+    ("etype", None),
+    ("proto", Some(8)),
+    ("src_port", Some(9)),
+    ("dst_port", Some(10)),
+    ("in_if", Some(11)),
+    ("out_if", Some(12)),
+    ("src_mac", None),
+    ("dst_mac", None),
+    ("src_vlan", None),
+    ("dst_vlan", None),
+    ("vlan_id", None),
+    ("ip_tos", None),
+    ("forwarding_status", None),
+    ("ip_ttl", None),
+    ("ip_flags", None),
+    ("tcp_flags", None),
+    ("icmp_type", None),
+    ("icmp_code", None),
+    ("ipv6_flow_label", None),
+    ("fragment_id", None),
+    ("fragment_offset", None),
+    ("src_as", None),
+    ("dst_as", None),
+    ("next_hop", None),
+    ("next_hop_as", None),
+    ("src_net", None),
+    ("dst_net", None),
+    ("bgp_next_hop", None),
+    ("bgp_communities", None),
+    ("as_path", None),
+];
+
 /// The fields of a flat record, or `None` where serde_json must judge: a field of the wrong type,
-/// a field twice, a required field missing, or anything [`flat_json::scan`] does not take.
+/// a field twice, a required field missing, or anything [`flat_json::scan_keyed`] does not take.
 fn scan_flow(text: &str) -> Option<Goflow2Flow<'_>> {
     const REQUIRED: u32 = 1 << 3;
     let mut f = Goflow2Flow::default();
     let mut seen = 0u32;
-    flat_json::scan(text, |key, value| {
-        let bit = match key {
-            "time_received_ns" => 0,
-            "time_flow_end_ns" => 1,
-            "sampling_rate" => 2,
-            "sampler_address" => 3,
-            "bytes" => 4,
-            "packets" => 5,
-            "src_addr" => 6,
-            "dst_addr" => 7,
-            "proto" => 8,
-            "src_port" => 9,
-            "dst_port" => 10,
-            "in_if" => 11,
-            "out_if" => 12,
-            "time_flow_start_ns" => 13,
-            _ => return Some(()),
-        };
-        if seen & (1 << bit) != 0 {
+    flat_json::scan_keyed(text, KEYS, |slot, value| {
+        if seen & (1 << slot) != 0 {
             return None;
         }
-        seen |= 1 << bit;
-        match (bit, value) {
+        seen |= 1 << slot;
+        match (slot, value) {
             (0, Scalar::Int(v)) => f.time_received_ns = Counter(v),
             (1, Scalar::Int(v)) => f.time_flow_end_ns = Counter(v),
             (2, Scalar::Int(v)) => f.sampling_rate = Counter(v),
@@ -244,7 +273,7 @@ pub(crate) mod tests {
     #[test]
     fn the_fast_path_agrees_with_serde_json() {
         use proptest::prelude::*;
-        const VALUES: [&str; 22] = [
+        const VALUES: [&str; 28] = [
             "0",
             "-0",
             "1",
@@ -267,6 +296,12 @@ pub(crate) mod tests {
             "\"::ffff:10.2.21.5\"",
             "\"a\\u0041\"",
             "[1]",
+            "[]",
+            "[ \"65000:1\" , \"65000:2\" ]",
+            "[[1]]",
+            "[1,]",
+            "[1.5]",
+            "{}",
         ];
         const BYTES: &[u8] = b"\"\\{}[],:-+0129.eE \t\nx\x01\xc3\xa9";
         let fields: Vec<(String, String)> = {
@@ -277,9 +312,15 @@ pub(crate) mod tests {
             })
             .unwrap();
             let values: serde_json::Map<String, serde_json::Value> = serde_json::from_str(GOOD).unwrap();
-            out.iter().map(|(k, _)| (k.clone(), values[k].to_string())).collect()
+            let mut fields: Vec<(String, String)> = out.iter().map(|(k, _)| (k.clone(), values[k].to_string())).collect();
+            // Keys goflow2 prints that GOOD lacks, and one nobody prints.
+            fields.push(("as_path".into(), "[65001,65002]".into()));
+            fields.push(("bgp_communities".into(), "[]".into()));
+            fields.push(("a_future_field".into(), "\"x\"".into()));
+            fields
         };
-        let field_op = (0..4u8, 0..fields.len(), 0..VALUES.len());
+        // Ops: 0 drop a member, 1 repeat it, 2 swap it with another (another order), else a new value.
+        let field_op = (0..5u8, 0..fields.len(), 0..VALUES.len());
         let byte_op = (0..3u8, 0..1000usize, 0..BYTES.len());
         let strategy = (proptest::collection::vec(field_op, 0..4), proptest::collection::vec(byte_op, 0..3));
         let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig { cases: 4000, ..Default::default() });
@@ -291,6 +332,10 @@ pub(crate) mod tests {
                     match op {
                         0 if !members.is_empty() => drop(members.remove(i)),
                         1 if !members.is_empty() => members.insert(i, members[i].clone()),
+                        2 if !members.is_empty() => {
+                            let j = v % members.len();
+                            members.swap(i, j)
+                        }
                         _ if !members.is_empty() => members[i].1 = VALUES[v].to_string(),
                         _ => {}
                     }
@@ -320,6 +365,13 @@ pub(crate) mod tests {
     #[test]
     fn the_fast_path_takes_the_usual_record() {
         assert!(scan_flow(GOOD).is_some());
+        // goflow2 also prints arrays (AS path, communities), and fields in another order.
+        let with_arrays = GOOD.replace("\"src_as\":0", "\"bgp_communities\":[],\"as_path\":[65001, 65002],\"src_as\":0");
+        let reordered = GOOD.replace("\"bytes\":1500,\"packets\":3,", "").replace("\"in_if\":1", "\"packets\":3,\"in_if\":1,\"bytes\":1500");
+        for s in [with_arrays, reordered] {
+            let f = scan_flow(&s).unwrap_or_else(|| panic!("{s}"));
+            assert_eq!((f.bytes.0, f.packets.0, f.src_port, f.in_if), (1500, 3, 51000, 1));
+        }
         assert!(scan_flow(&GOOD.replace("\"bytes\":1500", "\"bytes\":1.5e3")).is_none());
     }
 
