@@ -579,7 +579,6 @@ impl Pipeline {
         self.decode_ahead
     }
 
-
     /// [`Pipeline::process`] of a batch [`Preparer::prepare`] decoded and enriched (on this
     /// thread or ahead on another): the rest of the chain, in the same order.
     pub async fn process_prepared(&mut self, batch: &SourceBatch, prepared: Prepared, source: &str) -> Result<DecodeStats, PipelineError> {

@@ -367,7 +367,8 @@ pub(crate) mod tests {
         assert!(scan_flow(GOOD).is_some());
         // goflow2 also prints arrays (AS path, communities), and fields in another order.
         let with_arrays = GOOD.replace("\"src_as\":0", "\"bgp_communities\":[],\"as_path\":[65001, 65002],\"src_as\":0");
-        let reordered = GOOD.replace("\"bytes\":1500,\"packets\":3,", "").replace("\"in_if\":1", "\"packets\":3,\"in_if\":1,\"bytes\":1500");
+        let reordered =
+            GOOD.replace("\"bytes\":1500,\"packets\":3,", "").replace("\"in_if\":1", "\"packets\":3,\"in_if\":1,\"bytes\":1500");
         for s in [with_arrays, reordered] {
             let f = scan_flow(&s).unwrap_or_else(|| panic!("{s}"));
             assert_eq!((f.bytes.0, f.packets.0, f.src_port, f.in_if), (1500, 3, 51000, 1));
