@@ -275,6 +275,7 @@ fn literal(b: &[u8], i: usize, word: &[u8]) -> Option<usize> {
     b[i..].starts_with(word).then_some(i + word.len())
 }
 
+#[cfg(test)]
 mod tests {
     use super::*;
 
