@@ -53,19 +53,24 @@ impl<'de> Deserialize<'de> for Proto {
 /// IANA numbers of common protocol names (any case, as goflow2 and pmacct print them);
 /// a number in text is taken as is; unknown names map to 0.
 pub fn protocol_number(name: &str) -> u8 {
-    match name.to_ascii_lowercase().as_str() {
-        "icmp" => 1,
-        "igmp" => 2,
-        "tcp" => 6,
-        "udp" => 17,
-        "gre" => 47,
-        "esp" => 50,
-        "ah" => 51,
-        "icmpv6" | "ipv6-icmp" => 58,
-        "ospf" => 89,
-        "pim" => 103,
-        "sctp" => 132,
-        other => other.parse().unwrap_or(0),
+    const NAMES: [(&str, u8); 12] = [
+        ("tcp", 6),
+        ("udp", 17),
+        ("icmp", 1),
+        ("igmp", 2),
+        ("gre", 47),
+        ("esp", 50),
+        ("ah", 51),
+        ("icmpv6", 58),
+        ("ipv6-icmp", 58),
+        ("ospf", 89),
+        ("pim", 103),
+        ("sctp", 132),
+    ];
+    // Compared in place: a lowercase copy per record was an allocation per record.
+    match NAMES.iter().find(|(known, _)| known.eq_ignore_ascii_case(name)) {
+        Some(&(_, number)) => number,
+        None => name.parse().unwrap_or(0),
     }
 }
 

@@ -11,7 +11,8 @@ use std::borrow::Cow;
 use serde::Deserialize;
 use serde::de::{self, Deserializer, Visitor};
 
-use super::{DecodeLimits, FlowRecord, FlowTimes, Proto, RejectReason, parse_addr, parse_flow_addr};
+use super::flat_json::{self, Scalar};
+use super::{DecodeLimits, FlowRecord, FlowTimes, Proto, RejectReason, parse_addr, parse_flow_addr, protocol_number};
 
 #[derive(Deserialize)]
 struct PmacctFlow<'a> {
@@ -127,14 +128,114 @@ fn counter(v: i64, max: u64) -> Result<u64, RejectReason> {
     }
 }
 
+/// pmacct's keys in the order its Kafka plugin prints them (aliases next to their key), with the
+/// slot of each one siteflow reads (the bit [`scan_flow`] marks it with; an alias shares it).
+const KEYS: &flat_json::Keys = &[
+    ("event_type", None),
+    ("peer_ip_src", Some(0)),
+    ("peer_src_ip", Some(0)),
+    ("iface_in", Some(1)),
+    ("iface_out", Some(2)),
+    ("ip_src", Some(3)),
+    ("src_host", Some(3)),
+    ("ip_dst", Some(4)),
+    ("dst_host", Some(4)),
+    ("port_src", Some(5)),
+    ("port_dst", Some(6)),
+    ("ip_proto", Some(7)),
+    ("timestamp_start", Some(8)),
+    ("timestamp_end", Some(9)),
+    ("timestamp_arrival", Some(10)),
+    ("stamp_inserted", Some(11)),
+    ("stamp_updated", Some(12)),
+    ("packets", Some(13)),
+    ("bytes", Some(14)),
+    ("flows", Some(15)),
+    ("sampling_rate", Some(16)),
+    ("writer_id", None),
+];
+
+/// The fields of a flat record, or `None` where serde_json must judge: a field of another type
+/// (floats, `null`), a field or its alias twice, a timestamp that does not parse, a required
+/// field missing, or anything [`flat_json::scan_keyed`] does not take.
+fn scan_flow(text: &str) -> Option<PmacctFlow<'_>> {
+    const REQUIRED: u32 = 1 << 3 | 1 << 4;
+    let mut f = PmacctFlow {
+        peer_ip_src: None,
+        iface_in: 0,
+        iface_out: 0,
+        ip_src: Cow::Borrowed(""),
+        ip_dst: Cow::Borrowed(""),
+        port_src: 0,
+        port_dst: 0,
+        ip_proto: Proto::default(),
+        timestamp_start: Stamp::default(),
+        timestamp_end: Stamp::default(),
+        timestamp_arrival: Stamp::default(),
+        stamp_updated: Stamp::default(),
+        stamp_inserted: Stamp::default(),
+        packets: 0,
+        bytes: 0,
+        flows: one(),
+        sampling_rate: 0,
+    };
+    let mut seen = 0u32;
+    let stamp = |value| match value {
+        Scalar::Str(s) => parse_stamp(s).map(Stamp),
+        Scalar::Int(v) => i64::try_from(v).ok()?.checked_mul(1_000_000_000).map(Stamp),
+        Scalar::Literal => None,
+    };
+    flat_json::scan_keyed(text, KEYS, |slot, value| {
+        if seen & (1 << slot) != 0 {
+            return None;
+        }
+        seen |= 1 << slot;
+        match (slot, value) {
+            (0, Scalar::Str(s)) => f.peer_ip_src = Some(Cow::Borrowed(s)),
+            (1, Scalar::Int(v)) => f.iface_in = u32::try_from(v).ok()?,
+            (2, Scalar::Int(v)) => f.iface_out = u32::try_from(v).ok()?,
+            (3, Scalar::Str(s)) => f.ip_src = Cow::Borrowed(s),
+            (4, Scalar::Str(s)) => f.ip_dst = Cow::Borrowed(s),
+            (5, Scalar::Int(v)) => f.port_src = u16::try_from(v).ok()?,
+            (6, Scalar::Int(v)) => f.port_dst = u16::try_from(v).ok()?,
+            (7, Scalar::Str(s)) => f.ip_proto = Proto(protocol_number(s)),
+            (7, Scalar::Int(v)) => f.ip_proto = Proto(u8::try_from(v).ok()?),
+            (8, v) => f.timestamp_start = stamp(v)?,
+            (9, v) => f.timestamp_end = stamp(v)?,
+            (10, v) => f.timestamp_arrival = stamp(v)?,
+            (11, v) => f.stamp_inserted = stamp(v)?,
+            (12, v) => f.stamp_updated = stamp(v)?,
+            (13, Scalar::Int(v)) => f.packets = i64::try_from(v).ok()?,
+            (14, Scalar::Int(v)) => f.bytes = i64::try_from(v).ok()?,
+            (15, Scalar::Int(v)) => f.flows = i64::try_from(v).ok()?,
+            (16, Scalar::Int(v)) => f.sampling_rate = i64::try_from(v).ok()?,
+            _ => return None,
+        }
+        Some(())
+    })?;
+    (seen & REQUIRED == REQUIRED).then_some(f)
+}
+
 /// Decodes one pmacct JSON record.
 pub fn decode_record(rec: &[u8], limits: &DecodeLimits) -> Result<FlowRecord, RejectReason> {
     // Checking UTF-8 once here spares serde_json a check per string.
     let text = std::str::from_utf8(rec).map_err(|_| RejectReason::NotJson)?;
+    match scan_flow(text) {
+        Some(f) => flow_record(f, limits),
+        None => decode_with_serde(text, limits),
+    }
+}
+
+/// The reference decoder: serde_json alone (what the fast path must agree with).
+fn decode_with_serde(text: &str, limits: &DecodeLimits) -> Result<FlowRecord, RejectReason> {
     let f: PmacctFlow = serde_json::from_str(text).map_err(|e| {
         // A timestamp string that does not parse is a bad timestamp, not a schema problem.
         if e.to_string().contains("bad timestamp") { RejectReason::BadTimestamp } else { RejectReason::of_json_error(&e) }
     })?;
+    flow_record(f, limits)
+}
+
+fn flow_record(f: PmacctFlow<'_>, limits: &DecodeLimits) -> Result<FlowRecord, RejectReason> {
     let times = FlowTimes {
         start_ns: f.timestamp_start.0,
         end_ns: f.timestamp_end.0,
@@ -211,6 +312,98 @@ mod tests {
             GOOD.replace("\"1764000000.000000\"", "\"\"").replace("\"1764000000.400000\"", "\"\"").replace("\"1764000001.000000\"", "\"\"");
         let r = decode_record(no_time.as_bytes(), &l).unwrap();
         assert_eq!(r.placed(crate::types::EventTime::FlowEnd, &l), Err(RejectReason::BadTimestamp));
+    }
+
+    #[test]
+    fn the_fast_path_takes_the_usual_record() {
+        let f = scan_flow(GOOD).expect("the usual record");
+        assert_eq!((f.bytes, f.packets, f.flows, f.port_src, f.ip_proto.0), (1500, 3, 1, 443, 6));
+        assert_eq!(f.timestamp_end.0, 1_764_000_000_400_000_000);
+        let aliases = GOOD.replace("\"peer_ip_src\"", "\"peer_src_ip\"").replace("\"ip_src\"", "\"src_host\"").replace(",\"flows\":1", "");
+        let f = scan_flow(&aliases).expect("aliases, no flows");
+        assert_eq!((f.peer_ip_src.as_deref(), f.ip_src.as_ref(), f.flows), (Some("172.16.2.21"), "203.0.113.9", 1));
+    }
+
+    /// The fast path and serde_json give the same answer on every record: mutations of a pmacct
+    /// record at the level of fields (missing, twice, swapped, another type or value) and bytes.
+    #[test]
+    fn the_fast_path_agrees_with_serde_json() {
+        use proptest::prelude::*;
+        const VALUES: [&str; 24] = [
+            "0",
+            "-1",
+            "65536",
+            "4294967296",
+            "9223372036854775808",
+            "18446744073709551615",
+            "1.5",
+            "null",
+            "true",
+            "\"\"",
+            "\"tcp\"",
+            "\"ICMP\"",
+            "\"17\"",
+            "\"300\"",
+            "\"10.2.21.5\"",
+            "\"2001:db8::1\"",
+            "\"1764000000.5\"",
+            "\"1764000000\"",
+            "\"2025-11-24 16:00:00\"",
+            "\"soon\"",
+            "1764000000",
+            "-1764000000",
+            "[]",
+            "\"a\\u0041\"",
+        ];
+        const BYTES: &[u8] = b"\"\\{}[],:-+0129.eE \t\nx\x01\xc3\xa9";
+        let values: serde_json::Map<String, serde_json::Value> = serde_json::from_str(GOOD).unwrap();
+        let mut fields: Vec<(String, String)> = values.iter().map(|(k, v)| (k.clone(), v.to_string())).collect();
+        fields.extend(
+            [("peer_src_ip", "\"172.16.2.22\""), ("src_host", "\"10.0.0.1\""), ("stamp_updated", "\"1764000002.0\""), ("tag", "7")]
+                .map(|(k, v)| (k.to_string(), v.to_string())),
+        );
+        let field_op = (0..5u8, 0..fields.len(), 0..VALUES.len());
+        let byte_op = (0..3u8, 0..1000usize, 0..BYTES.len());
+        let strategy = (proptest::collection::vec(field_op, 0..4), proptest::collection::vec(byte_op, 0..3));
+        let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig { cases: 4000, ..Default::default() });
+        runner
+            .run(&strategy, |(field_ops, byte_ops)| {
+                // The record's own fields, then the extra ones only when an op picks them.
+                let mut members: Vec<(String, String)> = fields[..values.len()].to_vec();
+                for (op, i, v) in field_ops {
+                    let extra = fields[i].clone();
+                    let i = i % members.len().max(1);
+                    match op {
+                        0 if !members.is_empty() => drop(members.remove(i)),
+                        1 => members.insert(i.min(members.len()), extra),
+                        2 if !members.is_empty() => {
+                            let j = v % members.len();
+                            members.swap(i, j)
+                        }
+                        _ if !members.is_empty() => members[i].1 = VALUES[v].to_string(),
+                        _ => {}
+                    }
+                }
+                let body: Vec<String> = members.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
+                let mut rec = format!("{{{}}}", body.join(",")).into_bytes();
+                for (op, at, b) in byte_ops {
+                    let at = at % (rec.len() + 1);
+                    match op {
+                        0 if at < rec.len() => rec[at] = BYTES[b],
+                        1 => rec.insert(at, BYTES[b]),
+                        _ if at < rec.len() => drop(rec.remove(at)),
+                        _ => {}
+                    }
+                }
+                let fast = decode_record(&rec, &limits());
+                let reference = match std::str::from_utf8(&rec) {
+                    Ok(text) => decode_with_serde(text, &limits()),
+                    Err(_) => Err(RejectReason::NotJson),
+                };
+                prop_assert_eq!(fast, reference, "{}", String::from_utf8_lossy(&rec));
+                Ok(())
+            })
+            .unwrap();
     }
 
     /// EoMPLS records print empty addresses; NAT events (NEL) carry no counters.
