@@ -71,12 +71,10 @@ fn parse_stamp(s: &str) -> Option<i64> {
         && frac.bytes().all(|b| b.is_ascii_digit())
     {
         let secs: i64 = secs.parse().ok()?;
-        let mut frac = frac.to_string();
-        frac.truncate(9);
-        while frac.len() < 9 {
-            frac.push('0');
-        }
-        return secs.checked_mul(1_000_000_000)?.checked_add(frac.parse::<i64>().ok()?);
+        // Nanoseconds from the first nine digits of the fraction, without a padded copy.
+        let digits = frac.len().min(9);
+        let nanos = frac.bytes().take(9).fold(0i64, |n, d| n * 10 + i64::from(d - b'0')) * 10i64.pow(9 - digits as u32);
+        return secs.checked_mul(1_000_000_000)?.checked_add(nanos);
     }
     if s.bytes().all(|b| b.is_ascii_digit()) {
         return s.parse::<i64>().ok()?.checked_mul(1_000_000_000);
@@ -291,6 +289,9 @@ mod tests {
     #[test]
     fn timestamp_forms() {
         assert_eq!(parse_stamp("1764000000.5"), Some(1_764_000_000_500_000_000));
+        assert_eq!(parse_stamp("1764000000.123456789987"), Some(1_764_000_000_123_456_789));
+        assert_eq!(parse_stamp("1764000000."), Some(1_764_000_000_000_000_000));
+        assert_eq!(parse_stamp(".5"), None);
         assert_eq!(parse_stamp("1764000000"), Some(1_764_000_000_000_000_000));
         assert_eq!(parse_stamp("2025-11-24 16:00:00"), Some(1_764_000_000_000_000_000));
         assert_eq!(parse_stamp("2025-11-24 16:00:00.250"), Some(1_764_000_000_250_000_000));
