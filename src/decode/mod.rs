@@ -807,6 +807,74 @@ pub fn decode_with(format: Format, event_time: EventTime, msgs: &Messages, limit
     (decoded, stats)
 }
 
+/// Checks that a decoder's fast path gives the answer of its reference (serde_json) on every
+/// record made from `base` (a good record's members, as `(key, JSON value)`): members dropped,
+/// repeated, swapped, given one of `values`, one of `extra` inserted (keys the record may also
+/// carry), and bytes damaged. Used by each JSON decoder's differential test.
+#[cfg(test)]
+pub(crate) fn check_fast_path_agrees(
+    base: &[(String, String)],
+    extra: &[(String, String)],
+    values: &[&str],
+    fast: impl Fn(&[u8]) -> Result<FlowRecord, RejectReason>,
+    reference: impl Fn(&str) -> Result<FlowRecord, RejectReason>,
+) {
+    use proptest::prelude::*;
+    const BYTES: &[u8] = b"\"\\{}[],:-+0129.eE \t\nx\x01\xc3\xa9";
+    let pool: Vec<(String, String)> = base.iter().chain(extra).cloned().collect();
+    // Ops: 0 drop a member, 1 insert one of the pool (a repeat or an extra), 2 swap two, else a new value.
+    let field_op = (0..5u8, 0..pool.len(), 0..values.len());
+    let byte_op = (0..3u8, 0..1000usize, 0..BYTES.len());
+    let strategy = (proptest::collection::vec(field_op, 0..4), proptest::collection::vec(byte_op, 0..3));
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig { cases: 4000, ..Default::default() });
+    runner
+        .run(&strategy, |(field_ops, byte_ops)| {
+            let mut members = base.to_vec();
+            for (op, i, v) in field_ops {
+                let picked = pool[i].clone();
+                let i = i % members.len().max(1);
+                match op {
+                    0 if !members.is_empty() => drop(members.remove(i)),
+                    1 => members.insert(i.min(members.len()), picked),
+                    2 if !members.is_empty() => {
+                        let j = v % members.len();
+                        members.swap(i, j)
+                    }
+                    _ if !members.is_empty() => members[i].1 = values[v].to_string(),
+                    _ => {}
+                }
+            }
+            let body: Vec<String> = members.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
+            let mut rec = format!("{{{}}}", body.join(",")).into_bytes();
+            for (op, at, b) in byte_ops {
+                let at = at % (rec.len() + 1);
+                match op {
+                    0 if at < rec.len() => rec[at] = BYTES[b],
+                    1 => rec.insert(at, BYTES[b]),
+                    _ if at < rec.len() => drop(rec.remove(at)),
+                    _ => {}
+                }
+            }
+            let expected = std::str::from_utf8(&rec).map_or(Err(RejectReason::NotJson), &reference);
+            prop_assert_eq!(fast(&rec), expected, "{}", String::from_utf8_lossy(&rec));
+            Ok(())
+        })
+        .unwrap();
+}
+
+/// The members of a flat JSON object, as `(key, JSON value)` in order (for [`check_fast_path_agrees`]).
+#[cfg(test)]
+pub(crate) fn members_of(record: &str) -> Vec<(String, String)> {
+    let mut keys = Vec::new();
+    flat_json::scan(record, |k, _| {
+        keys.push(k.to_string());
+        Some(())
+    })
+    .expect("a flat JSON object");
+    let values: serde_json::Map<String, serde_json::Value> = serde_json::from_str(record).expect("a JSON object");
+    keys.into_iter().map(|k| (k.clone(), values[&k].to_string())).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
