@@ -121,8 +121,7 @@ fn key_at(b: &[u8], at: usize, name: &str) -> bool {
     b.get(at + name.len()) == Some(&b'"') && same_bytes(&b[at..at + name.len()], name)
 }
 
-/// `a == b` for short slices of equal length, eight bytes at a time, inline: keys are short,
-/// and a call to `memcmp` per key cost more than the comparing.
+/// `a == b` for short slices of equal length, eight bytes at a time and inline (keys are short).
 #[inline]
 fn same_bytes(a: &[u8], b: &[u8]) -> bool {
     let (mut a, mut b) = (a, b);
@@ -255,7 +254,6 @@ fn integer(b: &[u8], mut i: usize) -> Option<(Scalar<'static>, usize)> {
     }
     let start = i;
     let mut v: u64 = 0;
-    // Eight digits at a time while the value stays below 10^16 (nanosecond timestamps have 19).
     while let Some(&d @ b'0'..=b'9') = b.get(i) {
         v = v.checked_mul(10)?.checked_add(u64::from(d - b'0'))?;
         i += 1;

@@ -94,7 +94,8 @@ fn decode_with_serde(text: &str, limits: &DecodeLimits) -> Result<FlowRecord, Re
     flow_record(f, limits)
 }
 
-/// goflow2's keys in the order it prints them, with the slot of each one siteflow reads (the
+/// goflow2's keys in the order it prints them (the simulator prints this order too; a record in
+/// another order still decodes, a little slower), with the slot of each one siteflow reads (the
 /// bit [`scan_flow`] marks it with); the others are stepped over unread.
 const KEYS: &flat_json::Keys = &[
     ("type", None),
