@@ -472,18 +472,38 @@ impl Groups {
         summaries
     }
 
-    /// State columns for `summaries`: bounds and counter lists (largest first).
+    /// State columns for `summaries`: bounds and counter lists, each summary's counters in the
+    /// order its arena holds them. Why not ranked: merging ignores the order, and a partial
+    /// aggregate emits about one counter per record, so sorting them and copying keys one by one
+    /// cost more than the counting; here each summary's keys are copied in one piece.
     fn state_of(summaries: &[Summary]) -> Result<Vec<ArrayRef>> {
         let bounds = UInt64Array::from_iter_values(summaries.iter().map(|s| s.bound));
-        let ranked = Ranked::of(summaries);
-        let columns: Vec<ArrayRef> = vec![
-            Arc::new(BinaryArray::from_iter_values(&ranked.keys)),
-            ranked.column(|c| c.bytes),
-            ranked.column(|c| c.error),
-            ranked.column(|c| c.packets),
-            ranked.column(|c| c.records),
-        ];
-        Ok(vec![Arc::new(bounds), Arc::new(lists(state_entry(), columns, ranked.lengths)?)])
+        let counters: usize = summaries.iter().map(Summary::len).sum();
+        let key_bytes: usize = summaries.iter().map(|s| s.entries.last().map_or(0, |e| (e.start + e.len) as usize)).sum();
+        let mut values: Vec<u8> = Vec::with_capacity(key_bytes);
+        let mut offsets: Vec<i32> = Vec::with_capacity(counters + 1);
+        offsets.push(0);
+        let mut counter_columns: [Vec<u64>; 4] = std::array::from_fn(|_| Vec::with_capacity(counters));
+        for summary in summaries {
+            let base = values.len();
+            let used = summary.entries.last().map_or(0, |e| (e.start + e.len) as usize);
+            values.extend_from_slice(&summary.arena[..used]);
+            for e in &summary.entries {
+                // The arena holds the keys end to end, in the entries' order (see `prune`).
+                debug_assert_eq!(base + e.start as usize, *offsets.last().expect("starts with 0") as usize);
+                offsets.push(i32::try_from(base + (e.start + e.len) as usize).map_err(|_| {
+                    datafusion::error::DataFusionError::Execution(format!("{NAME}: state keys over 2 GiB"))
+                })?);
+                let c = e.counter;
+                for (column, value) in counter_columns.iter_mut().zip([c.bytes, c.error, c.packets, c.records]) {
+                    column.push(value);
+                }
+            }
+        }
+        let keys = BinaryArray::try_new(OffsetBuffer::new(offsets.into()), values.into(), None)?;
+        let mut columns: Vec<ArrayRef> = vec![Arc::new(keys)];
+        columns.extend(counter_columns.into_iter().map(|c| Arc::new(UInt64Array::from(c)) as ArrayRef));
+        Ok(vec![Arc::new(bounds), Arc::new(lists(state_entry(), columns, summaries.iter().map(Summary::len).collect())?)])
     }
 
     /// Result lists for `summaries`: keys back in their columns' types, largest first.
