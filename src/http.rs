@@ -181,11 +181,29 @@ pub async fn serve(
 
 /// Renders the pipeline's own metrics and the per-site snapshot in one response.
 pub fn render(state: &AppState) -> Result<String, prometheus::Error> {
+    render_families(state, None)
+}
+
+/// Most `name` parameters one `/metrics` request may give.
+const MAX_NAMES: usize = 64;
+
+/// [`render`], only the families `names` lists when it lists some (`GET /metrics?name=…`).
+///
+/// Why: the whole page is over a megabyte with the 242 example sites, most of it the per-site
+/// series, and rendering it costs tens of milliseconds. A watcher that reads one counter often
+/// (a progress poll, a dashboard's single stat) asks for it by name: names the pipeline's own
+/// registry holds are answered without collecting the per-site snapshot at all.
+fn render_families(state: &AppState, names: Option<&[String]>) -> Result<String, prometheus::Error> {
+    let wanted = |f: &prometheus::proto::MetricFamily| names.is_none_or(|names| names.iter().any(|n| n == f.name()));
     let mut families = state.metrics.registry.gather();
-    families.extend(state.sites.collect());
-    families.extend(crate::sink::readiness::collect(&state.readiness));
-    if let Some((engine, _)) = &state.sql {
-        families.extend(engine.collect());
+    families.retain(|f| wanted(f));
+    let all_found = names.is_some_and(|names| names.iter().all(|n| families.iter().any(|f| f.name() == n)));
+    if !all_found {
+        families.extend(state.sites.collect().into_iter().filter(|f| wanted(f)));
+        families.extend(crate::sink::readiness::collect(&state.readiness).into_iter().filter(|f| wanted(f)));
+        if let Some((engine, _)) = &state.sql {
+            families.extend(engine.collect().into_iter().filter(|f| wanted(f)));
+        }
     }
     // The text format has no way to say "a family with no series yet" (e.g. no reasons while
     // every site is ready): leave such families out.
@@ -195,8 +213,41 @@ pub fn render(state: &AppState) -> Result<String, prometheus::Error> {
     Ok(buf)
 }
 
-async fn metrics(State(state): State<AppState>) -> axum::response::Response {
-    match render(&state) {
+/// The `name` parameters of a `/metrics` query: none means every family. Any other parameter,
+/// more than [`MAX_NAMES`] names or a name that is not a metric name is refused (a typo would
+/// otherwise look like a metric without series).
+fn metric_names(query: &[(String, String)]) -> Result<Option<Vec<String>>, String> {
+    if query.is_empty() {
+        return Ok(None);
+    }
+    let mut names = Vec::new();
+    for (key, value) in query {
+        if key != "name" {
+            return Err(format!("unknown query parameter {key:?}: /metrics takes only name=<metric family>, repeated"));
+        }
+        let valid = !value.is_empty()
+            && value.len() <= 200
+            && value.bytes().enumerate().all(|(i, c)| c.is_ascii_alphabetic() || c == b'_' || c == b':' || (i > 0 && c.is_ascii_digit()));
+        if !valid {
+            return Err(format!("name={value:?} is not a metric name ([a-zA-Z_:][a-zA-Z0-9_:]*, at most 200 bytes)"));
+        }
+        if names.len() == MAX_NAMES {
+            return Err(format!("at most {MAX_NAMES} name parameters per request"));
+        }
+        names.push(value.clone());
+    }
+    Ok(Some(names))
+}
+
+async fn metrics(
+    State(state): State<AppState>,
+    query: Result<Query<Vec<(String, String)>>, axum::extract::rejection::QueryRejection>,
+) -> axum::response::Response {
+    let names = match query.map_err(|e| e.body_text()).and_then(|Query(q)| metric_names(&q)) {
+        Ok(names) => names,
+        Err(message) => return error(StatusCode::BAD_REQUEST, message),
+    };
+    match render_families(&state, names.as_deref()) {
         Ok(text) => ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], text).into_response(),
         Err(e) => {
             // A 500 makes Prometheus mark the scrape failed (up == 0) instead of silently empty.
@@ -568,5 +619,74 @@ mod tests {
         let text = render(&state).unwrap();
         assert!(text.contains("siteflow_records_received_total{format=\"goflow2_json\"} 0"), "{text}");
         assert!(text.contains("siteflow_site_link_capacity_bytes_per_second{"));
+    }
+
+    fn state() -> AppState {
+        let inventory = Arc::new(Inventory::embedded());
+        AppState {
+            metrics: Arc::new(PipelineMetrics::new(&crate::pipeline::Pipeline::FORMATS, &crate::table::TABLES)),
+            sites: SiteMetrics::new(inventory.clone(), 10.0),
+            ready: Default::default(),
+            stopping: Default::default(),
+            readiness: SharedReadiness::new(ReadinessEngine::new(inventory, Policy::default(), 10_000_000_000), Vec::new()),
+            sql: None,
+            meetings_topic: None,
+        }
+    }
+
+    async fn get(state: AppState, uri: &str) -> (StatusCode, String) {
+        use tower::ServiceExt as _;
+        let response = router(state).oneshot(Request::get(uri).body(Body::empty()).unwrap()).await.unwrap();
+        let status = response.status();
+        let body = axum::body::to_bytes(response.into_body(), 1 << 24).await.unwrap();
+        (status, String::from_utf8(body.to_vec()).unwrap())
+    }
+
+    /// Families by name: the pipeline's own, a per-site one, both; an unknown name has no series.
+    #[tokio::test]
+    async fn metrics_by_name_lists_only_those_families() {
+        let family_names = |text: &str| {
+            let mut names: Vec<String> =
+                text.lines().filter_map(|l| l.strip_prefix("# TYPE ")).map(|l| l.split(' ').next().unwrap().to_string()).collect();
+            names.sort();
+            names
+        };
+        let (status, text) = get(state(), "/metrics?name=siteflow_records_received_total").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(family_names(&text), ["siteflow_records_received_total"], "{text}");
+        assert!(text.contains("siteflow_records_received_total{format=\"goflow2_json\"} 0"), "{text}");
+
+        let uri = "/metrics?name=siteflow_site_link_capacity_bytes_per_second&name=siteflow_records_received_total";
+        let (_, text) = get(state(), uri).await;
+        assert_eq!(family_names(&text), ["siteflow_records_received_total", "siteflow_site_link_capacity_bytes_per_second"]);
+        assert_eq!(text.lines().filter(|l| l.starts_with("siteflow_site_link_capacity_bytes_per_second{")).count(), 242);
+
+        let (status, text) = get(state(), "/metrics?name=siteflow_no_such_metric").await;
+        assert_eq!((status, text.as_str()), (StatusCode::OK, ""));
+        let (_, whole) = get(state(), "/metrics").await;
+        assert_eq!(family_names(&whole), family_names(&render(&state()).unwrap()));
+    }
+
+    /// Anything but metric names in `name`, other parameters or too many names: 400, named.
+    #[tokio::test]
+    async fn metrics_refuses_a_bad_query_and_names_it() {
+        for (uri, says) in [
+            ("/metrics?nmae=siteflow_records_received_total", "unknown query parameter \"nmae\""),
+            ("/metrics?name=", "name=\"\" is not a metric name"),
+            ("/metrics?name=1abc", "name=\"1abc\" is not a metric name"),
+            ("/metrics?name=a%20b", "name=\"a b\" is not a metric name"),
+            ("/metrics?name=%FF", "is not a metric name"),
+        ] {
+            let (status, body) = get(state(), uri).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{uri}: {body}");
+            let error: serde_json::Value = serde_json::from_str(&body).unwrap();
+            assert!(error["error"].as_str().unwrap().contains(says), "{uri}: {body}");
+        }
+        let many: Vec<String> = (0..=MAX_NAMES).map(|i| format!("name=m{i}")).collect();
+        let (status, body) = get(state(), &format!("/metrics?{}", many.join("&"))).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(body.contains("at most 64 name parameters"), "{body}");
+        let long = format!("/metrics?name={}", "a".repeat(201));
+        assert_eq!(get(state(), &long).await.0, StatusCode::BAD_REQUEST);
     }
 }

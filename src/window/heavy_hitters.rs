@@ -491,9 +491,10 @@ impl Groups {
             for e in &summary.entries {
                 // The arena holds the keys end to end, in the entries' order (see `prune`).
                 debug_assert_eq!(base + e.start as usize, *offsets.last().expect("starts with 0") as usize);
-                offsets.push(i32::try_from(base + (e.start + e.len) as usize).map_err(|_| {
-                    datafusion::error::DataFusionError::Execution(format!("{NAME}: state keys over 2 GiB"))
-                })?);
+                offsets.push(
+                    i32::try_from(base + (e.start + e.len) as usize)
+                        .map_err(|_| datafusion::error::DataFusionError::Execution(format!("{NAME}: state keys over 2 GiB")))?,
+                );
                 let c = e.counter;
                 for (column, value) in counter_columns.iter_mut().zip([c.bytes, c.error, c.packets, c.records]) {
                     column.push(value);
