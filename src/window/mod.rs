@@ -9,7 +9,7 @@ pub mod aggregate;
 pub mod heavy_hitters;
 pub mod watermark;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -713,6 +713,9 @@ impl WindowOperator {
         let size = self.spec.size_ns();
         let starts: Vec<i64> = self.open_starts().into_iter().take_while(|s| s + size <= watermark).collect();
         let mut taken: Vec<Taken> = Vec::with_capacity(starts.len());
+        // Each partition's close watermark, computed once per call: it is a minimum over every
+        // exporter clock of the partition, and a window being corrected asks it of each state.
+        let mut close_marks: HashMap<PartitionId, Option<i64>> = HashMap::new();
         for start in starts {
             let kind = self.kind_of(start);
             let watermarks = &self.watermarks;
@@ -722,7 +725,12 @@ impl WindowOperator {
                 let (closing, waiting): (Vec<_>, Vec<_>) = if kind == CloseKind::First {
                     (states, Vec::new())
                 } else {
-                    states.into_iter().partition(|(p, _)| !watermarks.may_still_contribute(*p, start + size, now))
+                    // A partition whose active clocks have all passed the window's end (plus
+                    // the lateness) can send it no more on-time records.
+                    states.into_iter().partition(|(p, _)| {
+                        let mark = *close_marks.entry(*p).or_insert_with(|| watermarks.close_watermark(*p, now));
+                        !mark.is_some_and(|w| w < start + size)
+                    })
                 };
                 if !waiting.is_empty() {
                     t.open.insert(start, waiting);

@@ -207,11 +207,6 @@ impl Watermarks {
             .min()
     }
 
-    /// Whether a partition can still send on-time records for a window ending at `end_ns`.
-    pub fn may_still_contribute(&self, partition: PartitionId, end_ns: i64, now: Instant) -> bool {
-        self.close_watermark(partition, now).is_some_and(|w| w < end_ns)
-    }
-
     /// Windows ending at or before this can receive no on-time record from any active partition
     /// (the minimum over active partitions of the newest event time minus the correction
     /// horizon; `None`: none active). A partition registered but without records yet holds it
