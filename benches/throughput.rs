@@ -160,7 +160,9 @@ fn main() -> anyhow::Result<()> {
             let bytes: usize = records.iter().map(Vec::len).sum();
             let mut best = f64::MAX;
             for run in 1..=repeat {
+                let cpu_before = process_cpu_seconds();
                 let (seconds, counted) = run_pipeline(batches.clone(), top_talkers, ahead, tables)?;
+                let cpu = process_cpu_seconds() - cpu_before;
                 anyhow::ensure!(counted == records.len() as u64, "the pipeline counted {counted} of {} records", records.len());
                 best = best.min(seconds);
                 report(&[
@@ -175,6 +177,10 @@ fn main() -> anyhow::Result<()> {
                     ("seconds", format!("{seconds:.4}")),
                     ("records_per_sec", format!("{:.0}", records.len() as f64 / seconds)),
                     ("mb_per_sec", format!("{:.1}", bytes as f64 / seconds / 1e6)),
+                    // Whether the cores were busy or waiting: CPU seconds of every thread of the
+                    // process over the run, and that over the run's seconds.
+                    ("cpu_seconds", format!("{cpu:.3}")),
+                    ("cores_busy", format!("{:.2}", cpu / seconds)),
                 ]);
             }
             report(&[
@@ -212,6 +218,17 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Consume { brokers, topic, messages, properties } => consume(&brokers, &topic, messages, &properties),
     }
+}
+
+/// User and system CPU seconds of every thread of this process so far.
+fn process_cpu_seconds() -> f64 {
+    // SAFETY: getrusage only writes the struct it is given.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return f64::NAN;
+    }
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    seconds(usage.ru_utime) + seconds(usage.ru_stime)
 }
 
 /// Prints one JSON object (the values are already JSON).
