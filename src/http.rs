@@ -606,16 +606,7 @@ mod tests {
     /// succeed (the text encoder refuses empty families).
     #[test]
     fn renders_before_any_window_closes() {
-        let inventory = Arc::new(Inventory::embedded());
-        let state = AppState {
-            metrics: Arc::new(PipelineMetrics::new(&crate::pipeline::Pipeline::FORMATS, &crate::table::TABLES)),
-            sites: SiteMetrics::new(inventory.clone(), 10.0),
-            ready: Default::default(),
-            stopping: Default::default(),
-            readiness: SharedReadiness::new(ReadinessEngine::new(inventory, Policy::default(), 10_000_000_000), Vec::new()),
-            sql: None,
-            meetings_topic: None,
-        };
+        let state = state();
         let text = render(&state).unwrap();
         assert!(text.contains("siteflow_records_received_total{format=\"goflow2_json\"} 0"), "{text}");
         assert!(text.contains("siteflow_site_link_capacity_bytes_per_second{"));
