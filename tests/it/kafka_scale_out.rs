@@ -501,13 +501,16 @@ fn a_site_stage_instance_killed_mid_run_loses_nothing_and_its_sites_are_judged_a
 
 /// After a kill: each survivor's SQL holds the reference's last evaluation (all 242 sites, its
 /// own and, through the windows topic, the others'), and the survivors export every site once.
-/// Compared: verdict, connection status and utilisation source. Not the flows/counters ratio:
-/// readiness keeps its period's figures in memory, so a restarted instance computes it over the
-/// windows since its checkpoint (docs/scale-out.md, "Known limits").
+/// Compared: connection status and utilisation source. Not the verdict nor the flows/counters
+/// ratio: readiness keeps its period's figures and its hysteresis in memory, so a restarted
+/// instance judges from the windows since its checkpoint until a full period has passed, and a
+/// row that was held at not ready may first come back as degraded (docs/scale-out.md, "Known
+/// limits"). Which windows those are depends on when the checkpoint fell, so on the machine's speed.
 fn assert_survivors_judge_every_site(run: &TwoStages, survivors: &[&Instance]) {
     let last = |rows: Vec<(String, String, String)>| -> Vec<(String, String, String)> {
         let end = rows.iter().map(|r| r.0.clone()).max().unwrap_or_default();
-        let judged = |j: &str| j.split(' ').take(3).collect::<Vec<_>>().join(" ");
+        // `verdict connection utilisation_source ratio`: the connection and the source.
+        let judged = |j: &str| j.split(' ').skip(1).take(2).collect::<Vec<_>>().join(" ");
         rows.into_iter().filter(|r| r.0 == end).map(|(e, site, j)| (e, site, judged(&j))).collect()
     };
     let want = last(verdicts(&run.reference, run.end_s));
